@@ -1,0 +1,379 @@
+/*
+ * mem-share guest workload: PID 1 of the test initramfs.
+ *
+ * Fills a region of anonymous memory with a known mix of pages and verifies
+ * it byte for byte, round after round, optionally rewriting some pages.
+ *
+ * Parameters come from the kernel command line (/proc/cmdline), or, when the
+ * program is started by hand (not PID 1), from argv ("ms.mib=8 ms.rounds=1"):
+ *
+ *   ms.mib=N       MiB to allocate and fill (default 64)
+ *   ms.seed=N      seed of the unique pages; differs between guests (default 1)
+ *   ms.zero=P      percent of zero pages (default 25)
+ *   ms.shared=P    percent of shared pages (default 50); the rest is unique
+ *   ms.rounds=N    verify rounds, 0 = forever (default 3)
+ *   ms.rewrite=P   percent of pages rewritten each round (default 0)
+ *   ms.interval=S  seconds to sleep before each round (default 2)
+ *   ms.idle=1      never power off: verify every interval forever
+ *   ms.corrupt=K   self-test of the verifier: flip one byte of page K-1
+ *                  after the fill (0 = off, default); the first verify fails
+ *
+ * Page categories: the category of page i at generation g is a pure function
+ * of (i, g); the zero/shared/unique split holds for every generation.
+ *   zero:   all bytes zero
+ *   shared: content is a pure function of ((i + 7 g) mod 1024, fixed key):
+ *           identical across guests and repeated every 1024 pages in a guest
+ *   unique: content is a function of (seed, i, g): differs between guests
+ * Each round, page i is rewritten (generation + 1) iff a pure function of
+ * (seed, i, round) falls below ms.rewrite percent, so verification is exact.
+ *
+ * Output lines (serial console):
+ *   MS-WORKLOAD start mib=.. seed=.. zero=.. shared=.. rounds=.. rewrite=..
+ *   MS-WORKLOAD filled pages=N zero=Z shared=S unique=U
+ *   MS-WORKLOAD verify round=K pages=N bad=0
+ *   MS-WORKLOAD rewrite round=K pages=R
+ *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
+ *   MS-WORKLOAD done ok
+ *   MS-WORKLOAD FAIL page=P cat=C gen=G word=W expected=0x.. got=0x.. bad=B pages=N
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+#define WORDS (PAGE / 8)
+#define SHARED_SLOTS 1024u
+#define SHARED_KEY 0x6d656d2d73686172ull   /* "mem-shar" */
+#define CAT_KEY 0x9e3779b97f4a7c15ull
+#define SEL_KEY 0xc2b2ae3d27d4eb4full
+
+enum { CAT_ZERO, CAT_SHARED, CAT_UNIQUE };
+static const char *cat_name[] = { "zero", "shared", "unique" };
+
+static struct {
+    unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
+    unsigned long corrupt;
+} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0 };
+
+static int is_init;
+
+static void say(const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        return;
+    }
+    if (n > (int)sizeof(buf) - 2) {
+        n = sizeof(buf) - 2;
+    }
+    buf[n++] = '\n';
+    for (int off = 0; off < n;) {
+        ssize_t w = write(1, buf + off, n - off);
+        if (w < 0 && errno == EINTR) {
+            continue;
+        }
+        if (w <= 0) {
+            break;
+        }
+        off += w;
+    }
+}
+
+static void finish(int ok)
+{
+    if (!is_init) {
+        exit(ok ? 0 : 1);
+    }
+    sync();
+    reboot(RB_POWER_OFF);
+    /* Not reached unless power off failed. */
+    say("MS-WORKLOAD poweroff failed errno=%d", errno);
+    for (;;) {
+        pause();
+    }
+}
+
+/* splitmix64 finaliser: a good 64-bit mixer. */
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline int page_cat(uint64_t i, uint32_t gen)
+{
+    unsigned r = mix64(i * CAT_KEY ^ ((uint64_t)gen << 40) ^ 0x5ca1ab1e) % 100;
+
+    if (r < P.zero) {
+        return CAT_ZERO;
+    }
+    if (r < P.zero + P.shared) {
+        return CAT_SHARED;
+    }
+    return CAT_UNIQUE;
+}
+
+/* Start state of the xorshift stream of a page (never zero). */
+static inline uint64_t page_key(uint64_t i, uint32_t gen, int cat)
+{
+    uint64_t k;
+
+    if (cat == CAT_SHARED) {
+        k = mix64(SHARED_KEY ^ ((i + 7ull * gen) % SHARED_SLOTS));
+    } else {
+        k = mix64(mix64(P.seed * 0x100000001b3ull + 0x1234567) ^
+                  (i << 20) ^ gen);
+    }
+    return k ? k : 0x8badf00dull;
+}
+
+static inline uint64_t xs_next(uint64_t *s)
+{
+    uint64_t x = *s;
+
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *s = x;
+    return x;
+}
+
+static void fill_page(uint64_t *p, uint64_t i, uint32_t gen)
+{
+    int cat = page_cat(i, gen);
+
+    if (cat == CAT_ZERO) {
+        memset(p, 0, PAGE);
+        return;
+    }
+    uint64_t s = page_key(i, gen, cat);
+    for (unsigned w = 0; w < WORDS; w += 4) {
+        p[w] = xs_next(&s);
+        p[w + 1] = xs_next(&s);
+        p[w + 2] = xs_next(&s);
+        p[w + 3] = xs_next(&s);
+    }
+}
+
+/* Returns -1 if the page is intact, else the index of the first bad word. */
+static int check_page(const uint64_t *p, uint64_t i, uint32_t gen,
+                      uint64_t *expected)
+{
+    int cat = page_cat(i, gen);
+
+    if (cat == CAT_ZERO) {
+        for (unsigned w = 0; w < WORDS; w++) {
+            if (p[w]) {
+                *expected = 0;
+                return w;
+            }
+        }
+        return -1;
+    }
+    uint64_t s = page_key(i, gen, cat);
+    for (unsigned w = 0; w < WORDS; w++) {
+        uint64_t e = xs_next(&s);
+        if (p[w] != e) {
+            *expected = e;
+            return w;
+        }
+    }
+    return -1;
+}
+
+static uint8_t *mem;
+static uint32_t *gen;
+static uint64_t npages;
+
+static int verify(unsigned long round, const char *suffix)
+{
+    uint64_t bad = 0;
+
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t *p = (uint64_t *)(mem + i * PAGE);
+        uint64_t e;
+        int w = check_page(p, i, gen[i], &e);
+
+        if (w >= 0) {
+            if (!bad) {
+                say("MS-WORKLOAD FAIL round=%lu page=%llu cat=%s gen=%u "
+                    "word=%d expected=0x%016llx got=0x%016llx",
+                    round, (unsigned long long)i,
+                    cat_name[page_cat(i, gen[i])], gen[i], w,
+                    (unsigned long long)e, (unsigned long long)p[w]);
+            }
+            bad++;
+        }
+    }
+    if (bad) {
+        say("MS-WORKLOAD FAIL round=%lu pages=%llu bad=%llu%s", round,
+            (unsigned long long)npages, (unsigned long long)bad, suffix);
+        return 0;
+    }
+    say("MS-WORKLOAD verify round=%lu pages=%llu bad=0%s", round,
+        (unsigned long long)npages, suffix);
+    return 1;
+}
+
+static void rewrite(unsigned long round)
+{
+    uint64_t n = 0;
+
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t r = mix64(SEL_KEY ^ (P.seed << 48) ^ ((uint64_t)round << 32) ^ i);
+        if (r % 100 < P.rewrite) {
+            gen[i]++;
+            fill_page((uint64_t *)(mem + i * PAGE), i, gen[i]);
+            n++;
+        }
+    }
+    say("MS-WORKLOAD rewrite round=%lu pages=%llu", round,
+        (unsigned long long)n);
+}
+
+static void parse_token(const char *t)
+{
+    static const struct { const char *name; unsigned long *v; } keys[] = {
+        { "ms.mib=", &P.mib }, { "ms.seed=", &P.seed },
+        { "ms.zero=", &P.zero }, { "ms.shared=", &P.shared },
+        { "ms.rounds=", &P.rounds }, { "ms.rewrite=", &P.rewrite },
+        { "ms.interval=", &P.interval }, { "ms.idle=", &P.idle },
+        { "ms.corrupt=", &P.corrupt },
+    };
+    for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+        size_t l = strlen(keys[k].name);
+        if (!strncmp(t, keys[k].name, l)) {
+            *keys[k].v = strtoul(t + l, NULL, 0);
+        }
+    }
+}
+
+static void parse_cmdline(void)
+{
+    char buf[4096];
+    int fd = open("/proc/cmdline", O_RDONLY);
+    ssize_t n;
+
+    if (fd < 0) {
+        say("MS-WORKLOAD cannot open /proc/cmdline errno=%d", errno);
+        return;
+    }
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0) {
+        return;
+    }
+    buf[n] = 0;
+    for (char *save, *t = strtok_r(buf, " \t\n", &save); t;
+         t = strtok_r(NULL, " \t\n", &save)) {
+        parse_token(t);
+    }
+}
+
+static void setup_init(void)
+{
+    mkdir("/proc", 0555);
+    mkdir("/dev", 0755);
+    mount("proc", "/proc", "proc", 0, NULL);
+    mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+    /* If the kernel could not open /dev/console for us, do it now. */
+    if (fcntl(1, F_GETFD) < 0) {
+        int fd = open("/dev/console", O_RDWR);
+        if (fd >= 0) {
+            dup2(fd, 0);
+            dup2(fd, 1);
+            dup2(fd, 2);
+            if (fd > 2) {
+                close(fd);
+            }
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    uint64_t counts[3] = { 0, 0, 0 };
+
+    is_init = getpid() == 1;
+    if (is_init) {
+        setup_init();
+        parse_cmdline();
+    } else {
+        for (int a = 1; a < argc; a++) {
+            parse_token(argv[a]);
+        }
+    }
+    if (P.zero > 100 || P.shared > 100 - P.zero || P.rewrite > 100 ||
+        P.mib == 0) {
+        say("MS-WORKLOAD FAIL bad parameters");
+        finish(0);
+    }
+    say("MS-WORKLOAD start mib=%lu seed=%lu zero=%lu shared=%lu rounds=%lu "
+        "rewrite=%lu interval=%lu idle=%lu", P.mib, P.seed, P.zero, P.shared,
+        P.rounds, P.rewrite, P.interval, P.idle);
+
+    npages = (uint64_t)P.mib * (1024 * 1024 / PAGE);
+    mem = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    gen = calloc(npages, sizeof(*gen));
+    if (mem == MAP_FAILED || !gen) {
+        say("MS-WORKLOAD FAIL cannot allocate %lu MiB errno=%d", P.mib, errno);
+        finish(0);
+    }
+    for (uint64_t i = 0; i < npages; i++) {
+        /* Zero pages are written too (not left untouched): they are real
+         * guest pages full of zeros, touched like every other page. */
+        fill_page((uint64_t *)(mem + i * PAGE), i, 0);
+        counts[page_cat(i, 0)]++;
+    }
+    say("MS-WORKLOAD filled pages=%llu zero=%llu shared=%llu unique=%llu",
+        (unsigned long long)npages, (unsigned long long)counts[CAT_ZERO],
+        (unsigned long long)counts[CAT_SHARED],
+        (unsigned long long)counts[CAT_UNIQUE]);
+    if (P.corrupt && P.corrupt <= npages) {
+        mem[(P.corrupt - 1) * PAGE + 123] ^= 0x40;
+        say("MS-WORKLOAD corrupted page=%lu", P.corrupt - 1);
+    }
+
+    for (unsigned long round = 1; ; round++) {
+        struct timespec ts = { .tv_sec = P.interval, .tv_nsec = 0 };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+        if (!verify(round, "")) {
+            finish(0);
+        }
+        if (P.rewrite) {
+            rewrite(round);
+            if (!verify(round, " after=rewrite")) {
+                finish(0);
+            }
+        }
+        if (!P.idle && P.rounds && round >= P.rounds) {
+            break;
+        }
+    }
+    say("MS-WORKLOAD done ok");
+    finish(1);
+    return 0;
+}
