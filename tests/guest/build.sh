@@ -1,0 +1,167 @@
+#!/bin/sh
+# Build the guest artifacts of the mem-share real-guest tests.
+#
+#   tests/guest/build.sh OUTDIR        (make guest: OUTDIR=build/guest)
+#
+# Produces
+#   OUTDIR/vmlinuz             Debian's kernel (the package linux-image-amd64
+#                              depends on), fetched with apt-get download and
+#                              unpacked with dpkg-deb: nothing is installed
+#   OUTDIR/workload            static guest workload (also runs on the host)
+#   OUTDIR/initramfs.cpio.gz   /init = workload, /dev/console, /proc, /dev
+#   OUTDIR/tiny.elf            32-bit multiboot test guest
+#
+# Idempotent: each artifact is rebuilt only when missing or older than its
+# inputs; the kernel is fetched again only when the package changes.
+set -eu
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+SRC=$(cd "$(dirname "$0")" && pwd)
+SELF="$SRC/build.sh"
+CC=${CC:-gcc}
+mkdir -p "$OUT/dl"
+OUT=$(cd "$OUT" && pwd)
+
+log() { echo "guest: $*"; }
+
+# needs TARGET DEP... : true if TARGET is missing or older than any DEP
+needs() {
+    _tgt=$1; shift
+    [ -e "$_tgt" ] || return 0
+    for _d in "$@"; do
+        [ "$_d" -nt "$_tgt" ] && return 0
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- kernel
+kernel_pkg() {
+    # The image package linux-image-amd64 depends on, e.g.
+    # linux-image-6.1.0-56-amd64 (the signed build; it holds boot/vmlinuz-*).
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: *\(linux-image-[^ ]*\).*/\1/p' | head -n 1
+}
+
+candidate() {
+    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *\([^(]\)/\1/p'
+}
+
+fetch_kernel() {
+    # Up to date: the kernel was fetched after apt's package lists last
+    # changed (asking apt costs seconds; skip it when nothing can differ).
+    if [ -s "$OUT/vmlinuz" ] && [ -f "$OUT/vmlinuz.pkg" ] &&
+       ! needs "$OUT/vmlinuz.pkg" /var/lib/apt/lists; then
+        return 0
+    fi
+    pkg=$(kernel_pkg || true)
+    ver=
+    [ -z "$pkg" ] || ver=$(candidate "$pkg")
+    if [ -z "$ver" ]; then
+        if [ -s "$OUT/vmlinuz" ]; then
+            log "apt knows no kernel package; keeping existing $OUT/vmlinuz"
+            return 0
+        fi
+        log "apt-cache knows no candidate for linux-image-amd64: apt-get update"
+        apt-get update -qq
+        pkg=$(kernel_pkg)
+        [ -z "$pkg" ] || ver=$(candidate "$pkg")
+        if [ -z "$ver" ]; then
+            echo "guest: cannot resolve the package linux-image-amd64 depends on" >&2
+            exit 1
+        fi
+    fi
+    stamp="$pkg $ver"
+    if [ -s "$OUT/vmlinuz" ] && [ -f "$OUT/vmlinuz.pkg" ] &&
+       [ "$(cat "$OUT/vmlinuz.pkg")" = "$stamp" ]; then
+        touch "$OUT/vmlinuz.pkg"
+        return 0
+    fi
+    log "fetching $pkg $ver (apt-get download, not installed)"
+    rm -f "$OUT"/dl/linux-image-*.deb
+    # apt-get download writes into the current directory. Running as root,
+    # apt drops privileges to _apt, which may not write OUTDIR: stay root.
+    (cd "$OUT/dl" &&
+     apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver" >/dev/null)
+    deb=$(ls "$OUT"/dl/"$pkg"_*.deb | head -n 1)
+    tmp="$OUT/dl/x"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    # Same as dpkg-deb -x, restricted to boot/: the modules are not needed
+    # (the kernel's built-ins suffice) and would cost hundreds of MB.
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*'
+    set -- "$tmp"/boot/vmlinuz-*
+    if [ ! -s "$1" ]; then
+        echo "guest: no boot/vmlinuz-* in $deb" >&2
+        exit 1
+    fi
+    cp "$1" "$OUT/vmlinuz.new"
+    mv "$OUT/vmlinuz.new" "$OUT/vmlinuz"
+    echo "$stamp" > "$OUT/vmlinuz.pkg"
+    rm -rf "$tmp"
+    log "kernel: $OUT/vmlinuz ($(basename "$1"))"
+}
+
+# ---------------------------------------------------------------- workload
+build_workload() {
+    if needs "$OUT/workload" "$SRC/workload/workload.c" "$SELF"; then
+        log "building workload"
+        $CC -static -O2 -Wall -Wextra -o "$OUT/workload.new" \
+            "$SRC/workload/workload.c"
+        mv "$OUT/workload.new" "$OUT/workload"
+    fi
+    if needs "$OUT/initramfs.cpio.gz" "$OUT/workload" "$SELF"; then
+        log "building initramfs"
+        # newc archive written directly (no root needed for the device node,
+        # reproducible: fixed owners and mtimes).
+        python3 - "$OUT/workload" "$OUT/initramfs.cpio" <<'EOF'
+import sys
+
+def entry(name, mode, data=b"", rdev=(0, 0), ino=[100]):
+    ino[0] += 1
+    name_b = name.encode() + b"\0"
+    hdr = "070701" + "".join("%08x" % v for v in (
+        ino[0], mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1],
+        len(name_b), 0))
+    out = hdr.encode() + name_b
+    out += b"\0" * (-len(out) % 4)
+    out += data + b"\0" * (-len(data) % 4)
+    return out
+
+init = open(sys.argv[1], "rb").read()
+arc = b"".join([
+    entry("dev", 0o040755),
+    entry("dev/console", 0o020600, rdev=(5, 1)),
+    entry("proc", 0o040555),
+    entry("sys", 0o040555),
+    entry("init", 0o100755, init),
+    entry("TRAILER!!!", 0),
+])
+arc += b"\0" * (-len(arc) % 512)
+open(sys.argv[2], "wb").write(arc)
+EOF
+        gzip -9nf "$OUT/initramfs.cpio"
+    fi
+}
+
+# ---------------------------------------------------------------- tiny guest
+build_tiny() {
+    t="$SRC/tiny"
+    if needs "$OUT/tiny.elf" "$t/entry.S" "$t/tiny.c" "$t/link.ld" "$SELF"; then
+        log "building tiny.elf"
+        # No gcc-multilib needed: freestanding, no libc, no libgcc.
+        $CC -m32 -ffreestanding -fno-pic -fno-stack-protector -nostdlib \
+            -static -O2 -Wall -Wextra -fno-asynchronous-unwind-tables \
+            -Wl,-melf_i386 -Wl,-T,"$t/link.ld" -Wl,--build-id=none \
+            -Wl,--no-warn-rwx-segments \
+            -o "$OUT/tiny.elf.new" "$t/entry.S" "$t/tiny.c"
+        mv "$OUT/tiny.elf.new" "$OUT/tiny.elf"
+    fi
+}
+
+fetch_kernel
+build_workload
+build_tiny
