@@ -1,0 +1,93 @@
+# mem-share build pipeline.
+#
+#   make            fetch Debian's qemu 7.2 source, overlay, patch, configure, build
+#   make check      build, build the guest artifacts, run tests/run-tests
+#   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
+#   make demo       build everything and run scripts/demo.py
+#   make clean      remove the QEMU and engine build directories
+#   make distclean  remove build/ entirely (the next make downloads the source again)
+#
+# QEMU's own dependency tracking is ninja's: the 'qemu' step always runs ninja,
+# which does nothing when nothing changed.  Make tracks what ninja cannot see:
+# the unpacked source, the overlay files and the patch series.
+# V=1 shows the commands make runs.
+
+SHELL := /bin/bash
+PYTHON := /usr/bin/python3
+B := build
+SRC := $(B)/qemu-src
+STAMPS := $(B)/stamps
+GUEST := $(B)/guest
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+# Overlay directories: mirror QEMU's tree (kept in sync with scripts/overlay.sh).
+OVERLAY_DIRS := $(wildcard accel backends hw include migration monitor qapi softmmu tests/qtest docs util)
+OVERLAY_FILES := $(if $(OVERLAY_DIRS),$(shell find $(OVERLAY_DIRS) \( -name __pycache__ -o -name '.*' \) -prune -o -type f ! -name '*~' ! -name '*.pyc' ! -name '*.orig' ! -name '*.rej' ! -name '*.swp' -print))
+# Directories too, so that removing or adding a file is noticed.
+OVERLAY_SUBDIRS := $(if $(OVERLAY_DIRS),$(shell find $(OVERLAY_DIRS) \( -name __pycache__ -o -name '.*' \) -prune -o -type d -print))
+PATCH_FILES := $(wildcard patches/qemu/series patches/qemu/*.patch patches/qemu/*.diff)
+
+.PHONY: all deps qemu engine check guest demo bench fuzz clean distclean
+.DEFAULT_GOAL := all
+
+all: qemu engine
+
+# Checks the Debian packages every time (quietly, a fraction of a second), so
+# a machine that lost a package gets it back.  Order-only: never forces rebuilds.
+deps:
+	$(Q)scripts/deps.sh
+
+$(SRC)/.mem-share-version: | deps
+	$(Q)scripts/fetch-qemu.sh
+
+$(STAMPS)/overlay: $(SRC)/.mem-share-version $(OVERLAY_FILES) $(OVERLAY_SUBDIRS) $(PATCH_FILES) \
+		$(wildcard patches/qemu) scripts/overlay.sh scripts/fetch-qemu.sh | deps
+	$(Q)scripts/overlay.sh
+	$(Q)mkdir -p $(@D) && touch $@
+
+qemu: $(STAMPS)/overlay | deps
+	$(Q)nice -n $(or $(NICE),0) scripts/build-qemu.sh
+
+# The QEMU-free engine library and its unit tests (top-level meson.build).
+engine: | deps
+ifneq ($(wildcard meson.build),)
+	$(Q)if [ ! -f $(B)/engine/build.ninja ]; then \
+		echo "engine: meson setup $(B)/engine"; \
+		PATH=/usr/bin:$$PATH meson setup $(B)/engine >$(B)/engine-setup.log 2>&1 \
+		  || { tail -40 $(B)/engine-setup.log; rm -rf $(B)/engine; exit 1; }; \
+	fi
+	$(Q)PATH=/usr/bin:$$PATH meson compile -C $(B)/engine | grep -v '^INFO: \|^ninja: Entering'; exit $${PIPESTATUS[0]}
+endif
+
+# Guest artifacts: tests/guest/build.sh decides itself what needs rebuilding.
+guest: | deps
+	$(Q)if [ -x tests/guest/build.sh ]; then tests/guest/build.sh $(GUEST); \
+	elif [ -f tests/guest/build.sh ]; then bash tests/guest/build.sh $(GUEST); \
+	else echo "guest: tests/guest/build.sh not there yet, nothing to build"; fi
+
+check: all guest
+	$(Q)$(PYTHON) tests/run-tests
+
+demo: all guest
+	$(Q)if [ -f scripts/demo.py ]; then $(PYTHON) scripts/demo.py; \
+	else echo "demo: scripts/demo.py not there yet"; exit 1; fi
+
+bench: all
+	$(Q)if [ -f scripts/bench.py ]; then $(PYTHON) scripts/bench.py; \
+	else echo "bench: lands with user mode (scripts/bench.py)"; fi
+
+fuzz: all
+	$(Q)if [ -f scripts/fuzz.py ]; then $(PYTHON) scripts/fuzz.py; \
+	elif [ -x scripts/fuzz.sh ]; then scripts/fuzz.sh; \
+	else echo "fuzz: lands with user mode (scripts/fuzz.py)"; fi
+
+clean:
+	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64
+
+distclean:
+	rm -rf $(B)
