@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Build the guest artifacts of the mem-share real-guest tests.
 #
 #   tests/guest/build.sh OUTDIR        (make guest: OUTDIR=build/guest)

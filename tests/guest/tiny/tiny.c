@@ -13,6 +13,8 @@
  *   passes=N   write+check passes (default 3); each pass writes new content
  *   checks=N   read-back checks after each write (default 1)
  *   seed=N     seed of the unique content (default 1)
+ *   corrupt=1  self-test of the checker: flip one word after the first
+ *              write, so pass 1 must report FAIL (default 0)
  *   pattern=P  dup | unique | zero | mixed (default mixed)
  *              dup:    every page of the region holds the same content
  *                      (a function of word offset in the page and the pass)
@@ -121,8 +123,8 @@ enum { PAT_MIXED, PAT_DUP, PAT_UNIQUE, PAT_ZERO };
 static const char *const pat_name[] = { "mixed", "dup", "unique", "zero" };
 
 static struct {
-    uint32_t base, mib, passes, checks, seed, pattern;
-} P = { 16, 16, 3, 1, 1, PAT_MIXED };
+    uint32_t base, mib, passes, checks, seed, corrupt, pattern;
+} P = { 16, 16, 3, 1, 1, 0, PAT_MIXED };
 
 static int streq_prefix(const char *s, const char *p)
 {
@@ -148,6 +150,7 @@ static void parse_cmdline(const char *s)
     static const struct { const char *k; uint32_t *v; } keys[] = {
         { "base=", &P.base }, { "mib=", &P.mib }, { "passes=", &P.passes },
         { "checks=", &P.checks }, { "seed=", &P.seed },
+        { "corrupt=", &P.corrupt },
     };
     while (*s) {
         while (*s == ' ') {
@@ -257,6 +260,13 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
         for (uint32_t a = start; a < end; a += 4) {
             w = (volatile uint32_t *)a;
             *w = expected(a, p);
+        }
+        if (P.corrupt && p == 1) {
+            w = (volatile uint32_t *)(start + PAGE * 3 + 40);
+            *w ^= 0x00100000u;
+            puts_("TINY corrupted addr=");
+            puthex(start + PAGE * 3 + 40);
+            puts_("\n");
         }
         for (uint32_t c = 1; c <= P.checks; c++) {
             uint32_t sum = 0, bad = 0, bad_addr = 0, bad_exp = 0, bad_got = 0;

@@ -27,6 +27,10 @@
  * Each round, page i is rewritten (generation + 1) iff a pure function of
  * (seed, i, round) falls below ms.rewrite percent, so verification is exact.
  *
+ * Stop request: a line starting with 'q' on the console (stdin) makes the
+ * workload finish the current round, print "done ok" and power off, also in
+ * idle mode or with ms.rounds=0 (the tests write "q" to the serial port).
+ *
  * Output lines (serial console):
  *   MS-WORKLOAD start mib=.. seed=.. zero=.. shared=.. rounds=.. rewrite=..
  *   MS-WORKLOAD filled pages=N zero=Z shared=S unique=U
@@ -45,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <poll.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -202,6 +207,49 @@ static int check_page(const uint64_t *p, uint64_t i, uint32_t gen,
     return -1;
 }
 
+static int stdin_open = 1;
+static int stop_requested;
+
+/* Sleep for `sec` seconds, watching stdin for a stop request ("q"). */
+static void sleep_watch(unsigned long sec)
+{
+    struct timespec now, end;
+
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += sec;
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (end.tv_sec - now.tv_sec) * 1000 +
+                  (end.tv_nsec - now.tv_nsec) / 1000000;
+        if (ms <= 0) {
+            return;
+        }
+        if (!stdin_open) {
+            struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        struct pollfd pfd = { .fd = 0, .events = POLLIN };
+        int r = poll(&pfd, 1, ms);
+        if (r < 0 && errno != EINTR) {
+            stdin_open = 0;
+        } else if (r > 0) {
+            char buf[256];
+            ssize_t n = read(0, buf, sizeof(buf));
+            if (n <= 0 || (pfd.revents & (POLLERR | POLLNVAL))) {
+                stdin_open = 0;     /* EOF or no usable stdin */
+                continue;
+            }
+            for (ssize_t k = 0; k < n; k++) {
+                if (buf[k] == 'q' && !stop_requested) {
+                    stop_requested = 1;
+                    say("MS-WORKLOAD stop requested");
+                }
+            }
+        }
+    }
+}
+
 static uint8_t *mem;
 static uint32_t *gen;
 static uint64_t npages;
@@ -357,9 +405,7 @@ int main(int argc, char **argv)
     }
 
     for (unsigned long round = 1; ; round++) {
-        struct timespec ts = { .tv_sec = P.interval, .tv_nsec = 0 };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-        }
+        sleep_watch(P.interval);
         if (!verify(round, "")) {
             finish(0);
         }
@@ -369,7 +415,7 @@ int main(int argc, char **argv)
                 finish(0);
             }
         }
-        if (!P.idle && P.rounds && round >= P.rounds) {
+        if (stop_requested || (!P.idle && P.rounds && round >= P.rounds)) {
             break;
         }
     }

@@ -1,0 +1,572 @@
+"""Helpers of the mem-share real-guest tests (tests/guest/test-*) and demo.
+
+Python standard library only, plus QEMU's own python package (qemu.machine),
+found through $QEMU_PYTHON (default build/qemu-src/python).
+
+Environment:
+  QEMU            QEMU binary (default build/qemu-system-x86_64)
+  QEMU_PYTHON     QEMU's python/ directory (default build/qemu-src/python)
+  MS_GUEST_DIR    guest artifacts (default build/guest)
+  MS_LOG_DIR      where serial and QEMU logs are kept (default: a temporary
+                  directory that is removed unless a test fails)
+  QEMU_EXTRA_ARGS extra QEMU arguments (shell words), e.g. "-L DIR"
+  MS_BACKEND      development only: "ram" replaces the mem-share object by
+                  memory-backend-ram (merge=on for mode=kernel) and emulates
+                  query-mem-share from /proc, to exercise the tests on a
+                  plain QEMU; every test says so in a diagnostic line.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+KSM_DIR = "/sys/kernel/mm/ksm"
+
+
+def _path_env(name, default):
+    v = os.environ.get(name)
+    return os.path.abspath(v if v else os.path.join(ROOT, default))
+
+
+QEMU = _path_env("QEMU", "build/qemu-system-x86_64")
+QEMU_PYTHON = _path_env("QEMU_PYTHON", "build/qemu-src/python")
+GUEST_DIR = _path_env("MS_GUEST_DIR", "build/guest")
+EXTRA_ARGS = shlex.split(os.environ.get("QEMU_EXTRA_ARGS", ""))
+DEV_BACKEND = os.environ.get("MS_BACKEND", "")
+
+VMLINUZ = os.path.join(GUEST_DIR, "vmlinuz")
+INITRAMFS = os.path.join(GUEST_DIR, "initramfs.cpio.gz")
+TINY = os.path.join(GUEST_DIR, "tiny.elf")
+WORKLOAD = os.path.join(GUEST_DIR, "workload")
+
+
+def import_qemu_machine():
+    """Return qemu.machine.QEMUMachine from QEMU's python package."""
+    if QEMU_PYTHON not in sys.path:
+        sys.path.insert(0, QEMU_PYTHON)
+    from qemu.machine import QEMUMachine  # pylint: disable=import-outside-toplevel
+    return QEMUMachine
+
+
+def missing_prerequisites(*files):
+    """List of human-readable problems with the binary and artifacts."""
+    probs = []
+    if not os.access(QEMU, os.X_OK):
+        probs.append("no QEMU binary at %s (set QEMU=...)" % QEMU)
+    if not os.path.isfile(os.path.join(QEMU_PYTHON, "qemu", "machine", "machine.py")):
+        probs.append("no QEMU python package at %s (set QEMU_PYTHON=...)" % QEMU_PYTHON)
+    for f in files:
+        if not os.path.isfile(f):
+            probs.append("missing %s (run make guest)" % f)
+    return probs
+
+
+# --------------------------------------------------------------------- TAP
+
+class Tap:
+    """TAP 13 writer. Every planned test is reported exactly once: those
+    never reached are reported 'not ok ... # not reached' by finish()."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.done = {}
+        self.failed = False
+        print("TAP version 13")
+        print("1..%d" % len(self.names), flush=True)
+
+    def _num(self, name):
+        return self.names.index(name) + 1
+
+    def diag(self, msg):
+        for line in str(msg).splitlines() or [""]:
+            print("# " + line)
+        sys.stdout.flush()
+
+    def ok(self, name, cond, diag=None):
+        if name in self.done:
+            raise RuntimeError("test %r reported twice" % name)
+        self.done[name] = bool(cond)
+        if diag:
+            self.diag(diag)
+        print("%s %d - %s" % ("ok" if cond else "not ok", self._num(name), name),
+              flush=True)
+        if not cond:
+            self.failed = True
+        return bool(cond)
+
+    def skip(self, name, reason):
+        if name in self.done:
+            raise RuntimeError("test %r reported twice" % name)
+        self.done[name] = True
+        print("ok %d - %s # SKIP %s" % (self._num(name), name, reason), flush=True)
+
+    def fail_rest(self, reason):
+        for n in self.names:
+            if n not in self.done:
+                self.ok(n, False, diag=reason)
+
+    def skip_rest(self, reason):
+        for n in self.names:
+            if n not in self.done:
+                self.skip(n, reason)
+
+    def finish(self):
+        self.fail_rest("not reached")
+        return 1 if self.failed else 0
+
+
+# --------------------------------------------------------------------- signals
+
+class Interrupted(BaseException):
+    pass
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted("signal %d" % signum)
+
+
+def install_signal_handlers():
+    """SIGINT/SIGTERM/SIGHUP raise Interrupted so that every finally block
+    and context manager (KSM restore, VM shutdown) runs."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_interrupted)
+
+
+# --------------------------------------------------------------------- /proc, KSM
+
+def read_int(path):
+    with open(path) as f:
+        return int(f.read().split()[0])
+
+
+def ksm_sysfs():
+    """All integer settings/counters of host KSM."""
+    out = {}
+    for name in sorted(os.listdir(KSM_DIR)):
+        try:
+            with open(os.path.join(KSM_DIR, name)) as f:
+                out[name] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def ksm_available():
+    return os.path.isfile(os.path.join(KSM_DIR, "run"))
+
+
+def ksm_writable():
+    return ksm_available() and os.access(os.path.join(KSM_DIR, "run"), os.W_OK)
+
+
+def _ksm_write(name, value):
+    with open(os.path.join(KSM_DIR, name), "w") as f:
+        f.write("%d\n" % value)
+
+
+class KsmSettings:
+    """Context manager: apply host KSM settings and restore every setting it
+    changed on exit, also on exceptions, Ctrl-C and SIGTERM (signal handlers
+    turn those into exceptions; atexit is a last resort).
+
+        with KsmSettings(run=1, pages_to_scan=2000, sleep_millisecs=10) as k:
+            ...
+            k.set(run=0)     # also restored on exit
+    """
+
+    def __init__(self, **settings):
+        self.initial = settings
+        self.saved = {}
+        self.changed = []
+
+    def set(self, **settings):
+        # Change 'run' last: scanning starts with the other settings in place.
+        for name in sorted(settings, key=lambda n: n == "run"):
+            if name not in self.saved:
+                self.saved[name] = read_int(os.path.join(KSM_DIR, name))
+            _ksm_write(name, settings[name])
+            if name not in self.changed:
+                self.changed.append(name)
+
+    def restore(self):
+        errors = []
+        # 'run' first: stop scanning before restoring the speed settings.
+        for name in sorted(self.changed, key=lambda n: n != "run"):
+            try:
+                _ksm_write(name, self.saved[name])
+            except OSError as e:
+                errors.append("%s=%d: %s" % (name, self.saved[name], e))
+        self.changed = []
+        if errors:
+            raise OSError("could not restore host KSM settings: " + "; ".join(errors))
+
+    def restored_ok(self):
+        """True if every saved setting has its saved value now."""
+        return all(read_int(os.path.join(KSM_DIR, n)) == v
+                   for n, v in self.saved.items())
+
+    def __enter__(self):
+        import atexit  # pylint: disable=import-outside-toplevel
+        atexit.register(self._atexit)
+        self.set(**self.initial)
+        return self
+
+    def _atexit(self):
+        if self.changed:
+            self.restore()
+
+    def __exit__(self, *exc):
+        # Signals must not interrupt the restore itself.
+        old = {s: signal.signal(s, signal.SIG_IGN)
+               for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.restore()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return False
+
+
+def proc_ksm_merging_pages(pid):
+    return read_int("/proc/%d/ksm_merging_pages" % pid)
+
+
+def proc_ksm_stat(pid):
+    """/proc/PID/ksm_stat as a dict (ints where numeric)."""
+    out = {}
+    with open("/proc/%d/ksm_stat" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(" ")
+            v = v.strip()
+            out[k] = int(v) if re.fullmatch(r"-?\d+", v) else v
+    return out
+
+
+def proc_status(pid):
+    """/proc/PID/status; sizes ("1234 kB") as ints in kB."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            v = v.strip()
+            m = re.fullmatch(r"(\d+) kB", v)
+            out[k] = int(m.group(1)) if m else v
+    return out
+
+
+# --------------------------------------------------------------------- KVM
+
+KVM_GET_API_VERSION = 0xAE00
+
+
+def kvm_usable():
+    """(True, '') or (False, reason)."""
+    dev = "/dev/kvm"
+    if not os.path.exists(dev):
+        return False, "/dev/kvm does not exist on this host"
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable by this user"
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, "cannot open /dev/kvm read-write: %s" % e.strerror
+    try:
+        ver = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as e:
+        return False, "KVM_GET_API_VERSION failed: %s" % e.strerror
+    finally:
+        os.close(fd)
+    if ver != 12:
+        return False, "unexpected KVM API version %d" % ver
+    return True, ""
+
+
+# --------------------------------------------------------------------- QEMU
+
+def qemu_has_object(type_name):
+    """True if the QEMU binary knows the QOM object type."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    try:
+        out = subprocess.run([QEMU, "-object", "help"] + EXTRA_ARGS,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=60, check=False).stdout.decode(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"^\s*%s\s*$" % re.escape(type_name), out, re.M) is not None
+
+
+def backend_args(mode="kernel", size="256M", obj_id="m0", extra=""):
+    """-object arguments of the guest RAM backend.
+
+    mem-share,id=m0,size=256M,mode=... normally; memory-backend-ram when
+    MS_BACKEND=ram (development on a QEMU without mem-share)."""
+    if DEV_BACKEND == "ram":
+        opt = "memory-backend-ram,id=%s,size=%s" % (obj_id, size)
+        if mode == "kernel":
+            opt += ",merge=on"
+    else:
+        opt = "mem-share,id=%s,size=%s,mode=%s" % (obj_id, size, mode)
+    if extra:
+        opt += "," + extra
+    return ["-object", opt]
+
+
+def size_bytes(size):
+    m = re.fullmatch(r"(\d+)([KMGT]?)", str(size))
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
+class GuestError(Exception):
+    pass
+
+
+class Guest:
+    """One QEMU process (qemu.machine.QEMUMachine) with its serial console on
+    a UNIX socket: a reader thread keeps every line (and a log file), writes
+    go to the guest's serial input.
+
+    The VM is started paused (-S) and continued once the console is
+    connected, so no early output is lost.
+    """
+
+    def __init__(self, name, args, log_dir, accel="tcg"):
+        self.name = name
+        self.log_dir = log_dir
+        self.serial_path = os.path.join(log_dir, name + ".serial.sock")
+        self.serial_log = os.path.join(log_dir, name + ".serial.log")
+        QEMUMachine = import_qemu_machine()
+        all_args = ["-accel", accel, "-nodefaults", "-S",
+                    "-chardev", "socket,id=ser0,path=%s,server=on,wait=off"
+                    % self.serial_path,
+                    "-serial", "chardev:ser0"] + EXTRA_ARGS + list(args)
+        self.vm = QEMUMachine(QEMU, args=all_args, name=name,
+                              base_temp_dir=log_dir, log_dir=log_dir)
+        self.lines = []
+        self._partial = b""
+        self._cond = threading.Condition()
+        self._sock = None
+        self._reader = None
+        self._eof = False
+        self._logf = None
+        self.backend_emulated = DEV_BACKEND == "ram"
+
+    # -- life cycle
+    def launch(self):
+        self.vm.launch()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.serial_path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or not self.vm.is_running():
+                    raise GuestError("%s: cannot connect to the serial socket"
+                                     % self.name)
+                time.sleep(0.05)
+        self._sock = s
+        self._logf = open(self.serial_log, "ab")
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+        self.qmp("cont")
+
+    def _read_loop(self):
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self._eof = True
+                    self._cond.notify_all()
+                return
+            self._logf.write(data)
+            self._logf.flush()
+            buf = self._partial + data
+            *complete, self._partial = buf.split(b"\n")
+            if complete:
+                with self._cond:
+                    for line in complete:
+                        self.lines.append(line.decode("utf-8", "replace")
+                                          .rstrip("\r"))
+                    self._cond.notify_all()
+
+    @property
+    def pid(self):
+        return self.vm.get_pid()
+
+    def is_running(self):
+        return self.vm.is_running()
+
+    def exitcode(self):
+        return self.vm.exitcode()
+
+    def send(self, text):
+        """Write text to the guest's serial input."""
+        self._sock.sendall(text.encode())
+
+    def wait_exit(self, timeout):
+        """Wait for QEMU to exit on its own (guest power off, debug exit)."""
+        deadline = time.monotonic() + timeout
+        while self.vm.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.vm.is_running():
+            raise GuestError("%s: QEMU still running after %d s" % (self.name, timeout))
+        self.vm.wait(timeout=10)   # cleanup (QMP connection, temp files)
+        if self._reader:
+            self._reader.join(timeout=5)
+        return self.vm.exitcode()
+
+    def shutdown(self):
+        """Stop QEMU (quit over QMP, then kill) and clean up. Idempotent."""
+        try:
+            self.vm.shutdown(timeout=10)
+        except Exception:  # pylint: disable=broad-except
+            try:
+                self.vm.kill()
+            except Exception:  # pylint: disable=broad-except
+                pass
+        if self._sock:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        if self._reader:
+            self._reader.join(timeout=5)
+        if self._logf:
+            self._logf.close()
+            self._logf = None
+
+    def qemu_log(self):
+        try:
+            return self.vm.get_log() or ""
+        except Exception:  # pylint: disable=broad-except
+            return ""
+
+    # -- console
+    def wait_line(self, pattern, timeout, start=0, fail_pattern=None):
+        """Wait until a console line (index >= start) matches pattern.
+        Returns (index, match). Raises GuestError on timeout, on QEMU exit,
+        or when a line matches fail_pattern first."""
+        rx = re.compile(pattern)
+        frx = re.compile(fail_pattern) if fail_pattern else None
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    line = self.lines[i]
+                    if frx and frx.search(line):
+                        raise GuestError("%s: %s" % (self.name, line))
+                    m = rx.search(line)
+                    if m:
+                        return i, m
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestError("%s: no line matching %r within %d s"
+                                     % (self.name, pattern, timeout))
+                if self._eof:
+                    raise GuestError("%s: console closed (QEMU exited, status %s) "
+                                     "before a line matched %r"
+                                     % (self.name, self.vm.exitcode(), pattern))
+                self._cond.wait(min(left, 0.5))
+
+    def tail(self, n=15):
+        with self._cond:
+            return self.lines[-n:]
+
+    # -- QMP
+    def qmp(self, cmd, **args):
+        """Run a QMP command; return its 'return' value or raise GuestError."""
+        r = self.vm.qmp(cmd, args_dict=args) if args else self.vm.qmp(cmd)
+        if "error" in r:
+            raise GuestError("%s: QMP %s failed: %s" % (self.name, cmd, r["error"]))
+        return r.get("return")
+
+    def query_mem_share(self, obj_id="m0"):
+        """The query-mem-share entry of object obj_id."""
+        if self.backend_emulated:
+            return emulated_mem_share(self.pid, obj_id)
+        for e in self.qmp("query-mem-share"):
+            if e.get("id") == obj_id:
+                return e
+        raise GuestError("%s: query-mem-share has no entry %r" % (self.name, obj_id))
+
+
+def emulated_mem_share(pid, obj_id):
+    """Development only (MS_BACKEND=ram): a query-mem-share entry made from
+    /proc, so the tests' flow can run on a plain QEMU. Not a test of
+    anything."""
+    st = proc_ksm_stat(pid)
+    zero = st.get("ksm_zero_pages", 0)
+    merging = st.get("ksm_merging_pages", 0)
+    return {"id": obj_id, "mode": "kernel", "size": 0,
+            "pages-merged": merging + zero, "pages-zero": zero,
+            "pages-scanned": 0, "full-scans": 0, "cow-breaks": 0,
+            "scan-cpu-ns": 0,
+            "kernel": {"running": read_int(KSM_DIR + "/run") == 1,
+                       "merging-pages": merging, "zero-pages": zero,
+                       "rmap-items": st.get("ksm_rmap_items", 0),
+                       "process-profit": st.get("ksm_process_profit", 0)},
+            "emulated": True}
+
+
+def linux_guest_args(mem="256M", mode="kernel", cmdline="", machine="q35",
+                     backend_extra=""):
+    """QEMU arguments of a Linux guest running the workload as PID 1."""
+    return (backend_args(mode, mem, extra=backend_extra) +
+            ["-m", mem,
+             "-machine", "%s,memory-backend=m0,mem-merge=off" % machine,
+             "-kernel", VMLINUZ, "-initrd", INITRAMFS,
+             "-append", "console=ttyS0 quiet panic=-1 " + cmdline,
+             "-no-reboot"])
+
+
+@contextlib.contextmanager
+def log_directory(prefix, tap=None):
+    """A directory for sockets and logs: $MS_LOG_DIR/<prefix>-<pid> (kept),
+    else a temporary directory removed on success and kept on failure (an
+    exception, or tap.failed)."""
+    base = os.environ.get("MS_LOG_DIR")
+    if base:
+        d = os.path.join(os.path.abspath(base), "%s-%d" % (prefix, os.getpid()))
+        os.makedirs(d, exist_ok=True)
+        yield d
+        return
+    d = tempfile.mkdtemp(prefix=prefix + "-", dir="/tmp")
+    ok = False
+    try:
+        yield d
+        ok = True
+    finally:
+        if ok and not (tap and tap.failed):
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            sys.stdout.write("# logs kept in %s\n" % d)
+
+
+def nice_self(increment=5):
+    """Be gentle with a shared machine: lower our (and QEMU's) priority."""
+    try:
+        os.nice(increment)
+    except OSError:
+        pass
+
+
+def errno_name(e):
+    return errno.errorcode.get(e, str(e))
