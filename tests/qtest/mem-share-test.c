@@ -1,0 +1,536 @@
+/*
+ * QTest for the mem-share memory backend
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/units.h"
+#include "libqtest.h"
+#include "qapi/error.h"
+#include "qapi/qmp/qdict.h"
+#include "qapi/qmp/qjson.h"
+#include "qapi/qmp/qlist.h"
+#include "qapi/qmp/qstring.h"
+
+#define RAM_SIZE        (128 * MiB)
+#define PAGE            4096
+#define KSM_DIR         "/sys/kernel/mm/ksm"
+
+/* Run QEMU outside qtest to see how it fails (or not) at start-up */
+static int run_qemu(const char *args, char **out, char **err)
+{
+    g_autofree char *cmd = g_strdup_printf("%s -machine none -nodefaults "
+                                           "-display none %s",
+                                           getenv("QTEST_QEMU_BINARY"), args);
+    g_auto(GStrv) argv = NULL;
+    g_autoptr(GError) gerr = NULL;
+    int status;
+
+    g_assert(g_shell_parse_argv(cmd, NULL, &argv, NULL));
+    g_assert(g_spawn_sync(NULL, argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                          out, err, &status, &gerr));
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static QTestState *start_vm(const char *mode, const char *extra)
+{
+    return qtest_initf("-machine pc,memory-backend=m0 -m 128M "
+                       "-object mem-share,id=m0,size=128M,mode=%s %s",
+                       mode, extra ? extra : "");
+}
+
+static QDict *query_one(QTestState *qts)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'query-mem-share' }");
+    QList *list = qdict_get_qlist(resp, "return");
+    QDict *info;
+
+    g_assert(list);
+    g_assert_cmpint(qlist_size(list), ==, 1);
+    info = qobject_to(QDict, qlist_peek(list));
+    qobject_ref(info);
+    qobject_unref(resp);
+    return info;
+}
+
+/* The VmFlags of the mapping that holds the guest RAM */
+static char *ram_vmflags(const char *pidfile)
+{
+    g_autofree char *pid = NULL;
+    g_autofree char *path = NULL;
+    g_autofree char *smaps = NULL;
+    g_auto(GStrv) lines = NULL;
+    bool in_ram = false;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    path = g_strdup_printf("/proc/%d/smaps", atoi(pid));
+    g_assert(g_file_get_contents(path, &smaps, NULL, NULL));
+    lines = g_strsplit(smaps, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        unsigned long start, end;
+
+        if (sscanf(*l, "%lx-%lx ", &start, &end) == 2) {
+            /* QEMU may align the block: the RAM mapping is the one of its size */
+            in_ram = end - start >= RAM_SIZE && end - start < RAM_SIZE + 4 * MiB;
+        } else if (in_ram && g_str_has_prefix(*l, "VmFlags:")) {
+            return g_strdup(*l);
+        }
+    }
+    g_assert_not_reached();
+}
+
+static bool vmflags_mergeable(const char *pidfile)
+{
+    g_autofree char *flags = ram_vmflags(pidfile);
+
+    return strstr(flags, " mg") != NULL;
+}
+
+/* The generic backend's 'merge' property must follow the mode */
+static bool qom_get_merge(QTestState *qts)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'qom-get', 'arguments': "
+                            "{ 'path': '/objects/m0', 'property': 'merge' } }");
+    bool merge = qdict_get_bool(resp, "return");
+
+    qobject_unref(resp);
+    return merge;
+}
+
+static void test_help(void)
+{
+    g_autofree char *out = NULL, *err = NULL;
+
+    g_assert_cmpint(run_qemu("-object mem-share,help", &out, &err), ==, 0);
+    g_assert(strstr(out, "mem-share options:"));
+    g_assert(strstr(out, "mode=<MemShareMode>"));
+    g_assert(strstr(out, "Deduplication mode"));
+    /* Inherited from the generic memory backend */
+    g_assert(strstr(out, "size=<int>"));
+    g_assert(strstr(out, "prealloc=<bool>"));
+    g_assert(strstr(out, "host-nodes="));
+    g_assert(strstr(out, "policy=<HostMemPolicy>"));
+    g_assert(strstr(out, "dump=<bool>"));
+    g_assert(strstr(out, "mem-path=<string>"));
+}
+
+static void test_cmdline_errors(void)
+{
+    static const struct {
+        const char *args;
+        const char *msg;
+    } cases[] = {
+        { "-object mem-share,id=m0,size=0",
+          "property 'size' of mem-share doesn't take value '0'" },
+        { "-object mem-share,id=m0,size=1000",
+          "size must be a non-zero multiple of the host page size" },
+        { "-object mem-share,id=m0,size=64M,share=on",
+          "share=on is not supported" },
+        { "-object mem-share,id=m0,size=64M,mode=user",
+          "mode=user is not available" },
+        { "-object mem-share,id=m0,size=64M,mode=fast",
+          "Parameter 'mode' does not accept value 'fast'" },
+        { "-object mem-share,id=m0,size=64M,mem-path=/dev/hugepages",
+          "mem-path is not supported" },
+        { "-object '{\"qom-type\":\"mem-share\",\"id\":\"m0\",\"size\":4097}'",
+          "size must be a non-zero multiple" },
+    };
+
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        g_autofree char *out = NULL, *err = NULL;
+
+        g_assert_cmpint(run_qemu(cases[i].args, &out, &err), ==, 1);
+        if (!strstr(err, cases[i].msg)) {
+            g_error("'%s': expected '%s' in: %s", cases[i].args,
+                    cases[i].msg, err);
+        }
+    }
+}
+
+static void test_qmp_errors(void)
+{
+    static const struct {
+        const char *props;
+        const char *msg;
+    } cases[] = {
+        { "'size': 0", "doesn't take value '0'" },
+        { "'size': 4097", "size must be a non-zero multiple" },
+        { "'size': 67108864, 'share': true", "share=on is not supported" },
+        { "'size': 67108864, 'mode': 'user'", "mode=user is not available" },
+        { "'size': 67108864, 'mode': 'x'", "does not accept value 'x'" },
+        { "'size': 67108864, 'mem-path': '/tmp'", "mem-path is not supported" },
+    };
+    QTestState *qts = qtest_init("-machine none");
+
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        g_autofree char *props = g_strdup_printf(
+            "{ 'qom-type': 'mem-share', 'id': 'e%zu', %s }", i,
+            cases[i].props);
+        QDict *resp = qtest_qmp(qts, "{ 'execute': 'object-add', "
+                                "'arguments': %p }",
+                                qobject_from_json(props, &error_abort));
+        QDict *error = qdict_get_qdict(resp, "error");
+
+        g_assert(error);
+        if (!strstr(qdict_get_str(error, "desc"), cases[i].msg)) {
+            g_error("%s: expected '%s', got '%s'", cases[i].props,
+                    cases[i].msg, qdict_get_str(error, "desc"));
+        }
+        qobject_unref(resp);
+    }
+    /* None of the failed objects stayed behind */
+    qtest_qmp_assert_success(qts, "{ 'execute': 'object-add', 'arguments': "
+                             "{ 'qom-type': 'mem-share', 'id': 'ok', "
+                             "'size': 67108864, 'mode': 'kernel' } }");
+    qobject_unref(query_one(qts));
+    qtest_quit(qts);
+}
+
+static void test_query_off(void)
+{
+    QTestState *qts = start_vm("off", NULL);
+    QDict *info = query_one(qts);
+
+    g_assert_cmpstr(qdict_get_str(info, "id"), ==, "m0");
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "off");
+    g_assert_cmpuint(qdict_get_int(info, "size"), ==, RAM_SIZE);
+    g_assert_cmpuint(qdict_get_int(info, "page-size"), ==, PAGE);
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), ==, 0);
+    g_assert_cmpuint(qdict_get_int(info, "pages-zero"), ==, 0);
+    g_assert_cmpuint(qdict_get_int(info, "scan-cpu-ns"), ==, 0);
+    g_assert(!qdict_haskey(info, "kernel"));
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+static void test_query_kernel(void)
+{
+    QTestState *qts = start_vm("kernel", NULL);
+    QDict *info = query_one(qts);
+    QDict *k = qdict_get_qdict(info, "kernel");
+    static const char *const keys[] = {
+        "running", "per-object", "pages-ksm", "pages-zero-pfn",
+        "use-zero-pages", "merging-pages", "zero-pages", "rmap-items",
+        "process-profit", "pages-shared", "pages-sharing", "pages-unshared",
+        "pages-volatile",
+    };
+
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "kernel");
+    g_assert(k);
+    for (size_t i = 0; i < G_N_ELEMENTS(keys); i++) {
+        g_assert(qdict_haskey(k, keys[i]));
+    }
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), >=,
+                     qdict_get_int(info, "pages-zero"));
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), <=,
+                     RAM_SIZE / PAGE);
+    /* Figures the host publishes must come through */
+    if (access(KSM_DIR "/full_scans", R_OK) == 0) {
+        g_autofree char *scans = NULL;
+
+        g_assert(g_file_get_contents(KSM_DIR "/full_scans", &scans, NULL,
+                                     NULL));
+        g_assert_cmpuint(qdict_get_int(info, "full-scans"), <=,
+                         g_ascii_strtoull(scans, NULL, 10));
+    }
+    /* Page frame numbers are readable for root only */
+    g_assert(qdict_get_bool(k, "per-object") == (geteuid() == 0));
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+static void test_mergeable_flag(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-test-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autofree char *args = g_strdup_printf("-pidfile %s", pidfile);
+    QTestState *qts;
+
+    /* mode=off stays unmergeable even with the machine's mem-merge=on */
+    qts = start_vm("off", args);
+    g_assert(!vmflags_mergeable(pidfile));
+    qtest_quit(qts);
+
+    /* mode=kernel is mergeable even with mem-merge=off */
+    qts = qtest_initf("-machine pc,memory-backend=m0,mem-merge=off -m 128M "
+                      "-object mem-share,id=m0,size=128M,mode=kernel %s",
+                      args);
+    g_assert(vmflags_mergeable(pidfile));
+
+    /* Run-time switches between off and kernel */
+    qtest_qmp_assert_success(qts, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': '/objects/m0', 'property': 'mode', "
+                             "'value': 'off' } }");
+    g_assert(!vmflags_mergeable(pidfile));
+    g_assert_false(qom_get_merge(qts));
+    qtest_qmp_assert_success(qts, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': '/objects/m0', 'property': 'mode', "
+                             "'value': 'kernel' } }");
+    g_assert(vmflags_mergeable(pidfile));
+    g_assert_true(qom_get_merge(qts));
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
+static void test_runtime_mode_user(void)
+{
+    QTestState *qts = start_vm("kernel", NULL);
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'qom-set', 'arguments': "
+                            "{ 'path': '/objects/m0', 'property': 'mode', "
+                            "'value': 'user' } }");
+    QDict *info;
+
+    g_assert(strstr(qdict_get_str(qdict_get_qdict(resp, "error"), "desc"),
+                    "mode=user is not available"));
+    qobject_unref(resp);
+    info = query_one(qts);
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "kernel");
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+static void test_numa_memdev(void)
+{
+    QTestState *qts = qtest_init("-m 128M -object mem-share,id=m0,size=128M,"
+                                 "mode=kernel -numa node,memdev=m0");
+    QDict *info = query_one(qts);
+
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "kernel");
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+static void test_query_stats(void)
+{
+    QTestState *qts = start_vm("kernel", NULL);
+    QDict *resp;
+    QList *results, *stats;
+    QDict *result;
+    QListEntry *e;
+    int found = 0;
+
+    resp = qtest_qmp(qts, "{ 'execute': 'query-stats', 'arguments': "
+                     "{ 'target': 'vm', 'providers': "
+                     "[ { 'provider': 'mem-share' } ] } }");
+    results = qdict_get_qlist(resp, "return");
+    g_assert_cmpint(qlist_size(results), ==, 1);
+    result = qobject_to(QDict, qlist_peek(results));
+    g_assert_cmpstr(qdict_get_str(result, "provider"), ==, "mem-share");
+    g_assert_cmpstr(qdict_get_str(result, "qom-path"), ==, "/objects/m0");
+    stats = qdict_get_qlist(result, "stats");
+    QLIST_FOREACH_ENTRY(stats, e) {
+        QDict *s = qobject_to(QDict, qlist_entry_obj(e));
+        const char *name = qdict_get_str(s, "name");
+
+        if (!strcmp(name, "size")) {
+            g_assert_cmpuint(qdict_get_int(s, "value"), ==, RAM_SIZE);
+        }
+        found += !strcmp(name, "pages-merged") || !strcmp(name, "size") ||
+                 !strcmp(name, "scan-cpu-ns");
+    }
+    g_assert_cmpint(found, ==, 3);
+    qobject_unref(resp);
+
+    /* Name filtering */
+    resp = qtest_qmp(qts, "{ 'execute': 'query-stats', 'arguments': "
+                     "{ 'target': 'vm', 'providers': "
+                     "[ { 'provider': 'mem-share', 'names': ['full-scans'] } ]"
+                     " } }");
+    results = qdict_get_qlist(resp, "return");
+    result = qobject_to(QDict, qlist_peek(results));
+    g_assert_cmpint(qlist_size(qdict_get_qlist(result, "stats")), ==, 1);
+    qobject_unref(resp);
+
+    resp = qtest_qmp(qts, "{ 'execute': 'query-stats-schemas', 'arguments': "
+                     "{ 'provider': 'mem-share' } }");
+    results = qdict_get_qlist(resp, "return");
+    g_assert_cmpint(qlist_size(results), ==, 1);
+    result = qobject_to(QDict, qlist_peek(results));
+    g_assert_cmpstr(qdict_get_str(result, "target"), ==, "vm");
+    g_assert_cmpint(qlist_size(qdict_get_qlist(result, "stats")), ==, 7);
+    qobject_unref(resp);
+    qtest_quit(qts);
+}
+
+static void test_hmp(void)
+{
+    QTestState *qts = start_vm("kernel", NULL);
+    g_autofree char *out = qtest_hmp(qts, "info mem-share");
+    g_autofree char *none = NULL;
+
+    g_assert(strstr(out, "m0: mode kernel, size 128 MiB"));
+    g_assert(strstr(out, "pages merged"));
+    g_assert(strstr(out, "host KSM"));
+    qtest_quit(qts);
+
+    qts = qtest_init("-machine none");
+    none = qtest_hmp(qts, "info mem-share");
+    g_assert(strstr(none, "No mem-share memory backends"));
+    qtest_quit(qts);
+}
+
+/*
+ * Host KSM is a host-wide setting: the test that needs it running saves
+ * every setting it touches and restores them, also when it fails (it runs
+ * in a subprocess, and the parent restores).
+ */
+static const char *const ksm_knobs[] = { "run", "pages_to_scan",
+                                         "sleep_millisecs" };
+
+static void ksm_write(const char *knob, const char *value)
+{
+    g_autofree char *path = g_strdup_printf(KSM_DIR "/%s", knob);
+    FILE *f = fopen(path, "w");
+
+    /* sysfs: no g_file_set_contents(), which writes a file and renames it */
+    g_assert(f);
+    g_assert_cmpint(fputs(value, f), >=, 0);
+    g_assert_cmpint(fclose(f), ==, 0);
+}
+
+static uint64_t ksm_read(const char *knob)
+{
+    g_autofree char *path = g_strdup_printf(KSM_DIR "/%s", knob);
+    g_autofree char *text = NULL;
+
+    g_assert(g_file_get_contents(path, &text, NULL, NULL));
+    return g_ascii_strtoull(text, NULL, 10);
+}
+
+static uint64_t proc_merging_pages(const char *pidfile)
+{
+    g_autofree char *pid = NULL;
+    g_autofree char *path = NULL;
+    g_autofree char *text = NULL;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    path = g_strdup_printf("/proc/%d/ksm_merging_pages", atoi(pid));
+    g_assert(g_file_get_contents(path, &text, NULL, NULL));
+    return g_ascii_strtoull(text, NULL, 10);
+}
+
+#define DUP_PAGES   2048
+#define ZERO_PAGES  1024
+#define DUP_BASE    (32 * MiB)
+#define ZERO_BASE   (48 * MiB)
+
+static void ksm_merge_child(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-ksm-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autofree char *args = g_strdup_printf("-pidfile %s", pidfile);
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autofree uint8_t *back = g_malloc(PAGE);
+    QTestState *qts;
+    QDict *info, *k;
+    uint64_t merged = 0, scans;
+
+    ksm_write("pages_to_scan", "5000");
+    ksm_write("sleep_millisecs", "10");
+    ksm_write("run", "1");
+
+    qts = qtest_initf("-machine pc,memory-backend=m0,mem-merge=off -m 128M "
+                      "-object mem-share,id=m0,size=128M,mode=kernel %s",
+                      args);
+    for (int i = 0; i < PAGE; i++) {
+        page[i] = i * 7 + 3;
+    }
+    for (int i = 0; i < DUP_PAGES; i++) {
+        qtest_memwrite(qts, DUP_BASE + (uint64_t)i * PAGE, page, PAGE);
+    }
+    qtest_memset(qts, ZERO_BASE, 0, ZERO_PAGES * PAGE);
+
+    /* ksmd needs two passes to merge; allow it plenty of time */
+    for (int tries = 0; tries < 600; tries++) {
+        info = query_one(qts);
+        merged = qdict_get_int(info, "pages-merged");
+        qobject_unref(info);
+        if (merged >= DUP_PAGES + ZERO_PAGES) {
+            break;
+        }
+        g_usleep(100 * 1000);
+    }
+    g_assert_cmpuint(merged, >=, DUP_PAGES + ZERO_PAGES);
+
+    /*
+     * Let ksmd settle (nothing is written any more) and compare the
+     * object's census with the kernel's count for the whole process:
+     * mem-merge=off leaves the backend the only mergeable memory.
+     */
+    scans = ksm_read("full_scans");
+    while (ksm_read("full_scans") < scans + 2) {
+        g_usleep(20 * 1000);
+    }
+    info = query_one(qts);
+    k = qdict_get_qdict(info, "kernel");
+    g_assert_true(qdict_get_bool(k, "running"));
+    g_assert_true(qdict_get_bool(k, "per-object"));
+    g_assert_cmpuint(qdict_get_int(k, "pages-ksm"), ==,
+                     proc_merging_pages(pidfile));
+    g_assert_cmpuint(qdict_get_int(info, "pages-zero"), >=, ZERO_PAGES);
+    g_assert_cmpuint(qdict_get_int(info, "full-scans"), >=, scans + 2);
+    g_assert_cmpuint(qdict_get_int(info, "pages-scanned"), >, 0);
+    qobject_unref(info);
+
+    /* Merging changed no byte */
+    for (int i = 0; i < DUP_PAGES; i++) {
+        qtest_memread(qts, DUP_BASE + (uint64_t)i * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+    memset(page, 0, PAGE);
+    for (int i = 0; i < ZERO_PAGES; i++) {
+        qtest_memread(qts, ZERO_BASE + (uint64_t)i * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
+static void test_ksm_merge(void)
+{
+    char *saved[G_N_ELEMENTS(ksm_knobs)] = { 0 };
+
+    if (g_test_subprocess()) {
+        ksm_merge_child();
+        return;
+    }
+    if (geteuid() != 0 || access(KSM_DIR "/run", W_OK) != 0) {
+        g_test_skip("needs root and a writable " KSM_DIR);
+        return;
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(ksm_knobs); i++) {
+        g_autofree char *path = g_strdup_printf(KSM_DIR "/%s", ksm_knobs[i]);
+
+        g_assert(g_file_get_contents(path, &saved[i], NULL, NULL));
+    }
+    g_test_trap_subprocess(NULL, 0,
+                           G_TEST_SUBPROCESS_INHERIT_STDOUT |
+                           G_TEST_SUBPROCESS_INHERIT_STDERR);
+    for (size_t i = G_N_ELEMENTS(ksm_knobs); i-- > 0;) {
+        ksm_write(ksm_knobs[i], saved[i]);
+        g_free(saved[i]);
+    }
+    g_test_trap_assert_passed();
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+
+    qtest_add_func("/mem-share/help", test_help);
+    qtest_add_func("/mem-share/errors/cmdline", test_cmdline_errors);
+    qtest_add_func("/mem-share/errors/qmp", test_qmp_errors);
+    qtest_add_func("/mem-share/query/off", test_query_off);
+    qtest_add_func("/mem-share/query/kernel", test_query_kernel);
+    qtest_add_func("/mem-share/mergeable-flag", test_mergeable_flag);
+    qtest_add_func("/mem-share/runtime-mode-user", test_runtime_mode_user);
+    qtest_add_func("/mem-share/numa-memdev", test_numa_memdev);
+    qtest_add_func("/mem-share/query-stats", test_query_stats);
+    qtest_add_func("/mem-share/hmp", test_hmp);
+    qtest_add_func("/mem-share/ksm-merge", test_ksm_merge);
+
+    return g_test_run();
+}
