@@ -1,0 +1,223 @@
+#!/usr/bin/python3
+"""mem-share demo: two small Linux guests (TCG) deduplicated on one host.
+
+Each guest runs the test workload (build/guest) in idle mode: it fills its
+memory with zero pages, pages whose content both guests share, and pages
+unique to it, then verifies every byte every 2 seconds. The demo prints the
+merge figures every 2 s until they are stable for ~10 s (or --max-time), then
+a summary, and shuts the guests down cleanly.
+
+  scripts/demo.py [--mode kernel|user] [--mib N] [--max-time S]
+
+In mode=kernel the host's KSM does the merging. If it is off and we are
+root, the demo turns it on with brisk settings for its run and restores the
+previous settings at the end (also on Ctrl-C).
+"""
+import argparse
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "guest", "lib"))
+import msguest as mg  # noqa: E402
+
+DEFAULT_MODE = "kernel"          # switch to "user" once mode=user exists
+GUEST_MEM = "256M"
+KSM_BRISK = dict(pages_to_scan=2000, sleep_millisecs=10)
+MIB = 1 << 20
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", default=DEFAULT_MODE, choices=("kernel", "user"),
+                    help="mem-share mode (default %(default)s)")
+    ap.add_argument("--mib", type=int, default=128,
+                    help="workload memory per guest in MiB (default %(default)s)")
+    ap.add_argument("--interval", type=float, default=2.0,
+                    help="seconds between table rows (default %(default)s)")
+    ap.add_argument("--stable", type=float, default=10.0,
+                    help="stop when figures are stable this long (default %(default)s s)")
+    ap.add_argument("--max-time", type=float, default=240.0,
+                    help="stop after this many seconds anyway (default %(default)s)")
+    return ap.parse_args()
+
+
+def say(msg=""):
+    print(msg, flush=True)
+
+
+def snapshot(guests):
+    rows = []
+    for g in guests:
+        e = g.query_mem_share("m0")
+        st = mg.proc_status(g.pid)
+        k = e.get("kernel") or {}
+        if "process-profit" in k:
+            saved = k["process-profit"]
+        else:
+            saved = e.get("pages-merged", 0) * e.get("page-size", mg.PAGE_SIZE)
+        rows.append(dict(merged=e.get("pages-merged", 0), zero=e.get("pages-zero", 0),
+                         saved=saved, rss=st.get("VmRSS", 0), anon=st.get("RssAnon", 0),
+                         entry=e))
+    return rows
+
+
+def main():
+    args = parse_args()
+    mg.install_signal_handlers()
+    say("mem-share demo: mode=%s, two TCG Linux guests of %s, %d MiB workload each"
+        % (args.mode, GUEST_MEM, args.mib))
+    probs = mg.missing_prerequisites(mg.VMLINUZ, mg.INITRAMFS)
+    if not probs and not mg.DEV_BACKEND and not mg.qemu_has_object("mem-share"):
+        probs.append("%s does not know -object mem-share" % mg.QEMU)
+    if probs:
+        for p in probs:
+            say("demo: " + p)
+        return 1
+    if mg.DEV_BACKEND:
+        say("DEVELOPMENT MODE: MS_BACKEND=%s replaces mem-share; figures come from /proc"
+            % mg.DEV_BACKEND)
+
+    ksm_ctx = None
+    if args.mode == "kernel":
+        if not mg.ksm_available():
+            say("demo: the host kernel has no KSM: nothing can merge in mode=kernel")
+            return 1
+        if mg.ksm_sysfs().get("run") != 1:
+            if mg.ksm_writable():
+                say("host KSM was off; the demo enables it for its run and restores it "
+                    "(run=1 pages_to_scan=%d sleep_millisecs=%d)"
+                    % (KSM_BRISK["pages_to_scan"], KSM_BRISK["sleep_millisecs"]))
+                ksm_ctx = mg.KsmSettings(run=1, **KSM_BRISK)
+            else:
+                say("WARNING: host KSM is off and we are not root: nothing will merge "
+                    "(echo 1 > %s/run as root)" % mg.KSM_DIR)
+        else:
+            say("host KSM is running with the host's settings (pages_to_scan=%d "
+                "sleep_millisecs=%d)" % (mg.ksm_sysfs().get("pages_to_scan", 0),
+                                         mg.ksm_sysfs().get("sleep_millisecs", 0)))
+    mg.nice_self()
+
+    guests = []
+    rc = 1
+    try:
+        if ksm_ctx:
+            ksm_ctx.__enter__()
+        ksm0 = mg.ksm_sysfs()
+        with mg.log_directory("ms-demo") as d:
+            for i in (1, 2):
+                cmd = ("ms.mib=%d ms.seed=%d ms.zero=25 ms.shared=50 ms.idle=1 "
+                       "ms.interval=2 ms.rewrite=0" % (args.mib, i))
+                g = mg.Guest("vm%d" % i, mg.linux_guest_args(GUEST_MEM, args.mode, cmd), d)
+                guests.append(g)
+                g.launch()
+                say("vm%d: QEMU pid %d booting" % (i, g.pid))
+            filled = []
+            for g in guests:
+                _, m = g.wait_line(r"MS-WORKLOAD filled pages=(\d+) zero=(\d+) "
+                                   r"shared=(\d+) unique=(\d+)", 300,
+                                   fail_pattern="MS-WORKLOAD FAIL")
+                filled.append(m)
+                say("%s: %s" % (g.name, m.group(0)))
+            t0 = time.monotonic()
+            hdr = ("%6s | %-41s | %-41s | %s" %
+                   ("time", "vm1: merged  zero  saved MiB  RSS MiB",
+                    "vm2: merged  zero  saved MiB  RSS MiB", "host sharing"))
+            say()
+            say(hdr)
+            say("-" * len(hdr))
+            last = None
+            last_change = t0
+            converged_at = None
+            while True:
+                rows = snapshot(guests)
+                now = time.monotonic()
+                sharing = mg.ksm_sysfs().get("pages_sharing", 0)
+                cells = ["%11d %5d %10.1f %8.1f" % (r["merged"], r["zero"],
+                                                    r["saved"] / MIB, r["rss"] / 1024)
+                         for r in rows]
+                say("%5.0fs | %-41s | %-41s | %d" % (now - t0, "  " + cells[0],
+                                                     "  " + cells[1], sharing))
+                fig = [r["merged"] for r in rows]
+                # Stable: no VM's merged count moved by more than 0.5%.
+                if last is None or any(abs(a - b) > max(8, b // 200)
+                                       for a, b in zip(fig, last)):
+                    last = fig
+                    last_change = now
+                elif now - last_change >= args.stable and any(fig):
+                    converged_at = last_change - t0
+                    break
+                if now - t0 >= args.max_time:
+                    break
+                for g in guests:
+                    if not g.is_running():
+                        raise mg.GuestError("%s: QEMU exited" % g.name)
+                time.sleep(args.interval)
+
+            ksm1 = mg.ksm_sysfs()
+            verified = []
+            for g in guests:
+                ok_lines = [l for l in g.lines if re.search(r"MS-WORKLOAD verify .* bad=0", l)]
+                bad = [l for l in g.lines if "MS-WORKLOAD FAIL" in l]
+                verified.append((len(ok_lines), bad))
+
+            page = rows[0]["entry"].get("page-size", mg.PAGE_SIZE)
+            say()
+            say("Summary (mode=%s)" % args.mode)
+            say("  guest RAM total:      2 x %s = %d MiB (workload %d MiB each)"
+                % (GUEST_MEM, 2 * mg.size_bytes(GUEST_MEM) // MIB, args.mib))
+            for g, r, f in zip(guests, rows, filled):
+                say("  %s: pages merged %d (zero %d) of %s workload pages; saved %.1f MiB"
+                    "%s; RSS %.1f MiB" % (g.name, r["merged"], r["zero"], f.group(1),
+                                           r["saved"] / MIB,
+                                           " (ksm_process_profit)" if args.mode == "kernel"
+                                           else "", r["rss"] / 1024))
+            if args.mode == "kernel":
+                delta = ksm1.get("pages_sharing", 0) - ksm0.get("pages_sharing", 0)
+                say("  memory saved on the host: %.1f MiB (KSM pages_sharing grew by %d "
+                    "pages of %d KiB)" % (delta * page / MIB, delta, page // 1024))
+            if converged_at is not None:
+                say("  time to converge:     %.0f s after both guests filled their memory"
+                    % converged_at)
+            else:
+                say("  time to converge:     not stable within %.0f s" % args.max_time)
+            for g, (n, bad) in zip(guests, verified):
+                if bad:
+                    say("  %s: workload FAILED verification: %s" % (g.name, bad[0]))
+                else:
+                    say("  %s: workload verified all its memory %d times (bad=0)"
+                        % (g.name, n))
+            ok = all(n > 0 and not bad for n, bad in verified)
+
+            say()
+            say("shutting the guests down")
+            for g in guests:
+                g.send("q\n")
+            for g in guests:
+                try:
+                    g.wait_line(r"^MS-WORKLOAD done ok", 120, fail_pattern="MS-WORKLOAD FAIL")
+                    g.wait_exit(60)
+                    say("%s: done ok, powered off" % g.name)
+                except mg.GuestError as e:
+                    ok = False
+                    say("%s: %s" % (g.name, e))
+            rc = 0 if ok else 1
+    except mg.Interrupted:
+        say("\ninterrupted")
+    except mg.GuestError as e:
+        say("demo: %s" % e)
+        for g in guests:
+            say("%s console tail:\n  %s" % (g.name, "\n  ".join(g.tail())))
+    finally:
+        for g in guests:
+            g.shutdown()
+        if ksm_ctx:
+            ksm_ctx.__exit__(None, None, None)
+            say("host KSM settings restored (run=%d)" % mg.ksm_sysfs().get("run", -1))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
