@@ -15,6 +15,11 @@ STAMPS=$BUILD/stamps
 # The system's python and meson: the pyenv python3 on PATH must not be used.
 export PATH=/usr/bin:$PATH
 
+# Firmware directories of Debian's seabios and ipxe-qemu packages; the first
+# one (not a Debian directory without the qemu-system-data package) receives
+# our option ROMs inside the build tree's qemu-bundle/ (see below).
+FIRMWARE_PATH=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
+
 CONFIGURE_FLAGS=(
     --target-list=x86_64-softmmu
     --enable-kvm
@@ -26,7 +31,7 @@ CONFIGURE_FLAGS=(
     --enable-linux-io-uring
     --enable-numa
     --disable-install-blobs
-    --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
+    --firmwarepath=$FIRMWARE_PATH
 )
 # Targets always built; mem-share-test is added once the patch series adds it.
 TARGETS=(
@@ -75,6 +80,29 @@ if ! out=$(make -s -f "$SRC/debian/optionrom.mak" -C "$OPTROM" SRC_PATH="$SRC" 2
 fi
 for f in "$OPTROM"/*.bin; do
     cmp -s "$f" "$QB/pc-bios/${f##*/}" || install -m 0644 "$f" "$QB/pc-bios/${f##*/}"
+done
+
+# A QEMU 7.2 binary run from its build tree finds data through qemu-bundle/
+# (util/cutils.c get_relocated_path): each firmware path directory D is looked
+# up as qemu-build/qemu-bundle/D.  Link the system's firmware directories
+# there, and give the first one links to our option ROMs, so that the binary
+# runs with no -L.  (pc-bios/ keeps copies for an explicit -L pc-bios.)
+BUNDLE=$QB/qemu-bundle
+IFS=: read -r -a fwdirs <<<"$FIRMWARE_PATH"
+romdir=$BUNDLE${fwdirs[0]}
+if [[ -L $romdir ]]; then rm -f "$romdir"; fi
+mkdir -p "$romdir"
+for f in "$QB"/pc-bios/*.bin; do
+    target=$(realpath --relative-to="$romdir" "$f")
+    [[ $(readlink "$romdir/${f##*/}" 2>/dev/null) == "$target" ]] || ln -sfn "$target" "$romdir/${f##*/}"
+done
+for d in "${fwdirs[@]:1}"; do
+    [[ -d $d ]] || continue
+    if [[ $(readlink "$BUNDLE$d" 2>/dev/null) != "$d" ]]; then
+        mkdir -p "$(dirname "$BUNDLE$d")"
+        rm -rf "$BUNDLE$d"
+        ln -s "$d" "$BUNDLE$d"
+    fi
 done
 
 [[ $(readlink "$BUILD/qemu-system-x86_64" 2>/dev/null) == qemu-build/qemu-system-x86_64 ]] \
