@@ -266,6 +266,84 @@ def proc_status(pid):
     return out
 
 
+# --------------------------------------------------------------------- page census
+
+KPF_KSM = 1 << 21
+KPF_ZERO_PAGE = 1 << 24     # the shared zero page and the huge zero page
+PM_PRESENT = 1 << 63
+PM_PFN_MASK = (1 << 55) - 1
+
+
+def mergeable_ranges(pid):
+    """[(start, end)] of the VMAs of PID marked MADV_MERGEABLE ('mg')."""
+    ranges = []
+    cur = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                cur = (int(m.group(1), 16), int(m.group(2), 16))
+            elif line.startswith("VmFlags:") and cur and "mg" in line.split()[1:]:
+                ranges.append(cur)
+    return ranges
+
+
+class CensusUnavailable(Exception):
+    pass
+
+
+def page_census(pid, ranges):
+    """Count the pages of the given VMAs of PID by what they map, from
+    /proc/PID/pagemap and /proc/kpageflags (root only: page frame numbers).
+    Only present pages are looked at; nothing is faulted in.
+
+    Returns dict(present, ksm, zero_pfn, ksm_zero_content, ksm_pfns,
+    ksm_pfn_set): pages present, pages mapping a KSM page, pages mapping the
+    zero page, KSM-mapped pages whose content is zero, distinct KSM pages
+    (and their frame numbers)."""
+    out = dict(present=0, ksm=0, zero_pfn=0, ksm_zero_content=0, ksm_pfns=0)
+    zero_cache = {}
+    zero_page = bytes(PAGE_SIZE)
+    try:
+        pm = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY)
+        kf = os.open("/proc/kpageflags", os.O_RDONLY)
+        mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
+    except OSError as e:
+        raise CensusUnavailable("cannot open pagemap/kpageflags/mem: %s" % e.strerror)
+    try:
+        for start, end in ranges:
+            npages = (end - start) // PAGE_SIZE
+            step = 65536
+            for first in range(0, npages, step):
+                n = min(step, npages - first)
+                buf = os.pread(pm, 8 * n, (start // PAGE_SIZE + first) * 8)
+                for idx in range(len(buf) // 8):
+                    ent = int.from_bytes(buf[8 * idx:8 * idx + 8], "little")
+                    if not ent & PM_PRESENT:
+                        continue
+                    out["present"] += 1
+                    pfn = ent & PM_PFN_MASK
+                    if pfn == 0:
+                        raise CensusUnavailable("page frame numbers hidden "
+                                                "(needs CAP_SYS_ADMIN)")
+                    flags = int.from_bytes(os.pread(kf, 8, pfn * 8), "little")
+                    if flags & KPF_ZERO_PAGE:
+                        out["zero_pfn"] += 1
+                    elif flags & KPF_KSM:
+                        out["ksm"] += 1
+                        if pfn not in zero_cache:
+                            va = start + (first + idx) * PAGE_SIZE
+                            zero_cache[pfn] = os.pread(mem, PAGE_SIZE, va) == zero_page
+                        if zero_cache[pfn]:
+                            out["ksm_zero_content"] += 1
+        out["ksm_pfns"] = len(zero_cache)
+        out["ksm_pfn_set"] = set(zero_cache)
+    finally:
+        for fd in (pm, kf, mem):
+            os.close(fd)
+    return out
+
+
 # --------------------------------------------------------------------- KVM
 
 KVM_GET_API_VERSION = 0xAE00
@@ -515,8 +593,13 @@ def emulated_mem_share(pid, obj_id):
     st = proc_ksm_stat(pid)
     zero = st.get("ksm_zero_pages", 0)
     merging = st.get("ksm_merging_pages", 0)
+    try:
+        c = page_census(pid, mergeable_ranges(pid))
+        merged, zeros = c["ksm"] + c["zero_pfn"], c["zero_pfn"] + c["ksm_zero_content"]
+    except CensusUnavailable:
+        merged, zeros = merging + zero, zero
     return {"id": obj_id, "mode": "kernel", "size": 0,
-            "pages-merged": merging + zero, "pages-zero": zero,
+            "pages-merged": merged, "pages-zero": zeros,
             "pages-scanned": 0, "full-scans": 0, "cow-breaks": 0,
             "scan-cpu-ns": 0,
             "kernel": {"running": read_int(KSM_DIR + "/run") == 1,
