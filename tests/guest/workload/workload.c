@@ -33,7 +33,10 @@
  *
  * Output lines (serial console):
  *   MS-WORKLOAD start mib=.. seed=.. zero=.. shared=.. rounds=.. rewrite=..
- *   MS-WORKLOAD filled pages=N zero=Z shared=S unique=U
+ *   MS-WORKLOAD filled pages=N zero=Z shared=S unique=U fp-shared=0x.. fp-unique=0x..
+ *     (fp-*: fingerprints of the content of each category: fp-shared is the
+ *     same in every guest with the same mib/zero/shared, fp-unique differs
+ *     with the seed)
  *   MS-WORKLOAD verify round=K pages=N bad=0
  *   MS-WORKLOAD rewrite round=K pages=R
  *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
@@ -164,13 +167,16 @@ static inline uint64_t xs_next(uint64_t *s)
     return x;
 }
 
-static void fill_page(uint64_t *p, uint64_t i, uint32_t gen)
+/* Fill page i with its generation-gen content; returns the XOR of the
+ * page's words rotated by their position (a cheap content fingerprint). */
+static uint64_t fill_page(uint64_t *p, uint64_t i, uint32_t gen)
 {
     int cat = page_cat(i, gen);
+    uint64_t fp = 0;
 
     if (cat == CAT_ZERO) {
         memset(p, 0, PAGE);
-        return;
+        return 0;
     }
     uint64_t s = page_key(i, gen, cat);
     for (unsigned w = 0; w < WORDS; w += 4) {
@@ -178,7 +184,9 @@ static void fill_page(uint64_t *p, uint64_t i, uint32_t gen)
         p[w + 1] = xs_next(&s);
         p[w + 2] = xs_next(&s);
         p[w + 3] = xs_next(&s);
+        fp ^= p[w] ^ (p[w + 1] << 1) ^ (p[w + 2] << 2) ^ (p[w + 3] << 3);
     }
+    return fp;
 }
 
 /* Returns -1 if the page is intact, else the index of the first bad word. */
@@ -362,6 +370,7 @@ static void setup_init(void)
 int main(int argc, char **argv)
 {
     uint64_t counts[3] = { 0, 0, 0 };
+    uint64_t fps[3] = { 0, 0, 0 };
 
     is_init = getpid() == 1;
     if (is_init) {
@@ -392,13 +401,16 @@ int main(int argc, char **argv)
     for (uint64_t i = 0; i < npages; i++) {
         /* Zero pages are written too (not left untouched): they are real
          * guest pages full of zeros, touched like every other page. */
-        fill_page((uint64_t *)(mem + i * PAGE), i, 0);
-        counts[page_cat(i, 0)]++;
+        int cat = page_cat(i, 0);
+        fps[cat] ^= fill_page((uint64_t *)(mem + i * PAGE), i, 0) + i;
+        counts[cat]++;
     }
-    say("MS-WORKLOAD filled pages=%llu zero=%llu shared=%llu unique=%llu",
+    say("MS-WORKLOAD filled pages=%llu zero=%llu shared=%llu unique=%llu "
+        "fp-shared=0x%016llx fp-unique=0x%016llx",
         (unsigned long long)npages, (unsigned long long)counts[CAT_ZERO],
         (unsigned long long)counts[CAT_SHARED],
-        (unsigned long long)counts[CAT_UNIQUE]);
+        (unsigned long long)counts[CAT_UNIQUE],
+        (unsigned long long)fps[CAT_SHARED], (unsigned long long)fps[CAT_UNIQUE]);
     if (P.corrupt && P.corrupt <= npages) {
         mem[(P.corrupt - 1) * PAGE + 123] ^= 0x40;
         say("MS-WORKLOAD corrupted page=%lu", P.corrupt - 1);
