@@ -338,6 +338,8 @@ def page_census(pid, ranges):
                             out["ksm_zero_content"] += 1
         out["ksm_pfns"] = len(zero_cache)
         out["ksm_pfn_set"] = set(zero_cache)
+    except OSError as e:
+        raise CensusUnavailable("reading pagemap/kpageflags/mem: %s" % e.strerror)
     finally:
         for fd in (pm, kf, mem):
             os.close(fd)
