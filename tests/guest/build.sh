@@ -86,7 +86,12 @@ fetch_kernel() {
     # apt drops privileges to _apt, which may not write OUTDIR: stay root.
     (cd "$OUT/dl" &&
      apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver" >/dev/null)
-    deb=$(ls "$OUT"/dl/"$pkg"_*.deb | head -n 1)
+    set -- "$OUT"/dl/"$pkg"_*.deb
+    deb=$1
+    if [ ! -f "$deb" ]; then
+        echo "guest: apt-get download left no $pkg .deb in $OUT/dl" >&2
+        exit 1
+    fi
     tmp="$OUT/dl/x"
     rm -rf "$tmp"
     mkdir -p "$tmp"

@@ -444,7 +444,13 @@ class Guest:
 
     # -- life cycle
     def launch(self):
-        self.vm.launch()
+        try:
+            self.vm.launch()
+        except Exception as e:  # VMLaunchFailure and friends
+            out = getattr(e, "output", None)
+            raise GuestError("%s: QEMU failed to start (exit status %s): %s"
+                             % (self.name, getattr(e, "exitcode", None),
+                                (out or str(e)).strip())) from e
         deadline = time.monotonic() + 30
         while True:
             try:
