@@ -169,11 +169,13 @@ def main():
             say("  guest RAM total:      2 x %s = %d MiB (workload %d MiB each)"
                 % (GUEST_MEM, 2 * mg.size_bytes(GUEST_MEM) // MIB, args.mib))
             for g, r, f in zip(guests, rows, filled):
-                say("  %s: pages merged %d (zero %d) of %s workload pages; saved %.1f MiB"
-                    "%s; RSS %.1f MiB" % (g.name, r["merged"], r["zero"], f.group(1),
-                                           r["saved"] / MIB,
-                                           " (ksm_process_profit)" if args.mode == "kernel"
-                                           else "", r["rss"] / 1024))
+                say("  %s: pages merged %d (zero %d) of its %d guest pages (workload %s); "
+                    "saved %.1f MiB%s; RSS %.1f MiB"
+                    % (g.name, r["merged"], r["zero"],
+                       mg.size_bytes(GUEST_MEM) // r["entry"].get("page-size", mg.PAGE_SIZE),
+                       f.group(1), r["saved"] / MIB,
+                       " (ksm_process_profit)" if args.mode == "kernel" else "",
+                       r["rss"] / 1024))
             if args.mode == "kernel":
                 delta = ksm1.get("pages_sharing", 0) - ksm0.get("pages_sharing", 0)
                 say("  memory saved on the host: %.1f MiB (KSM pages_sharing grew by %d "
