@@ -61,6 +61,13 @@ if [[ ! -f $QB/build.ninja || ! -f $STAMPS/configure || $(cat "$STAMPS/configure
     echo "$want_stamp" >"$STAMPS/configure"
 fi
 
+# Let meson regenerate build.ninja first if an overlaid meson.build changed,
+# so that the target list below is current.
+if ! out=$(ninja -C "$QB" build.ninja 2>&1); then
+    echo "$out" >&2
+    die "meson could not regenerate build.ninja"
+fi
+
 targets=("${TARGETS[@]}")
 known=$(ninja -C "$QB" -t targets all 2>/dev/null | sed 's/:.*//')
 for t in "${OPTIONAL_TARGETS[@]}"; do
