@@ -133,7 +133,17 @@ class Interrupted(BaseException):
     pass
 
 
+_ACTIVE_KSM = []     # KsmSettings in effect, restored first thing on a signal
+
+
 def _raise_interrupted(signum, _frame):
+    # Restore host KSM at once: the test runner sends SIGKILL 5 s after
+    # SIGTERM, which may be before the finally blocks got there.
+    for k in list(_ACTIVE_KSM):
+        try:
+            k.restore()
+        except OSError:
+            pass
     raise Interrupted("signal %d" % signum)
 
 
@@ -196,9 +206,9 @@ class KsmSettings:
         for name in sorted(settings, key=lambda n: n == "run"):
             if name not in self.saved:
                 self.saved[name] = read_int(os.path.join(KSM_DIR, name))
-            _ksm_write(name, settings[name])
             if name not in self.changed:
                 self.changed.append(name)
+            _ksm_write(name, settings[name])
 
     def restore(self):
         errors = []
@@ -220,6 +230,7 @@ class KsmSettings:
     def __enter__(self):
         import atexit  # pylint: disable=import-outside-toplevel
         atexit.register(self._atexit)
+        _ACTIVE_KSM.append(self)
         self.set(**self.initial)
         return self
 
@@ -234,6 +245,8 @@ class KsmSettings:
         try:
             self.restore()
         finally:
+            if self in _ACTIVE_KSM:
+                _ACTIVE_KSM.remove(self)
             for s, h in old.items():
                 signal.signal(s, h)
         return False
