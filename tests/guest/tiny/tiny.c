@@ -10,7 +10,8 @@
  * Parameters, from the multiboot command line (-append "mib=16 passes=3"):
  *   base=N     start of the region in MiB (default 16)
  *   mib=N      size of the region in MiB (default 16)
- *   passes=N   write+check passes (default 3); each pass writes new content
+ *   passes=N   write+check passes (default 3); each pass writes new content;
+ *              0 = forever (the host ends it: for writers racing merges)
  *   checks=N   read-back checks after each write (default 1)
  *   seed=N     seed of the unique content (default 1)
  *   corrupt=1  self-test of the checker: flip one word after the first
@@ -255,7 +256,7 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
     }
 
     int all_ok = 1;
-    for (uint32_t p = 1; p <= P.passes; p++) {
+    for (uint32_t p = 1; !P.passes || p <= P.passes; p++) {
         volatile uint32_t *w;
         for (uint32_t a = start; a < end; a += 4) {
             w = (volatile uint32_t *)a;
