@@ -279,6 +279,45 @@ def proc_status(pid):
     return out
 
 
+def vmstat(name):
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, _, v = line.partition(" ")
+            if k == name:
+                return int(v)
+    return None
+
+
+def ksmd_cpu_ns():
+    """CPU time of the host's ksmd thread (utime + stime), in ns, or None."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % pid) as f:
+                if f.read().strip() != "ksmd":
+                    continue
+            with open("/proc/%s/stat" % pid) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # fields[0] is field 3 (state): utime is field 14, stime field 15
+        return (int(fields[11]) + int(fields[12])) * 1000000000 // tick
+    return None
+
+
+def host_ksm_figures():
+    """Host-wide KSM figures as query-mem-share reports them in mode=kernel."""
+    k = ksm_sysfs()
+    return {"pages-scanned": k.get("pages_scanned"), "full-scans": k.get("full_scans"),
+            "cow-breaks": vmstat("cow_ksm"), "scan-cpu-ns": ksmd_cpu_ns(),
+            "kernel.pages-shared": k.get("pages_shared"),
+            "kernel.pages-sharing": k.get("pages_sharing"),
+            "kernel.pages-unshared": k.get("pages_unshared"),
+            "kernel.pages-volatile": k.get("pages_volatile")}
+
+
 # --------------------------------------------------------------------- page census
 
 KPF_KSM = 1 << 21
