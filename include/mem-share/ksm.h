@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <glib.h>
 
+#include "mem-share/error.h"
+
 /* Host-wide KSM state, from /sys/kernel/mm/ksm and /proc/vmstat. */
 typedef struct MsKsmHost {
     bool available;         /* /sys/kernel/mm/ksm exists */
@@ -73,8 +75,5 @@ uint64_t ms_ksmd_cpu_ns(const char *proc_root);
 bool ms_page_census(int pagemap_fd, int kpageflags_fd, const void *host,
                     size_t npages, size_t page_size, MsPageCensus *census,
                     GError **errp);
-
-#define MS_ENGINE_ERROR ms_engine_error_quark()
-GQuark ms_engine_error_quark(void);
 
 #endif /* MEM_SHARE_KSM_H */
