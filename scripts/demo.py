@@ -98,7 +98,6 @@ def main():
             say("host KSM is running with the host's settings (pages_to_scan=%d "
                 "sleep_millisecs=%d)" % (mg.ksm_sysfs().get("pages_to_scan", 0),
                                          mg.ksm_sysfs().get("sleep_millisecs", 0)))
-    mg.nice_self()
 
     guests = []
     rc = 1

@@ -9,6 +9,7 @@ Environment:
   MS_GUEST_DIR    guest artifacts (default build/guest)
   MS_LOG_DIR      where serial and QEMU logs are kept (default: a temporary
                   directory that is removed unless a test fails)
+  MEM_SHARE_TIMEOUT_SCALE  multiplies every deadline (slow machines)
   QEMU_EXTRA_ARGS extra QEMU arguments (shell words), e.g. "-L DIR"
   MS_BACKEND      development only: "ram" replaces the mem-share object by
                   memory-backend-ram (merge=on for mode=kernel) and emulates
@@ -45,6 +46,13 @@ QEMU_PYTHON = _path_env("QEMU_PYTHON", "build/qemu-src/python")
 GUEST_DIR = _path_env("MS_GUEST_DIR", "build/guest")
 EXTRA_ARGS = shlex.split(os.environ.get("QEMU_EXTRA_ARGS", ""))
 DEV_BACKEND = os.environ.get("MS_BACKEND", "")
+# Deadlines are generous already; slow or loaded machines can stretch them
+# (the same variable tests/run-tests reads for its own timeouts).
+TIMEOUT_SCALE = float(os.environ.get("MEM_SHARE_TIMEOUT_SCALE") or 1)
+
+
+def scaled(seconds):
+    return seconds * TIMEOUT_SCALE
 
 VMLINUZ = os.path.join(GUEST_DIR, "vmlinuz")
 INITRAMFS = os.path.join(GUEST_DIR, "initramfs.cpio.gz")
@@ -503,7 +511,7 @@ class Guest:
             raise GuestError("%s: QEMU failed to start (exit status %s): %s"
                              % (self.name, getattr(e, "exitcode", None),
                                 (out or str(e)).strip())) from e
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while True:
             try:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -547,6 +555,15 @@ class Guest:
     def pid(self):
         return self.vm.get_pid()
 
+    def cpu_seconds(self):
+        """CPU time QEMU has used so far (user + system), or None."""
+        try:
+            with open("/proc/%d/stat" % self.pid) as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, TypeError, ValueError, IndexError):
+            return None
+
     def is_running(self):
         return self.vm.is_running()
 
@@ -559,6 +576,7 @@ class Guest:
 
     def wait_exit(self, timeout):
         """Wait for QEMU to exit on its own (guest power off, debug exit)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while self.vm.is_running() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -602,7 +620,9 @@ class Guest:
         or when a line matches fail_pattern first."""
         rx = re.compile(pattern)
         frx = re.compile(fail_pattern) if fail_pattern else None
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
+        cpu0 = self.cpu_seconds()
         i = start
         with self._cond:
             while True:
@@ -616,8 +636,13 @@ class Guest:
                     i += 1
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GuestError("%s: no line matching %r within %d s"
-                                     % (self.name, pattern, timeout))
+                    cpu = self.cpu_seconds()
+                    raise GuestError("%s: no line matching %r within %d s (QEMU used "
+                                     "%s s of CPU meanwhile; a starved machine can "
+                                     "set MEM_SHARE_TIMEOUT_SCALE)"
+                                     % (self.name, pattern, timeout,
+                                        "%.1f" % (cpu - cpu0) if None not in (cpu, cpu0)
+                                        else "?"))
                 if self._eof:
                     raise GuestError("%s: console closed (QEMU exited, status %s) "
                                      "before a line matched %r"
@@ -701,14 +726,6 @@ def log_directory(prefix, tap=None):
             shutil.rmtree(d, ignore_errors=True)
         else:
             sys.stdout.write("# logs kept in %s\n" % d)
-
-
-def nice_self(increment=5):
-    """Be gentle with a shared machine: lower our (and QEMU's) priority."""
-    try:
-        os.nice(increment)
-    except OSError:
-        pass
 
 
 def errno_name(e):
