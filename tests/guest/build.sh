@@ -84,8 +84,16 @@ fetch_kernel() {
     rm -f "$OUT"/dl/linux-image-*.deb
     # apt-get download writes into the current directory. Running as root,
     # apt drops privileges to _apt, which may not write OUTDIR: stay root.
-    (cd "$OUT/dl" &&
-     apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver" >/dev/null)
+    if ! (cd "$OUT/dl" &&
+          apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver" >/dev/null); then
+        if [ -s "$OUT/vmlinuz" ]; then
+            log "WARNING: download of $pkg $ver failed; keeping $OUT/vmlinuz" \
+                "($(cat "$OUT/vmlinuz.pkg" 2>/dev/null || echo unknown))"
+            return 0
+        fi
+        echo "guest: apt-get download $pkg=$ver failed" >&2
+        exit 1
+    fi
     set -- "$OUT"/dl/"$pkg"_*.deb
     deb=$1
     if [ ! -f "$deb" ]; then
