@@ -1,0 +1,921 @@
+/*
+ * mem-share engine: the merge primitive (mode=user)
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Kernel KSM merges a page by taking the page table lock, checking that
+ * nobody else holds a reference, write-protecting the PTE, comparing and
+ * replacing the PTE.  From user space the page tables are out of reach,
+ * but userfaultfd gives the one thing the protocol needs: a way to make
+ * writers wait while the page is compared and replaced.
+ *
+ *   1. Freeze: UFFDIO_REGISTER the run in write-protect mode and
+ *      UFFDIO_WRITEPROTECT it.  Writers (vCPU threads, device emulation,
+ *      and KVM's or the kernel's faults on QEMU's behalf, since the
+ *      descriptor is not UFFD_USER_MODE_ONLY) now sleep in the kernel.
+ *      Synchronous mode, not UFFD_FEATURE_WP_ASYNC: an asynchronous write
+ *      between the compare and the replace would land in the old page and
+ *      be lost.
+ *   2. Check that every page really is frozen (bit 57 of pagemap): the
+ *      kernel skips pages that were never populated unless
+ *      UFFD_FEATURE_WP_UNPOPULATED (6.4) is on, and a write to such a
+ *      page would not wait.  An unfrozen page counts as changed.
+ *   3. Compare every page byte for byte with its store slot.  A hash
+ *      match is never enough.
+ *   4. Replace: mmap(MAP_PRIVATE | MAP_FIXED) of the store's read-only
+ *      descriptor over the run.  The new VMA is not registered.  Re-apply
+ *      the region's advice: a new VMA does not inherit it.
+ *   5. UFFDIO_WAKE the run: every writer that slept retries its fault,
+ *      now on the new mapping, and takes a copy-on-write fault.  Nothing
+ *      is lost.
+ *
+ * If a page differs, un-write-protect (which wakes) and unregister.  No
+ * path leaves a range registered or write-protected.  We never read the
+ * descriptor: waking by range also wakes faults whose message is still
+ * queued, and without UFFD_FEATURE_EVENT_UNMAP (never enabled) an
+ * mmap(MAP_FIXED) over a registered range does not wait for a reader.
+ *
+ * Zero pages become holes the same way, with MADV_DONTNEED on anonymous
+ * pages; a page that maps the store gets fresh anonymous memory instead,
+ * since MADV_DONTNEED there would bring the store content back.
+ *
+ * VMAs.  Mapping an isolated page onto the store splits the anonymous
+ * VMA: +2; a page that extends a run mapped onto the adjacent store
+ * offsets joins its VMA: 0; one that bridges two such runs: -2.  A
+ * process has vm.max_map_count VMAs, and at the limit even a MAP_FIXED
+ * that would lower the count fails with ENOMEM, so the engine keeps a
+ * model of its regions: per page, the store slot its VMA maps (or
+ * anonymous).  Two neighbouring pages share a VMA when both are
+ * anonymous or they map consecutive slots; the change in VMAs of an
+ * operation is the change in such breaks at its edges and inside, and
+ * freezing costs up to two more for a moment (registering part of a VMA
+ * splits it).  A merge that would take the count above the caller's
+ * budget is refused before anything is touched.  The kernel may refuse
+ * to join two runs whose anonymous pages came from different sources
+ * (different anon_vma); the model then counts one VMA too few, which is
+ * why the budget is a share of the limit, not all of it.
+ *
+ * Which merged pages were written since: bit 61 ("file page") of
+ * /proc/self/pagemap, or the PAGEMAP_SCAN ioctl (6.7) for a whole run in
+ * one call where its PAGE_IS_FILE works (it does not on 6.18: probed).
+ * Bit 56 (exclusive) cannot tell.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+#include <linux/fs.h>
+
+#include "mem-share/hash.h"
+#include "mem-share/merge.h"
+
+/* Newer than Debian 12's uapi headers: probed at run time */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#ifndef PAGEMAP_SCAN
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_FILE (1 << 4)
+#define PAGE_IS_SWAPPED (1 << 5)
+
+struct page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+struct pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+#endif
+
+/* /proc/self/pagemap (Documentation/admin-guide/mm/pagemap.rst) */
+#define PM_PRESENT      (1ULL << 63)
+#define PM_SWAP         (1ULL << 62)
+#define PM_FILE         (1ULL << 61)
+#define PM_UFFD_WP      (1ULL << 57)
+
+#define ANON            UINT32_MAX  /* label of a page in an anonymous VMA */
+#define PAGEMAP_BATCH   512
+#define SCAN_VEC        64
+
+typedef struct Region {
+    uint8_t *base;
+    size_t npages;
+    unsigned flags;
+    MsMergeStore store;
+    uint32_t *label;        /* per page: slot its VMA maps, or ANON */
+} Region;
+
+struct MsMerger {
+    int uffd;
+    int pagemap_fd;
+    size_t page_size;
+    uint64_t features;
+    bool has_pagemap_scan;
+    bool use_pagemap_scan;
+    GPtrArray *regions;
+    int64_t vmas;
+    int64_t budget;
+};
+
+/* A run of pages inside one region */
+typedef struct Run {
+    Region *r;
+    size_t first;           /* page index in the region */
+    size_t n;
+    uint8_t *host;
+    size_t len;
+} Run;
+
+static void region_free(gpointer p)
+{
+    Region *r = p;
+
+    g_free(r->label);
+    g_free(r);
+}
+
+/* ---- userfaultfd ---- */
+
+static int uffd_open(void)
+{
+    int fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    int dev;
+
+    if (fd >= 0) {
+        return fd;
+    }
+    /* Without CAP_SYS_PTRACE: /dev/userfaultfd (Linux 6.1) if allowed */
+    dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0) {
+        return -1;
+    }
+    fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    close(dev);
+    return fd;
+}
+
+static void set_uffd_error(GError **errp, int err, const char *what)
+{
+    g_set_error(errp, MS_ENGINE_ERROR, err,
+                "mode=user needs userfaultfd with write-protection of "
+                "anonymous memory: %s (%s); grant CAP_SYS_PTRACE (or run "
+                "as root), read-write access to /dev/userfaultfd, or set "
+                "vm.unprivileged_userfaultfd=1, on a kernel with "
+                "CONFIG_HAVE_ARCH_USERFAULTFD_WP (x86_64 and arm64, "
+                "Linux 5.7 or later)", what, g_strerror(err));
+}
+
+/* Features the kernel offers: UFFDIO_API may be called once per fd */
+static bool uffd_probe(uint64_t *features, GError **errp)
+{
+    struct uffdio_api api = { .api = UFFD_API };
+    int fd = uffd_open();
+
+    if (fd < 0) {
+        set_uffd_error(errp, errno, "cannot open a userfaultfd");
+        return false;
+    }
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        set_uffd_error(errp, errno, "UFFDIO_API failed");
+        close(fd);
+        return false;
+    }
+    close(fd);
+    *features = api.features;
+    return true;
+}
+
+static bool uffd_init(MsMerger *m, GError **errp)
+{
+    struct uffdio_api api = { .api = UFFD_API };
+    uint64_t offered;
+
+    if (!uffd_probe(&offered, errp)) {
+        return false;
+    }
+    if (!(offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) {
+        set_uffd_error(errp, ENOTSUP, "UFFD_FEATURE_PAGEFAULT_FLAG_WP is "
+                       "missing");
+        return false;
+    }
+    /* Not EVENT_UNMAP: mmap(MAP_FIXED) over the range would wait for us */
+    api.features = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
+                   (offered & UFFD_FEATURE_WP_UNPOPULATED);
+    m->uffd = uffd_open();
+    if (m->uffd < 0) {
+        set_uffd_error(errp, errno, "cannot open a userfaultfd");
+        return false;
+    }
+    if (ioctl(m->uffd, UFFDIO_API, &api) < 0) {
+        set_uffd_error(errp, errno, "UFFDIO_API failed");
+        return false;
+    }
+    m->features = api.features;
+    return true;
+}
+
+static int uffd_register(MsMerger *m, const Run *run)
+{
+    struct uffdio_register reg = {
+        .range = { .start = (uintptr_t)run->host, .len = run->len },
+        .mode = UFFDIO_REGISTER_MODE_WP,
+    };
+
+    if (ioctl(m->uffd, UFFDIO_REGISTER, &reg) < 0) {
+        return -errno;
+    }
+    if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+static int uffd_writeprotect(MsMerger *m, const Run *run, bool wp)
+{
+    struct uffdio_writeprotect w = {
+        .range = { .start = (uintptr_t)run->host, .len = run->len },
+        .mode = wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+
+    return ioctl(m->uffd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
+}
+
+static void uffd_wake(MsMerger *m, const Run *run)
+{
+    struct uffdio_range r = { .start = (uintptr_t)run->host, .len = run->len };
+
+    /* Cannot fail on a valid range; writers would sleep forever if it did */
+    if (ioctl(m->uffd, UFFDIO_WAKE, &r) < 0) {
+        g_error("mem-share: UFFDIO_WAKE failed: %s", g_strerror(errno));
+    }
+}
+
+/*
+ * Thaw a frozen run that stays as it is: clearing write-protection wakes
+ * the sleepers, unregistering wakes any that came in between.
+ */
+static void thaw(MsMerger *m, const Run *run)
+{
+    struct uffdio_range r = { .start = (uintptr_t)run->host, .len = run->len };
+
+    uffd_writeprotect(m, run, false);
+    ioctl(m->uffd, UFFDIO_UNREGISTER, &r);
+    uffd_wake(m, run);
+}
+
+static bool freeze(MsMerger *m, const Run *run, GError **errp)
+{
+    int ret = uffd_register(m, run);
+
+    if (ret == 0) {
+        ret = uffd_writeprotect(m, run, true);
+    }
+    if (ret < 0) {
+        /* Registration may have reached part of the range */
+        thaw(m, run);
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot write-protect %zu pages at %p: %s", run->n,
+                    run->host, g_strerror(-ret));
+        return false;
+    }
+    return true;
+}
+
+/* ---- pagemap ---- */
+
+static bool read_pagemap(MsMerger *m, const void *host, size_t n,
+                         uint64_t *entries, GError **errp)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        off_t off = ((uintptr_t)host / m->page_size + done) * sizeof(uint64_t);
+        ssize_t got = pread(m->pagemap_fd, entries + done,
+                            (n - done) * sizeof(uint64_t), off);
+
+        if (got < 0 && errno == EINTR) {
+            continue;
+        }
+        if (got <= 0 || got % sizeof(uint64_t)) {
+            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
+                        "cannot read /proc/self/pagemap: %s",
+                        got < 0 ? g_strerror(errno) : "short read");
+            return false;
+        }
+        done += got / sizeof(uint64_t);
+    }
+    return true;
+}
+
+/*
+ * PAGEMAP_SCAN exists since 6.7, but its PAGE_IS_FILE is not reported for
+ * a private mapping of a memfd page on every kernel (6.18 says PRESENT
+ * only): try it on such a page, and use the ioctl only if it works.
+ */
+static bool probe_pagemap_scan(MsMerger *m)
+{
+    struct page_region vec[1] = { { 0 } };
+    struct pm_scan_arg arg = {
+        .size = sizeof(arg),
+        .vec = (uintptr_t)vec,
+        .vec_len = 1,
+        .return_mask = PAGE_IS_PRESENT | PAGE_IS_FILE,
+    };
+    int fd = memfd_create("mem-share-probe", MFD_CLOEXEC);
+    bool works = false;
+    uint8_t *p = MAP_FAILED;
+
+    if (fd >= 0 && pwrite(fd, "x", 1, 0) == 1) {
+        p = mmap(NULL, m->page_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    }
+    if (p != MAP_FAILED) {
+        *(volatile uint8_t *)p;
+        arg.start = (uintptr_t)p;
+        arg.end = arg.start + m->page_size;
+        works = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &arg) == 1 &&
+                (vec[0].categories & PAGE_IS_FILE);
+        munmap(p, m->page_size);
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    return works;
+}
+
+/* ---- regions and the VMA model ---- */
+
+static Region *find_region(const MsMerger *m, const void *host)
+{
+    for (guint i = 0; i < m->regions->len; i++) {
+        Region *r = g_ptr_array_index(m->regions, i);
+
+        if ((const uint8_t *)host >= r->base &&
+            (const uint8_t *)host < r->base + r->npages * m->page_size) {
+            return r;
+        }
+    }
+    return NULL;
+}
+
+static bool get_run(MsMerger *m, void *host, size_t n, Run *run,
+                    GError **errp)
+{
+    Region *r = find_region(m, host);
+    size_t first;
+
+    if (!r || (uintptr_t)host % m->page_size || n == 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "%p is not a page of a mem-share region", host);
+        return false;
+    }
+    first = ((uint8_t *)host - r->base) / m->page_size;
+    if (n > r->npages - first) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "%zu pages at %p go past the end of their region", n,
+                    host);
+        return false;
+    }
+    *run = (Run) { .r = r, .first = first, .n = n, .host = host,
+                   .len = n * m->page_size };
+    return true;
+}
+
+/* Do pages labelled @a then @b (neighbours, in this order) share a VMA? */
+static bool joined(uint32_t a, uint32_t b)
+{
+    return a == ANON ? b == ANON : b != ANON && b == a + 1;
+}
+
+/* Label of page @i of the run after relabelling it from @first_slot */
+static uint32_t new_label(uint32_t first_slot, size_t i)
+{
+    return first_slot == ANON ? ANON : first_slot + i;
+}
+
+/* VMA boundaries inside region @r at page boundaries [from, to] */
+static int breaks(const Region *r, size_t from, size_t to)
+{
+    int count = 0;
+
+    for (size_t i = MAX(from, 1); i <= MIN(to, r->npages - 1); i++) {
+        count += !joined(r->label[i - 1], r->label[i]);
+    }
+    return count;
+}
+
+/*
+ * VMAs added by mapping @run uniformly from @first_slot (ANON: fresh
+ * anonymous memory), and for a moment by registering it (@peak).
+ */
+static int vma_delta(const Run *run, uint32_t first_slot, int *peak)
+{
+    const Region *r = run->r;
+    size_t s = run->first, e = run->first + run->n;
+    int before = breaks(r, s, e), after = 0, splits = 0;
+
+    if (s > 0) {
+        after += !joined(r->label[s - 1], new_label(first_slot, 0));
+        splits += joined(r->label[s - 1], r->label[s]);
+    }
+    if (e < r->npages) {
+        after += !joined(new_label(first_slot, run->n - 1), r->label[e]);
+        splits += joined(r->label[e - 1], r->label[e]);
+    }
+    if (peak) {
+        *peak = MAX(splits, after - before);
+    }
+    return after - before;
+}
+
+static void relabel(MsMerger *m, const Run *run, uint32_t first_slot,
+                    int delta)
+{
+    for (size_t i = 0; i < run->n; i++) {
+        run->r->label[run->first + i] = new_label(first_slot, i);
+    }
+    m->vmas += delta;
+}
+
+static bool run_maps_store(const Run *run)
+{
+    for (size_t i = 0; i < run->n; i++) {
+        if (run->r->label[run->first + i] != ANON) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- life cycle ---- */
+
+MsMerger *ms_merger_new(GError **errp)
+{
+    g_autoptr(MsMerger) m = g_new0(MsMerger, 1);
+
+    m->uffd = m->pagemap_fd = -1;
+    m->page_size = sysconf(_SC_PAGESIZE);
+    m->regions = g_ptr_array_new_with_free_func(region_free);
+    m->budget = ms_merger_default_budget(0.5);
+    if (!uffd_init(m, errp)) {
+        return NULL;
+    }
+    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (m->pagemap_fd < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot open /proc/self/pagemap: %s", g_strerror(errno));
+        return NULL;
+    }
+    m->has_pagemap_scan = m->use_pagemap_scan = probe_pagemap_scan(m);
+    return g_steal_pointer(&m);
+}
+
+void ms_merger_free(MsMerger *m)
+{
+    if (!m) {
+        return;
+    }
+    if (m->uffd >= 0) {
+        close(m->uffd);
+    }
+    if (m->pagemap_fd >= 0) {
+        close(m->pagemap_fd);
+    }
+    g_ptr_array_unref(m->regions);
+    g_free(m);
+}
+
+bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
+                          unsigned flags, const MsMergeStore *store,
+                          GError **errp)
+{
+    Region *r;
+
+    if ((uintptr_t)host % m->page_size || npages == 0 ||
+        find_region(m, host) ||
+        find_region(m, (uint8_t *)host + npages * m->page_size - 1)) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "invalid or overlapping mem-share region %p+%zu pages",
+                    host, npages);
+        return false;
+    }
+    r = g_new0(Region, 1);
+    r->base = host;
+    r->npages = npages;
+    r->flags = flags;
+    r->store = *store;
+    r->label = g_new(uint32_t, npages);
+    for (size_t i = 0; i < npages; i++) {
+        r->label[i] = ANON;
+    }
+    g_ptr_array_add(m->regions, r);
+    return true;
+}
+
+void ms_merger_remove_region(MsMerger *m, void *host)
+{
+    for (guint i = 0; i < m->regions->len; i++) {
+        Region *r = g_ptr_array_index(m->regions, i);
+
+        if (r->base == host) {
+            /* Its VMAs go away with the RAM */
+            m->vmas -= breaks(r, 0, r->npages);
+            g_ptr_array_remove_index_fast(m->regions, i);
+            return;
+        }
+    }
+}
+
+void ms_merger_set_budget(MsMerger *m, int64_t budget)
+{
+    m->budget = budget;
+}
+
+int64_t ms_merger_budget(const MsMerger *m)
+{
+    return m->budget;
+}
+
+int64_t ms_merger_vmas(const MsMerger *m)
+{
+    return m->vmas;
+}
+
+int64_t ms_merger_default_budget(double share)
+{
+    g_autofree char *text = NULL;
+    int64_t max = 65530, used = 0;
+
+    if (g_file_get_contents("/proc/sys/vm/max_map_count", &text, NULL, NULL)) {
+        max = g_ascii_strtoll(text, NULL, 10);
+    }
+    g_clear_pointer(&text, g_free);
+    if (g_file_get_contents("/proc/self/maps", &text, NULL, NULL)) {
+        for (const char *p = text; *p; p++) {
+            used += *p == '\n';
+        }
+    }
+    return MAX((int64_t)(max * share) - used, 0);
+}
+
+uint32_t ms_merger_slot_at(const MsMerger *m, const void *host)
+{
+    const Region *r = find_region(m, host);
+
+    if (!r) {
+        return ANON;
+    }
+    return r->label[((const uint8_t *)host - r->base) / m->page_size];
+}
+
+bool ms_merger_use_pagemap_scan(MsMerger *m, bool use)
+{
+    m->use_pagemap_scan = use && m->has_pagemap_scan;
+    return m->use_pagemap_scan;
+}
+
+/* ---- the operations ---- */
+
+static bool apply_advice(MsMerger *m, const Run *run, GError **errp)
+{
+    static const struct {
+        unsigned flag;
+        int advice;
+        const char *name;
+    } advice[] = {
+        { MS_REGION_HUGEPAGE, MADV_HUGEPAGE, "MADV_HUGEPAGE" },
+        { MS_REGION_NOHUGEPAGE, MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE" },
+        { MS_REGION_DONTFORK, MADV_DONTFORK, "MADV_DONTFORK" },
+        { MS_REGION_DONTDUMP, MADV_DONTDUMP, "MADV_DONTDUMP" },
+        { MS_REGION_MERGEABLE, MADV_MERGEABLE, "MADV_MERGEABLE" },
+    };
+
+    (void)m;
+    for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
+        if ((run->r->flags & advice[i].flag) &&
+            madvise(run->host, run->len, advice[i].advice) < 0) {
+            g_set_error(errp, MS_ENGINE_ERROR, errno,
+                        "cannot re-apply %s to %zu pages at %p: %s",
+                        advice[i].name, run->n, run->host,
+                        g_strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+/* mmap() the run from the store (@first_slot) or anonymous (ANON) */
+static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
+{
+    int flags = MAP_PRIVATE | MAP_FIXED;
+    void *p;
+
+    if (run->r->flags & MS_REGION_NORESERVE) {
+        flags |= MAP_NORESERVE;
+    }
+    if (first_slot == ANON) {
+        p = mmap(run->host, run->len, PROT_READ | PROT_WRITE,
+                 flags | MAP_ANONYMOUS, -1, 0);
+    } else {
+        p = mmap(run->host, run->len, PROT_READ | PROT_WRITE, flags,
+                 run->r->store.fd, (off_t)first_slot * m->page_size);
+    }
+    return p == MAP_FAILED ? -errno : 0;
+}
+
+static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
+                         size_t i)
+{
+    const uint8_t *page = run->host + i * m->page_size;
+
+    if (first_slot == ANON) {
+        return !ms_page_is_zero(page, m->page_size);
+    }
+    return memcmp(page, (const uint8_t *)run->r->store.view +
+                  (size_t)(first_slot + i) * m->page_size, m->page_size) != 0;
+}
+
+/*
+ * Count the pages of the frozen run that differ from their slots (or from
+ * zero), or that are not really frozen: never populated, the kernel did
+ * not protect them, and a write there would not wait.
+ */
+static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
+                         bool *changed, MsMergeResult *res, GError **errp)
+{
+    uint64_t entries[PAGEMAP_BATCH];
+    bool differs[PAGEMAP_BATCH];
+
+    for (size_t done = 0; done < run->n; done += PAGEMAP_BATCH) {
+        size_t k = MIN(run->n - done, PAGEMAP_BATCH);
+
+        for (size_t i = 0; i < k; i++) {
+            differs[i] = page_differs(m, run, first_slot, done + i);
+        }
+        /* After the reads: a read may populate a page, which keeps the mark */
+        if (!read_pagemap(m, run->host + done * m->page_size, k, entries,
+                          errp)) {
+            return false;
+        }
+        for (size_t i = 0; i < k; i++) {
+            differs[i] |= !(entries[i] & PM_UFFD_WP);
+            if (changed) {
+                changed[done + i] = differs[i];
+            }
+            if (differs[i] && !res->changed++) {
+                res->first_changed = done + i;
+            }
+        }
+    }
+    return true;
+}
+
+/*
+ * Freeze, check, replace by @first_slot (a store run, or ANON for
+ * zeros), wake.  The one protocol of ms_merge_run() and ms_merge_zero().
+ */
+static bool merge_common(MsMerger *m, void *host, size_t n,
+                         uint32_t first_slot, bool *changed,
+                         MsMergeResult *res, GError **errp)
+{
+    Run run;
+    int peak, delta, ret;
+    bool anon_holes;
+
+    memset(res, 0, sizeof(*res));
+    if (!get_run(m, host, n, &run, errp)) {
+        return false;
+    }
+    if (first_slot != ANON &&
+        (first_slot >= run.r->store.nslots ||
+         n > run.r->store.nslots - first_slot)) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "store slots %u+%zu are out of range", first_slot, n);
+        return false;
+    }
+    /* A zero run that is all anonymous needs no new mapping (delta 0) */
+    anon_holes = first_slot == ANON && !run_maps_store(&run);
+    delta = vma_delta(&run, first_slot, &peak);
+    if (m->vmas + MAX(peak, delta) > m->budget) {
+        res->outcome = MS_MERGE_NO_BUDGET;
+        return true;
+    }
+    if (!freeze(m, &run, errp)) {
+        return false;
+    }
+    if (!check_frozen(m, &run, first_slot, changed, res, errp)) {
+        thaw(m, &run);
+        return false;
+    }
+    if (res->changed) {
+        thaw(m, &run);
+        res->outcome = MS_MERGE_CHANGED;
+        return true;
+    }
+    if (anon_holes) {
+        ret = madvise(run.host, run.len, MADV_DONTNEED) < 0 ? -errno : 0;
+        thaw(m, &run);
+    } else {
+        ret = remap(m, &run, first_slot);
+        if (ret < 0) {
+            thaw(m, &run);
+        } else {
+            /* The new VMA is not registered: only the sleepers remain */
+            uffd_wake(m, &run);
+            relabel(m, &run, first_slot, delta);
+            res->vma_delta = delta;
+        }
+    }
+    if (ret < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot replace %zu pages at %p: %s", n, host,
+                    g_strerror(-ret));
+        return false;
+    }
+    res->outcome = MS_MERGE_DONE;
+    /* The writers are awake already: advice comes after, harmlessly */
+    return anon_holes || apply_advice(m, &run, errp);
+}
+
+bool ms_merge_run(MsMerger *m, void *host, size_t n, uint32_t first_slot,
+                  bool *changed, MsMergeResult *res, GError **errp)
+{
+    if (first_slot == ANON) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL, "no store slot given");
+        return false;
+    }
+    return merge_common(m, host, n, first_slot, changed, res, errp);
+}
+
+bool ms_merge_zero(MsMerger *m, void *host, size_t n, bool *changed,
+                   MsMergeResult *res, GError **errp)
+{
+    return merge_common(m, host, n, ANON, changed, res, errp);
+}
+
+bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
+{
+    Run run;
+    int delta, ret;
+    bool remapped;
+
+    if (!get_run(m, host, n, &run, errp)) {
+        return false;
+    }
+    remapped = run_maps_store(&run);
+    if (!remapped) {
+        ret = madvise(run.host, run.len, MADV_DONTNEED) < 0 ? -errno : 0;
+    } else {
+        delta = vma_delta(&run, ANON, NULL);
+        ret = remap(m, &run, ANON);
+        if (ret == 0) {
+            relabel(m, &run, ANON, delta);
+        }
+    }
+    if (ret < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot discard %zu pages at %p: %s", n, host,
+                    g_strerror(-ret));
+        return false;
+    }
+    return !remapped || apply_advice(m, &run, errp);
+}
+
+bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
+{
+    Run run;
+
+    if (!get_run(m, host, n, &run, errp)) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        volatile uint64_t *word;
+
+        if (run.r->label[run.first + i] == ANON) {
+            continue;
+        }
+        /*
+         * An atomic add of 0 is a write that changes nothing: it takes
+         * the copy-on-write fault, and a concurrent guest write to the
+         * same word is neither lost nor torn.
+         */
+        word = (volatile uint64_t *)(run.host + i * m->page_size);
+        __atomic_fetch_add(word, 0, __ATOMIC_RELAXED);
+    }
+    return true;
+}
+
+/* Fill @cat with PAGE_IS_* categories of each page, via PAGEMAP_SCAN */
+static bool scan_categories(MsMerger *m, const Run *run, uint64_t *cat,
+                            GError **errp)
+{
+    struct page_region vec[SCAN_VEC];
+    uintptr_t start = (uintptr_t)run->host, end = start + run->len;
+
+    memset(cat, 0, run->n * sizeof(*cat));
+    while (start < end) {
+        struct pm_scan_arg arg = {
+            .size = sizeof(arg),
+            .start = start,
+            .end = end,
+            .vec = (uintptr_t)vec,
+            .vec_len = SCAN_VEC,
+            .return_mask = PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_SWAPPED,
+        };
+        int got = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &arg);
+
+        if (got < 0) {
+            g_set_error(errp, MS_ENGINE_ERROR, errno,
+                        "PAGEMAP_SCAN failed: %s", g_strerror(errno));
+            return false;
+        }
+        for (int i = 0; i < got; i++) {
+            for (uint64_t a = vec[i].start; a < vec[i].end; a += m->page_size) {
+                cat[(a - (uintptr_t)run->host) / m->page_size] =
+                    vec[i].categories;
+            }
+        }
+        if (arg.walk_end <= start) {
+            break;
+        }
+        start = arg.walk_end;
+    }
+    return true;
+}
+
+/* The same categories from /proc/self/pagemap entries */
+static bool pagemap_categories(MsMerger *m, const Run *run, uint64_t *cat,
+                               GError **errp)
+{
+    if (!read_pagemap(m, run->host, run->n, cat, errp)) {
+        return false;
+    }
+    for (size_t i = 0; i < run->n; i++) {
+        uint64_t e = cat[i];
+
+        cat[i] = (e & PM_PRESENT ? PAGE_IS_PRESENT : 0) |
+                 (e & PM_SWAP ? PAGE_IS_SWAPPED : 0) |
+                 (e & PM_FILE ? PAGE_IS_FILE : 0);
+    }
+    return true;
+}
+
+bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
+                          bool *shared, size_t *nshared, GError **errp)
+{
+    g_autofree uint64_t *cat = NULL;
+    size_t count = 0;
+    Run run;
+
+    if (!get_run(m, (void *)host, n, &run, errp)) {
+        return false;
+    }
+    cat = g_new(uint64_t, n);
+    if (m->use_pagemap_scan ? !scan_categories(m, &run, cat, errp)
+                            : !pagemap_categories(m, &run, cat, errp)) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        /*
+         * In a store VMA: a file page is the store's; no entry at all
+         * means the next access maps the store's page.  A present or
+         * swapped anonymous page is a private copy.
+         */
+        bool in_store = run.r->label[run.first + i] != ANON;
+        bool private = cat[i] & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) &&
+                       !(cat[i] & PAGE_IS_FILE);
+
+        shared[i] = in_store && !private;
+        count += shared[i];
+    }
+    if (nshared) {
+        *nshared = count;
+    }
+    return true;
+}

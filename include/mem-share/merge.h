@@ -1,0 +1,159 @@
+/*
+ * mem-share engine: the merge primitive (mode=user)
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Depends on libc, Linux uapi headers and GLib only, never on QEMU.
+ *
+ * An MsMerger replaces runs of guest pages, in place and without losing a
+ * concurrent write, by copy-on-write mappings of store slots (merge) or by
+ * holes (zero merge), makes them private again (unmerge), tells which
+ * merged pages a write has since made private, and counts the VMAs all
+ * this costs against a budget.  See hw/mem-share/merge.c for the protocol.
+ *
+ * Threads: one thread (the scanner) calls all of these for a given merger.
+ * It must not take locks that a writer of guest RAM may hold (the BQL):
+ * writers to a range being merged sleep in the kernel until the call
+ * returns.  Other threads may read and write guest RAM freely.
+ */
+
+#ifndef MEM_SHARE_MERGE_H
+#define MEM_SHARE_MERGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "mem-share/error.h"
+
+typedef struct MsMerger MsMerger;
+
+/*
+ * Region flags: the madvise() advice QEMU gave the RAM, which every new
+ * mapping must get again (a new VMA does not inherit advice), and how
+ * the RAM was mapped.
+ */
+#define MS_REGION_HUGEPAGE      (1u << 0)   /* MADV_HUGEPAGE */
+#define MS_REGION_NOHUGEPAGE    (1u << 1)   /* MADV_NOHUGEPAGE */
+#define MS_REGION_DONTFORK      (1u << 2)   /* MADV_DONTFORK */
+#define MS_REGION_DONTDUMP      (1u << 3)   /* MADV_DONTDUMP */
+#define MS_REGION_MERGEABLE     (1u << 4)   /* MADV_MERGEABLE */
+#define MS_REGION_NORESERVE     (1u << 5)   /* mapped with MAP_NORESERVE */
+
+/* The store a region's pages are merged into: its fd, and a view of it */
+typedef struct MsMergeStore {
+    int fd;                 /* read-only descriptor of the store memfd */
+    const void *view;       /* read-only mapping of the whole store */
+    uint32_t nslots;
+} MsMergeStore;
+
+typedef enum MsMergeOutcome {
+    MS_MERGE_DONE,          /* every page of the run was replaced */
+    MS_MERGE_CHANGED,       /* some page differed once frozen: nothing done */
+    MS_MERGE_NO_BUDGET,     /* it would exceed the VMA budget: nothing done */
+} MsMergeOutcome;
+
+typedef struct MsMergeResult {
+    MsMergeOutcome outcome;
+    size_t changed;         /* pages that differed (MS_MERGE_CHANGED) */
+    size_t first_changed;   /* index of the first one in the run */
+    int vma_delta;          /* VMAs the operation added (may be negative) */
+} MsMergeResult;
+
+/*
+ * Open the userfaultfd and probe the kernel.  Fails, naming what is
+ * missing, without userfaultfd write-protection for anonymous memory.
+ * The VMA budget starts at half of vm.max_map_count.
+ */
+MsMerger *ms_merger_new(GError **errp);
+void ms_merger_free(MsMerger *m);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsMerger, ms_merger_free)
+
+/*
+ * Declare @npages host pages at @host (page aligned, private anonymous,
+ * one VMA with the advice in @flags) as guest RAM to merge into @store.
+ * All operations below act inside one region.  The region's ends count
+ * as fixed VMA boundaries.
+ */
+bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
+                          unsigned flags, const MsMergeStore *store,
+                          GError **errp);
+/* Forget the region starting at @host (when the RAM is unmapped). */
+void ms_merger_remove_region(MsMerger *m, void *host);
+
+/*
+ * VMAs the engine may add to the process, net.  A merge that would bring
+ * ms_merger_vmas() above it, even for a moment, is refused with
+ * MS_MERGE_NO_BUDGET: at vm.max_map_count the kernel fails even an
+ * mmap(MAP_FIXED) that would lower the count.
+ */
+void ms_merger_set_budget(MsMerger *m, int64_t budget);
+int64_t ms_merger_budget(const MsMerger *m);
+/* VMAs the engine's mappings currently add to the process, net. */
+int64_t ms_merger_vmas(const MsMerger *m);
+/* vm.max_map_count times @share, minus what the process already uses. */
+int64_t ms_merger_default_budget(double share);
+
+/*
+ * The store slot the mapping at @host points at (MS_SLOT_NONE, i.e.
+ * UINT32_MAX, for anonymous memory), whether or not a write has since
+ * made the page private.  Pass the slot after it as the allocation hint
+ * for the next page.
+ */
+uint32_t ms_merger_slot_at(const MsMerger *m, const void *host);
+
+/*
+ * Merge the @n pages at @host with the published store slots
+ * [@first_slot, @first_slot + @n): freeze (write-protect), compare every
+ * page byte for byte, and only if all are equal map the slots over them
+ * and wake the writers that slept.  The pages' references to the slots
+ * are the caller's: take them when the outcome is MS_MERGE_DONE.
+ * If @changed is not NULL it receives, per page, whether it differed.
+ * Returns false (nothing replaced, nothing left registered or frozen)
+ * on a system error.
+ */
+bool ms_merge_run(MsMerger *m, void *host, size_t n, uint32_t first_slot,
+                  bool *changed, MsMergeResult *res, GError **errp);
+
+/*
+ * Replace the @n pages at @host by holes if they are all zero, with the
+ * same freeze / check / replace / wake protocol.  Pages that map the
+ * store get fresh anonymous memory (MADV_DONTNEED there would bring the
+ * store's content back); the caller drops their slot references.
+ */
+bool ms_merge_zero(MsMerger *m, void *host, size_t n, bool *changed,
+                   MsMergeResult *res, GError **errp);
+
+/*
+ * Make the @n pages at @host private again, content unchanged: each page
+ * that still maps the store takes its copy-on-write fault now.  The
+ * mappings stay; the caller drops the slot references.
+ */
+bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp);
+
+/*
+ * Discard the @n pages at @host: afterwards they read as zeros.  For
+ * QEMU's ram_block_discard_range() (balloon, virtio-mem, postcopy) in
+ * place of MADV_DONTNEED, which on a merged page brings back the store
+ * content.  Not budgeted (a discard must not fail), but counted.
+ */
+bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp);
+
+/*
+ * For each of the @n pages at @host, whether it still maps the store
+ * (true) or is private: never merged, or a write copied it.  A merged
+ * page not touched since the merge has no page table entry yet and still
+ * maps the store.  @nshared (may be NULL) receives the count of true.
+ * Uses the PAGEMAP_SCAN ioctl (Linux 6.7) when the kernel has it, else
+ * reads /proc/self/pagemap.
+ */
+bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
+                          bool *shared, size_t *nshared, GError **errp);
+
+/* Whether PAGEMAP_SCAN is used; switch it off (@use false) for tests. */
+bool ms_merger_use_pagemap_scan(MsMerger *m, bool use);
+
+#endif /* MEM_SHARE_MERGE_H */
