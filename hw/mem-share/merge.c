@@ -52,10 +52,12 @@
  * operation is the change in such breaks at its edges and inside, and
  * freezing costs up to two more for a moment (registering part of a VMA
  * splits it).  A merge that would take the count above the caller's
- * budget is refused before anything is touched.  The kernel may refuse
- * to join two runs whose anonymous pages came from different sources
- * (different anon_vma); the model then counts one VMA too few, which is
- * why the budget is a share of the limit, not all of it.
+ * budget is refused before anything is touched.  The kernel refuses to
+ * join both neighbours at once when both hold private copies of
+ * different origin (different anon_vma): the budget check assumes it
+ * will, and afterwards PROCMAP_QUERY (Linux 6.11) tells what the kernel
+ * did; the model records such a boundary per page ("forced").  Without
+ * PROCMAP_QUERY the model stays pessimistic.
  *
  * Which merged pages were written since: bit 61 ("file page") of
  * /proc/self/pagemap, or the PAGEMAP_SCAN ioctl (6.7) for a whole run in
@@ -114,6 +116,28 @@ struct pm_scan_arg {
 };
 #endif
 
+#ifndef PROCMAP_QUERY
+/* Linux 6.11: ask /proc/self/maps for the VMA around an address */
+struct procmap_query {
+    uint64_t size;
+    uint64_t query_flags;
+    uint64_t query_addr;
+    uint64_t vma_start;
+    uint64_t vma_end;
+    uint64_t vma_flags;
+    uint64_t vma_page_size;
+    uint64_t vma_offset;
+    uint64_t inode;
+    uint32_t dev_major;
+    uint32_t dev_minor;
+    uint32_t vma_name_size;
+    uint32_t build_id_size;
+    uint64_t vma_name_addr;
+    uint64_t build_id_addr;
+};
+#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
+#endif
+
 /* /proc/self/pagemap (Documentation/admin-guide/mm/pagemap.rst) */
 #define PM_PRESENT      (1ULL << 63)
 #define PM_SWAP         (1ULL << 62)
@@ -130,11 +154,13 @@ typedef struct Region {
     unsigned flags;
     MsMergeStore store;
     uint32_t *label;        /* per page: slot its VMA maps, or ANON */
+    uint8_t *forced;        /* per page: a VMA starts here whatever the labels */
 } Region;
 
 struct MsMerger {
     int uffd;
     int pagemap_fd;
+    int maps_fd;            /* /proc/self/maps, for PROCMAP_QUERY */
     size_t page_size;
     uint64_t features;
     bool has_pagemap_scan;
@@ -158,6 +184,7 @@ static void region_free(gpointer p)
     Region *r = p;
 
     g_free(r->label);
+    g_free(r->forced);
     g_free(r);
 }
 
@@ -425,42 +452,89 @@ static int breaks(const Region *r, size_t from, size_t to)
     int count = 0;
 
     for (size_t i = MAX(from, 1); i <= MIN(to, r->npages - 1); i++) {
-        count += !joined(r->label[i - 1], r->label[i]);
+        count += r->forced[i] || !joined(r->label[i - 1], r->label[i]);
     }
     return count;
 }
 
 /*
- * VMAs added by mapping @run uniformly from @first_slot (ANON: fresh
- * anonymous memory), and for a moment by registering it (@peak).
+ * VMAs that mapping @run uniformly from @first_slot (ANON: fresh anonymous
+ * memory) adds at most, and adds for a moment when registering it
+ * (@peak).  Joining both neighbours at once may be refused by the kernel
+ * (their anonymous pages came from different sources): count one more.
  */
 static int vma_delta(const Run *run, uint32_t first_slot, int *peak)
 {
     const Region *r = run->r;
     size_t s = run->first, e = run->first + run->n;
-    int before = breaks(r, s, e), after = 0, splits = 0;
+    int before = breaks(r, s, e), after = 0, splits = 0, joins = 0;
 
     if (s > 0) {
         after += !joined(r->label[s - 1], new_label(first_slot, 0));
-        splits += joined(r->label[s - 1], r->label[s]);
+        joins += joined(r->label[s - 1], new_label(first_slot, 0));
+        splits += !r->forced[s] && joined(r->label[s - 1], r->label[s]);
     }
     if (e < r->npages) {
         after += !joined(new_label(first_slot, run->n - 1), r->label[e]);
-        splits += joined(r->label[e - 1], r->label[e]);
+        joins += joined(new_label(first_slot, run->n - 1), r->label[e]);
+        splits += !r->forced[e] && joined(r->label[e - 1], r->label[e]);
     }
+    after += joins == 2;
     if (peak) {
         *peak = MAX(splits, after - before);
     }
     return after - before;
 }
 
-static void relabel(MsMerger *m, const Run *run, uint32_t first_slot,
-                    int delta)
+/* The VMA around @addr, from PROCMAP_QUERY; false if unknown */
+static bool query_vma(MsMerger *m, const void *addr, uintptr_t *start,
+                      uintptr_t *end)
 {
-    for (size_t i = 0; i < run->n; i++) {
-        run->r->label[run->first + i] = new_label(first_slot, i);
+    struct procmap_query q = {
+        .size = sizeof(q),
+        .query_addr = (uintptr_t)addr,
+    };
+
+    if (m->maps_fd < 0 || ioctl(m->maps_fd, PROCMAP_QUERY, &q) < 0) {
+        return false;
     }
-    m->vmas += delta;
+    *start = q.vma_start;
+    *end = q.vma_end;
+    return true;
+}
+
+/*
+ * After @run was mapped anew from @first_slot: record its labels, and at
+ * its edges whether the kernel really joined the neighbours (asked with
+ * PROCMAP_QUERY, Linux 6.11; else assume a bridge joined one side only).
+ * Returns the change in VMAs.
+ */
+static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
+{
+    Region *r = run->r;
+    size_t s = run->first, e = run->first + run->n;
+    int before = breaks(r, s, e), after;
+    uintptr_t vs, ve;
+    bool known = query_vma(m, run->host, &vs, &ve);
+    bool left, right;
+
+    for (size_t i = 0; i < run->n; i++) {
+        r->label[s + i] = new_label(first_slot, i);
+        r->forced[s + i] = false;
+    }
+    left = s > 0 && joined(r->label[s - 1], r->label[s]);
+    right = e < r->npages && joined(r->label[e - 1], r->label[e]);
+    if (known) {
+        r->forced[s] = left && vs == (uintptr_t)run->host;
+        if (e < r->npages) {
+            r->forced[e] = right && ve == (uintptr_t)run->host + run->len;
+        }
+    } else if (e < r->npages) {
+        r->forced[e] = left && right;
+    }
+    after = breaks(r, s, e);
+    m->vmas += after - before;
+    return after - before;
 }
 
 static bool run_maps_store(const Run *run)
@@ -479,7 +553,7 @@ MsMerger *ms_merger_new(GError **errp)
 {
     g_autoptr(MsMerger) m = g_new0(MsMerger, 1);
 
-    m->uffd = m->pagemap_fd = -1;
+    m->uffd = m->pagemap_fd = m->maps_fd = -1;
     m->page_size = sysconf(_SC_PAGESIZE);
     m->regions = g_ptr_array_new_with_free_func(region_free);
     m->budget = ms_merger_default_budget(0.5);
@@ -493,6 +567,7 @@ MsMerger *ms_merger_new(GError **errp)
         return NULL;
     }
     m->has_pagemap_scan = m->use_pagemap_scan = probe_pagemap_scan(m);
+    m->maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
     return g_steal_pointer(&m);
 }
 
@@ -506,6 +581,9 @@ void ms_merger_free(MsMerger *m)
     }
     if (m->pagemap_fd >= 0) {
         close(m->pagemap_fd);
+    }
+    if (m->maps_fd >= 0) {
+        close(m->maps_fd);
     }
     g_ptr_array_unref(m->regions);
     g_free(m);
@@ -531,6 +609,7 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
     r->flags = flags;
     r->store = *store;
     r->label = g_new(uint32_t, npages);
+    r->forced = g_new0(uint8_t, npages);
     for (size_t i = 0; i < npages; i++) {
         r->label[i] = ANON;
     }
@@ -706,7 +785,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
 {
     Run run;
     int peak, delta, ret;
-    bool anon_holes;
+    bool anon_holes, ok;
 
     memset(res, 0, sizeof(*res));
     if (!get_run(m, host, n, &run, errp)) {
@@ -722,6 +801,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
     /* A zero run that is all anonymous needs no new mapping (delta 0) */
     anon_holes = first_slot == ANON && !run_maps_store(&run);
     delta = vma_delta(&run, first_slot, &peak);
+    delta = anon_holes ? 0 : delta;
     if (m->vmas + MAX(peak, delta) > m->budget) {
         res->outcome = MS_MERGE_NO_BUDGET;
         return true;
@@ -748,8 +828,6 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
         } else {
             /* The new VMA is not registered: only the sleepers remain */
             uffd_wake(m, &run);
-            relabel(m, &run, first_slot, delta);
-            res->vma_delta = delta;
         }
     }
     if (ret < 0) {
@@ -759,8 +837,17 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
         return false;
     }
     res->outcome = MS_MERGE_DONE;
-    /* The writers are awake already: advice comes after, harmlessly */
-    return anon_holes || apply_advice(m, &run, errp);
+    if (anon_holes) {
+        return true;
+    }
+    /*
+     * The writers are awake already: the advice comes after, harmlessly,
+     * and before the accounting: the kernel joins the new VMA with its
+     * neighbours only once their flags match.
+     */
+    ok = apply_advice(m, &run, errp);
+    res->vma_delta = relabel(m, &run, first_slot);
+    return ok;
 }
 
 bool ms_merge_run(MsMerger *m, void *host, size_t n, uint32_t first_slot,
@@ -782,8 +869,8 @@ bool ms_merge_zero(MsMerger *m, void *host, size_t n, bool *changed,
 bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
 {
     Run run;
-    int delta, ret;
-    bool remapped;
+    int ret;
+    bool remapped, ok;
 
     if (!get_run(m, host, n, &run, errp)) {
         return false;
@@ -792,11 +879,7 @@ bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
     if (!remapped) {
         ret = madvise(run.host, run.len, MADV_DONTNEED) < 0 ? -errno : 0;
     } else {
-        delta = vma_delta(&run, ANON, NULL);
         ret = remap(m, &run, ANON);
-        if (ret == 0) {
-            relabel(m, &run, ANON, delta);
-        }
     }
     if (ret < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, -ret,
@@ -804,7 +887,12 @@ bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
                     g_strerror(-ret));
         return false;
     }
-    return !remapped || apply_advice(m, &run, errp);
+    if (!remapped) {
+        return true;
+    }
+    ok = apply_advice(m, &run, errp);
+    relabel(m, &run, ANON);
+    return ok;
 }
 
 bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
