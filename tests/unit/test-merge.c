@@ -10,7 +10,9 @@
  * (anonymous memory, leftover uffd-wp registrations) and
  * /proc/self/pagemap (whether a page maps the store).  The concurrency
  * test has writer threads hammer the pages being merged and checks that
- * no write is ever lost.
+ * no write is ever lost: before each write, a writer checks that its
+ * word still holds its previous write (with the freeze disabled, this
+ * finds hundreds of lost writes in two seconds).
  *
  * userfaultfd needs root, CAP_SYS_PTRACE or /dev/userfaultfd: without
  * them the tests are skipped.
@@ -574,6 +576,7 @@ typedef struct Writer {
     uint64_t last[HAMMER_PAGES];
     uint64_t writes;
     uint64_t slow;          /* writes that took over 20 us: slept frozen */
+    uint64_t lost;          /* times the word no longer held our last write */
     volatile bool *stop;
 } Writer;
 
@@ -591,9 +594,13 @@ static void *writer_main(void *opaque)
     while (!*w->stop) {
         size_t p = g_rand_int_range(rand, 0, HAMMER_PAGES);
         uint64_t value = (++counter << 8) | w->id;
-        gint64 t0 = g_get_monotonic_time();
+        volatile uint64_t *word = writer_word(w->f, p, w->id);
+        gint64 t0;
 
-        *(volatile uint64_t *)writer_word(w->f, p, w->id) = value;
+        /* Only this thread writes this word: it must hold our last value */
+        w->lost += *word != w->last[p];
+        t0 = g_get_monotonic_time();
+        *word = value;
         w->last[p] = value;
         w->writes++;
         w->slow += g_get_monotonic_time() - t0 > 20;
@@ -650,7 +657,7 @@ static void test_writers(Fixture *f, gconstpointer data)
     uint32_t slot_of[HAMMER_PAGES];
     Writer w[NWRITERS];
     volatile bool stop = false;
-    uint64_t done = 0, refused = 0, writes = 0, slow = 0;
+    uint64_t done = 0, refused = 0, writes = 0, slow = 0, lost = 0;
     gint64 end;
     MsStoreStats st;
 
@@ -679,9 +686,12 @@ static void test_writers(Fixture *f, gconstpointer data)
         pthread_join(w[i].thread, NULL);
         writes += w[i].writes;
         slow += w[i].slow;
+        lost += w[i].lost;
     }
     g_test_message("%" PRIu64 " merges done, %" PRIu64 " refused, %" PRIu64
-                   " writes (%" PRIu64 " slow)", done, refused, writes, slow);
+                   " writes (%" PRIu64 " slow, %" PRIu64 " lost)", done,
+                   refused, writes, slow, lost);
+    g_assert_cmpuint(lost, ==, 0);
     g_assert_cmpuint(done, >, 0);
     g_assert_cmpuint(refused, >, 0);
 
