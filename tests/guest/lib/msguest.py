@@ -491,8 +491,11 @@ class Guest:
                     "-chardev", "socket,id=ser0,path=%s,server=on,wait=off"
                     % self.serial_path,
                     "-serial", "chardev:ser0"] + EXTRA_ARGS + list(args)
+        # qmp_timer bounds the wait for QMP at launch (a QEMU that hangs
+        # while starting must not hang the test until the runner's timeout).
         self.vm = QEMUMachine(QEMU, args=all_args, name=name,
-                              base_temp_dir=log_dir, log_dir=log_dir)
+                              base_temp_dir=log_dir, log_dir=log_dir,
+                              qmp_timer=scaled(120))
         self.lines = []
         self._partial = b""
         self._cond = threading.Condition()
@@ -506,6 +509,8 @@ class Guest:
     def launch(self):
         try:
             self.vm.launch()
+            # Every QMP command gets a deadline too.
+            self.vm._qmp.settimeout(scaled(120))  # pylint: disable=protected-access
         except Exception as e:  # VMLaunchFailure and friends
             out = getattr(e, "output", None)
             raise GuestError("%s: QEMU failed to start (exit status %s): %s"
