@@ -411,17 +411,16 @@ def page_census(pid, ranges):
 KVM_GET_API_VERSION = 0xAE00
 
 
-def kvm_usable():
+def kvm_usable(dev="/dev/kvm"):
     """(True, '') or (False, reason)."""
-    dev = "/dev/kvm"
     if not os.path.exists(dev):
-        return False, "/dev/kvm does not exist on this host"
+        return False, "%s does not exist on this host" % dev
     if not os.access(dev, os.R_OK | os.W_OK):
-        return False, "/dev/kvm is not readable and writable by this user"
+        return False, "%s is not readable and writable by this user" % dev
     try:
         fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        return False, "cannot open /dev/kvm read-write: %s" % e.strerror
+        return False, "cannot open %s read-write: %s" % (dev, e.strerror)
     try:
         ver = fcntl.ioctl(fd, KVM_GET_API_VERSION)
     except OSError as e:
