@@ -1,0 +1,859 @@
+/*
+ * mem-share engine: the scanner of mode=user
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The scanner decides what to merge; merge.c does the merging safely
+ * and store.c keeps the shared copies.  Like Linux's mm/ksm.c it walks
+ * its region page by page, over and over, and keeps two structures:
+ *
+ *  - the stable tree: the store's index (store.c).  Published slots are
+ *    immutable, so a hash found there, confirmed byte for byte, names a
+ *    page the candidate can map at once.
+ *  - the unstable tree: a hash table of this pass only (hash -> guest
+ *    page).  Its entries are guest pages that may change at any moment,
+ *    so a hit is checked by comparing the two guest pages before a slot
+ *    is allocated, and the table is emptied after every full scan, as
+ *    KSM rebuilds its unstable tree, since stale entries only cost
+ *    misses.
+ *
+ * Per guest page the scanner keeps 16 bytes (KSM's rmap_item is 64):
+ * the hash seen at the last visit, how many visits it stayed the same,
+ * the store slot the page maps (the scanner holds one store reference
+ * per such page), and flags.  A visit of a page:
+ *
+ *   1. Pages the scanner merged are asked ms_merge_test_shared() (once
+ *      per chunk): one a write made private gives its reference back
+ *      (a cow-break) and is an ordinary page again; one still shared
+ *      costs nothing more, it is not even read.  Pagemap bit 61 alone
+ *      must not decide this: a merged page not touched since has no
+ *      page table entry at all.
+ *   2. /proc/self/pagemap says which pages hold private memory (present
+ *      and exclusively mapped, not a file page).  Holes, the shared
+ *      zero page and swapped-out pages have nothing to give and are not
+ *      read (reading a swapped page would swap it in).  That is also
+ *      how a zero hole the scanner made is known to still be one.
+ *   3. Hash the page with the store's keyed hash.  A changed hash makes
+ *      the page volatile and restarts its count; a page is a candidate
+ *      once its hash held for stable_scans visits after the first.
+ *      (Dirty logging would avoid the hashing; the hash is the
+ *      fallback the design names and is needed for the lookup anyway.)
+ *   4. A candidate that reads as zeros becomes a hole (ms_merge_zero):
+ *      no slot and no VMA.  Else the stable tree: a published slot with
+ *      the same bytes.  Else the unstable tree: an earlier page of this
+ *      pass with the same hash and, compared now, the same bytes: a
+ *      fresh slot gets the content and both pages are merged onto it.
+ *      Else the page enters the unstable tree.
+ *
+ * Merges go in batches: consecutive candidates that map consecutive
+ * slots are one ms_merge_run() (one freeze, one mmap, one VMA), and a
+ * pair run (pages i.. matching pages j..) gets a run of contiguous slots
+ * right after the slot the page before i maps, so that duplicated
+ * regions end up as one VMA on each side.  Every merge compares bytes
+ * under the freeze, so a page that changed since it was hashed only
+ * makes its merge fail (CHANGED); the pages of a failed run that did not
+ * change are retried once as smaller runs.
+ *
+ * References: a batch holds one reference on each slot it will map (the
+ * allocation's, or one taken when the slot was found) so that nothing
+ * can free a slot between decision and merge; each page merged takes its
+ * own; the batch's are dropped at the end, which frees a new slot that
+ * no page ended up mapping.
+ *
+ * Limits: when the merger refuses a merge for its VMA budget, the
+ * scanner stops creating slots for the rest of the pass (their pages
+ * could only become more scattered mappings) unless mappings were given
+ * back meanwhile; merges onto existing slots are still tried (the
+ * refusal is cheap and extending a run may still fit), and zero holes
+ * of anonymous pages, which add no VMA, go on.  A full store refuses new
+ * slots the same way.  Refusals are counted by reason.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "mem-share/hash.h"
+#include "mem-share/scan.h"
+
+/* Pages per chunk: one pagemap read, one sharing test, batches inside */
+#define CHUNK 512
+
+/* /proc/self/pagemap (Documentation/admin-guide/mm/pagemap.rst) */
+#define PM_PRESENT      (1ULL << 63)
+#define PM_FILE         (1ULL << 61)
+#define PM_EXCLUSIVE    (1ULL << 56)
+
+enum {
+    PG_KNOWN = 1 << 0,      /* hash holds the hash of an earlier visit */
+    PG_ZERO = 1 << 1,       /* made a hole by the scanner, still one */
+    PG_VOLATILE = 1 << 2,   /* the hash changed at the last visit */
+    PG_WAS_MERGED = 1 << 3, /* merged before: the next merge is a re-merge */
+    PG_PENDING = 1 << 4,    /* in a batch not merged yet */
+};
+
+typedef struct PageState {
+    uint64_t hash;
+    uint32_t slot;          /* slot it maps and holds a reference on */
+    uint8_t stable;         /* visits the hash stayed the same */
+    uint8_t flags;
+} PageState;
+
+/* Pages [first, first + n) to merge onto slots [slot, slot + n) */
+typedef struct Batch {
+    size_t first;
+    size_t n;
+    uint32_t slot;          /* found batch: first slot */
+    size_t partner;         /* pair batch: first page of the other side */
+} Batch;
+
+struct MsScanner {
+    MsScanConfig cfg;
+    uint8_t *base;
+    size_t page_size;
+    size_t npages;
+    MsStore *store;
+    MsMerger *m;
+    int pagemap_fd;
+    PageState *pg;
+    size_t cursor;
+    GHashTable *unstable;   /* hash -> page index + 1, this pass */
+    Batch zero, found, pair;
+    int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
+    uint64_t pm[CHUNK];
+    MsScanStats live;       /* the scanner thread's */
+    GMutex lock;            /* protects snap */
+    MsScanStats snap;
+};
+
+void ms_scan_config_init(MsScanConfig *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->page_size = sysconf(_SC_PAGESIZE);
+    cfg->stable_scans = 1;
+    cfg->budget_share = 0.5;
+}
+
+static uint8_t *page_at(const MsScanner *s, size_t i)
+{
+    return s->base + i * s->page_size;
+}
+
+/* ---- life cycle ---- */
+
+static bool check_config(const MsScanConfig *cfg, GError **errp)
+{
+    long sys_page = sysconf(_SC_PAGESIZE);
+
+    if (!cfg->host || !cfg->npages || cfg->page_size != (size_t)sys_page ||
+        (uintptr_t)cfg->host % sys_page || cfg->npages >= MS_SLOT_NONE) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "invalid scanner region %p+%zu pages of %zu bytes",
+                    cfg->host, cfg->npages, cfg->page_size);
+        return false;
+    }
+    if (cfg->stable_scans > UINT8_MAX) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "stable-scans %u is above %u", cfg->stable_scans,
+                    UINT8_MAX);
+        return false;
+    }
+    return true;
+}
+
+static bool setup_merger(MsScanner *s, GError **errp)
+{
+    MsMergeStore ms = {
+        .fd = ms_store_ro_fd(s->store),
+        .view = ms_store_view(s->store, 0),
+        .nslots = ms_store_max_slots(s->store),
+    };
+
+    s->m = ms_merger_new(errp);
+    if (!s->m || !ms_merger_add_region(s->m, s->base, s->npages,
+                                       s->cfg.region_flags, &ms, errp)) {
+        return false;
+    }
+    ms_merger_set_budget(s->m, s->cfg.vma_budget > 0 ? s->cfg.vma_budget :
+                         ms_merger_default_budget(s->cfg.budget_share));
+    return true;
+}
+
+static void publish_stats(MsScanner *s);
+
+MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
+{
+    g_autoptr(MsScanner) s = NULL;
+    uint32_t slots;
+
+    if (!check_config(cfg, errp)) {
+        return NULL;
+    }
+    s = g_new0(MsScanner, 1);
+    g_mutex_init(&s->lock);
+    s->cfg = *cfg;
+    s->base = cfg->host;
+    s->page_size = cfg->page_size;
+    s->npages = cfg->npages;
+    s->pagemap_fd = -1;
+    s->blocked_vmas = -1;
+    s->pg = g_new0(PageState, s->npages);
+    for (size_t i = 0; i < s->npages; i++) {
+        s->pg[i].slot = MS_SLOT_NONE;
+    }
+    /* g_direct_hash: the keyed hash is already uniform */
+    s->unstable = g_hash_table_new(g_direct_hash, g_direct_equal);
+    slots = cfg->store_slots ? cfg->store_slots : (uint32_t)s->npages;
+    s->store = ms_store_new(s->page_size, slots, errp);
+    if (!s->store || !setup_merger(s, errp)) {
+        return NULL;
+    }
+    s->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (s->pagemap_fd < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot open /proc/self/pagemap: %s", g_strerror(errno));
+        return NULL;
+    }
+    s->live.pages = s->npages;
+    s->live.page_size = s->page_size;
+    publish_stats(s);
+    return g_steal_pointer(&s);
+}
+
+void ms_scanner_free(MsScanner *s)
+{
+    if (!s) {
+        return;
+    }
+    if (s->pagemap_fd >= 0) {
+        close(s->pagemap_fd);
+    }
+    /* Merged pages keep the memfd alive through their mappings */
+    ms_merger_free(s->m);
+    ms_store_free(s->store);
+    if (s->unstable) {
+        g_hash_table_destroy(s->unstable);
+    }
+    g_free(s->pg);
+    g_mutex_clear(&s->lock);
+    g_free(s);
+}
+
+MsStore *ms_scanner_store(MsScanner *s)
+{
+    return s->store;
+}
+
+MsMerger *ms_scanner_merger(MsScanner *s)
+{
+    return s->m;
+}
+
+/* ---- statistics ---- */
+
+static void publish_stats(MsScanner *s)
+{
+    MsStoreStats st;
+    MsScanStats *l = &s->live;
+    uint64_t saved;
+
+    ms_store_get_stats(s->store, &st);
+    l->slots_used = st.slots_used;
+    l->vmas = s->m ? ms_merger_vmas(s->m) : 0;
+    l->vma_budget = s->m ? ms_merger_budget(s->m) : 0;
+    /* Every used slot has a mapper between steps: merged >= slots */
+    saved = l->pages_merged > l->slots_used ?
+            l->pages_merged - l->slots_used : 0;
+    l->bytes_saved = (saved + l->zero_holes) * s->page_size;
+    g_mutex_lock(&s->lock);
+    s->snap = *l;
+    g_mutex_unlock(&s->lock);
+}
+
+void ms_scanner_get_stats(MsScanner *s, MsScanStats *st)
+{
+    g_mutex_lock(&s->lock);
+    *st = s->snap;
+    g_mutex_unlock(&s->lock);
+}
+
+/* ---- what a page is ---- */
+
+static bool read_pagemap(MsScanner *s, size_t first, size_t n,
+                         GError **errp)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        off_t off = ((uintptr_t)page_at(s, first + done) / s->page_size) *
+                    sizeof(uint64_t);
+        ssize_t got = pread(s->pagemap_fd, s->pm + done,
+                            (n - done) * sizeof(uint64_t), off);
+
+        if (got < 0 && errno == EINTR) {
+            continue;
+        }
+        if (got <= 0 || got % sizeof(uint64_t)) {
+            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
+                        "cannot read /proc/self/pagemap: %s",
+                        got < 0 ? g_strerror(errno) : "short read");
+            return false;
+        }
+        done += got / sizeof(uint64_t);
+    }
+    return true;
+}
+
+/*
+ * Does the page hold memory of its own?  Not a hole, not the shared zero
+ * page (present but not exclusive), not swapped out (not present), not
+ * a store page.
+ */
+static bool holds_private_memory(uint64_t pm)
+{
+    return (pm & PM_PRESENT) && (pm & PM_EXCLUSIVE) && !(pm & PM_FILE);
+}
+
+/*
+ * Merged pages of [first, first + n) that a write made private give
+ * their reference back and become ordinary pages.
+ */
+static bool settle_merged(MsScanner *s, size_t first, size_t n,
+                          GError **errp)
+{
+    bool shared[CHUNK];
+    size_t merged = 0;
+
+    for (size_t i = first; i < first + n; i++) {
+        merged += s->pg[i].slot != MS_SLOT_NONE;
+    }
+    if (!merged) {
+        return true;
+    }
+    if (!ms_merge_test_shared(s->m, page_at(s, first), n, shared, NULL,
+                              errp)) {
+        return false;
+    }
+    for (size_t k = 0; k < n; k++) {
+        PageState *p = &s->pg[first + k];
+
+        if (p->slot != MS_SLOT_NONE && !shared[k]) {
+            ms_store_put(s->store, p->slot);
+            p->slot = MS_SLOT_NONE;
+            s->live.pages_merged--;
+            s->live.cow_breaks++;
+        }
+    }
+    return true;
+}
+
+/* Record the hash of a visit; true if the page is stable enough to merge */
+static bool observe(MsScanner *s, PageState *p, uint64_t h)
+{
+    bool changed = (p->flags & PG_KNOWN) && p->hash != h;
+
+    if (changed) {
+        s->live.hash_changes++;
+        if (!(p->flags & PG_VOLATILE)) {
+            p->flags |= PG_VOLATILE;
+            s->live.pages_volatile++;
+        }
+    } else if (p->flags & PG_VOLATILE) {
+        p->flags &= ~PG_VOLATILE;
+        s->live.pages_volatile--;
+    }
+    if (!(p->flags & PG_KNOWN) || changed) {
+        p->hash = h;
+        p->flags |= PG_KNOWN;
+        p->stable = 0;
+    } else if (p->stable < UINT8_MAX) {
+        p->stable++;
+    }
+    return p->stable >= s->cfg.stable_scans;
+}
+
+/* ---- merging a batch ---- */
+
+/*
+ * Freezing part of a VMA splits it for a moment, so even a zero hole,
+ * which adds no VMA in the end, needs two VMAs of headroom: store merges
+ * leave them free, so that zero holes go on when the budget is spent.
+ */
+#define ZERO_RESERVE 2
+
+static bool do_merge(MsScanner *s, size_t first, size_t n, uint32_t slot,
+                     bool *changed, MsMergeResult *res, GError **errp)
+{
+    int64_t budget = ms_merger_budget(s->m);
+    bool ok;
+
+    if (slot == MS_SLOT_NONE) {
+        return ms_merge_zero(s->m, page_at(s, first), n, changed, res, errp);
+    }
+    ms_merger_set_budget(s->m, budget - ZERO_RESERVE);
+    ok = ms_merge_run(s->m, page_at(s, first), n, slot, changed, res, errp);
+    ms_merger_set_budget(s->m, budget);
+    return ok;
+}
+
+/* Count a refusal; a budget refusal stops new slots for a while */
+static void refused(MsScanner *s, const MsMergeResult *res, size_t n)
+{
+    if (res->outcome == MS_MERGE_NO_BUDGET) {
+        s->live.refused_budget += n;
+        s->blocked_vmas = ms_merger_vmas(s->m);
+    } else {
+        s->live.refused_changed += res->changed;
+    }
+}
+
+/*
+ * Merge pages [first, first + n) onto slots [slot, slot + n), or make
+ * them holes (slot MS_SLOT_NONE); @done[k] tells which were.  After a
+ * CHANGED outcome the runs of pages that did not change are tried once
+ * more on their own; the pages that did must prove stable again.
+ */
+static bool merge_pages(MsScanner *s, size_t first, size_t n, uint32_t slot,
+                        bool *done, GError **errp)
+{
+    bool changed[CHUNK];
+    MsMergeResult res;
+
+    g_assert(n <= CHUNK);
+    memset(done, 0, n * sizeof(*done));
+    if (!do_merge(s, first, n, slot, changed, &res, errp)) {
+        return false;
+    }
+    if (res.outcome == MS_MERGE_DONE) {
+        memset(done, 1, n * sizeof(*done));
+        return true;
+    }
+    refused(s, &res, n);
+    if (res.outcome != MS_MERGE_CHANGED) {
+        return true;
+    }
+    for (size_t a = 0, b; a < n; a = b) {
+        if (changed[a]) {
+            s->pg[first + a].stable = 0;
+            b = a + 1;
+            continue;
+        }
+        for (b = a; b < n && !changed[b]; b++) {
+            /* the run of unchanged pages [a, b) */
+        }
+        if (!do_merge(s, first + a, b - a, slot == MS_SLOT_NONE ?
+                      slot : slot + a, NULL, &res, errp)) {
+            return false;
+        }
+        if (res.outcome == MS_MERGE_DONE) {
+            memset(done + a, 1, (b - a) * sizeof(*done));
+        } else {
+            refused(s, &res, b - a);
+        }
+    }
+    return true;
+}
+
+/* Page @i now maps @slot (MS_SLOT_NONE: is a hole); take its reference */
+static void record_merge(MsScanner *s, size_t i, uint32_t slot)
+{
+    PageState *p = &s->pg[i];
+    bool again = p->flags & PG_WAS_MERGED;
+
+    p->flags |= PG_WAS_MERGED;
+    if (slot == MS_SLOT_NONE) {
+        p->flags |= PG_ZERO;
+        s->live.zero_holes++;
+        s->live.zero_merges++;
+        return;
+    }
+    ms_store_get(s->store, slot);
+    p->slot = slot;
+    s->live.pages_merged++;
+    s->live.merges++;
+    s->live.remerges += again;
+}
+
+static void clear_pending(MsScanner *s, size_t first, size_t n)
+{
+    for (size_t i = first; i < first + n; i++) {
+        s->pg[i].flags &= ~PG_PENDING;
+    }
+}
+
+/*
+ * Merge the pages of a batch and record those merged; @slot as in
+ * merge_pages().
+ */
+static bool merge_and_record(MsScanner *s, size_t first, size_t n,
+                             uint32_t slot, GError **errp)
+{
+    bool done[CHUNK];
+    bool ok = merge_pages(s, first, n, slot, done, errp);
+
+    clear_pending(s, first, n);
+    for (size_t k = 0; ok && k < n; k++) {
+        if (done[k]) {
+            record_merge(s, first + k, slot == MS_SLOT_NONE ? slot : slot + k);
+        }
+    }
+    return ok;
+}
+
+static bool flush_zero(MsScanner *s, GError **errp)
+{
+    Batch b = s->zero;
+
+    s->zero.n = 0;
+    return !b.n || merge_and_record(s, b.first, b.n, MS_SLOT_NONE, errp);
+}
+
+static bool flush_found(MsScanner *s, GError **errp)
+{
+    Batch b = s->found;
+    bool ok;
+
+    s->found.n = 0;
+    if (!b.n) {
+        return true;
+    }
+    ok = merge_and_record(s, b.first, b.n, b.slot, errp);
+    /* The batch's own references, taken when the slots were found */
+    for (size_t k = 0; k < b.n; k++) {
+        ms_store_put(s->store, b.slot + k);
+    }
+    return ok;
+}
+
+/* New slots are pointless while the budget refuses their mappings */
+static bool slots_blocked(MsScanner *s)
+{
+    return s->blocked_vmas >= 0 && ms_merger_vmas(s->m) >= s->blocked_vmas;
+}
+
+/* The slot after the one page @i - 1 maps, or MS_SLOT_NONE */
+static uint32_t hint_after(MsScanner *s, size_t i)
+{
+    uint32_t prev;
+
+    if (i == 0) {
+        return MS_SLOT_NONE;
+    }
+    prev = ms_merger_slot_at(s->m, page_at(s, i - 1));
+    return prev == MS_SLOT_NONE ? MS_SLOT_NONE : prev + 1;
+}
+
+/* Reserve and publish slots for the pair batch @b; false: none */
+static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
+                      bool *got, GError **errp)
+{
+    g_autoptr(GError) err = NULL;
+    uint32_t hint = hint_after(s, b->first);
+
+    *got = false;
+    if (hint == MS_SLOT_NONE) {
+        hint = hint_after(s, b->partner);
+    }
+    if (!ms_store_alloc_run(s->store, hint, b->n, slot, &err)) {
+        if (err->code != ENOSPC) {
+            g_propagate_error(errp, g_steal_pointer(&err));
+            return false;
+        }
+        s->live.refused_store_full += 2 * b->n;
+        return true;
+    }
+    for (size_t k = 0; k < b->n; k++) {
+        if (!ms_store_publish(s->store, *slot + k, page_at(s, b->first + k),
+                              errp)) {
+            for (size_t j = 0; j < b->n; j++) {
+                ms_store_put(s->store, *slot + j);
+            }
+            return false;
+        }
+    }
+    *got = true;
+    return true;
+}
+
+static bool flush_pair(MsScanner *s, GError **errp)
+{
+    Batch b = s->pair;
+    uint32_t slot;
+    bool got, ok;
+
+    s->pair.n = 0;
+    if (!b.n) {
+        return true;
+    }
+    if (slots_blocked(s)) {
+        s->live.refused_budget += 2 * b.n;
+        clear_pending(s, b.first, b.n);
+        clear_pending(s, b.partner, b.n);
+        return true;
+    }
+    ok = new_slots(s, &b, &slot, &got, errp);
+    if (!ok || !got) {
+        clear_pending(s, b.first, b.n);
+        clear_pending(s, b.partner, b.n);
+        return ok;
+    }
+    ok = merge_and_record(s, b.first, b.n, slot, errp) &&
+         merge_and_record(s, b.partner, b.n, slot, errp);
+    if (!ok) {
+        clear_pending(s, b.partner, b.n);
+    }
+    /* The allocation's references: a slot nobody maps is freed here */
+    for (size_t k = 0; k < b.n; k++) {
+        ms_store_put(s->store, slot + k);
+    }
+    return ok;
+}
+
+static bool flush_all(MsScanner *s, GError **errp)
+{
+    return flush_zero(s, errp) && flush_found(s, errp) && flush_pair(s, errp);
+}
+
+/* After an error: forget the batches, give their references back */
+static void drop_batches(MsScanner *s)
+{
+    clear_pending(s, s->zero.first, s->zero.n);
+    clear_pending(s, s->found.first, s->found.n);
+    for (size_t k = 0; k < s->found.n; k++) {
+        ms_store_put(s->store, s->found.slot + k);
+    }
+    clear_pending(s, s->pair.first, s->pair.n);
+    clear_pending(s, s->pair.partner, s->pair.n);
+    s->zero.n = s->found.n = s->pair.n = 0;
+}
+
+/* ---- candidates ---- */
+
+static bool add_zero(MsScanner *s, size_t i, GError **errp)
+{
+    Batch *b = &s->zero;
+
+    if (b->n && i == b->first + b->n) {
+        b->n++;
+    } else {
+        if (!flush_zero(s, errp)) {
+            return false;
+        }
+        *b = (Batch) { .first = i, .n = 1 };
+    }
+    s->pg[i].flags |= PG_PENDING;
+    return true;
+}
+
+static bool add_found(MsScanner *s, size_t i, uint32_t slot, GError **errp)
+{
+    Batch *b = &s->found;
+
+    if (!b->n || i != b->first + b->n || slot != b->slot + b->n) {
+        if (!flush_found(s, errp)) {
+            return false;
+        }
+        *b = (Batch) { .first = i, .slot = slot };
+    }
+    /* Held until the batch is merged, whatever happens meanwhile */
+    ms_store_get(s->store, slot);
+    b->n++;
+    s->pg[i].flags |= PG_PENDING;
+    return true;
+}
+
+static bool add_pair(MsScanner *s, size_t i, size_t q, GError **errp)
+{
+    Batch *b = &s->pair;
+
+    if (b->n && i == b->first + b->n && q == b->partner + b->n) {
+        b->n++;
+    } else {
+        if (!flush_pair(s, errp)) {
+            return false;
+        }
+        *b = (Batch) { .first = i, .n = 1, .partner = q };
+    }
+    s->pg[i].flags |= PG_PENDING;
+    s->pg[q].flags |= PG_PENDING;
+    return true;
+}
+
+/* Is page @q, seen earlier in this pass, still a partner for @content? */
+static bool partner_ok(MsScanner *s, size_t q, uint64_t h,
+                       const void *content)
+{
+    const PageState *p = &s->pg[q];
+
+    return p->slot == MS_SLOT_NONE && !(p->flags & PG_ZERO) &&
+           (p->flags & PG_KNOWN) && p->hash == h &&
+           !memcmp(page_at(s, q), content, s->page_size);
+}
+
+static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp);
+
+/* The unstable tree: pair with an earlier page, or wait for a later one */
+static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp)
+{
+    gpointer key = (gpointer)(uintptr_t)h;
+    gpointer v = g_hash_table_lookup(s->unstable, key);
+    size_t q = v ? GPOINTER_TO_SIZE(v) - 1 : i;
+
+    if (q != i && (s->pg[q].flags & PG_PENDING)) {
+        /* Its slot is about to exist: merge, then find it in the store */
+        return flush_all(s, errp) && candidate(s, i, h, errp);
+    }
+    if (q != i && partner_ok(s, q, h, page_at(s, i))) {
+        if (slots_blocked(s)) {
+            s->live.refused_budget++;
+            return true;
+        }
+        return add_pair(s, i, q, errp);
+    }
+    g_hash_table_replace(s->unstable, key, GSIZE_TO_POINTER(i + 1));
+    return true;
+}
+
+static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
+{
+    const uint8_t *host = page_at(s, i);
+    uint32_t slot;
+
+    if (ms_page_is_zero(host, s->page_size)) {
+        return add_zero(s, i, errp);
+    }
+    slot = ms_store_find(s->store, h, host);
+    if (slot != MS_SLOT_NONE) {
+        return add_found(s, i, slot, errp);
+    }
+    return add_unstable(s, i, h, errp);
+}
+
+/* ---- scanning ---- */
+
+static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
+{
+    PageState *p = &s->pg[i];
+    uint64_t h;
+
+    s->live.pages_scanned++;
+    if (p->slot != MS_SLOT_NONE) {
+        return true;        /* still maps the store: nothing to gain */
+    }
+    if (!holds_private_memory(pm)) {
+        return true;        /* a hole (maybe ours), the zero page, swap */
+    }
+    if (p->flags & PG_ZERO) {
+        /* A write filled our hole: an ordinary page again */
+        p->flags &= ~PG_ZERO;
+        s->live.zero_holes--;
+    }
+    h = ms_store_hash(s->store, page_at(s, i));
+    if (!observe(s, p, h)) {
+        return true;
+    }
+    return candidate(s, i, h, errp);
+}
+
+static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
+{
+    if (!read_pagemap(s, first, n, errp) ||
+        !settle_merged(s, first, n, errp)) {
+        return false;
+    }
+    for (size_t k = 0; k < n; k++) {
+        if (!visit(s, first + k, s->pm[k], errp)) {
+            drop_batches(s);
+            return false;
+        }
+    }
+    if (!flush_all(s, errp)) {
+        drop_batches(s);
+        return false;
+    }
+    return true;
+}
+
+static void end_full_scan(MsScanner *s)
+{
+    s->live.full_scans++;
+    g_hash_table_remove_all(s->unstable);
+    s->blocked_vmas = -1;
+}
+
+bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
+                     GError **errp)
+{
+    size_t done = 0;
+    bool ok = true;
+
+    while (ok && done < max_pages) {
+        size_t n = MIN(MIN(CHUNK, s->npages - s->cursor), max_pages - done);
+
+        ok = scan_chunk(s, s->cursor, n, errp);
+        if (ok) {
+            done += n;
+            s->cursor += n;
+        }
+        if (s->cursor == s->npages) {
+            s->cursor = 0;
+            end_full_scan(s);
+        }
+    }
+    publish_stats(s);
+    if (scanned) {
+        *scanned = done;
+    }
+    return ok;
+}
+
+/* ---- unmerging ---- */
+
+/* Start over with a private page: it must prove stable again */
+static void forget(MsScanner *s, PageState *p)
+{
+    if (p->flags & PG_ZERO) {
+        s->live.zero_holes--;
+    }
+    if (p->flags & PG_VOLATILE) {
+        s->live.pages_volatile--;
+    }
+    p->flags &= PG_WAS_MERGED;
+    p->stable = 0;
+}
+
+bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)
+{
+    g_autofree bool *shared = g_new(bool, s->npages);
+    size_t nshared;
+    bool ok;
+
+    ok = ms_unmerge(s->m, s->base, s->npages, errp) &&
+         ms_merge_test_shared(s->m, s->base, s->npages, shared, &nshared,
+                              errp);
+    for (size_t i = 0; ok && i < s->npages; i++) {
+        PageState *p = &s->pg[i];
+
+        /* Never drop the reference of a page that still maps its slot */
+        if (p->slot != MS_SLOT_NONE && !shared[i]) {
+            ms_store_put(s->store, p->slot);
+            p->slot = MS_SLOT_NONE;
+            s->live.pages_merged--;
+        }
+        if (p->slot == MS_SLOT_NONE) {
+            forget(s, p);
+        }
+    }
+    if (ok && nshared) {
+        g_set_error(errp, MS_ENGINE_ERROR, EAGAIN,
+                    "%zu pages still map the store after unmerging", nshared);
+        ok = false;
+    }
+    g_hash_table_remove_all(s->unstable);
+    publish_stats(s);
+    return ok;
+}

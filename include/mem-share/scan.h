@@ -1,0 +1,136 @@
+/*
+ * mem-share engine: the scanner of mode=user
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Depends on libc, GLib and the engine only, never on QEMU.
+ *
+ * An MsScanner decides what to merge in one region of guest RAM: it
+ * walks the region a chunk at a time, hashes populated private pages,
+ * and once a page's hash has stayed the same long enough merges it with
+ * a hole (zero content), with a page already in the store, or with an
+ * identical page seen earlier in the same pass.  It owns the store and
+ * the merger of the region.  See hw/mem-share/scan.c for the algorithm.
+ *
+ * Threads: one thread (the scanner thread) calls ms_scanner_step(),
+ * ms_scanner_unmerge_all() and ms_scanner_free(), and everything that
+ * uses ms_scanner_store() or ms_scanner_merger().  That thread must not
+ * hold the BQL (see merge.h).  ms_scanner_get_stats() may be called from
+ * any thread at any time: it copies a snapshot that the scanner thread
+ * publishes under a mutex at the end of every step.
+ */
+
+#ifndef MEM_SHARE_SCAN_H
+#define MEM_SHARE_SCAN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "mem-share/error.h"
+#include "mem-share/merge.h"
+#include "mem-share/store.h"
+
+typedef struct MsScanner MsScanner;
+
+typedef struct MsScanConfig {
+    void *host;             /* the region: page aligned, private anonymous */
+    size_t npages;
+    size_t page_size;       /* the host page size */
+    unsigned region_flags;  /* MS_REGION_* advice of the region (merge.h) */
+    /*
+     * Scans a page's hash must stay unchanged, after the scan that first
+     * saw it, before the page is merged: 0 merges on first sight.
+     */
+    unsigned stable_scans;
+    uint32_t store_slots;   /* store capacity; 0: one slot per page */
+    /*
+     * VMA budget: vma_budget if > 0, else ms_merger_default_budget()
+     * with budget_share of vm.max_map_count.
+     */
+    int64_t vma_budget;
+    double budget_share;
+} MsScanConfig;
+
+/*
+ * Statistics.  "now" figures describe the region at the end of the last
+ * step; the others count events since ms_scanner_new().
+ */
+typedef struct MsScanStats {
+    uint64_t pages;             /* region size, pages */
+    uint64_t page_size;
+    uint64_t pages_scanned;     /* pages looked at */
+    uint64_t full_scans;        /* passes over the whole region completed */
+    uint64_t pages_merged;      /* now: guest pages that map a store slot */
+    uint64_t zero_holes;        /* now: pages made holes, still holes */
+    uint64_t slots_used;        /* now: store slots in use */
+    uint64_t pages_volatile;    /* now: hash changed at the last visit */
+    uint64_t hash_changes;      /* visits that found a changed hash */
+    uint64_t merges;            /* pages merged onto the store */
+    /*
+     * Pages made zero holes.  On kernels whose read faults allocate a
+     * page (multi-size THP, or no shared zero page), a guest reading a
+     * hole fills it again and a later scan makes it a hole again: this
+     * count grows, re-merges do not.
+     */
+    uint64_t zero_merges;
+    uint64_t remerges;          /* merges of pages merged before */
+    uint64_t cow_breaks;        /* merged pages a write made private */
+    uint64_t refused_budget;    /* merges refused: VMA budget */
+    uint64_t refused_changed;   /* merges refused: content changed */
+    uint64_t refused_store_full;/* merges refused: no free store slot */
+    int64_t vmas;               /* VMAs the merged mappings add, net */
+    int64_t vma_budget;
+    uint64_t bytes_saved;       /* (merged - slots used + zero holes) pages */
+} MsScanStats;
+
+/* Fill @cfg with the defaults (stable_scans 1, budget share 0.5). */
+void ms_scan_config_init(MsScanConfig *cfg);
+
+/*
+ * Create a scanner for the region described by @cfg, with its own store
+ * and merger.  Fails when the merger cannot work (no userfaultfd write
+ * protection) or the store cannot be created.
+ */
+MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp);
+/*
+ * Free the scanner.  Merged pages keep mapping the store (the mappings
+ * hold the memfd), so call ms_scanner_unmerge_all() first unless the
+ * region is about to be unmapped.
+ */
+void ms_scanner_free(MsScanner *s);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsScanner, ms_scanner_free)
+
+/*
+ * Scan up to @max_pages pages from the cursor (wrapping at the region's
+ * end, which completes a full scan), merging what is ready; @scanned
+ * (may be NULL) receives the number of pages looked at.  Returns false
+ * on a system error (a failed mmap, pagemap read, ...); the state stays
+ * consistent and the next step may try again.
+ */
+bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
+                     GError **errp);
+
+/*
+ * Make every page private again, contents unchanged, and drop every
+ * store reference: afterwards the store is empty.  Zero holes stay
+ * holes (they read zeros, as before).  Scanning may resume afterwards,
+ * from scratch.
+ */
+bool ms_scanner_unmerge_all(MsScanner *s, GError **errp);
+
+/* Copy the statistics of the last step; any thread. */
+void ms_scanner_get_stats(MsScanner *s, MsScanStats *st);
+
+/*
+ * The scanner's store and merger, for the scanner thread only: e.g. to
+ * discard pages with ms_merge_discard() (the next scan then finds them
+ * private and drops their references), or to change the VMA budget.
+ */
+MsStore *ms_scanner_store(MsScanner *s);
+MsMerger *ms_scanner_merger(MsScanner *s);
+
+#endif /* MEM_SHARE_SCAN_H */

@@ -1,0 +1,614 @@
+/*
+ * Unit tests for the mem-share scanner (mode=user)
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The scanner runs over this process's own anonymous memory, filled with
+ * a known mix: zero pages, a few contents repeated many times, a block
+ * duplicated as a whole, and unique pages.  Every expected figure is
+ * derived from the fill; what the scanner did is checked against the
+ * bytes (they never change), /proc/self/smaps (the memory really went
+ * away) and the store's reference counts.  A writer test has threads
+ * rewrite pages while they are merged and checks that no write is lost.
+ *
+ * userfaultfd needs root, CAP_SYS_PTRACE or /dev/userfaultfd: without
+ * them the tests are skipped.
+ */
+
+#define _GNU_SOURCE
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <glib.h>
+
+#include "mem-share/hash.h"
+#include "mem-share/merge.h"
+#include "mem-share/scan.h"
+#include "mem-share/store.h"
+
+#define MIB (1024 * 1024)
+#define NDUP 5              /* contents repeated all over the region */
+#define MAX_PASSES 12
+
+static size_t page;
+
+typedef struct Fixture {
+    MsScanner *s;
+    uint8_t *ram;
+    size_t npages;
+    uint8_t *expect;        /* what the RAM must read */
+    /* Derived from the fill */
+    size_t zeros;           /* zero pages */
+    size_t dup_pages;       /* pages whose content appears twice or more */
+    size_t dup_contents;    /* distinct such contents */
+    bool skip;
+} Fixture;
+
+typedef struct Params {
+    size_t mib;
+    unsigned stable_scans;
+    int64_t vma_budget;
+} Params;
+
+static const Params normal = { .mib = 16, .stable_scans = 1 };
+static const Params eager = { .mib = 16, .stable_scans = 0 };
+static const Params tiny_budget = { .mib = 16, .stable_scans = 1,
+                                    .vma_budget = 6 };
+static const Params big = { .mib = 64, .stable_scans = 1 };
+
+/* Content ids: 0 zero, then duplicated contents, then unique pages */
+#define ID_ZERO 0
+#define ID_DUP(c) (1 + (c))
+#define ID_BLOCK(j) (1000 + (j))
+#define ID_UNIQUE(i) (1000000 + (i))
+
+static void fill(void *buf, uint64_t id)
+{
+    uint64_t *p = buf;
+
+    if (id == ID_ZERO) {
+        memset(buf, 0, page);
+        return;
+    }
+    for (size_t i = 0; i < page / sizeof(*p); i++) {
+        p[i] = id * 0x9e3779b97f4a7c15ULL + i;
+    }
+}
+
+/*
+ * The mix: an eighth of the region is a block that appears twice (a
+ * duplicated file, say: runs of pairs), one page in eight is zero, one
+ * in eight one of NDUP contents, the rest unique.
+ */
+static uint64_t content_id(size_t npages, size_t i)
+{
+    size_t block = npages / 8, copy = npages / 2;
+
+    if (i < block) {
+        return ID_BLOCK(i);
+    }
+    if (i >= copy && i < copy + block) {
+        return ID_BLOCK(i - copy);
+    }
+    switch (i % 8) {
+    case 0:
+        return ID_ZERO;
+    case 3:
+        return ID_DUP((i / 8) % NDUP);
+    default:
+        return ID_UNIQUE(i);
+    }
+}
+
+static uint8_t *pg(Fixture *f, size_t i)
+{
+    return f->ram + i * page;
+}
+
+/* Fill the RAM and derive what a perfect scanner merges */
+static void fill_ram(Fixture *f)
+{
+    g_autoptr(GHashTable) count = g_hash_table_new(g_direct_hash,
+                                                   g_direct_equal);
+    GHashTableIter it;
+    gpointer k, v;
+
+    for (size_t i = 0; i < f->npages; i++) {
+        uint64_t id = content_id(f->npages, i);
+
+        fill(pg(f, i), id);
+        if (id == ID_ZERO) {
+            f->zeros++;
+            continue;
+        }
+        v = g_hash_table_lookup(count, GSIZE_TO_POINTER(id));
+        g_hash_table_insert(count, GSIZE_TO_POINTER(id),
+                            GSIZE_TO_POINTER(GPOINTER_TO_SIZE(v) + 1));
+    }
+    g_hash_table_iter_init(&it, count);
+    while (g_hash_table_iter_next(&it, &k, &v)) {
+        if (GPOINTER_TO_SIZE(v) >= 2) {
+            f->dup_pages += GPOINTER_TO_SIZE(v);
+            f->dup_contents++;
+        }
+    }
+    memcpy(f->expect, f->ram, f->npages * page);
+}
+
+static void setup(Fixture *f, gconstpointer data)
+{
+    const Params *p = data;
+    g_autoptr(GError) err = NULL;
+    MsScanConfig cfg;
+
+    memset(f, 0, sizeof(*f));
+    f->npages = p->mib * MIB / page;
+    f->ram = mmap(NULL, f->npages * page, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    g_assert_true(f->ram != MAP_FAILED);
+    /* No THP: it would blur the anonymous-memory figures */
+    madvise(f->ram, f->npages * page, MADV_NOHUGEPAGE);
+    f->expect = g_malloc(f->npages * page);
+    fill_ram(f);
+
+    ms_scan_config_init(&cfg);
+    cfg.host = f->ram;
+    cfg.npages = f->npages;
+    cfg.region_flags = MS_REGION_NOHUGEPAGE;
+    cfg.stable_scans = p->stable_scans;
+    cfg.vma_budget = p->vma_budget;
+    f->s = ms_scanner_new(&cfg, &err);
+    if (!f->s) {
+        g_test_skip(err->message);
+        f->skip = true;
+    }
+}
+
+static void teardown(Fixture *f, gconstpointer data)
+{
+    (void)data;
+    ms_scanner_free(f->s);
+    munmap(f->ram, f->npages * page);
+    g_free(f->expect);
+}
+
+static void stats(Fixture *f, MsScanStats *st)
+{
+    ms_scanner_get_stats(f->s, st);
+}
+
+/* One full pass from wherever the cursor is */
+static void pass(Fixture *f)
+{
+    g_autoptr(GError) err = NULL;
+    size_t scanned;
+
+    g_assert_true(ms_scanner_step(f->s, f->npages, &scanned, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(scanned, ==, f->npages);
+}
+
+/* Scan until two full passes merge nothing new; returns the passes */
+static unsigned converge(Fixture *f)
+{
+    MsScanStats st;
+    uint64_t last = UINT64_MAX;
+    unsigned quiet = 0, n;
+
+    for (n = 0; n < MAX_PASSES && quiet < 2; n++) {
+        pass(f);
+        stats(f, &st);
+        quiet = st.merges + st.zero_merges == last ? quiet + 1 : 0;
+        last = st.merges + st.zero_merges;
+    }
+    g_assert_cmpuint(quiet, ==, 2);
+    return n;
+}
+
+static uint64_t anon_kb(Fixture *f)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    uintptr_t lo = (uintptr_t)f->ram, hi = lo + f->npages * page;
+    bool in_ram = false;
+    uint64_t total = 0;
+
+    g_assert_true(g_file_get_contents("/proc/self/smaps", &text, NULL, NULL));
+    lines = g_strsplit(text, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        uint64_t start, end, kb;
+
+        if (sscanf(*l, "%" SCNx64 "-%" SCNx64 " ", &start, &end) == 2 &&
+            strchr(*l, '-') < strchr(*l, ' ')) {
+            in_ram = start < hi && end > lo;
+        } else if (in_ram && sscanf(*l, "Anonymous: %" SCNu64, &kb) == 1) {
+            total += kb;
+        }
+    }
+    return total;
+}
+
+/* The references the store holds are exactly the merged pages' */
+static void check_refs(Fixture *f)
+{
+    MsScanStats st;
+    MsStoreStats ss;
+
+    stats(f, &st);
+    ms_store_get_stats(ms_scanner_store(f->s), &ss);
+    g_assert_cmpuint(ss.refs, ==, st.pages_merged);
+    g_assert_cmpuint(ss.slots_used, ==, st.slots_used);
+    g_assert_cmpuint(ss.published, ==, ss.slots_used);
+}
+
+static void check_content(Fixture *f)
+{
+    for (size_t i = 0; i < f->npages; i++) {
+        if (memcmp(pg(f, i), f->expect + i * page, page)) {
+            g_error("page %zu changed (content id %" PRIu64 ")", i,
+                    content_id(f->npages, i));
+        }
+    }
+}
+
+/* The converged state of the fill: exact figures */
+static void check_converged(Fixture *f)
+{
+    MsScanStats st;
+
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_merged, ==, f->dup_pages);
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros);
+    g_assert_cmpuint(st.slots_used, ==, f->dup_contents);
+    g_assert_cmpuint(st.bytes_saved, ==,
+                     (f->dup_pages - f->dup_contents + f->zeros) * page);
+    g_assert_cmpint(st.vmas, <=, st.vma_budget);
+    check_refs(f);
+}
+
+static void test_converge(Fixture *f, gconstpointer data)
+{
+    uint64_t before, after, want;
+    unsigned passes;
+    MsScanStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    before = anon_kb(f);
+    passes = converge(f);
+    after = anon_kb(f);
+    stats(f, &st);
+    g_test_message("%zu pages: %zu zero, %zu duplicates of %zu contents; "
+                   "converged in %u passes, %" PRId64 " VMAs, %" PRIu64
+                   " KiB anonymous -> %" PRIu64, f->npages, f->zeros,
+                   f->dup_pages, f->dup_contents, passes, st.vmas, before,
+                   after);
+    check_converged(f);
+    g_assert_cmpuint(st.full_scans, ==, passes);
+    g_assert_cmpuint(st.pages_scanned, ==, passes * f->npages);
+    g_assert_cmpuint(st.cow_breaks, ==, 0);
+    g_assert_cmpuint(st.remerges, ==, 0);
+    want = (f->dup_pages - f->dup_contents + f->zeros) * page / 1024;
+    g_assert_cmpuint(before - after, >=, want);
+    check_content(f);
+    /* Reading merged pages and holes changes nothing */
+    pass(f);
+    check_converged(f);
+    check_content(f);
+}
+
+/* The @nth page (from 0) with content @id */
+static size_t find_page(Fixture *f, uint64_t id, size_t nth)
+{
+    for (size_t i = 0; i < f->npages; i++) {
+        if (content_id(f->npages, i) == id && nth-- == 0) {
+            return i;
+        }
+    }
+    g_assert_not_reached();
+}
+
+static void test_cow_break(Fixture *f, gconstpointer data)
+{
+    MsMerger *m;
+    MsStore *store;
+    MsScanStats st;
+    size_t d, b, z;
+    uint32_t dslot, bslot, drefs;
+    bool shared;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    m = ms_scanner_merger(f->s);
+    store = ms_scanner_store(f->s);
+    d = find_page(f, ID_DUP(2), 3);
+    b = find_page(f, ID_BLOCK(7), 1);
+    dslot = ms_merger_slot_at(m, pg(f, d));
+    bslot = ms_merger_slot_at(m, pg(f, b));
+    drefs = ms_store_refs(store, dslot);
+    g_assert_cmpuint(ms_store_refs(store, bslot), ==, 2);
+
+    /* A write breaks only the page written */
+    pg(f, d)[10] ^= 1;
+    pg(f, b)[20] ^= 1;
+    f->expect[d * page + 10] ^= 1;
+    f->expect[b * page + 20] ^= 1;
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.cow_breaks, ==, 2);
+    g_assert_cmpuint(st.pages_merged, ==, f->dup_pages - 2);
+    g_assert_cmpuint(ms_store_refs(store, dslot), ==, drefs - 1);
+    g_assert_cmpuint(ms_store_refs(store, bslot), ==, 1);
+    /* Its neighbours: another duplicate still shared, a unique page not */
+    g_assert_cmpuint(content_id(f->npages, d - 8), ==, ID_DUP(1));
+    g_assert_true(ms_merge_test_shared(m, pg(f, d - 8), 1, &shared, NULL,
+                                       NULL));
+    g_assert_true(shared);
+    g_assert_true(ms_merge_test_shared(m, pg(f, d + 1), 1, &shared, NULL,
+                                       NULL));
+    g_assert_false(shared);
+    check_refs(f);
+    check_content(f);
+
+    /* Identical again: merged again, onto the same slots */
+    pg(f, d)[10] ^= 1;
+    pg(f, b)[20] ^= 1;
+    f->expect[d * page + 10] ^= 1;
+    f->expect[b * page + 20] ^= 1;
+    converge(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.remerges, ==, 2);
+    check_converged(f);
+    g_assert_cmpuint(ms_merger_slot_at(m, pg(f, d)), ==, dslot);
+    g_assert_cmpuint(ms_merger_slot_at(m, pg(f, b)), ==, bslot);
+    check_content(f);
+
+    /* A zero hole written becomes an ordinary page, then a hole again */
+    z = find_page(f, ID_ZERO, 0);
+    pg(f, z)[0] = 1;
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros - 1);
+    pg(f, z)[0] = 0;
+    converge(f);
+    check_converged(f);
+    check_content(f);
+}
+
+static void test_unmerge_all(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree bool *shared = NULL;
+    MsStoreStats ss;
+    MsScanStats st;
+    size_t nshared;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    g_assert_true(ms_scanner_unmerge_all(f->s, &err));
+    g_assert_no_error(err);
+    ms_store_get_stats(ms_scanner_store(f->s), &ss);
+    g_assert_cmpuint(ss.slots_used, ==, 0);
+    g_assert_cmpuint(ss.refs, ==, 0);
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_merged, ==, 0);
+    g_assert_cmpuint(st.zero_holes, ==, 0);
+    g_assert_cmpuint(st.slots_used, ==, 0);
+    g_assert_cmpuint(st.bytes_saved, ==, 0);
+    shared = g_new(bool, f->npages);
+    g_assert_true(ms_merge_test_shared(ms_scanner_merger(f->s), f->ram,
+                                       f->npages, shared, &nshared, &err));
+    g_assert_cmpuint(nshared, ==, 0);
+    check_content(f);
+    /* Scanning may start over */
+    converge(f);
+    check_converged(f);
+    check_content(f);
+}
+
+static void test_budget(Fixture *f, gconstpointer data)
+{
+    MsScanStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &st);
+    g_test_message("budget %" PRId64 ": %" PRId64 " VMAs, %" PRIu64
+                   " pages merged, %" PRIu64 " refused", st.vma_budget,
+                   st.vmas, st.pages_merged, st.refused_budget);
+    g_assert_cmpint(st.vmas, <=, st.vma_budget);
+    g_assert_cmpuint(st.refused_budget, >, 0);
+    g_assert_cmpuint(st.pages_merged, <, f->dup_pages);
+    /* Holes of anonymous pages cost no VMA: all of them */
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros);
+    check_refs(f);
+    check_content(f);
+}
+
+/* ---- writers against the scanner ---- */
+
+#define NWRITERS 2
+#define HAMMER_PAGES 64     /* pairs of pages (2k, 2k + 1) per writer area */
+#define HAMMER_SECONDS 3
+
+typedef struct Writer {
+    Fixture *f;
+    pthread_t thread;
+    unsigned id;
+    uint64_t last[HAMMER_PAGES];
+    uint64_t writes;
+    uint64_t lost;
+    volatile bool *stop;
+} Writer;
+
+/* The hammered pages: from the middle of the unique pages */
+static size_t hammer_page(Fixture *f, size_t k)
+{
+    return f->npages * 3 / 4 + k;
+}
+
+static uint64_t *writer_word(Fixture *f, size_t k, unsigned id)
+{
+    return (uint64_t *)(pg(f, hammer_page(f, k)) + 64 * (id + 1));
+}
+
+/*
+ * Each writer owns one word in each hammered page and writes the same
+ * value into both pages of a pair, or zero: between bursts the pair is
+ * identical and gets merged, and writes land on pages being merged.
+ */
+static void *writer_main(void *opaque)
+{
+    Writer *w = opaque;
+    GRand *rand = g_rand_new_with_seed(w->id + 7);
+    uint64_t counter = 0;
+
+    while (!*w->stop) {
+        size_t k = g_rand_int_range(rand, 0, HAMMER_PAGES / 2) * 2;
+        uint64_t value = g_rand_int_range(rand, 0, 4) ?
+                         (++counter << 8) | (w->id + 1) : 0;
+
+        for (size_t j = k; j < k + 2; j++) {
+            volatile uint64_t *word = writer_word(w->f, j, w->id);
+
+            /* Only this thread writes this word: it holds our last value */
+            w->lost += *word != w->last[j];
+            *word = value;
+            w->last[j] = value;
+            w->writes++;
+        }
+        if (g_rand_int_range(rand, 0, 32) == 0) {
+            g_usleep(g_rand_int_range(rand, 0, 2000));
+        }
+    }
+    g_rand_free(rand);
+    return NULL;
+}
+
+static void test_writers(Fixture *f, gconstpointer data)
+{
+    Writer w[NWRITERS];
+    volatile bool stop = false;
+    uint64_t writes = 0, lost = 0;
+    MsScanStats st;
+    gint64 end;
+    size_t passes = 0;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    /* Pairs start identical: the pages of a pair get the same content */
+    for (size_t k = 0; k < HAMMER_PAGES; k += 2) {
+        memcpy(pg(f, hammer_page(f, k + 1)), pg(f, hammer_page(f, k)), page);
+    }
+    memcpy(f->expect, f->ram, f->npages * page);
+    for (unsigned i = 0; i < NWRITERS; i++) {
+        w[i] = (Writer) { .f = f, .id = i, .stop = &stop };
+        for (size_t k = 0; k < HAMMER_PAGES; k++) {
+            w[i].last[k] = *writer_word(f, k, i);
+        }
+        g_assert_cmpint(pthread_create(&w[i].thread, NULL, writer_main,
+                                       &w[i]), ==, 0);
+    }
+    end = g_get_monotonic_time() + HAMMER_SECONDS * G_USEC_PER_SEC;
+    while (g_get_monotonic_time() < end) {
+        pass(f);
+        passes++;
+    }
+    stop = true;
+    for (unsigned i = 0; i < NWRITERS; i++) {
+        pthread_join(w[i].thread, NULL);
+        writes += w[i].writes;
+        lost += w[i].lost;
+    }
+    stats(f, &st);
+    g_test_message("%" PRIu64 " writes, %" PRIu64 " lost; %" PRIu64
+                   " merges, %" PRIu64 " zero merges, %" PRIu64
+                   " cow-breaks, %" PRIu64 " re-merges, %" PRIu64
+                   " hash changes, %" PRIu64 " refused (changed), %zu passes",
+                   writes, lost, st.merges, st.zero_merges, st.cow_breaks,
+                   st.remerges, st.hash_changes, st.refused_changed, passes);
+    g_assert_cmpuint(lost, ==, 0);
+    g_assert_cmpuint(st.hash_changes, >, 0);
+    g_assert_cmpuint(st.cow_breaks, >, 0);
+
+    for (size_t k = 0; k < HAMMER_PAGES; k++) {
+        for (unsigned i = 0; i < NWRITERS; i++) {
+            g_assert_cmphex(*writer_word(f, k, i), ==, w[i].last[k]);
+            memcpy(f->expect + hammer_page(f, k) * page + 64 * (i + 1),
+                   &w[i].last[k], sizeof(uint64_t));
+        }
+    }
+    check_content(f);
+    /* Quiet again: everything settles, references exact */
+    converge(f);
+    check_refs(f);
+    check_content(f);
+}
+
+/* ---- figures ---- */
+
+static void test_throughput(Fixture *f, gconstpointer data)
+{
+    MsScanStats st;
+    gint64 t0, t1, t2;
+    double mib = (double)f->npages * page / MIB;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    t0 = g_get_monotonic_time();
+    pass(f);                /* hashes only */
+    t1 = g_get_monotonic_time();
+    pass(f);                /* merges */
+    t2 = g_get_monotonic_time();
+    stats(f, &st);
+    g_test_message("%.0f MiB: first pass (hashing) %.0f MiB/s; merging "
+                   "pass %.0f MiB/s, %" PRIu64 " pages merged, %" PRIu64
+                   " zero holes, %.1f MiB saved", mib,
+                   mib / ((t1 - t0) / 1e6), mib / ((t2 - t1) / 1e6),
+                   st.merges, st.zero_merges,
+                   (double)st.bytes_saved / MIB);
+    t0 = g_get_monotonic_time();
+    pass(f);                /* steady state: nothing left to merge */
+    t1 = g_get_monotonic_time();
+    g_test_message("steady pass %.0f MiB/s", mib / ((t1 - t0) / 1e6));
+    converge(f);
+    check_converged(f);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    page = sysconf(_SC_PAGESIZE);
+
+#define ADD(path, params, fn) \
+    g_test_add(path, Fixture, &params, setup, fn, teardown)
+    ADD("/scan/converge", normal, test_converge);
+    ADD("/scan/converge-eager", eager, test_converge);
+    ADD("/scan/cow-break", normal, test_cow_break);
+    ADD("/scan/unmerge-all", normal, test_unmerge_all);
+    ADD("/scan/budget", tiny_budget, test_budget);
+    ADD("/scan/writers", eager, test_writers);
+    ADD("/scan/throughput", big, test_throughput);
+
+    return g_test_run();
+}
