@@ -547,70 +547,96 @@ static uint32_t hint_after(MsScanner *s, size_t i)
     return prev == MS_SLOT_NONE ? MS_SLOT_NONE : prev + 1;
 }
 
-/* Reserve and publish slots for the pair batch @b; false: none */
+/*
+ * Reserve the longest run of slots, up to @b->n, that the store has
+ * (halving the length while it has none) and publish the content of
+ * the pages from @b->first in it.  *@n: how many; 0 if the store is full.
+ */
 static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
-                      bool *got, GError **errp)
+                      size_t *n, GError **errp)
 {
-    g_autoptr(GError) err = NULL;
     uint32_t hint = hint_after(s, b->first);
 
-    *got = false;
     if (hint == MS_SLOT_NONE) {
         hint = hint_after(s, b->partner);
     }
-    if (!ms_store_alloc_run(s->store, hint, b->n, slot, &err)) {
+    *n = MIN(b->n, ms_store_max_slots(s->store));
+    for (;;) {
+        g_autoptr(GError) err = NULL;
+
+        if (ms_store_alloc_run(s->store, hint, *n, slot, &err)) {
+            break;
+        }
         if (err->code != ENOSPC) {
             g_propagate_error(errp, g_steal_pointer(&err));
             return false;
         }
-        s->live.refused_store_full += 2 * b->n;
-        return true;
+        *n /= 2;
+        if (!*n) {
+            return true;
+        }
     }
-    for (size_t k = 0; k < b->n; k++) {
+    for (size_t k = 0; k < *n; k++) {
         if (!ms_store_publish(s->store, *slot + k, page_at(s, b->first + k),
                               errp)) {
-            for (size_t j = 0; j < b->n; j++) {
+            for (size_t j = 0; j < *n; j++) {
                 ms_store_put(s->store, *slot + j);
             }
             return false;
         }
     }
-    *got = true;
     return true;
+}
+
+/* Merge a piece of a pair batch: both sides onto new slots */
+static bool flush_pair_piece(MsScanner *s, Batch *b, GError **errp)
+{
+    uint32_t slot;
+    size_t n;
+    bool ok;
+
+    if (!new_slots(s, b, &slot, &n, errp)) {
+        return false;
+    }
+    if (!n) {
+        s->live.refused_store_full += 2 * b->n;
+        clear_pending(s, b->first, b->n);
+        clear_pending(s, b->partner, b->n);
+        b->n = 0;
+        return true;
+    }
+    ok = merge_and_record(s, b->first, n, slot, errp) &&
+         merge_and_record(s, b->partner, n, slot, errp);
+    /* The allocation's references: a slot nobody maps is freed here */
+    for (size_t k = 0; k < n; k++) {
+        ms_store_put(s->store, slot + k);
+    }
+    clear_pending(s, b->partner, n);
+    b->first += n;
+    b->partner += n;
+    b->n -= n;
+    return ok;
 }
 
 static bool flush_pair(MsScanner *s, GError **errp)
 {
     Batch b = s->pair;
-    uint32_t slot;
-    bool got, ok;
 
     s->pair.n = 0;
-    if (!b.n) {
-        return true;
-    }
-    if (slots_blocked(s)) {
+    if (b.n && slots_blocked(s)) {
         s->live.refused_budget += 2 * b.n;
         clear_pending(s, b.first, b.n);
         clear_pending(s, b.partner, b.n);
         return true;
     }
-    ok = new_slots(s, &b, &slot, &got, errp);
-    if (!ok || !got) {
-        clear_pending(s, b.first, b.n);
-        clear_pending(s, b.partner, b.n);
-        return ok;
+    while (b.n) {
+        if (!flush_pair_piece(s, &b, errp)) {
+            clear_pending(s, b.first, b.n);
+            clear_pending(s, b.partner, b.n);
+            return false;
+        }
     }
-    ok = merge_and_record(s, b.first, b.n, slot, errp) &&
-         merge_and_record(s, b.partner, b.n, slot, errp);
-    if (!ok) {
-        clear_pending(s, b.partner, b.n);
-    }
-    /* The allocation's references: a slot nobody maps is freed here */
-    for (size_t k = 0; k < b.n; k++) {
-        ms_store_put(s->store, slot + k);
-    }
-    return ok;
+    return true;
 }
 
 static bool flush_all(MsScanner *s, GError **errp)
@@ -824,6 +850,35 @@ static void forget(MsScanner *s, PageState *p)
     }
     p->flags &= PG_WAS_MERGED;
     p->stable = 0;
+}
+
+bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp)
+{
+    size_t first = ((uint8_t *)host - s->base) / s->page_size;
+
+    if ((uint8_t *)host < s->base || (uintptr_t)host % s->page_size ||
+        first >= s->npages || n > s->npages - first) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "%zu pages at %p are not inside the scanned region", n,
+                    host);
+        return false;
+    }
+    /* On failure the next scan finds out which pages still map the store */
+    if (!ms_merge_discard(s->m, host, n, errp)) {
+        return false;
+    }
+    for (size_t i = first; i < first + n; i++) {
+        PageState *p = &s->pg[i];
+
+        if (p->slot != MS_SLOT_NONE) {
+            ms_store_put(s->store, p->slot);
+            p->slot = MS_SLOT_NONE;
+            s->live.pages_merged--;
+        }
+        forget(s, p);
+    }
+    publish_stats(s);
+    return true;
 }
 
 bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)

