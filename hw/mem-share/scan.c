@@ -67,8 +67,18 @@
  * could only become more scattered mappings) unless mappings were given
  * back meanwhile; merges onto existing slots are still tried (the
  * refusal is cheap and extending a run may still fit), and zero holes
- * of anonymous pages, which add no VMA, go on.  A full store refuses new
- * slots the same way.  Refusals are counted by reason.
+ * of anonymous pages, which add no VMA, go on: store merges are run
+ * against a budget two VMAs lower, because freezing part of a VMA splits
+ * it for a moment and a zero hole needs that headroom.  A full store
+ * gives a pair run the longest run of slots it has, halving down to one,
+ * then refuses.  Refusals are counted by reason, per page and attempt.
+ *
+ * Memory: 16 bytes per guest page, plus the unstable table (a GHashTable
+ * entry per stable unmatched page, reset every pass).
+ *
+ * On the 6.18 test host a read fault on a hole allocates a page: a zero
+ * hole the guest reads holds memory again, is exclusively mapped, and
+ * the next visit makes it a hole again (its hash is unchanged).
  */
 
 #define _GNU_SOURCE
