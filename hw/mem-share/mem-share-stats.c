@@ -112,6 +112,8 @@ MemShareInfo *mem_share_get_info(MemShareBackend *ms)
     info->page_size = qemu_real_host_page_size();
     if (ms->mode == MEM_SHARE_MODE_KERNEL) {
         mem_share_fill_kernel(ms, info);
+    } else if (ms->user) {
+        mem_share_user_fill_info(ms, info);
     }
     return info;
 }
@@ -168,6 +170,21 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                        ", cow breaks %" PRIu64 ", scan cpu %" PRIu64 " ms\n",
                        i->pages_scanned, i->full_scans, i->cow_breaks,
                        i->scan_cpu_ns / SCALE_MS);
+        if (i->user) {
+            MemShareUserInfo *u = i->user;
+
+            monitor_printf(mon, "  store pages %" PRIu64 ", shared pages %"
+                           PRIu64 ", volatile %" PRIu64 ", saved %" PRIu64
+                           " bytes\n", u->store_pages, u->pages_shared,
+                           u->pages_volatile, u->bytes_saved);
+            monitor_printf(mon, "  merges %" PRIu64 ", zero merges %" PRIu64
+                           ", remerges %" PRIu64 ", mappings %" PRIu64 "/%"
+                           PRIu64 ", refused: budget %" PRIu64 ", changed %"
+                           PRIu64 ", store full %" PRIu64 "\n", u->merges,
+                           u->zero_merges, u->remerges, u->mappings,
+                           u->mapping_budget, u->refused_budget,
+                           u->refused_changed, u->refused_store_full);
+        }
         if (i->kernel) {
             MemShareKernelInfo *k = i->kernel;
 

@@ -11,7 +11,8 @@
  *  - off:    nothing is merged;
  *  - kernel: the RAM is marked MADV_MERGEABLE and the host's ksmd merges
  *            it; mem-share reports what ksmd did to this object's pages;
- *  - user:   mem-share's own scanner and merge engine (not yet available).
+ *  - user:   mem-share's own scanner thread (mem-share-user.c) hashes the
+ *            RAM and merges identical pages copy-on-write onto a store.
  *
  * Private anonymous memory is a requirement, not a default: merging maps
  * a shared page copy-on-write into the guest, and only a private mapping
@@ -23,7 +24,9 @@
 #include "qemu/error-report.h"
 #include "qemu/madvise.h"
 #include "qapi/error.h"
+#include "qapi/qapi-commands-mem-share.h"
 #include "qapi/qapi-visit-mem-share.h"
+#include "qapi/visitor.h"
 #include "qom/object_interfaces.h"
 #include "hw/mem-share/mem-share.h"
 #include "mem-share/ksm.h"
@@ -31,20 +34,32 @@
 
 #define KSM_SYSFS_DIR "/sys/kernel/mm/ksm"
 
-static bool mem_share_apply_mode(MemShareBackend *ms, MemShareMode mode,
-                                 Error **errp)
+/* Defaults: converge a few GiB within seconds on an idle host */
+#define MEM_SHARE_DEFAULT_SCAN_RATE     (256 * 1024)    /* pages/s: 1 GiB/s */
+#define MEM_SHARE_DEFAULT_MAX_CPU       50
+#define MEM_SHARE_DEFAULT_STABLE_SCANS  1
+#define MEM_SHARE_MAX_STABLE_SCANS      16
+#define MEM_SHARE_DEFAULT_MAP_BUDGET    50
+#define MEM_SHARE_MAX_MAP_BUDGET        90
+
+static const char *mem_share_id(MemShareBackend *ms)
+{
+    return object_get_canonical_path_component(OBJECT(ms));
+}
+
+/* MADV_MERGEABLE in mode kernel only: host KSM must not touch user mode */
+static bool mem_share_set_mergeable(MemShareBackend *ms, bool merge,
+                                    Error **errp)
 {
     HostMemoryBackend *backend = MEMORY_BACKEND(ms);
     void *ptr = memory_region_get_ram_ptr(&backend->mr);
     uint64_t size = memory_region_size(&backend->mr);
-    bool merge = mode == MEM_SHARE_MODE_KERNEL;
     int ret;
 
     ret = qemu_madvise(ptr, size,
                        merge ? QEMU_MADV_MERGEABLE : QEMU_MADV_UNMERGEABLE);
-    trace_mem_share_madvise(object_get_canonical_path_component(OBJECT(ms)),
-                            ptr, size, merge ? "mergeable" : "unmergeable",
-                            ret);
+    trace_mem_share_madvise(mem_share_id(ms), ptr, size,
+                            merge ? "mergeable" : "unmergeable", ret);
     if (ret) {
         error_setg_errno(errp, errno, "cannot mark the guest RAM %s",
                          merge ? "mergeable" : "unmergeable");
@@ -62,8 +77,7 @@ static void mem_share_warn_ksm_stopped(MemShareBackend *ms)
 
     if (!ms_ksm_read_host(KSM_SYSFS_DIR, "/proc/vmstat", &host, &gerr)) {
         warn_report("mem-share '%s': %s; nothing will be merged",
-                    object_get_canonical_path_component(OBJECT(ms)),
-                    gerr->message);
+                    mem_share_id(ms), gerr->message);
     } else if (!host.running) {
         warn_report_once("mem-share: host KSM is not running (%s/run is not 1);"
                          " mode=kernel marks guest RAM mergeable, but nothing"
@@ -72,11 +86,34 @@ static void mem_share_warn_ksm_stopped(MemShareBackend *ms)
     }
 }
 
+/* Leave @from and enter @to, with the RAM allocated */
+static bool mem_share_switch(MemShareBackend *ms, MemShareMode from,
+                             MemShareMode to, Error **errp)
+{
+    if (from == MEM_SHARE_MODE_USER &&
+        !mem_share_user_stop(ms, true, errp)) {
+        return false;
+    }
+    if (!mem_share_set_mergeable(ms, to == MEM_SHARE_MODE_KERNEL, errp)) {
+        return false;
+    }
+    if (to == MEM_SHARE_MODE_USER && !mem_share_user_start(ms, errp)) {
+        /* Back to where we were; the RAM is plain again meanwhile */
+        mem_share_set_mergeable(ms, from == MEM_SHARE_MODE_KERNEL, NULL);
+        return false;
+    }
+    if (to == MEM_SHARE_MODE_KERNEL) {
+        mem_share_warn_ksm_stopped(ms);
+    }
+    trace_mem_share_set_mode(mem_share_id(ms), MemShareMode_str(from),
+                             MemShareMode_str(to));
+    return true;
+}
+
 static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
 {
     ERRP_GUARD();
     MemShareBackend *ms = MEM_SHARE(backend);
-    const char *id = object_get_canonical_path_component(OBJECT(backend));
     g_autofree char *name = NULL;
     uint32_t ram_flags;
 
@@ -88,11 +125,6 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
     if (backend->share) {
         error_setg(errp, "share=on is not supported: merged pages are mapped"
                    " copy-on-write, which needs private memory");
-        return;
-    }
-    if (ms->mode == MEM_SHARE_MODE_USER) {
-        error_setg(errp, "mode=user is not available in this build;"
-                   " use mode=kernel (host KSM) or mode=off");
         return;
     }
 
@@ -111,14 +143,36 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
      * and the generic backend code marks it again after alloc() if 'merge'
      * is set.  Apply the mode explicitly, both ways.
      */
-    if (!mem_share_apply_mode(ms, ms->mode, errp)) {
+    if (!mem_share_set_mergeable(ms, ms->mode == MEM_SHARE_MODE_KERNEL,
+                                 errp)) {
         return;
     }
     if (ms->mode == MEM_SHARE_MODE_KERNEL) {
         mem_share_warn_ksm_stopped(ms);
     }
     mem_share_stats_register();
-    trace_mem_share_alloc(id, MemShareMode_str(ms->mode), backend->size);
+    trace_mem_share_alloc(mem_share_id(ms), MemShareMode_str(ms->mode),
+                          backend->size);
+}
+
+/*
+ * The scanner starts once the generic backend code is done with the RAM
+ * (preallocation, NUMA policy, dump advice), so that it sees the final
+ * mapping and re-applies the final advice to the pages it merges.
+ */
+static void mem_share_complete(UserCreatable *uc, Error **errp)
+{
+    ERRP_GUARD();
+    MemShareBackend *ms = MEM_SHARE(uc);
+    MemShareBackendClass *mc = MEM_SHARE_GET_CLASS(uc);
+
+    mc->parent_complete(uc, errp);
+    if (*errp) {
+        return;
+    }
+    if (ms->mode == MEM_SHARE_MODE_USER) {
+        mem_share_user_start(ms, errp);
+    }
 }
 
 static int mem_share_get_mode(Object *obj, Error **errp)
@@ -129,31 +183,114 @@ static int mem_share_get_mode(Object *obj, Error **errp)
 static void mem_share_set_mode(Object *obj, int value, Error **errp)
 {
     MemShareBackend *ms = MEM_SHARE(obj);
-    HostMemoryBackend *backend = MEMORY_BACKEND(obj);
 
-    if (!host_memory_backend_mr_inited(backend)) {
-        ms->mode = value;
+    if (host_memory_backend_mr_inited(MEMORY_BACKEND(obj)) &&
+        value != ms->mode &&
+        !mem_share_switch(ms, ms->mode, value, errp)) {
         return;
     }
-    if (value == ms->mode) {
-        return;
-    }
-    if (value == MEM_SHARE_MODE_USER || ms->mode == MEM_SHARE_MODE_USER) {
-        error_setg(errp, "mode=user is not available in this build;"
-                   " at run time a mem-share object can switch between"
-                   " mode=off and mode=kernel");
-        return;
-    }
-    if (!mem_share_apply_mode(ms, value, errp)) {
-        return;
-    }
-    trace_mem_share_set_mode(object_get_canonical_path_component(obj),
-                             MemShareMode_str(ms->mode),
-                             MemShareMode_str(value));
     ms->mode = value;
-    if (value == MEM_SHARE_MODE_KERNEL) {
-        mem_share_warn_ksm_stopped(ms);
+}
+
+/* Getters of the tuning fields; @opaque is the field's offset */
+static void mem_share_get_u64(Object *obj, Visitor *v, const char *name,
+                              void *opaque, Error **errp)
+{
+    uint64_t value = qatomic_read((uint64_t *)((char *)obj +
+                                               (uintptr_t)opaque));
+
+    visit_type_uint64(v, name, &value, errp);
+}
+
+static void mem_share_get_u32(Object *obj, Visitor *v, const char *name,
+                              void *opaque, Error **errp)
+{
+    uint32_t value = qatomic_read((uint32_t *)((char *)obj +
+                                               (uintptr_t)opaque));
+
+    visit_type_uint32(v, name, &value, errp);
+}
+
+static void mem_share_set_scan_rate(Object *obj, Visitor *v, const char *name,
+                                    void *opaque, Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    uint64_t value;
+
+    if (!visit_type_uint64(v, name, &value, errp)) {
+        return;
     }
+    qatomic_set(&ms->scan_rate, value);
+    mem_share_user_kick(ms);
+}
+
+static void mem_share_set_max_cpu(Object *obj, Visitor *v, const char *name,
+                                  void *opaque, Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    uint32_t value;
+
+    if (!visit_type_uint32(v, name, &value, errp)) {
+        return;
+    }
+    if (value < 1 || value > 100) {
+        error_setg(errp, "max-cpu must be between 1 and 100 (percent of one"
+                   " CPU), not %" PRIu32, value);
+        return;
+    }
+    qatomic_set(&ms->max_cpu, value);
+    mem_share_user_kick(ms);
+}
+
+/* Properties the scanner reads once, when it starts */
+static bool mem_share_check_not_started(MemShareBackend *ms, const char *name,
+                                        Error **errp)
+{
+    if (host_memory_backend_mr_inited(MEMORY_BACKEND(ms))) {
+        error_setg(errp, "%s can only be set when the object is created",
+                   name);
+        return false;
+    }
+    return true;
+}
+
+static void mem_share_set_stable_scans(Object *obj, Visitor *v,
+                                       const char *name, void *opaque,
+                                       Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    uint32_t value;
+
+    if (!mem_share_check_not_started(ms, name, errp) ||
+        !visit_type_uint32(v, name, &value, errp)) {
+        return;
+    }
+    if (value > MEM_SHARE_MAX_STABLE_SCANS) {
+        error_setg(errp, "stable-scans must be between 0 and %d, not %" PRIu32,
+                   MEM_SHARE_MAX_STABLE_SCANS, value);
+        return;
+    }
+    ms->stable_scans = value;
+}
+
+static void mem_share_set_map_budget(Object *obj, Visitor *v,
+                                     const char *name, void *opaque,
+                                     Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    uint32_t value;
+
+    if (!mem_share_check_not_started(ms, name, errp) ||
+        !visit_type_uint32(v, name, &value, errp)) {
+        return;
+    }
+    if (value < 1 || value > MEM_SHARE_MAX_MAP_BUDGET) {
+        error_setg(errp, "map-budget must be between 1 and %d (percent of"
+                   " vm.max_map_count), not %" PRIu32,
+                   MEM_SHARE_MAX_MAP_BUDGET, value);
+        return;
+    }
+    ms->map_budget = value;
 }
 
 /*
@@ -174,24 +311,83 @@ static void mem_share_set_mem_path(Object *obj, const char *value,
                " mem-share)");
 }
 
+void qmp_mem_share_scan_now(const char *id, Error **errp)
+{
+    Object *obj = object_resolve_path_component(object_get_objects_root(), id);
+    MemShareBackend *ms = obj ? (MemShareBackend *)
+                          object_dynamic_cast(obj, TYPE_MEM_SHARE) : NULL;
+
+    if (!ms) {
+        error_setg(errp, "'%s' is not a mem-share object", id);
+        return;
+    }
+    if (!ms->user) {
+        error_setg(errp, "mem-share '%s' is in mode %s; scanning on request"
+                   " needs mode=user", id, MemShareMode_str(ms->mode));
+        return;
+    }
+    mem_share_user_scan_now(ms);
+}
+
 static void mem_share_instance_init(Object *obj)
 {
-    MEM_SHARE(obj)->mode = MEM_SHARE_MODE_OFF;
+    MemShareBackend *ms = MEM_SHARE(obj);
+
+    ms->mode = MEM_SHARE_MODE_OFF;
+    ms->scan_rate = MEM_SHARE_DEFAULT_SCAN_RATE;
+    ms->max_cpu = MEM_SHARE_DEFAULT_MAX_CPU;
+    ms->stable_scans = MEM_SHARE_DEFAULT_STABLE_SCANS;
+    ms->map_budget = MEM_SHARE_DEFAULT_MAP_BUDGET;
+}
+
+static void mem_share_instance_finalize(Object *obj)
+{
+    /* The RAM goes away with the object: no need to unmerge it first */
+    mem_share_user_stop(MEM_SHARE(obj), false, &error_abort);
 }
 
 static void mem_share_class_init(ObjectClass *oc, void *data)
 {
     HostMemoryBackendClass *bc = MEMORY_BACKEND_CLASS(oc);
+    UserCreatableClass *ucc = USER_CREATABLE_CLASS(oc);
+    MemShareBackendClass *mc = MEM_SHARE_CLASS(oc);
 
     bc->alloc = mem_share_alloc;
+    mc->parent_complete = ucc->complete;
+    ucc->complete = mem_share_complete;
 
     object_class_property_add_enum(oc, "mode", "MemShareMode",
                                    &MemShareMode_lookup,
                                    mem_share_get_mode, mem_share_set_mode);
     object_class_property_set_description(oc, "mode",
         "Deduplication mode: off (none), kernel (host KSM merges the RAM),"
-        " user (mem-share's own engine; not available yet). Default: off."
-        " Can be changed at run time between off and kernel");
+        " user (mem-share's own scanner merges it). Default: off."
+        " Can be changed at run time");
+    object_class_property_add(oc, "scan-rate", "uint64", mem_share_get_u64,
+                              mem_share_set_scan_rate, NULL,
+                              (void *)offsetof(MemShareBackend, scan_rate));
+    object_class_property_set_description(oc, "scan-rate",
+        "mode=user: pages scanned per second at most, 0 for no limit."
+        " Default: 262144 (1 GiB/s of 4 KiB pages). Can be changed at run"
+        " time");
+    object_class_property_add(oc, "max-cpu", "uint32", mem_share_get_u32,
+                              mem_share_set_max_cpu, NULL,
+                              (void *)offsetof(MemShareBackend, max_cpu));
+    object_class_property_set_description(oc, "max-cpu",
+        "mode=user: CPU the scanner may use, in percent of one CPU (1-100)."
+        " Default: 50. Can be changed at run time");
+    object_class_property_add(oc, "stable-scans", "uint32", mem_share_get_u32,
+                              mem_share_set_stable_scans, NULL,
+                              (void *)offsetof(MemShareBackend, stable_scans));
+    object_class_property_set_description(oc, "stable-scans",
+        "mode=user: scans a page must stay unchanged before it is merged"
+        " (0-16). Default: 1");
+    object_class_property_add(oc, "map-budget", "uint32", mem_share_get_u32,
+                              mem_share_set_map_budget, NULL,
+                              (void *)offsetof(MemShareBackend, map_budget));
+    object_class_property_set_description(oc, "map-budget",
+        "mode=user: share of vm.max_map_count, in percent (1-90), that"
+        " merged mappings may use. Default: 50");
     object_class_property_add_str(oc, "mem-path", mem_share_get_mem_path,
                                   mem_share_set_mem_path);
     object_class_property_set_description(oc, "mem-path",
@@ -205,6 +401,8 @@ static const TypeInfo mem_share_types[] = {
         .parent = TYPE_MEMORY_BACKEND,
         .instance_size = sizeof(MemShareBackend),
         .instance_init = mem_share_instance_init,
+        .instance_finalize = mem_share_instance_finalize,
+        .class_size = sizeof(MemShareBackendClass),
         .class_init = mem_share_class_init,
     },
 };

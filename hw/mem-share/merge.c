@@ -65,7 +65,9 @@
  * Bit 56 (exclusive) cannot tell.
  */
 
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE     /* QEMU defines it on its command line */
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>

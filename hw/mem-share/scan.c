@@ -81,7 +81,9 @@
  * the next visit makes it a hole again (its hash is unchanged).
  */
 
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE     /* QEMU defines it on its command line */
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>

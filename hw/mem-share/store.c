@@ -39,7 +39,9 @@
  * allocation per slot and collisions are resolved by comparing bytes.
  */
 
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE     /* QEMU defines it on its command line */
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>

@@ -7,6 +7,7 @@
  */
 
 #include "qemu/osdep.h"
+#include "qemu/cutils.h"
 #include "qemu/units.h"
 #include "libqtest.h"
 #include "qapi/error.h"
@@ -129,8 +130,12 @@ static void test_cmdline_errors(void)
           "size must be a non-zero multiple of the host page size" },
         { "-object mem-share,id=m0,size=64M,share=on",
           "share=on is not supported" },
-        { "-object mem-share,id=m0,size=64M,mode=user",
-          "mode=user is not available" },
+        { "-object mem-share,id=m0,size=64M,mode=user,max-cpu=0",
+          "max-cpu must be between 1 and 100" },
+        { "-object mem-share,id=m0,size=64M,mode=user,stable-scans=17",
+          "stable-scans must be between 0 and 16" },
+        { "-object mem-share,id=m0,size=64M,mode=user,map-budget=95",
+          "map-budget must be between 1 and 90" },
         { "-object mem-share,id=m0,size=64M,mode=fast",
           "Parameter 'mode' does not accept value 'fast'" },
         { "-object mem-share,id=m0,size=64M,mem-path=/dev/hugepages",
@@ -159,7 +164,8 @@ static void test_qmp_errors(void)
         { "'size': 0", "doesn't take value '0'" },
         { "'size': 4097", "size must be a non-zero multiple" },
         { "'size': 67108864, 'share': true", "share=on is not supported" },
-        { "'size': 67108864, 'mode': 'user'", "mode=user is not available" },
+        { "'size': 67108864, 'mode': 'user', 'max-cpu': 101",
+          "max-cpu must be between 1 and 100" },
         { "'size': 67108864, 'mode': 'x'", "does not accept value 'x'" },
         { "'size': 67108864, 'mem-path': '/tmp'", "mem-path is not supported" },
     };
@@ -275,20 +281,36 @@ static void test_mergeable_flag(void)
     unlink(pidfile);
 }
 
-static void test_runtime_mode_user(void)
+static void qom_set_mode(QTestState *qts, const char *mode)
+{
+    qtest_qmp_assert_success(qts, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': '/objects/m0', 'property': 'mode', "
+                             "'value': %s } }", mode);
+}
+
+static void test_runtime_modes(void)
 {
     QTestState *qts = start_vm("kernel", NULL);
-    QDict *resp = qtest_qmp(qts, "{ 'execute': 'qom-set', 'arguments': "
-                            "{ 'path': '/objects/m0', 'property': 'mode', "
-                            "'value': 'user' } }");
-    QDict *info;
+    static const char *const modes[] = { "user", "off", "user", "kernel",
+                                         "off", "kernel" };
+    QDict *resp, *info;
 
+    for (size_t i = 0; i < G_N_ELEMENTS(modes); i++) {
+        qom_set_mode(qts, modes[i]);
+        info = query_one(qts);
+        g_assert_cmpstr(qdict_get_str(info, "mode"), ==, modes[i]);
+        g_assert(qdict_haskey(info, "user") == !strcmp(modes[i], "user"));
+        g_assert(qdict_haskey(info, "kernel") == !strcmp(modes[i], "kernel"));
+        qobject_unref(info);
+    }
+
+    /* Creation-time properties stay put */
+    resp = qtest_qmp(qts, "{ 'execute': 'qom-set', 'arguments': "
+                     "{ 'path': '/objects/m0', 'property': 'stable-scans', "
+                     "'value': 3 } }");
     g_assert(strstr(qdict_get_str(qdict_get_qdict(resp, "error"), "desc"),
-                    "mode=user is not available"));
+                    "can only be set when the object is created"));
     qobject_unref(resp);
-    info = query_one(qts);
-    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "kernel");
-    qobject_unref(info);
     qtest_quit(qts);
 }
 
@@ -516,6 +538,231 @@ static void test_ksm_merge(void)
     g_test_trap_assert_passed();
 }
 
+/*
+ * mode=user: the scanner merges what qtest writes.  Duplicates of a few
+ * contents and zero pages are written into the guest RAM; untouched RAM
+ * is never populated and is not counted.
+ */
+#define U_DUP_PAGES     2048
+#define U_CONTENTS      4
+#define U_ZERO_PAGES    1024
+#define U_DUP_BASE      (32 * MiB)
+#define U_ZERO_BASE     (48 * MiB)
+
+static void fill_content(uint8_t *page, int content)
+{
+    for (int i = 0; i < PAGE; i++) {
+        page[i] = i * (content + 3) + content;
+    }
+}
+
+/*
+ * Anonymous memory of the guest RAM, in KiB: the sum over the mappings
+ * inside the RAM's range, which merging splits.  *start is found on the
+ * first call, while the RAM is still one mapping of its size.
+ */
+static uint64_t ram_anon_kb(const char *pidfile, unsigned long *start)
+{
+    g_autofree char *pid = NULL;
+    g_autofree char *path = NULL;
+    g_autofree char *smaps = NULL;
+    g_auto(GStrv) lines = NULL;
+    bool inside = false;
+    uint64_t kb = 0;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    path = g_strdup_printf("/proc/%d/smaps", atoi(pid));
+    g_assert(g_file_get_contents(path, &smaps, NULL, NULL));
+    lines = g_strsplit(smaps, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        unsigned long s, e;
+
+        if (sscanf(*l, "%lx-%lx ", &s, &e) == 2) {
+            if (!*start && e - s >= RAM_SIZE && e - s < RAM_SIZE + 4 * MiB) {
+                *start = s;
+            }
+            inside = *start && s >= *start && e <= *start + RAM_SIZE + 4 * MiB;
+        } else if (inside && g_str_has_prefix(*l, "Anonymous:")) {
+            kb += g_ascii_strtoull(*l + strlen("Anonymous:"), NULL, 10);
+        }
+    }
+    g_assert(*start);
+    return kb;
+}
+
+static QDict *wait_user(QTestState *qts, const char *key, uint64_t min)
+{
+    for (int tries = 0; tries < 1200; tries++) {
+        QDict *info = query_one(qts);
+        QDict *user = qdict_get_qdict(info, "user");
+
+        g_assert(user);
+        if ((qdict_haskey(info, key) ? qdict_get_int(info, key) :
+             qdict_get_int(user, key)) >= min) {
+            return info;
+        }
+        qobject_unref(info);
+        g_usleep(50 * 1000);
+    }
+    g_error("%s never reached %" PRIu64, key, min);
+}
+
+static void write_dups(QTestState *qts, uint64_t base, int n)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+
+    for (int i = 0; i < n; i++) {
+        fill_content(page, i % U_CONTENTS);
+        qtest_memwrite(qts, base + (uint64_t)i * PAGE, page, PAGE);
+    }
+}
+
+static void check_dups(QTestState *qts, uint64_t base, int n, int except)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autofree uint8_t *back = g_malloc(PAGE);
+
+    for (int i = 0; i < n; i++) {
+        if (i == except) {
+            continue;
+        }
+        fill_content(page, i % U_CONTENTS);
+        qtest_memread(qts, base + (uint64_t)i * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+}
+
+static void check_zero(QTestState *qts, uint64_t base, int n)
+{
+    g_autofree uint8_t *back = g_malloc(PAGE);
+
+    for (int i = 0; i < n; i++) {
+        qtest_memread(qts, base + (uint64_t)i * PAGE, back, PAGE);
+        g_assert(buffer_is_zero(back, PAGE));
+    }
+}
+
+static void test_user_merge(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-user-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autofree char *args = g_strdup_printf("-pidfile %s", pidfile);
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    QTestState *qts = start_vm("off", args);
+    uint64_t anon_before, anon_after, merged, cow, shared;
+    unsigned long ram = 0;
+    QDict *info, *user;
+
+    /* Fill first, measure, then let the scanner loose */
+    write_dups(qts, U_DUP_BASE, U_DUP_PAGES);
+    qtest_memset(qts, U_ZERO_BASE, 0, U_ZERO_PAGES * PAGE);
+    anon_before = ram_anon_kb(pidfile, &ram);
+    qom_set_mode(qts, "user");
+
+    /* Every duplicate and every zero page merges, onto one page per content */
+    info = wait_user(qts, "pages-merged", U_DUP_PAGES + U_ZERO_PAGES);
+    user = qdict_get_qdict(info, "user");
+    g_assert_cmpuint(qdict_get_int(info, "pages-zero"), >=, U_ZERO_PAGES);
+    g_assert_cmpuint(qdict_get_int(user, "pages-shared"), >=, U_DUP_PAGES);
+    g_assert_cmpuint(qdict_get_int(user, "store-pages"), >=, U_CONTENTS);
+    g_assert_cmpuint(qdict_get_int(user, "bytes-saved"), >=,
+                     (uint64_t)(U_DUP_PAGES - U_CONTENTS + U_ZERO_PAGES) *
+                     PAGE);
+    g_assert_cmpuint(qdict_get_int(info, "pages-scanned"), >, 0);
+    g_assert_cmpuint(qdict_get_int(info, "scan-cpu-ns"), >, 0);
+    merged = qdict_get_int(info, "pages-merged");
+    shared = qdict_get_int(user, "pages-shared");
+    cow = qdict_get_int(info, "cow-breaks");
+    qobject_unref(info);
+
+    /* The host really freed the memory */
+    anon_after = ram_anon_kb(pidfile, &ram);
+    g_assert_cmpuint(anon_before - MIN(anon_before, anon_after), >=,
+                     (U_DUP_PAGES + U_ZERO_PAGES) * 4);
+
+    /* Merging changed no byte */
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
+    check_zero(qts, U_ZERO_BASE, U_ZERO_PAGES);
+
+    /* A write breaks the sharing of that page only */
+    memset(page, 0xab, PAGE);
+    qtest_memwrite(qts, U_DUP_BASE + 5 * PAGE, page, PAGE);
+    info = wait_user(qts, "cow-breaks", cow + 1);
+    g_assert_cmpuint(qdict_get_int(info, "cow-breaks"), ==, cow + 1);
+    g_assert_cmpuint(qdict_get_int(qdict_get_qdict(info, "user"),
+                                   "pages-shared"), ==, shared - 1);
+    qobject_unref(info);
+    qtest_memread(qts, U_DUP_BASE + 5 * PAGE, page, PAGE);
+    g_assert_cmpint(page[0], ==, 0xab);
+    g_assert_cmpint(page[PAGE - 1], ==, 0xab);
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, 5);
+
+    /* Identical again: merged again */
+    fill_content(page, 5 % U_CONTENTS);
+    qtest_memwrite(qts, U_DUP_BASE + 5 * PAGE, page, PAGE);
+    info = wait_user(qts, "remerges", 1);
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), >=, merged);
+    qobject_unref(info);
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
+
+    /* Unmerge: every page private again, nothing changed */
+    qom_set_mode(qts, "off");
+    info = query_one(qts);
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), ==, 0);
+    qobject_unref(info);
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
+    check_zero(qts, U_ZERO_BASE, U_ZERO_PAGES);
+    g_assert_cmpuint(ram_anon_kb(pidfile, &ram), >=,
+                     anon_after + U_DUP_PAGES * 4);
+
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
+/* A scanner slowed to a crawl still scans everything on request */
+static void test_user_scan_now(void)
+{
+    QTestState *qts = start_vm("user", "-object mem-share,id=k0,size=4M,"
+                               "mode=kernel");
+    QDict *resp, *info;
+    uint64_t scans;
+
+    qtest_qmp_assert_success(qts, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': '/objects/m0', 'property': "
+                             "'scan-rate', 'value': 1 } }");
+    resp = qtest_qmp(qts, "{ 'execute': 'query-mem-share' }");
+    info = qobject_to(QDict, qlist_peek(qdict_get_qlist(resp, "return")));
+    scans = qdict_get_int(info, "full-scans");
+    qobject_unref(resp);
+
+    qtest_qmp_assert_success(qts, "{ 'execute': 'mem-share-scan-now', "
+                             "'arguments': { 'id': 'm0' } }");
+    for (int tries = 0; tries < 600; tries++) {
+        resp = qtest_qmp(qts, "{ 'execute': 'query-mem-share' }");
+        info = qobject_to(QDict, qlist_peek(qdict_get_qlist(resp, "return")));
+        if (!strcmp(qdict_get_str(info, "id"), "m0") &&
+            qdict_get_int(info, "full-scans") > scans) {
+            qobject_unref(resp);
+            break;
+        }
+        qobject_unref(resp);
+        g_assert_cmpint(tries, <, 599);
+        g_usleep(50 * 1000);
+    }
+
+    resp = qtest_qmp(qts, "{ 'execute': 'mem-share-scan-now', "
+                     "'arguments': { 'id': 'k0' } }");
+    g_assert(strstr(qdict_get_str(qdict_get_qdict(resp, "error"), "desc"),
+                    "needs mode=user"));
+    qobject_unref(resp);
+    resp = qtest_qmp(qts, "{ 'execute': 'mem-share-scan-now', "
+                     "'arguments': { 'id': 'nosuch' } }");
+    g_assert(strstr(qdict_get_str(qdict_get_qdict(resp, "error"), "desc"),
+                    "'nosuch' is not a mem-share object"));
+    qobject_unref(resp);
+    qtest_quit(qts);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -526,11 +773,13 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/query/off", test_query_off);
     qtest_add_func("/mem-share/query/kernel", test_query_kernel);
     qtest_add_func("/mem-share/mergeable-flag", test_mergeable_flag);
-    qtest_add_func("/mem-share/runtime-mode-user", test_runtime_mode_user);
+    qtest_add_func("/mem-share/runtime-modes", test_runtime_modes);
     qtest_add_func("/mem-share/numa-memdev", test_numa_memdev);
     qtest_add_func("/mem-share/query-stats", test_query_stats);
     qtest_add_func("/mem-share/hmp", test_hmp);
     qtest_add_func("/mem-share/ksm-merge", test_ksm_merge);
+    qtest_add_func("/mem-share/user/merge", test_user_merge);
+    qtest_add_func("/mem-share/user/scan-now", test_user_scan_now);
 
     return g_test_run();
 }

@@ -10,15 +10,31 @@
 #define HW_MEM_SHARE_H
 
 #include "sysemu/hostmem.h"
+#include "qom/object_interfaces.h"
 #include "qapi/qapi-types-mem-share.h"
 
 #define TYPE_MEM_SHARE "mem-share"
-OBJECT_DECLARE_SIMPLE_TYPE(MemShareBackend, MEM_SHARE)
+OBJECT_DECLARE_TYPE(MemShareBackend, MemShareBackendClass, MEM_SHARE)
+
+struct MemShareBackendClass {
+    HostMemoryBackendClass parent_class;
+
+    /* The generic backend's completion, which allocates the RAM */
+    void (*parent_complete)(UserCreatable *uc, Error **errp);
+};
+
+typedef struct MemShareUser MemShareUser;
 
 struct MemShareBackend {
     HostMemoryBackend parent_obj;
 
     MemShareMode mode;
+    /* mode=user tuning */
+    uint64_t scan_rate;         /* pages per second, 0: no limit */
+    uint32_t max_cpu;           /* percent of one CPU */
+    uint32_t stable_scans;
+    uint32_t map_budget;        /* percent of vm.max_map_count */
+    MemShareUser *user;         /* the scanner, while mode=user runs */
 };
 
 /* The current statistics of @ms */
@@ -26,5 +42,12 @@ MemShareInfo *mem_share_get_info(MemShareBackend *ms);
 
 /* Make the "mem-share" provider of query-stats available */
 void mem_share_stats_register(void);
+
+/* mode=user (mem-share-user.c) */
+bool mem_share_user_start(MemShareBackend *ms, Error **errp);
+bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
+void mem_share_user_scan_now(MemShareBackend *ms);
+void mem_share_user_kick(MemShareBackend *ms);
+void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
 
 #endif /* HW_MEM_SHARE_H */

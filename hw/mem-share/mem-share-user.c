@@ -1,0 +1,275 @@
+/*
+ * mem-share: the mode=user scanner thread
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The engine (hw/mem-share/scan.c) decides what to merge and merges it;
+ * this file runs it for one backend in a thread of its own and paces it.
+ *
+ * The thread never takes the BQL: merging freezes guest pages with
+ * userfaultfd write-protection, and a vCPU or the main loop that writes a
+ * frozen page sleeps in the kernel until the merge is done.  Holding the
+ * BQL while a thread that needs it sleeps on our freeze would deadlock.
+ *
+ * Pacing: after each batch the thread sleeps long enough that neither
+ * the page rate (scan-rate, pages per second) nor the CPU share (max-cpu,
+ * percent of one CPU, measured with the thread's own CPU clock) is
+ * exceeded.  A scan-now request lifts both limits until every page has
+ * been looked at once more.
+ *
+ * While the scanner runs, uncoordinated RAM discards (virtio-balloon) are
+ * disabled: MADV_DONTNEED on a page that maps the store brings back the
+ * store's content instead of zeros, so discards must go through the
+ * engine, which QEMU's discard path does not do yet.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/error-report.h"
+#include "qemu/main-loop.h"
+#include "qemu/thread.h"
+#include "qemu/timer.h"
+#include "qapi/error.h"
+#include "exec/memory.h"
+#include "sysemu/sysemu.h"
+#include "sysemu/qtest.h"
+#include "hw/boards.h"
+#include "hw/mem-share/mem-share.h"
+#include "mem-share/scan.h"
+#include "trace.h"
+
+/* Pages per step: long enough to amortise, short enough to stop quickly */
+#define MEM_SHARE_BATCH     4096
+
+struct MemShareUser {
+    MsScanner *scanner;
+    QemuThread thread;
+    QemuMutex lock;         /* serialises the scanner and the fields below */
+    QemuCond wakeup;
+    bool stop;
+    uint64_t scan_now_pages; /* pages still to scan without pacing */
+    bool error_reported;
+    uint64_t cpu_ns;        /* accessed with qatomic_* */
+    bool discard_disabled;
+};
+
+static int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * NANOSECONDS_PER_SECOND + ts.tv_nsec;
+}
+
+/* How long to wait after a batch of @pages that took @wall_ns and @cpu_ns */
+static int64_t mem_share_delay_ns(MemShareBackend *ms, uint64_t pages,
+                                  int64_t wall_ns, int64_t cpu_ns)
+{
+    int64_t want = 0;
+    uint64_t rate = qatomic_read(&ms->scan_rate);
+    uint32_t cpu = qatomic_read(&ms->max_cpu);
+
+    if (rate) {
+        want = pages * NANOSECONDS_PER_SECOND / rate;
+    }
+    if (cpu < 100) {
+        want = MAX(want, cpu_ns * 100 / cpu);
+    }
+    return want - wall_ns;
+}
+
+static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
+{
+    g_autoptr(GError) gerr = NULL;
+    int64_t wall = get_clock(), cpu = thread_cpu_ns(), delay;
+    size_t scanned = 0;
+
+    if (!ms_scanner_step(u->scanner, MEM_SHARE_BATCH, &scanned, &gerr)) {
+        if (!u->error_reported) {
+            error_report("mem-share '%s': scanning failed: %s; retrying",
+                         object_get_canonical_path_component(OBJECT(ms)),
+                         gerr->message);
+            u->error_reported = true;
+        }
+        qemu_cond_timedwait(&u->wakeup, &u->lock, 1000);
+        return;
+    }
+    cpu = thread_cpu_ns() - cpu;
+    wall = get_clock() - wall;
+    qatomic_set(&u->cpu_ns, qatomic_read(&u->cpu_ns) + cpu);
+    trace_mem_share_user_step(object_get_canonical_path_component(OBJECT(ms)),
+                              scanned, wall, cpu);
+
+    if (u->scan_now_pages) {
+        u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
+        return;
+    }
+    delay = mem_share_delay_ns(ms, scanned, wall, cpu);
+    if (delay >= SCALE_MS) {
+        qemu_cond_timedwait(&u->wakeup, &u->lock, delay / SCALE_MS);
+    }
+}
+
+static void *mem_share_user_thread(void *opaque)
+{
+    MemShareBackend *ms = opaque;
+    MemShareUser *u = ms->user;
+
+    qemu_mutex_lock(&u->lock);
+    while (!u->stop) {
+        mem_share_user_step(ms, u);
+    }
+    qemu_mutex_unlock(&u->lock);
+    return NULL;
+}
+
+/* The advice QEMU gave the RAM, which every new mapping must get again */
+static unsigned mem_share_region_flags(HostMemoryBackend *backend)
+{
+    unsigned flags = MS_REGION_HUGEPAGE;
+
+    if (!qtest_enabled()) {
+        flags |= MS_REGION_DONTFORK;
+    }
+    if (!backend->dump || !machine_dump_guest_core(current_machine)) {
+        flags |= MS_REGION_DONTDUMP;
+    }
+    if (!backend->reserve) {
+        flags |= MS_REGION_NORESERVE;
+    }
+    return flags;
+}
+
+bool mem_share_user_start(MemShareBackend *ms, Error **errp)
+{
+    HostMemoryBackend *backend = MEMORY_BACKEND(ms);
+    const char *id = object_get_canonical_path_component(OBJECT(ms));
+    g_autoptr(GError) gerr = NULL;
+    g_autofree char *name = NULL;
+    MsScanConfig cfg;
+    MemShareUser *u;
+
+    assert(!ms->user);
+    ms_scan_config_init(&cfg);
+    cfg.host = memory_region_get_ram_ptr(&backend->mr);
+    cfg.page_size = qemu_real_host_page_size();
+    cfg.npages = backend->size / cfg.page_size;
+    cfg.region_flags = mem_share_region_flags(backend);
+    cfg.stable_scans = ms->stable_scans;
+    cfg.budget_share = ms->map_budget / 100.0;
+
+    u = g_new0(MemShareUser, 1);
+    u->scanner = ms_scanner_new(&cfg, &gerr);
+    if (!u->scanner) {
+        error_setg(errp, "mode=user: %s", gerr->message);
+        g_free(u);
+        return false;
+    }
+    if (ram_block_discard_disable(true)) {
+        error_setg(errp, "mode=user cannot run while a device relies on"
+                   " discarding guest RAM (virtio-mem)");
+        ms_scanner_free(u->scanner);
+        g_free(u);
+        return false;
+    }
+    u->discard_disabled = true;
+    qemu_mutex_init(&u->lock);
+    qemu_cond_init(&u->wakeup);
+    ms->user = u;
+
+    /* Thread names are 15 characters at most */
+    name = g_strndup(g_strdup_printf("mem-share-%s", id), 15);
+    qemu_thread_create(&u->thread, name, mem_share_user_thread, ms,
+                       QEMU_THREAD_JOINABLE);
+    trace_mem_share_user_start(id, cfg.npages, cfg.region_flags);
+    return true;
+}
+
+bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
+{
+    MemShareUser *u = ms->user;
+    g_autoptr(GError) gerr = NULL;
+    bool ok = true;
+
+    if (!u) {
+        return true;
+    }
+    qemu_mutex_lock(&u->lock);
+    u->stop = true;
+    qemu_cond_signal(&u->wakeup);
+    qemu_mutex_unlock(&u->lock);
+    qemu_thread_join(&u->thread);
+
+    if (unmerge && !ms_scanner_unmerge_all(u->scanner, &gerr)) {
+        /* Keep the scanner: its pages still map the store */
+        error_setg(errp, "cannot unmerge the guest RAM: %s", gerr->message);
+        u->stop = false;
+        qemu_thread_create(&u->thread, "mem-share", mem_share_user_thread,
+                           ms, QEMU_THREAD_JOINABLE);
+        return false;
+    }
+    trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
+                              unmerge);
+    ms_scanner_free(u->scanner);
+    if (u->discard_disabled) {
+        ram_block_discard_disable(false);
+    }
+    qemu_cond_destroy(&u->wakeup);
+    qemu_mutex_destroy(&u->lock);
+    g_free(u);
+    ms->user = NULL;
+    return ok;
+}
+
+void mem_share_user_scan_now(MemShareBackend *ms)
+{
+    MemShareUser *u = ms->user;
+
+    /*
+     * Do not wait for the lock (a batch may be merging): the flag is read
+     * by the thread under the lock, so take it, but the batch is short.
+     */
+    qemu_mutex_lock(&u->lock);
+    u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
+    qemu_cond_signal(&u->wakeup);
+    qemu_mutex_unlock(&u->lock);
+}
+
+/* Wake the thread so that a new scan-rate or max-cpu applies now */
+void mem_share_user_kick(MemShareBackend *ms)
+{
+    if (ms->user) {
+        qemu_cond_signal(&ms->user->wakeup);
+    }
+}
+
+void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
+{
+    MemShareUser *u = ms->user;
+    MemShareUserInfo *ui = g_new0(MemShareUserInfo, 1);
+    MsScanStats st;
+
+    ms_scanner_get_stats(u->scanner, &st);
+    info->pages_scanned = st.pages_scanned;
+    info->full_scans = st.full_scans;
+    info->pages_merged = st.pages_merged + st.zero_holes;
+    info->pages_zero = st.zero_holes;
+    info->cow_breaks = st.cow_breaks;
+    info->scan_cpu_ns = qatomic_read(&u->cpu_ns);
+
+    ui->store_pages = st.slots_used;
+    ui->pages_shared = st.pages_merged;
+    ui->pages_volatile = st.pages_volatile;
+    ui->merges = st.merges;
+    ui->zero_merges = st.zero_merges;
+    ui->remerges = st.remerges;
+    ui->mappings = MAX(st.vmas, 0);
+    ui->mapping_budget = MAX(st.vma_budget, 0);
+    ui->refused_budget = st.refused_budget;
+    ui->refused_changed = st.refused_changed;
+    ui->refused_store_full = st.refused_store_full;
+    ui->bytes_saved = st.bytes_saved;
+    info->has_user = true;
+    info->user = ui;
+}
