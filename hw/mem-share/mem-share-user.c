@@ -146,6 +146,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     HostMemoryBackend *backend = MEMORY_BACKEND(ms);
     const char *id = object_get_canonical_path_component(OBJECT(ms));
     g_autoptr(GError) gerr = NULL;
+    g_autofree char *full_name = g_strdup_printf("mem-share-%s", id);
     g_autofree char *name = NULL;
     MsScanConfig cfg;
     MemShareUser *u;
@@ -179,7 +180,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     ms->user = u;
 
     /* Thread names are 15 characters at most */
-    name = g_strndup(g_strdup_printf("mem-share-%s", id), 15);
+    name = g_strndup(full_name, 15);
     qemu_thread_create(&u->thread, name, mem_share_user_thread, ms,
                        QEMU_THREAD_JOINABLE);
     trace_mem_share_user_start(id, cfg.npages, cfg.region_flags);
