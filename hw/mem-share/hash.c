@@ -32,7 +32,8 @@ bool ms_hash_key_init(MsHashKey *key, GError **errp)
     size_t done = 0;
 
     while (done < sizeof(key->secret)) {
-        ssize_t n = getrandom(key->secret + done, sizeof(key->secret) - done, 0);
+        ssize_t n = getrandom(key->secret + done,
+                              sizeof(key->secret) - done, 0);
 
         if (n < 0 && errno == EINTR) {
             continue;

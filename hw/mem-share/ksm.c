@@ -35,7 +35,7 @@
 
 #include "mem-share/ksm.h"
 
-/* Layout of /proc/self/pagemap entries (Documentation/admin-guide/mm/pagemap.rst) */
+/* /proc/self/pagemap entries (Documentation/admin-guide/mm/pagemap.rst) */
 #define PM_PRESENT          (1ULL << 63)
 #define PM_PFN_MASK         ((1ULL << 55) - 1)
 
@@ -48,7 +48,10 @@
 /* Entries read from kpageflags per pread(): neighbouring frames are common */
 #define KPF_WINDOW          64
 
-G_DEFINE_QUARK(mem-share-engine-error-quark, ms_engine_error)
+GQuark ms_engine_error_quark(void)
+{
+    return g_quark_from_static_string("mem-share-engine-error-quark");
+}
 
 static bool read_file_u64(const char *dir, const char *name, uint64_t *val)
 {
@@ -196,7 +199,8 @@ static uint64_t stat_cpu_ticks(const char *proc_root, const char *pid)
     if (g_strv_length(f) < 14) {
         return 0;
     }
-    return g_ascii_strtoull(f[11], NULL, 10) + g_ascii_strtoull(f[12], NULL, 10);
+    return g_ascii_strtoull(f[11], NULL, 10) +
+           g_ascii_strtoull(f[12], NULL, 10);
 }
 
 uint64_t ms_ksmd_cpu_ns(const char *proc_root)
@@ -322,7 +326,8 @@ bool ms_page_census(int pagemap_fd, int kpageflags_fd, const void *host,
         if (got <= 0 || got % sizeof(uint64_t)) {
             g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
                         "cannot read pagemap at offset %" PRIu64 ": %s",
-                        (uint64_t)off, got < 0 ? g_strerror(errno) : "short read");
+                        (uint64_t)off,
+                        got < 0 ? g_strerror(errno) : "short read");
             return false;
         }
         n = got / sizeof(uint64_t);

@@ -156,7 +156,7 @@ typedef struct Region {
     unsigned flags;
     MsMergeStore store;
     uint32_t *label;        /* per page: slot its VMA maps, or ANON */
-    uint8_t *forced;        /* per page: a VMA starts here whatever the labels */
+    uint8_t *forced;        /* per page: a VMA starts here, whatever labels */
 } Region;
 
 struct MsMerger {
@@ -385,6 +385,7 @@ static bool probe_pagemap_scan(MsMerger *m)
         p = mmap(NULL, m->page_size, PROT_READ, MAP_PRIVATE, fd, 0);
     }
     if (p != MAP_FAILED) {
+        /* volatile: the read must happen, to map the page */
         *(volatile uint8_t *)p;
         arg.start = (uintptr_t)p;
         arg.end = arg.start + m->page_size;
@@ -556,7 +557,7 @@ MsMerger *ms_merger_new(GError **errp)
     g_autoptr(MsMerger) m = g_new0(MsMerger, 1);
 
     m->uffd = m->pagemap_fd = m->maps_fd = -1;
-    m->page_size = sysconf(_SC_PAGESIZE);
+    m->page_size = getpagesize();
     m->regions = g_ptr_array_new_with_free_func(region_free);
     m->budget = ms_merger_default_budget(0.5);
     if (!uffd_init(m, errp)) {
@@ -905,6 +906,7 @@ bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
         return false;
     }
     for (size_t i = 0; i < n; i++) {
+        /* volatile: the write access itself is the point (COW fault) */
         volatile uint64_t *word;
 
         if (run.r->label[run.first + i] == ANON) {

@@ -306,7 +306,8 @@ static void index_remove(MsStore *s, uint32_t slot)
         } else {
             uint32_t n = s->next[slot];
 
-            g_hash_table_replace(s->index, &s->hash[n], GUINT_TO_POINTER(n + 1));
+            g_hash_table_replace(s->index, &s->hash[n],
+                                 GUINT_TO_POINTER(n + 1));
         }
         return;
     }

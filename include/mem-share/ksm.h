@@ -32,7 +32,7 @@ typedef struct MsKsmHost {
     uint64_t pages_scanned;
     uint64_t full_scans;
     uint64_t ksm_zero_pages;
-    uint64_t cow_ksm;       /* /proc/vmstat: copy-on-write breaks of KSM pages */
+    uint64_t cow_ksm;       /* /proc/vmstat: copy-on-write breaks of KSM */
 } MsKsmHost;
 
 /* Per-process KSM state, from /proc/PID/ksm_stat and ksm_merging_pages. */

@@ -74,8 +74,9 @@ static char *ram_vmflags(const char *pidfile)
         unsigned long start, end;
 
         if (sscanf(*l, "%lx-%lx ", &start, &end) == 2) {
-            /* QEMU may align the block: the RAM mapping is the one of its size */
-            in_ram = end - start >= RAM_SIZE && end - start < RAM_SIZE + 4 * MiB;
+            /* QEMU may align the block: the RAM is the mapping of its size */
+            in_ram = end - start >= RAM_SIZE &&
+                     end - start < RAM_SIZE + 4 * MiB;
         } else if (in_ram && g_str_has_prefix(*l, "VmFlags:")) {
             return g_strdup(*l);
         }

@@ -157,7 +157,7 @@ static void test_process_garbage(Fixture *f, gconstpointer data)
 
     (void)data;
     put(f->dir, "ksm_stat", "\n\nksm_rmap_items\nnonsense here 5\n"
-        "ksm_zero_pages    9   \n:\n  \n");
+        "ksm_zero_pages    9\t\n:\n\t\n");
     g_assert_true(ms_ksm_read_process(f->dir, &proc, NULL));
     g_assert_cmpuint(proc.rmap_items, ==, 0);
     g_assert_cmpuint(proc.zero_pages, ==, 9);
@@ -323,6 +323,7 @@ static void test_census_live(void)
     int pm = open("/proc/self/pagemap", O_RDONLY);
     int kpf = open("/proc/kpageflags", O_RDONLY);
     MsPageCensus c;
+    /* volatile: the reads must happen, to fault the pages in */
     volatile uint8_t sink = 0;
 
     g_assert_true(buf != MAP_FAILED);

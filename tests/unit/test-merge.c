@@ -592,7 +592,7 @@ typedef struct Writer {
     uint64_t writes;
     uint64_t slow;          /* writes that took over 20 us: slept frozen */
     uint64_t lost;          /* times the word no longer held our last write */
-    volatile bool *stop;
+    int *stop;              /* read with g_atomic_int_get() */
 } Writer;
 
 static uint64_t *writer_word(Fixture *f, size_t p, unsigned id)
@@ -606,9 +606,10 @@ static void *writer_main(void *opaque)
     GRand *rand = g_rand_new_with_seed(w->id);
     uint64_t counter = 0;
 
-    while (!*w->stop) {
+    while (!g_atomic_int_get(w->stop)) {
         size_t p = g_rand_int_range(rand, 0, HAMMER_PAGES);
         uint64_t value = (++counter << 8) | w->id;
+        /* volatile: every access must reach the page under test */
         volatile uint64_t *word = writer_word(w->f, p, w->id);
         gint64 t0;
 
@@ -671,7 +672,7 @@ static void test_writers(Fixture *f, gconstpointer data)
     g_autofree uint8_t *expect = NULL;
     uint32_t slot_of[HAMMER_PAGES];
     Writer w[NWRITERS];
-    volatile bool stop = false;
+    int stop = false;
     uint64_t done = 0, refused = 0, writes = 0, slow = 0, lost = 0;
     gint64 end;
     MsStoreStats st;
@@ -696,7 +697,7 @@ static void test_writers(Fixture *f, gconstpointer data)
     while (g_get_monotonic_time() < end) {
         hammer_pass(f, slot_of, rand, &done, &refused);
     }
-    stop = true;
+    g_atomic_int_set(&stop, true);
     for (unsigned i = 0; i < NWRITERS; i++) {
         pthread_join(w[i].thread, NULL);
         writes += w[i].writes;
@@ -800,7 +801,7 @@ static void test_timing_zero(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = sysconf(_SC_PAGESIZE);
+    page = getpagesize();
 
 #define ADD(path, fn) \
     g_test_add(path, Fixture, NULL, setup, fn, teardown)

@@ -558,7 +558,7 @@ typedef struct Writer {
     uint64_t last[HAMMER_PAGES];
     uint64_t writes;
     uint64_t lost;
-    volatile bool *stop;
+    int *stop;              /* read with g_atomic_int_get() */
 } Writer;
 
 /* The hammered pages: from the middle of the unique pages */
@@ -583,12 +583,13 @@ static void *writer_main(void *opaque)
     GRand *rand = g_rand_new_with_seed(w->id + 7);
     uint64_t counter = 0;
 
-    while (!*w->stop) {
+    while (!g_atomic_int_get(w->stop)) {
         size_t k = g_rand_int_range(rand, 0, HAMMER_PAGES / 2) * 2;
         uint64_t value = g_rand_int_range(rand, 0, 4) ?
                          (++counter << 8) | (w->id + 1) : 0;
 
         for (size_t j = k; j < k + 2; j++) {
+            /* volatile: every access must reach the page under test */
             volatile uint64_t *word = writer_word(w->f, j, w->id);
 
             /* Only this thread writes this word: it holds our last value */
@@ -608,7 +609,7 @@ static void *writer_main(void *opaque)
 static void test_writers(Fixture *f, gconstpointer data)
 {
     Writer w[NWRITERS];
-    volatile bool stop = false;
+    int stop = false;
     uint64_t writes = 0, lost = 0;
     MsScanStats st;
     gint64 end;
@@ -641,7 +642,7 @@ static void test_writers(Fixture *f, gconstpointer data)
         pass(f);
         passes++;
     }
-    stop = true;
+    g_atomic_int_set(&stop, true);
     for (unsigned i = 0; i < NWRITERS; i++) {
         pthread_join(w[i].thread, NULL);
         writes += w[i].writes;
@@ -708,7 +709,7 @@ static void test_throughput(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = sysconf(_SC_PAGESIZE);
+    page = getpagesize();
 
 #define ADD(path, params, fn) \
     g_test_add(path, Fixture, &params, setup, fn, teardown)
