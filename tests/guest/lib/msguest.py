@@ -348,6 +348,70 @@ def mergeable_ranges(pid):
     return ranges
 
 
+def find_ram_range(pid, size):
+    """(start, end) of the mapping of guest RAM of `size` bytes in PID, found
+    by its size (QEMU may round it up a little) among the private anonymous
+    mappings (mode=user's store, a shared memfd mapping, has the same size):
+    call it before merges split the RAM into many mappings. None if there
+    is no such mapping."""
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) rw-p \S+ \S+ 0\s*$", line)
+            if m:
+                s, e = int(m.group(1), 16), int(m.group(2), 16)
+                if size <= e - s < size + (4 << 20):
+                    return s, e
+    return None
+
+
+def range_anon_kb(pid, rng):
+    """Sum of the 'Anonymous:' kB of the smaps entries of PID inside rng =
+    (start, end): the private memory of guest RAM, however many mappings
+    merges split it into (store pages, mapped from a memfd, are not
+    anonymous)."""
+    start, end = rng
+    kb = 0
+    inside = False
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                s, e = int(m.group(1), 16), int(m.group(2), 16)
+                inside = s >= start and e <= end
+            elif inside and line.startswith("Anonymous:"):
+                kb += int(line.split()[1])
+    return kb
+
+
+def thread_names(pid):
+    """comm of every thread of PID."""
+    names = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
+def thread_cpu_seconds(pid, comm):
+    """CPU time (user + system) of PID's threads named comm, or None."""
+    total, found = 0, False
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                if f.read().strip() != comm:
+                    continue
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        found = True
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
 class CensusUnavailable(Exception):
     pass
 
@@ -505,7 +569,10 @@ class Guest:
         self.backend_emulated = DEV_BACKEND == "ram"
 
     # -- life cycle
-    def launch(self):
+    def launch(self, cont=True):
+        """Start QEMU and connect the console; then run the VM, unless
+        cont=False (the caller sends QMP cont itself, e.g. after looking at
+        the process while the guest has not run yet)."""
         try:
             self.vm.launch()
             # Every QMP command gets a deadline too.
@@ -531,7 +598,8 @@ class Guest:
         self._logf = open(self.serial_log, "ab")
         self._reader = threading.Thread(target=self._read_loop, daemon=True)
         self._reader.start()
-        self.qmp("cont")
+        if cont:
+            self.qmp("cont")
 
     def _read_loop(self):
         while True:
@@ -664,6 +732,10 @@ class Guest:
         if "error" in r:
             raise GuestError("%s: QMP %s failed: %s" % (self.name, cmd, r["error"]))
         return r.get("return")
+
+    def hmp(self, command):
+        """Run a human monitor command; return its output."""
+        return self.qmp("human-monitor-command", **{"command-line": command})
 
     def query_mem_share(self, obj_id="m0"):
         """The query-mem-share entry of object obj_id."""
