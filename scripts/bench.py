@@ -1,0 +1,745 @@
+#!/usr/bin/python3
+"""mem-share benchmark: no dedup vs kernel KSM (default, tuned) vs mode=user.
+
+One run, same guests and workload for every configuration (`make bench`):
+
+  off          -object mem-share,mode=off: nothing merged (the reference)
+  ksm-default  mode=kernel, host KSM run=1 pages_to_scan=100 sleep_millisecs=20
+  ksm-tuned    mode=kernel, host KSM run=1 pages_to_scan=2000 sleep_millisecs=10
+  user         mode=user with its default scan-rate/max-cpu/stable-scans
+
+Each configuration boots 2 TCG Linux guests running the test workload
+(tests/guest/workload: zero/shared/unique pages, verified every round) and
+samples every --interval seconds:
+
+  host memory used   AnonPages+Shmem of /proc/meminfo minus a baseline taken
+                     just before the guests start (primary figure)
+  Pss                sum of Pss_Anon+Pss_Shmem of the QEMU processes (only our
+                     guests: immune to other processes on the host)
+  RSS / RssAnon      per QEMU process, for reference
+  dedup CPU          ksmd's utime+stime (KSM), scan-cpu-ns of query-mem-share
+                     summed over the guests (mode=user)
+  interference       /sys/kernel/mm/ksm run/pages_to_scan/sleep_millisecs
+                     against what this configuration expects, and other QEMU
+                     processes on the host
+
+Saved memory is the off run's steady host memory minus this run's.  After
+both workloads reported `filled` (t=0), a run stops when the saving is stable
+(the last --stable-n samples within 2% of their mean, at least 2 full scans
+since t=0, and a saving of at least 5% of the ideal) or at the cap.  The
+final saving is the mean of the last --stable-n samples; the convergence time
+is when the curve first reached 98% of it.
+
+Host KSM settings changed by the benchmark are restored afterwards, also on
+failure, Ctrl-C and SIGTERM (msguest.KsmSettings).  Output: a table on stdout,
+build/bench/{samples.csv,<config>.csv,summary.json,report.md,bench.png}.
+
+  scripts/bench.py [--configs off,ksm-default,ksm-tuned,user] [--mem 512M]
+                   [--mib 384] [--cap-default 240] [--cap 180] ...
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "guest", "lib"))
+import msguest as mg  # noqa: E402
+
+MIB = 1 << 20
+KSM_SELFTEST_MIBS = 220.0     # tools/testing/selftests/mm/ksm_tests -P, roughly
+
+CONFIGS = {
+    "off": dict(label="no dedup (mode=off)", mode="off", ksm=None),
+    "ksm-default": dict(label="KSM default (100 pages/20 ms)", mode="kernel",
+                        ksm=dict(run=1, pages_to_scan=100, sleep_millisecs=20)),
+    "ksm-tuned": dict(label="KSM tuned (2000 pages/10 ms)", mode="kernel",
+                      ksm=dict(run=1, pages_to_scan=2000, sleep_millisecs=10)),
+    "user": dict(label="mem-share mode=user (defaults)", mode="user", ksm=None),
+}
+ORDER = ["off", "ksm-default", "ksm-tuned", "user"]
+KSM_WATCH = ("run", "pages_to_scan", "sleep_millisecs")
+
+CSV_FIELDS = ["config", "t", "t_launch", "phase", "host_used_mib", "saved_mib",
+              "host_raw_mib",
+              "pss_mib", "saved_pss_mib", "rss_mib", "rss_anon_mib", "rss_shmem_mib",
+              "dedup_cpu_s", "qemu_cpu_s", "full_scans", "merged_pages", "zero_pages",
+              "user_bytes_saved_mib", "ksm_pages_sharing", "ksm_run",
+              "ksm_pages_to_scan", "ksm_sleep_millisecs", "other_qemus",
+              "other_qemu_mib", "interference"]
+
+
+def say(msg=""):
+    print(msg, flush=True)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(ORDER),
+                    help="comma-separated subset of %s; off is always run first "
+                    "(it is the reference)" % ",".join(ORDER))
+    ap.add_argument("--mem", default="512M", help="guest RAM (default %(default)s)")
+    ap.add_argument("--mib", type=int, default=384,
+                    help="workload MiB per guest (default %(default)s)")
+    ap.add_argument("--zero", type=int, default=25, help="zero pages %% (default 25)")
+    ap.add_argument("--shared", type=int, default=50, help="shared pages %% (default 50)")
+    ap.add_argument("--guests", type=int, default=2, help="guests per configuration")
+    ap.add_argument("--verify-interval", type=int, default=5,
+                    help="workload seconds between verify rounds (default %(default)s)")
+    ap.add_argument("--interval", type=float, default=2.0,
+                    help="seconds between samples (default %(default)s)")
+    ap.add_argument("--stable-n", type=int, default=6,
+                    help="samples within 2%% for convergence (default %(default)s)")
+    ap.add_argument("--off-window", type=float, default=20.0,
+                    help="seconds sampled after fill in the off run (default %(default)s)")
+    ap.add_argument("--cap-default", type=float, default=240.0,
+                    help="cap after fill for default KSM (default %(default)s s)")
+    ap.add_argument("--cap", type=float, default=180.0,
+                    help="cap after fill for the other configurations (default %(default)s s)")
+    ap.add_argument("--boot-timeout", type=float, default=300.0,
+                    help="boot + fill deadline (default %(default)s s)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench"),
+                    help="output directory (default build/bench)")
+    a = ap.parse_args()
+    cfgs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in cfgs if c not in CONFIGS]
+    if bad:
+        ap.error("unknown configuration(s): %s" % ", ".join(bad))
+    if "off" not in cfgs:
+        cfgs.insert(0, "off")
+    a.configs = [c for c in ORDER if c in cfgs]
+    return a
+
+
+# --------------------------------------------------------------------- /proc
+
+def meminfo_kb():
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = int(v.split()[0])
+    return out
+
+
+def host_used_kb():
+    m = meminfo_kb()
+    return m["AnonPages"] + m["Shmem"]
+
+
+def smaps_rollup_kb(pid):
+    out = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                m = re.match(r"^(\w+):\s+(\d+) kB", line)
+                if m:
+                    out[m.group(1)] = int(m.group(2))
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu_s(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def other_qemus(ours):
+    """[(pid, Pss_Anon+Pss_Shmem kB)] of the QEMU processes that are not ours
+    (other tests on the same host): their memory changes are taken out of the
+    host-memory figure."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) in ours:
+            continue
+        try:
+            with open("/proc/%s/comm" % p) as f:
+                if not f.read().startswith("qemu-system"):
+                    continue
+        except OSError:
+            continue
+        r = smaps_rollup_kb(int(p))
+        out.append((int(p), r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)))
+    return out
+
+
+def machine_description():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return ("%d CPUs (%s), %d MiB RAM, Linux %s; TCG guests (no KVM)"
+            % (os.cpu_count(), cpu, meminfo_kb()["MemTotal"] // 1024, platform.release()))
+
+
+# --------------------------------------------------------------------- one configuration
+
+def line_match(g, rx):
+    for line in list(g.lines):
+        m = re.search(rx, line)
+        if m:
+            return m
+    return None
+
+
+class Run:
+    """One configuration: guests, samples and the figures derived from them."""
+
+    def __init__(self, name, args, ref=None):
+        self.name = name
+        self.cfg = CONFIGS[name]
+        self.args = args
+        self.ref = ref              # the off run's final figures (dict) or None
+        self.samples = []
+        self.flags = []             # interference notes (deduplicated)
+        self.filled = []
+        self.verify = []
+        self.t_filled = None
+        self.stop_reason = ""
+        self.ksm_expect = None
+        self.result = {}
+        self.other_pids = set()
+        self.other_swing = 0.0
+        self.other_seen = False
+        self.t_fill_launch = None
+        self.ideal_mib = None
+
+    def flag(self, msg):
+        if msg not in self.flags:
+            self.flags.append(msg)
+            say("  !! %s" % msg)
+
+    def cmdline(self, seed):
+        a = self.args
+        return ("ms.mib=%d ms.seed=%d ms.zero=%d ms.shared=%d ms.idle=1 "
+                "ms.interval=%d ms.rewrite=0" % (a.mib, seed, a.zero, a.shared,
+                                                  a.verify_interval))
+
+    def cap(self):
+        if self.name == "off":
+            return self.args.off_window
+        return self.args.cap_default if self.name == "ksm-default" else self.args.cap
+
+    def sample(self, guests, t_launch, base_kb, ksm_cpu0, scans0, others0):
+        a = self.args
+        now = time.monotonic()
+        used_kb = host_used_kb() - base_kb
+        pss = rss = anon = shmem = 0
+        qcpu = 0.0
+        merged = zero = ucpu = ubytes = 0
+        uscans = []
+        ours = set()
+        for g in guests:
+            pid = g.pid
+            ours.add(pid)
+            st = mg.proc_status(pid)
+            r = smaps_rollup_kb(pid)
+            pss += r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)
+            rss += st.get("VmRSS", 0)
+            anon += st.get("RssAnon", 0)
+            shmem += st.get("RssShmem", 0)
+            qcpu += proc_cpu_s(pid)
+            e = g.query_mem_share("m0")
+            merged += e.get("pages-merged", 0)
+            zero += e.get("pages-zero", 0)
+            if self.cfg["mode"] == "user":
+                uscans.append(e.get("full-scans", 0))
+                ucpu += e.get("scan-cpu-ns", 0)
+                ubytes += (e.get("user") or {}).get("bytes-saved", 0)
+        k = mg.ksm_sysfs()
+        scans = min(uscans) if uscans else 0
+        if self.cfg["mode"] == "kernel":
+            scans = k.get("full_scans", 0)
+            kc = mg.ksmd_cpu_ns()
+            dcpu = (kc - ksm_cpu0) / 1e9 if kc is not None and ksm_cpu0 is not None else 0.0
+        elif self.cfg["mode"] == "user":
+            dcpu = ucpu / 1e9
+        else:
+            dcpu = 0.0
+        # interference: host KSM settings and other QEMUs
+        bad = []
+        for n in KSM_WATCH:
+            if k.get(n) != self.ksm_expect.get(n):
+                bad.append("%s=%s (expected %s)" % (n, k.get(n), self.ksm_expect.get(n)))
+        if bad:
+            self.flag("host KSM settings changed under the run: " + ", ".join(bad))
+        oth = other_qemus(ours)
+        oth_kb = sum(v for _, v in oth)
+        raw_kb = used_kb
+        used_kb -= oth_kb - others0
+        for p, _ in oth:
+            self.other_pids.add(p)
+        self.other_swing = max(self.other_swing, abs(oth_kb - others0) / 1024)
+        if oth and not self.other_seen:
+            self.other_seen = True
+            say("  !! other QEMU processes on the host (pids %s): their Pss changes are "
+                "subtracted from the host-memory figure" % " ".join(str(p) for p, _ in oth))
+        s = dict(config=self.name, t_abs=now, t_launch=now - t_launch,
+                 host_used_mib=used_kb / 1024, host_raw_mib=raw_kb / 1024, pss_mib=pss / 1024, rss_mib=rss / 1024,
+                 rss_anon_mib=anon / 1024, rss_shmem_mib=shmem / 1024,
+                 dedup_cpu_s=dcpu, qemu_cpu_s=qcpu, full_scans=scans - scans0,
+                 merged_pages=merged, zero_pages=zero, user_bytes_saved_mib=ubytes / MIB,
+                 ksm_pages_sharing=k.get("pages_sharing", 0), ksm_run=k.get("run"),
+                 ksm_pages_to_scan=k.get("pages_to_scan"),
+                 ksm_sleep_millisecs=k.get("sleep_millisecs"),
+                 other_qemus=len(oth), other_qemu_mib=oth_kb / 1024,
+                 interference=";".join(bad + (["others"] if oth else [])))
+        if self.ref:
+            s["saved_mib"] = self.ref["host_used_mib"] - s["host_used_mib"]
+            s["saved_pss_mib"] = self.ref["pss_mib"] - s["pss_mib"]
+        else:
+            s["saved_mib"] = s["saved_pss_mib"] = 0.0
+        self.samples.append(s)
+        return s
+
+    def execute(self, log_root):
+        a = self.args
+        cfg = self.cfg
+        say()
+        say("=== %s: %s, %d guests of %s, workload %d MiB (zero %d%%, shared %d%%)"
+            % (self.name, cfg["label"], a.guests, a.mem, a.mib, a.zero, a.shared))
+        ksm_ctx = mg.KsmSettings(**cfg["ksm"]) if cfg["ksm"] else None
+        guests = []
+        log_dir = os.path.join(log_root, self.name)
+        shutil.rmtree(log_dir, ignore_errors=True)
+        os.makedirs(log_dir)
+        try:
+            if ksm_ctx:
+                ksm_ctx.__enter__()
+                say("  host KSM set: %s (saved: %s)"
+                    % (" ".join("%s=%d" % kv for kv in sorted(cfg["ksm"].items())),
+                       " ".join("%s=%d" % kv for kv in sorted(ksm_ctx.saved.items()))))
+            k0 = mg.ksm_sysfs()
+            self.ksm_expect = {n: k0.get(n) for n in KSM_WATCH}
+            if ksm_ctx:
+                self.ksm_expect.update(cfg["ksm"])
+            self.ksm_settings = {n: k0.get(n) for n in
+                                 ("run", "pages_to_scan", "sleep_millisecs",
+                                  "use_zero_pages", "max_page_sharing", "smart_scan",
+                                  "merge_across_nodes") if n in k0}
+            self.ksm_settings["advisor_mode"] = None
+            try:
+                with open(os.path.join(mg.KSM_DIR, "advisor_mode")) as f:
+                    self.ksm_settings["advisor_mode"] = re.search(
+                        r"\[(\S+)\]", f.read()).group(1)
+            except (OSError, AttributeError):
+                pass
+            # baseline: median of 3 readings just before the guests start
+            time.sleep(1.0)
+            base = sorted(host_used_kb() for _ in range(3))[1]
+            others0 = sum(v for _, v in other_qemus(set()))
+            ksm_cpu0 = mg.ksmd_cpu_ns() if cfg["mode"] == "kernel" else None
+            scans0 = k0.get("full_scans", 0) if cfg["mode"] == "kernel" else 0
+            t_launch = time.monotonic()
+            for i in range(1, a.guests + 1):
+                g = mg.Guest("vm%d" % i, mg.linux_guest_args(a.mem, cfg["mode"],
+                                                               self.cmdline(i)), log_dir)
+                guests.append(g)
+                g.launch()
+            say("  guests launched (pids %s); baseline AnonPages+Shmem %.0f MiB"
+                % (" ".join(str(g.pid) for g in guests), base / 1024))
+            ideal = None
+            scans_at_fill = None
+            next_t = time.monotonic()
+            last_print = 0
+            while True:
+                s = self.sample(guests, t_launch, base, ksm_cpu0, scans0, others0)
+                now = s["t_abs"]
+                for g in guests:
+                    if not g.is_running():
+                        raise mg.GuestError("%s: QEMU exited (status %s)"
+                                            % (g.name, g.exitcode()))
+                    if line_match(g, r"MS-WORKLOAD FAIL"):
+                        raise mg.GuestError("%s: %s" % (g.name, line_match(
+                            g, r"MS-WORKLOAD FAIL.*")))
+                if self.t_filled is None:
+                    ms = [line_match(g, r"MS-WORKLOAD filled pages=(\d+) zero=(\d+) "
+                                        r"shared=(\d+) unique=(\d+)") for g in guests]
+                    if all(ms):
+                        self.t_filled = now
+                        self.filled = [tuple(int(x) for x in m.groups()) for m in ms]
+                        self.t_fill_launch = now - t_launch
+                        zero_p = sum(f[1] for f in self.filled)
+                        shared_p = sum(f[2] for f in self.filled)
+                        ideal = ((zero_p - 1) + max(0, shared_p - 1024)) * mg.PAGE_SIZE / MIB
+                        self.ideal_mib = ideal
+                        scans_at_fill = s["full_scans"]
+                        say("  both guests filled %.0f s after launch (ideal saving "
+                            "%.0f MiB)" % (self.t_fill_launch, ideal))
+                    elif now - t_launch > mg.scaled(a.boot_timeout):
+                        raise mg.GuestError("guests not filled within %d s of launch"
+                                            % a.boot_timeout)
+                else:
+                    # full scans counted from the fill on
+                    s["full_scans_since_fill"] = s["full_scans"] - scans_at_fill
+                el = (now - self.t_filled) if self.t_filled else None
+                if el is not None and now - last_print >= 10:
+                    last_print = now
+                    say("  t=%5.0fs used %6.0f MiB saved %6.0f MiB (Pss %6.0f) "
+                        "dedup cpu %6.1f s scans %d%s"
+                        % (el, s["host_used_mib"], s["saved_mib"], s["saved_pss_mib"],
+                           s["dedup_cpu_s"], s.get("full_scans_since_fill", 0),
+                           "  [%s]" % s["interference"] if s["interference"] else ""))
+                if el is not None:
+                    if self.name != "off" and self._stable(ideal):
+                        self.stop_reason = "stable"
+                        break
+                    if el >= self.cap():
+                        self.stop_reason = "window" if self.name == "off" else "cap"
+                        break
+                next_t += a.interval
+                time.sleep(max(0.0, next_t - time.monotonic()))
+            # verification
+            for g in guests:
+                oks = [l for l in g.lines if re.search(r"MS-WORKLOAD verify .* bad=0", l)]
+                fails = [l for l in g.lines if "MS-WORKLOAD FAIL" in l]
+                self.verify.append((len(oks), fails))
+            for g in guests:
+                g.send("q\n")
+            for i, g in enumerate(guests):
+                try:
+                    g.wait_line(r"^MS-WORKLOAD done ok", 120,
+                                fail_pattern="MS-WORKLOAD FAIL")
+                    g.wait_exit(60)
+                except mg.GuestError as e:
+                    self.verify[i] = (self.verify[i][0], self.verify[i][1] + [str(e)])
+            self.verify = [(n, f + [l for l in g.lines if "MS-WORKLOAD FAIL" in l
+                                    and l not in f])
+                           for (n, f), g in zip(self.verify, guests)]
+        finally:
+            for g in guests:
+                g.shutdown()
+            if ksm_ctx:
+                ksm_ctx.__exit__(None, None, None)
+                say("  host KSM restored: %s" % " ".join(
+                    "%s=%d" % (n, mg.ksm_sysfs().get(n, -1)) for n in sorted(ksm_ctx.saved)))
+        self.analyse()
+
+    def _stable(self, ideal):
+        post = [s for s in self.samples if s["t_abs"] >= self.t_filled]
+        n = self.args.stable_n
+        if len(post) < n or post[-n].get("full_scans_since_fill", 0) < 2:
+            return False
+        for key in ("saved_mib", "saved_pss_mib"):
+            vals = [s[key] for s in post[-n:]]
+            mean = sum(vals) / n
+            if mean < 0.05 * ideal or max(vals) - min(vals) > 0.02 * mean:
+                return False
+        return True
+
+    def analyse(self):
+        n = self.args.stable_n
+        for s in self.samples:
+            s["t"] = s["t_abs"] - self.t_filled
+        post = [s for s in self.samples if s["t"] >= 0]
+        last = post[-n:]
+
+        def mean(key):
+            return sum(s[key] for s in last) / len(last)
+
+        r = dict(config=self.name, label=self.cfg["label"], stop=self.stop_reason,
+                 t_fill_launch=self.t_fill_launch, ideal_mib=self.ideal_mib,
+                 filled=self.filled, flags=self.flags, ksm_settings=self.ksm_settings)
+        for key in ("host_used_mib", "pss_mib", "rss_mib", "rss_anon_mib",
+                    "rss_shmem_mib", "saved_mib", "saved_pss_mib",
+                    "user_bytes_saved_mib", "merged_pages", "zero_pages"):
+            r[key] = mean(key)
+        r["duration"] = post[-1]["t"]
+        r["converged"] = self.stop_reason == "stable"
+        if self.other_pids:
+            note = ("other QEMU processes ran meanwhile (%d; their Pss swung by up to "
+                    "%.0f MiB, subtracted from the host figure)"
+                    % (len(self.other_pids), self.other_swing))
+            if note not in self.flags:
+                self.flags.append(note)
+        # first time the curve reached 98% of the final saving
+        for key, out in (("saved_mib", "t98"), ("saved_pss_mib", "t98_pss")):
+            fin = r[key]
+            t98 = None
+            if fin > 0:
+                for s in self.samples:
+                    if s[key] >= 0.98 * fin:
+                        t98 = max(0.0, s["t"])
+                        break
+            r[out] = t98
+        # dedup CPU: from the configuration's start to the 98% point, and at the end
+        r["cpu_total"] = self.samples[-1]["dedup_cpu_s"]
+        r["cpu_t98"] = None
+        if r["t98"] is not None:
+            for s in self.samples:
+                if s["t"] >= r["t98"]:
+                    r["cpu_t98"] = s["dedup_cpu_s"]
+                    break
+        dt = last[-1]["t_abs"] - last[0]["t_abs"]
+        r["cpu_steady_pct"] = (100.0 * (last[-1]["dedup_cpu_s"] - last[0]["dedup_cpu_s"]) / dt
+                               if dt > 0 else 0.0)
+        r["full_scans_since_fill"] = post[-1].get("full_scans_since_fill", 0)
+        r["verify_rounds"] = [v[0] for v in self.verify]
+        r["verify_fail"] = [v[1] for v in self.verify]
+        r["verified"] = all(v[0] > 0 and not v[1] for v in self.verify)
+        self.result = r
+        return r
+
+
+# --------------------------------------------------------------------- report
+
+def fmt(v, f="%.0f", none="-"):
+    return none if v is None else f % v
+
+
+def make_report(runs, args, started, wall):
+    R = {r.name: r.result for r in runs}
+    off = R.get("off")
+    d = R.get("ksm-default")
+    t = R.get("ksm-tuned")
+    lines = []
+    add = lines.append
+    add("mem-share benchmark, %s" % started.strftime("%Y-%m-%d %H:%M"))
+    add("machine: %s" % machine_description())
+    add("guests: %d per configuration, %s RAM each, workload %d MiB each "
+        "(zero %d%%, shared %d%%, unique %d%%), idle verify every %d s; samples every %g s"
+        % (args.guests, args.mem, args.mib, args.zero, args.shared,
+           100 - args.zero - args.shared, args.verify_interval, args.interval))
+    if off:
+        add("ideal saving (zero pages -> 1, shared pages -> 1024): %.0f MiB"
+            % off["ideal_mib"])
+    add("")
+    hdr = ("%-32s %8s %8s %8s %6s %8s %15s %9s %9s %8s %9s %s"
+           % ("configuration", "used", "saved", "savedPss", "%ideal", "RSS",
+              "converge s", "cpu@98%", "cpu tot", "steady", "MiB/s", "verify"))
+    add(hdr)
+    add("-" * len(hdr))
+    for r in [x.result for x in runs]:
+        if r["config"] == "off":
+            conv = "-"
+        elif r["converged"]:
+            conv = fmt(r["t98"], "%.0f")
+        else:
+            conv = "n.c. @%.0f" % r["duration"]
+        thr = (r["saved_mib"] / r["t98"] if r["converged"] and r["t98"] else None)
+        add("%-32s %8.0f %8.0f %8.0f %6s %8.0f %15s %9s %9s %7s%% %9s %s"
+            % (r["label"], r["host_used_mib"], r["saved_mib"], r["saved_pss_mib"],
+               fmt(100 * r["saved_mib"] / r["ideal_mib"] if r["ideal_mib"] else None,
+                   "%.0f%%"), r["rss_mib"], conv, fmt(r["cpu_t98"], "%.1f"),
+               fmt(r["cpu_total"], "%.1f"), fmt(r["cpu_steady_pct"], "%.0f"),
+               fmt(thr, "%.1f"),
+               "bad=0 (%s rounds)" % "+".join(str(x) for x in r["verify_rounds"])
+               if r["verified"] else "FAILED"))
+    add("")
+    add("used: host AnonPages+Shmem minus the baseline before launch (MiB, mean of the "
+        "last %d samples); saved: vs the off run; savedPss: from the QEMU processes' "
+        "Pss; converge: s after both guests filled until the saving first reached 98%% "
+        "of its final value (n.c. = not converged within the cap); cpu@98%%: dedup CPU "
+        "s from launch to that point (ksmd for KSM, scan-cpu-ns for mode=user); "
+        "steady: dedup CPU %% of one CPU at the end; MiB/s = saved / converge s."
+        % args.stable_n)
+    for r in [x.result for x in runs]:
+        if not r["converged"] and r["config"] != "off":
+            add("%s: NOT CONVERGED within the %.0f s cap: saving reached %.0f MiB "
+                "(%.0f%% of ideal)" % (r["label"], r["duration"], r["saved_mib"],
+                                       100 * r["saved_mib"] / r["ideal_mib"]))
+        if r["flags"]:
+            add("%s: INTERFERENCE: %s" % (r["label"], "; ".join(r["flags"])))
+        if not r["verified"]:
+            add("%s: VERIFICATION FAILED: %s" % (r["label"], r["verify_fail"]))
+    u = R.get("user")
+    targets = []
+    if u:
+        add("")
+        add("mem-share mode=user against kernel KSM:")
+        if t:
+            ratio = u["saved_mib"] / t["saved_mib"] if t["saved_mib"] > 0 else None
+            add("  savings ratio vs tuned KSM:    %s (%.0f vs %.0f MiB)"
+                % (fmt(ratio, "%.3f"), u["saved_mib"], t["saved_mib"]))
+            ok = ratio is not None and u["saved_mib"] >= t["saved_mib"] - 0.01 * t["saved_mib"]
+            targets.append(("savings >= tuned KSM (1%% noise band)", ok,
+                            "%.0f vs %.0f MiB" % (u["saved_mib"], t["saved_mib"])))
+        if d:
+            ratio = u["saved_mib"] / d["saved_mib"] if d["saved_mib"] > 0 else None
+            add("  savings ratio vs default KSM:  %s (%.0f vs %.0f MiB%s)"
+                % (fmt(ratio, "%.3f"), u["saved_mib"], d["saved_mib"],
+                   "" if d["converged"] else ", default KSM not converged"))
+            if u["converged"] and u["t98"] is not None:
+                ut = max(u["t98"], args.interval)   # resolution of the samples
+                if d["converged"] and d["t98"]:
+                    sp = d["t98"] / ut
+                    spt = "%.1fx" % sp
+                else:
+                    sp = d["duration"] / ut     # lower bound
+                    spt = ">= %.1fx (default KSM not converged within %.0f s)" % (
+                        sp, d["duration"])
+                add("  convergence speed-up vs default KSM: %s (%.0f s vs %s; user "
+                    "time floored at the %g s sample interval)"
+                    % (spt, u["t98"], fmt(d["t98"], "%.0f s") if d["converged"]
+                       else "n.c.", args.interval))
+                targets.append(("converge >= 10x faster than default KSM", sp >= 10, spt))
+            else:
+                targets.append(("converge >= 10x faster than default KSM", False,
+                                "mode=user did not converge"))
+        if t:
+            if u["cpu_t98"] is not None and t["cpu_t98"]:
+                cr = u["cpu_t98"] / t["cpu_t98"]
+                add("  dedup CPU ratio vs tuned KSM (to 98%%): %.2f (%.1f s vs %.1f s); "
+                    "steady %.0f%% vs %.0f%% of a CPU"
+                    % (cr, u["cpu_t98"], t["cpu_t98"], u["cpu_steady_pct"],
+                       t["cpu_steady_pct"]))
+                targets.append(("less dedup CPU than tuned KSM", cr < 1.0,
+                                "%.1f s vs %.1f s" % (u["cpu_t98"], t["cpu_t98"])))
+            else:
+                targets.append(("less dedup CPU than tuned KSM", False,
+                                "no convergence point to compare"))
+    add("")
+    add("merge throughput (kernel selftest ksm_tests -P: ~%.0f MiB/s for KSM):"
+        % KSM_SELFTEST_MIBS)
+    for r in [x.result for x in runs]:
+        if r["config"] == "off":
+            continue
+        wthr = (r["saved_mib"] / r["t98"] if r["converged"] and r["t98"] else None)
+        percpu = r["saved_mib"] / r["cpu_t98"] if r["cpu_t98"] else None
+        extra = ""
+        if r["config"] == "user":
+            extra = "; counters: bytes-saved %.0f MiB / scan cpu %.1f s = %s MiB/cpu-s" % (
+                r["user_bytes_saved_mib"], r["cpu_total"],
+                fmt(r["user_bytes_saved_mib"] / r["cpu_total"] if r["cpu_total"] else None,
+                    "%.0f"))
+        add("  %-32s wall %s MiB/s (saved/converge s), %s MiB per dedup CPU-second%s"
+            % (r["label"], fmt(wthr, "%.1f") if wthr else "n.c.",
+               fmt(percpu, "%.0f"), extra))
+    if targets:
+        add("")
+        add("targets (issue):")
+        for name, ok, why in targets:
+            add("  %-45s %s  (%s)" % (name, "PASS" if ok else "MISS", why))
+    add("")
+    add("run time: %.0f s; samples: %s" % (wall, os.path.join(args.out, "samples.csv")))
+    return lines, targets
+
+
+def write_outputs(runs, args):
+    os.makedirs(args.out, exist_ok=True)
+    allp = os.path.join(args.out, "samples.csv")
+    with open(allp, "w", newline="") as fa:
+        wa = csv.DictWriter(fa, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        wa.writeheader()
+        for r in runs:
+            with open(os.path.join(args.out, "%s.csv" % r.name), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                for s in r.samples:
+                    row = dict(s)
+                    row["phase"] = "post-fill" if s["t"] >= 0 else "boot"
+                    for k, v in row.items():
+                        if isinstance(v, float):
+                            row[k] = "%.3f" % v
+                    w.writerow(row)
+                    wa.writerow(row)
+
+
+def plot(runs, args):
+    gp = shutil.which("gnuplot")
+    if not gp:
+        say("bench: no gnuplot: no plot")
+        return None
+    png = os.path.join(args.out, "bench.png")
+    script = os.path.join(ROOT, "scripts", "bench.gnuplot")
+    files = " ".join("%s/%s.csv" % (args.out, r.name) for r in runs)
+    titles = " ".join("'%s'" % r.cfg["label"].replace("'", "") for r in runs)
+    ideal = runs[0].result.get("ideal_mib", 0)
+    ev = ("files='%s'; titles=\"%s\"; out='%s'; ideal=%f; n=%d"
+          % (files, titles, png, ideal, len(runs)))
+    p = subprocess.run([gp, "-e", ev, script], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, check=False)
+    if p.returncode:
+        say("bench: gnuplot failed: %s" % p.stdout.decode(errors="replace"))
+        return None
+    return png
+
+
+def main():
+    args = parse_args()
+    mg.install_signal_handlers()
+    started = datetime.datetime.now()
+    t_start = time.monotonic()
+    probs = mg.missing_prerequisites(mg.VMLINUZ, mg.INITRAMFS)
+    if not probs and not mg.qemu_has_object("mem-share"):
+        probs.append("%s does not know -object mem-share" % mg.QEMU)
+    if any(CONFIGS[c]["ksm"] for c in args.configs) and not mg.ksm_writable():
+        probs.append("host KSM settings not writable (%s): run as root" % mg.KSM_DIR)
+    if probs:
+        for p in probs:
+            say("bench: " + p)
+        return 1
+    if mg.DEV_BACKEND:
+        say("bench: MS_BACKEND is a development setting: unset it")
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    log_root = os.path.join(args.out, "logs")
+    say("mem-share bench: %s" % ", ".join(args.configs))
+    say("machine: %s" % machine_description())
+    runs = []
+    rc = 1
+    try:
+        ref = None
+        for name in args.configs:
+            r = Run(name, args, ref)
+            runs.append(r)
+            r.execute(log_root)
+            if name == "off":
+                ref = r.result
+                # the off run's own saving is 0 by definition
+                for s in r.samples:
+                    s["saved_mib"] = ref["host_used_mib"] - s["host_used_mib"]
+                    s["saved_pss_mib"] = ref["pss_mib"] - s["pss_mib"]
+                r.analyse()
+                ref = r.result
+            write_outputs(runs, args)
+        rc = 0
+    except mg.Interrupted:
+        say("\nbench: interrupted")
+    except mg.GuestError as e:
+        say("bench: %s" % e)
+        for r in runs[-1:]:
+            say("  logs in %s" % os.path.join(log_root, r.name))
+    done = [r for r in runs if r.result]
+    if not done:
+        return 1
+    write_outputs(done, args)
+    png = plot(done, args)
+    lines, targets = make_report(done, args, started, time.monotonic() - t_start)
+    say()
+    for l in lines:
+        say(l)
+    if png:
+        say("plot: %s" % png)
+    with open(os.path.join(args.out, "report.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(dict(started=started.isoformat(), args=vars(args),
+                       machine=machine_description(),
+                       results=[r.result for r in done],
+                       targets=[dict(name=n, ok=o, why=w) for n, o, w in targets]),
+                  f, indent=1, default=str)
+    if rc == 0 and not all(r.result["verified"] for r in done):
+        rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
