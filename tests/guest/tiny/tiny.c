@@ -11,7 +11,9 @@
  *   base=N     start of the region in MiB (default 16)
  *   mib=N      size of the region in MiB (default 16)
  *   passes=N   write+check passes (default 3); each pass writes new content;
- *              0 = forever (the host ends it: for writers racing merges)
+ *              0 = until a 'q' arrives on the serial input (looked at after
+ *              each pass; "TINY stop requested"), then "TINY done": for
+ *              writers racing merges
  *   checks=N   read-back checks after each write (default 1)
  *   seed=N     seed of the unique content (default 1)
  *   corrupt=1  self-test of the checker: flip one word after the first
@@ -27,6 +29,7 @@
  *   TINY start base=0x.. mib=.. passes=.. pattern=.. mem_upper_kib=..
  *   TINY pass=K ok sum=0x........
  *   TINY pass=K FAIL addr=0x........ expected=0x........ got=0x........ bad=N
+ *   TINY stop requested            (passes=0, after a 'q')
  *   TINY done ok | TINY done FAIL
  */
 #include <stdint.h>
@@ -68,6 +71,17 @@ static void putc_(char c)
     for (int i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++) {
     }
     outb(COM1, c);
+}
+
+/* A 'q' is waiting on the serial input (other bytes are dropped) */
+static int stop_requested(void)
+{
+    while (inb(COM1 + 5) & 0x01) {
+        if (inb(COM1) == 'q') {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static void puts_(const char *s)
@@ -304,6 +318,10 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
             puts_(" sum=");
             puthex(sum);
             puts_("\n");
+        }
+        if (!P.passes && stop_requested()) {
+            puts_("TINY stop requested\n");
+            break;
         }
     }
     puts_(all_ok ? "TINY done ok\n" : "TINY done FAIL\n");
