@@ -7,7 +7,15 @@ unique to it, then verifies every byte every 2 seconds. The demo prints the
 merge figures every 2 s until they are stable for ~10 s (or --max-time), then
 a summary, and shuts the guests down cleanly.
 
-  scripts/demo.py [--mode kernel|user] [--mib N] [--max-time S]
+  scripts/demo.py [--mode user|kernel] [--mib N] [--max-time S]
+
+In mode=user (the default) mem-share's own scanner thread merges each
+guest's pages onto its store (zero pages become holes). The objects are
+created with mode=user but switched to mode=off before the guests run, so
+that the guest RAM's anonymous memory can be measured once the workloads
+filled it, unmerged; then mode=user is switched on and the demo shows, per
+VM, pages merged, zero holes, store pages, bytes saved, the guest RAM's
+resident anonymous memory (from /proc/PID/smaps) and the scanner's CPU time.
 
 In mode=kernel the host's KSM does the merging. If it is off and we are
 root, the demo turns it on with brisk settings for its run and restores the
@@ -23,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "guest", "lib"))
 import msguest as mg  # noqa: E402
 
-DEFAULT_MODE = "kernel"          # switch to "user" once mode=user exists
+DEFAULT_MODE = "user"
 GUEST_MEM = "256M"
 KSM_BRISK = dict(pages_to_scan=2000, sleep_millisecs=10)
 MIB = 1 << 20
@@ -64,6 +72,148 @@ def snapshot(guests):
     return rows
 
 
+def user_snapshot(guests, ranges):
+    rows = []
+    for g, rng in zip(guests, ranges):
+        e = g.query_mem_share("m0")
+        u = e.get("user") or {}
+        rows.append(dict(merged=e.get("pages-merged", 0), zero=e.get("pages-zero", 0),
+                         store=u.get("store-pages", 0), saved=u.get("bytes-saved", 0),
+                         anon=mg.range_anon_kb(g.pid, rng) * 1024,
+                         cpu=e.get("scan-cpu-ns", 0) / 1e9, entry=e))
+    return rows
+
+
+def say_verified(guests):
+    """Summary lines of the workloads' verifications; True if all good."""
+    ok = True
+    for g in guests:
+        n = len([l for l in g.lines if re.search(r"MS-WORKLOAD verify .* bad=0", l)])
+        bad = [l for l in g.lines if "MS-WORKLOAD FAIL" in l]
+        if bad:
+            say("  %s: workload FAILED verification: %s" % (g.name, bad[0]))
+        else:
+            say("  %s: workload verified all its memory %d times (bad=0)" % (g.name, n))
+        ok = ok and n > 0 and not bad
+    return ok
+
+
+def shutdown_guests(guests):
+    """Ask the workloads to stop; True if both ended 'done ok'."""
+    ok = True
+    say()
+    say("shutting the guests down")
+    for g in guests:
+        g.send("q\n")
+    for g in guests:
+        try:
+            g.wait_line(r"^MS-WORKLOAD done ok", 120, fail_pattern="MS-WORKLOAD FAIL")
+            g.wait_exit(60)
+            say("%s: done ok, powered off" % g.name)
+        except mg.GuestError as e:
+            ok = False
+            say("%s: %s" % (g.name, e))
+    return ok
+
+
+def user_demo(args, guests, ranges, filled):
+    """mode=user: measure the unmerged guest RAM, switch mode=user on, show
+    the figures until they are stable, summarize. Returns the exit status."""
+    for g in guests:
+        g.qmp("stop")
+    anon0 = [mg.range_anon_kb(g.pid, r) * 1024 for g, r in zip(guests, ranges)]
+    for g in guests:
+        set_mode(g, "user")
+        g.qmp("cont")
+    t0 = time.monotonic()
+    say()
+    say("guest RAM resident (anonymous) with nothing merged: %s"
+        % ", ".join("%s %.1f MiB" % (g.name, a / MIB) for g, a in zip(guests, anon0)))
+    say("mem-share mode=user switched on for both (scanner threads mem-share-m0)")
+    say()
+    cell = "%7s %6s %6s %9s %9s %7s"
+    hdr = ("%6s | %s | %s" % ("time", cell % ("merged", "zero", "store", "saved MiB",
+                                                "anon MiB", "cpu s"),
+                              cell % ("merged", "zero", "store", "saved MiB",
+                                      "anon MiB", "cpu s")))
+    width = len(cell % (("",) * 6))
+    say("%6s | %-*s | %-*s" % ("", width, "vm1", width, "vm2"))
+    say(hdr)
+    say("-" * len(hdr))
+    last = None
+    last_change = t0
+    converged_at = None
+    while True:
+        rows = user_snapshot(guests, ranges)
+        now = time.monotonic()
+        cells = ["%7d %6d %6d %9.1f %9.1f %7.2f" % (r["merged"], r["zero"], r["store"],
+                                                   r["saved"] / MIB, r["anon"] / MIB,
+                                                   r["cpu"])
+                 for r in rows]
+        say("%5.0fs | %s | %s" % (now - t0, cells[0], cells[1]))
+        fig = [r["merged"] for r in rows]
+        # Stable: no VM's merged count moved by more than 0.5%.
+        if last is None or any(abs(a - b) > max(8, b // 200) for a, b in zip(fig, last)):
+            last = fig
+            last_change = now
+        elif now - last_change >= args.stable and any(fig):
+            converged_at = last_change - t0
+            break
+        if now - t0 >= args.max_time:
+            break
+        for g in guests:
+            if not g.is_running():
+                raise mg.GuestError("%s: QEMU exited" % g.name)
+        time.sleep(args.interval)
+
+    # Final figures with both VMs stopped: nothing writes, one moment.
+    for g in guests:
+        g.qmp("stop")
+    rows = user_snapshot(guests, ranges)
+    for g in guests:
+        g.qmp("cont")
+
+    say()
+    say("Summary (mode=user)")
+    say("  guest RAM total:      2 x %s = %d MiB (workload %d MiB each)"
+        % (GUEST_MEM, 2 * mg.size_bytes(GUEST_MEM) // MIB, args.mib))
+    total_saved = total_drop = total_store = total_cpu = 0
+    for g, r, f, a0 in zip(guests, rows, filled, anon0):
+        page = r["entry"].get("page-size", mg.PAGE_SIZE)
+        drop = a0 - r["anon"]
+        store = r["store"] * page
+        total_saved += r["saved"]
+        total_drop += drop
+        total_store += store
+        total_cpu += r["cpu"]
+        say("  %s: pages merged %d (zero holes %d) of its %d guest pages (workload %s) "
+            "onto %d store pages" % (g.name, r["merged"], r["zero"],
+                                     mg.size_bytes(GUEST_MEM) // page, f.group(1),
+                                     r["store"]))
+        say("       bytes-saved %.1f MiB; measured: guest RAM anonymous memory %.1f -> "
+            "%.1f MiB (-%.1f MiB), store %.1f MiB: net %.1f MiB freed"
+            % (r["saved"] / MIB, a0 / MIB, r["anon"] / MIB, drop / MIB, store / MIB,
+               (drop - store) / MIB))
+    say("  memory saved:         %.1f MiB by mem-share's count (bytes-saved), %.1f MiB "
+        "measured on the host (anonymous memory freed minus the stores)"
+        % (total_saved / MIB, (total_drop - total_store) / MIB))
+    if converged_at is not None:
+        say("  time to converge:     %.0f s after mode=user was switched on"
+            % converged_at)
+    else:
+        say("  time to converge:     not stable within %.0f s" % args.max_time)
+    say("  scanner CPU:          %.2f s in all (%s)"
+        % (total_cpu, ", ".join("%s %.2f s" % (g.name, r["cpu"])
+                                for g, r in zip(guests, rows))))
+    ok = say_verified(guests)
+    ok = shutdown_guests(guests) and ok
+    return 0 if ok else 1
+
+
+def set_mode(g, mode):
+    g.qmp("qom-set", path="/objects/m0", property="mode", value=mode)
+
+
 def main():
     args = parse_args()
     mg.install_signal_handlers()
@@ -100,6 +250,8 @@ def main():
                                          mg.ksm_sysfs().get("sleep_millisecs", 0)))
 
     guests = []
+    ranges = []
+    user_mode = args.mode == "user"
     rc = 1
     try:
         if ksm_ctx:
@@ -109,10 +261,23 @@ def main():
             for i in (1, 2):
                 cmd = ("ms.mib=%d ms.seed=%d ms.zero=25 ms.shared=50 ms.idle=1 "
                        "ms.interval=2 ms.rewrite=0" % (args.mib, i))
-                g = mg.Guest("vm%d" % i, mg.linux_guest_args(GUEST_MEM, args.mode, cmd), d)
+                extra = ["-name", "vm%d,debug-threads=on" % i]
+                g = mg.Guest("vm%d" % i, mg.linux_guest_args(GUEST_MEM, args.mode, cmd) +
+                             extra, d)
                 guests.append(g)
-                g.launch()
-                say("vm%d: QEMU pid %d booting" % (i, g.pid))
+                g.launch(cont=False)
+                if user_mode:
+                    # Found by its size before the guest runs: merges split
+                    # it into many mappings later.
+                    rng = mg.find_ram_range(g.pid, mg.size_bytes(GUEST_MEM))
+                    if rng is None:
+                        raise mg.GuestError("%s: guest RAM mapping not found" % g.name)
+                    ranges.append(rng)
+                    set_mode(g, "off")
+                g.qmp("cont")
+                say("vm%d: QEMU pid %d booting%s" % (
+                    i, g.pid, " (mem-share mode=off until the workload filled its "
+                    "memory)" if user_mode else ""))
             filled = []
             for g in guests:
                 _, m = g.wait_line(r"MS-WORKLOAD filled pages=(\d+) zero=(\d+) "
@@ -120,6 +285,9 @@ def main():
                                    fail_pattern="MS-WORKLOAD FAIL")
                 filled.append(m)
                 say("%s: %s" % (g.name, m.group(0)))
+            if user_mode:
+                rc = user_demo(args, guests, ranges, filled)
+                return rc
             t0 = time.monotonic()
             hdr = ("%6s | %-41s | %-41s | %s" %
                    ("time", "vm1: merged  zero  saved MiB  RSS MiB",
@@ -156,11 +324,6 @@ def main():
                 time.sleep(args.interval)
 
             ksm1 = mg.ksm_sysfs()
-            verified = []
-            for g in guests:
-                ok_lines = [l for l in g.lines if re.search(r"MS-WORKLOAD verify .* bad=0", l)]
-                bad = [l for l in g.lines if "MS-WORKLOAD FAIL" in l]
-                verified.append((len(ok_lines), bad))
 
             page = rows[0]["entry"].get("page-size", mg.PAGE_SIZE)
             say()
@@ -184,26 +347,8 @@ def main():
                     % converged_at)
             else:
                 say("  time to converge:     not stable within %.0f s" % args.max_time)
-            for g, (n, bad) in zip(guests, verified):
-                if bad:
-                    say("  %s: workload FAILED verification: %s" % (g.name, bad[0]))
-                else:
-                    say("  %s: workload verified all its memory %d times (bad=0)"
-                        % (g.name, n))
-            ok = all(n > 0 and not bad for n, bad in verified)
-
-            say()
-            say("shutting the guests down")
-            for g in guests:
-                g.send("q\n")
-            for g in guests:
-                try:
-                    g.wait_line(r"^MS-WORKLOAD done ok", 120, fail_pattern="MS-WORKLOAD FAIL")
-                    g.wait_exit(60)
-                    say("%s: done ok, powered off" % g.name)
-                except mg.GuestError as e:
-                    ok = False
-                    say("%s: %s" % (g.name, e))
+            ok = say_verified(guests)
+            ok = shutdown_guests(guests) and ok
             rc = 0 if ok else 1
     except mg.Interrupted:
         say("\ninterrupted")
