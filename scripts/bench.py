@@ -105,6 +105,13 @@ def parse_args():
                     help="cap after fill for the other configurations (default %(default)s s)")
     ap.add_argument("--boot-timeout", type=float, default=300.0,
                     help="boot + fill deadline (default %(default)s s)")
+    ap.add_argument("--quiet-wait", type=float, default=240.0,
+                    help="before each configuration, wait this long at most for other "
+                    "KSM users (test-kernel-mode, mode=kernel QEMUs) to finish "
+                    "(default %(default)s s)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help="re-run a configuration whose KSM settings were changed by "
+                    "someone else meanwhile (default %(default)s)")
     ap.add_argument("--out", default=os.path.join(ROOT, "build", "bench"),
                     help="output directory (default build/bench)")
     a = ap.parse_args()
@@ -175,6 +182,48 @@ def other_qemus(ours):
     return out
 
 
+def other_ksm_users(ours=()):
+    """Other processes that use or drive host KSM: QEMUs with mode=kernel or
+    merge=on, and the guest tests that change /sys/kernel/mm/ksm. Returns
+    ["pid name", ...]."""
+    out = []
+    me = os.getpid()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) in ours or int(p) == me:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % p, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (("qemu-system" in cmd and re.search(r"mode=kernel|merge=on", cmd))
+                or "test-kernel-mode" in cmd or "scripts/demo.py" in cmd):
+            out.append("%s %s" % (p, cmd.split()[0] if "qemu" in cmd else
+                                  next((w for w in cmd.split() if "test-" in w or
+                                        "demo" in w), "?")))
+    return out
+
+
+def wait_quiet(max_wait, why):
+    """Wait until no other KSM user runs (up to max_wait s). True if quiet."""
+    t0 = time.monotonic()
+    users = other_ksm_users()
+    if not users:
+        return True
+    say("  waiting up to %.0f s for other KSM users to finish (%s): %s"
+        % (max_wait, why, ", ".join(users)))
+    while time.monotonic() - t0 < max_wait:
+        time.sleep(2)
+        users = other_ksm_users()
+        if not users:
+            say("  quiet after %.0f s" % (time.monotonic() - t0))
+            time.sleep(2)
+            return True
+    say("  !! still not quiet after %.0f s: running anyway (%s)"
+        % (max_wait, ", ".join(users)))
+    return False
+
+
 def machine_description():
     cpu = "?"
     try:
@@ -217,6 +266,8 @@ class Run:
         self.result = {}
         self.other_pids = set()
         self.last_entry = {}
+        self.ksm_changed = False
+        self.quiet = True
         self.other_swing = 0.0
         self.other_seen = False
         self.t_fill_launch = None
@@ -281,7 +332,13 @@ class Run:
             if k.get(n) != self.ksm_expect.get(n):
                 bad.append("%s=%s (expected %s)" % (n, k.get(n), self.ksm_expect.get(n)))
         if bad:
+            self.ksm_changed = True
             self.flag("host KSM settings changed under the run: " + ", ".join(bad))
+        if self.cfg["ksm"]:
+            users = other_ksm_users(ours)
+            if users:
+                self.ksm_changed = True
+                self.flag("other KSM users during a KSM run: " + ", ".join(users))
         oth = other_qemus(ours)
         oth_kb = sum(v for _, v in oth)
         raw_kb = used_kb
@@ -322,6 +379,7 @@ class Run:
         log_dir = os.path.join(log_root, self.name)
         shutil.rmtree(log_dir, ignore_errors=True)
         os.makedirs(log_dir)
+        self.quiet = wait_quiet(self.args.quiet_wait, "host KSM is host-global")
         try:
             if ksm_ctx:
                 ksm_ctx.__enter__()
@@ -457,6 +515,7 @@ class Run:
             return sum(s[key] for s in last) / len(last)
 
         r = dict(config=self.name, label=self.cfg["label"], stop=self.stop_reason,
+                 ksm_interference=self.ksm_changed, started_quiet=self.quiet,
                  t_fill_launch=self.t_fill_launch, ideal_mib=self.ideal_mib,
                  filled=self.filled, flags=self.flags, ksm_settings=self.ksm_settings)
         for key in ("host_used_mib", "pss_mib", "rss_mib", "rss_anon_mib",
@@ -713,9 +772,13 @@ def main():
     try:
         ref = None
         for name in args.configs:
-            r = Run(name, args, ref)
+            for attempt in range(args.retries + 1):
+                r = Run(name, args, ref)
+                r.execute(log_root)
+                if not (r.cfg["ksm"] and r.ksm_changed) or attempt == args.retries:
+                    break
+                say("  !! %s: host KSM interference: running it again" % name)
             runs.append(r)
-            r.execute(log_root)
             if name == "off":
                 ref = r.result
                 # the off run's own saving is 0 by definition
