@@ -383,6 +383,27 @@ def range_anon_kb(pid, rng):
     return kb
 
 
+def quiet_user_snapshot(g, rng, timeout=120):
+    """(entry, anon_kb, quiet) of a stopped VM on mode=user: its
+    query-mem-share entry and range_anon_kb(rng), read when the scanner is
+    quiet (the same figures, zero-merges included, before and after the
+    smaps read: a hole the guest read holds a page until the scanner's
+    next visit). quiet is False if that did not happen within timeout s."""
+    keys = ("pages-merged", "pages-zero")
+    ukeys = ("pages-shared", "store-pages", "merges", "zero-merges")
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        e1 = g.query_mem_share("m0")
+        anon = range_anon_kb(g.pid, rng)
+        e2 = g.query_mem_share("m0")
+        u1, u2 = e1.get("user") or {}, e2.get("user") or {}
+        same = (all(e1.get(k) == e2.get(k) for k in keys) and
+                all(u1.get(k) == u2.get(k) for k in ukeys))
+        if same or time.monotonic() > deadline:
+            return e2, anon, same
+        time.sleep(0.5)
+
+
 def thread_names(pid):
     """comm of every thread of PID."""
     names = []
