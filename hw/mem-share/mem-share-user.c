@@ -16,8 +16,13 @@
  * Pacing: after each batch the thread sleeps long enough that neither
  * the page rate (scan-rate, pages per second) nor the CPU share (max-cpu,
  * percent of one CPU, measured with the thread's own CPU clock) is
- * exceeded.  A scan-now request lifts both limits until every page has
- * been looked at once more.
+ * exceeded.  Once memory has converged, scanning at full rate only burns
+ * CPU: after each full pass that found little to do (merges, zero holes,
+ * copy-on-write breaks and changed pages together under 1/64 of the
+ * pages) both limits
+ * are halved, down to 1/32, and a pass that finds work restores them.
+ * A scan-now request lifts the limits until every page has been looked
+ * at once more.
  *
  * While the scanner runs, uncoordinated RAM discards (virtio-balloon) are
  * disabled: MADV_DONTNEED on a page that maps the store brings back the
@@ -41,6 +46,10 @@
 
 /* Pages per step: long enough to amortise, short enough to stop quickly */
 #define MEM_SHARE_BATCH     4096
+/* A pass is quiet when it did less work than 1 page in this many */
+#define MEM_SHARE_QUIET     64
+/* Quiet passes halve the pace, at most this many times */
+#define MEM_SHARE_MAX_BACKOFF 5
 
 struct MemShareUser {
     MsScanner *scanner;
@@ -52,6 +61,10 @@ struct MemShareUser {
     bool error_reported;
     uint64_t cpu_ns;        /* accessed with qatomic_* */
     bool discard_disabled;
+    /* Back-off when converged */
+    uint64_t pass_full_scans;   /* full scans when the current pass began */
+    uint64_t pass_work;         /* work counters then */
+    unsigned backoff;           /* the limits are divided by 2^backoff */
 };
 
 static int64_t thread_cpu_ns(void)
@@ -66,17 +79,43 @@ static int64_t thread_cpu_ns(void)
 static int64_t mem_share_delay_ns(MemShareBackend *ms, uint64_t pages,
                                   int64_t wall_ns, int64_t cpu_ns)
 {
-    int64_t want = 0;
+    unsigned backoff = ms->user->backoff;
     uint64_t rate = qatomic_read(&ms->scan_rate);
-    uint32_t cpu = qatomic_read(&ms->max_cpu);
+    uint32_t cpu = MAX(qatomic_read(&ms->max_cpu) >> backoff, 1);
+    int64_t want = 0;
 
     if (rate) {
-        want = pages * NANOSECONDS_PER_SECOND / rate;
+        want = pages * NANOSECONDS_PER_SECOND / MAX(rate >> backoff, 1);
     }
     if (cpu < 100) {
         want = MAX(want, cpu_ns * 100 / cpu);
     }
     return want - wall_ns;
+}
+
+/* At the end of each full pass, slow down if it found little to do */
+static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
+{
+    MsScanStats st;
+    uint64_t work;
+
+    ms_scanner_get_stats(u->scanner, &st);
+    if (st.full_scans == u->pass_full_scans) {
+        return;
+    }
+    /* Changed hashes are work to come: candidates of the next pass */
+    work = st.merges + st.zero_merges + st.cow_breaks + st.hash_changes;
+    /* The first passes only learn hashes: their candidates come later */
+    if ((work - u->pass_work) * MEM_SHARE_QUIET < st.pages &&
+        st.full_scans > ms->stable_scans + 1) {
+        u->backoff = MIN(u->backoff + 1, MEM_SHARE_MAX_BACKOFF);
+    } else {
+        u->backoff = 0;
+    }
+    trace_mem_share_user_pass(object_get_canonical_path_component(OBJECT(ms)),
+                              st.full_scans, work - u->pass_work, u->backoff);
+    u->pass_full_scans = st.full_scans;
+    u->pass_work = work;
 }
 
 static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
@@ -101,6 +140,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     trace_mem_share_user_step(object_get_canonical_path_component(OBJECT(ms)),
                               scanned, wall, cpu);
 
+    mem_share_update_backoff(ms, u);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
         return;
