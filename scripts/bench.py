@@ -535,7 +535,7 @@ class Run:
             fin = r[key]
             t98 = None
             if fin > 0:
-                for s in self.samples:
+                for s in post:      # after the fill only: before it, "saved" is unfilled RAM
                     if s[key] >= 0.98 * fin:
                         t98 = max(0.0, s["t"])
                         break
