@@ -231,6 +231,31 @@ uint64_t ms_ksmd_cpu_ns(const char *proc_root)
     return 0;
 }
 
+bool ms_pagemap_read(int pagemap_fd, const void *host, size_t n,
+                     size_t page_size, uint64_t *entries, GError **errp)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        off_t off = ((uintptr_t)host / page_size + done) * sizeof(uint64_t);
+        ssize_t got = pread(pagemap_fd, entries + done,
+                            (n - done) * sizeof(uint64_t), off);
+
+        if (got < 0 && errno == EINTR) {
+            continue;
+        }
+        if (got <= 0 || got % sizeof(uint64_t)) {
+            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
+                        "cannot read pagemap at offset %" PRIu64 ": %s",
+                        (uint64_t)off,
+                        got < 0 ? g_strerror(errno) : "short read");
+            return false;
+        }
+        done += got / sizeof(uint64_t);
+    }
+    return true;
+}
+
 static bool page_is_zero(const void *page, size_t page_size)
 {
     const uint64_t *p = page;
@@ -320,17 +345,11 @@ bool ms_page_census(int pagemap_fd, int kpageflags_fd, const void *host,
     }
     for (size_t done = 0; done < npages;) {
         size_t n = MIN(npages - done, CENSUS_BATCH);
-        off_t off = (base / page_size + done) * sizeof(uint64_t);
-        ssize_t got = pread(pagemap_fd, entries, n * sizeof(uint64_t), off);
 
-        if (got <= 0 || got % sizeof(uint64_t)) {
-            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
-                        "cannot read pagemap at offset %" PRIu64 ": %s",
-                        (uint64_t)off,
-                        got < 0 ? g_strerror(errno) : "short read");
+        if (!ms_pagemap_read(pagemap_fd, (const char *)host + done * page_size,
+                             n, page_size, entries, errp)) {
             return false;
         }
-        n = got / sizeof(uint64_t);
         for (size_t i = 0; i < n; i++) {
             const char *page = (const char *)host + (done + i) * page_size;
 

@@ -81,6 +81,7 @@
 
 #include "mem-share/hash.h"
 #include "mem-share/merge.h"
+#include "mem-share/ksm.h"
 
 /* Newer than Debian 12's uapi headers: probed at run time */
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
@@ -342,25 +343,8 @@ static bool freeze(MsMerger *m, const Run *run, GError **errp)
 static bool read_pagemap(MsMerger *m, const void *host, size_t n,
                          uint64_t *entries, GError **errp)
 {
-    size_t done = 0;
-
-    while (done < n) {
-        off_t off = ((uintptr_t)host / m->page_size + done) * sizeof(uint64_t);
-        ssize_t got = pread(m->pagemap_fd, entries + done,
-                            (n - done) * sizeof(uint64_t), off);
-
-        if (got < 0 && errno == EINTR) {
-            continue;
-        }
-        if (got <= 0 || got % sizeof(uint64_t)) {
-            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
-                        "cannot read /proc/self/pagemap: %s",
-                        got < 0 ? g_strerror(errno) : "short read");
-            return false;
-        }
-        done += got / sizeof(uint64_t);
-    }
-    return true;
+    return ms_pagemap_read(m->pagemap_fd, host, n, m->page_size, entries,
+                           errp);
 }
 
 /*

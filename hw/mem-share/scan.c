@@ -91,6 +91,7 @@
 
 #include "mem-share/hash.h"
 #include "mem-share/scan.h"
+#include "mem-share/ksm.h"
 
 /* Pages per chunk: one pagemap read, one sharing test, batches inside */
 #define CHUNK 512
@@ -298,26 +299,8 @@ void ms_scanner_get_stats(MsScanner *s, MsScanStats *st)
 static bool read_pagemap(MsScanner *s, size_t first, size_t n,
                          GError **errp)
 {
-    size_t done = 0;
-
-    while (done < n) {
-        off_t off = ((uintptr_t)page_at(s, first + done) / s->page_size) *
-                    sizeof(uint64_t);
-        ssize_t got = pread(s->pagemap_fd, s->pm + done,
-                            (n - done) * sizeof(uint64_t), off);
-
-        if (got < 0 && errno == EINTR) {
-            continue;
-        }
-        if (got <= 0 || got % sizeof(uint64_t)) {
-            g_set_error(errp, MS_ENGINE_ERROR, got < 0 ? errno : EIO,
-                        "cannot read /proc/self/pagemap: %s",
-                        got < 0 ? g_strerror(errno) : "short read");
-            return false;
-        }
-        done += got / sizeof(uint64_t);
-    }
-    return true;
+    return ms_pagemap_read(s->pagemap_fd, page_at(s, first), n, s->page_size,
+                           s->pm, errp);
 }
 
 /*

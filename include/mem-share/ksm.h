@@ -66,6 +66,13 @@ bool ms_ksm_read_process(const char *proc_dir, MsKsmProcess *proc,
 uint64_t ms_ksmd_cpu_ns(const char *proc_root);
 
 /*
+ * Read the /proc/self/pagemap entries (via @pagemap_fd) of the @n pages
+ * at @host into @entries, retrying short reads and EINTR.
+ */
+bool ms_pagemap_read(int pagemap_fd, const void *host, size_t n,
+                     size_t page_size, uint64_t *entries, GError **errp);
+
+/*
  * Count what the @npages pages at @host map.  @pagemap_fd and
  * @kpageflags_fd are open descriptors of /proc/self/pagemap and
  * /proc/kpageflags (or test doubles with the same layout).  Page frame
