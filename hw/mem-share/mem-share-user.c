@@ -60,7 +60,6 @@ struct MemShareUser {
     uint64_t scan_now_pages; /* pages still to scan without pacing */
     bool error_reported;
     uint64_t cpu_ns;        /* accessed with qatomic_* */
-    bool discard_disabled;
     /* Back-off when converged */
     uint64_t pass_full_scans;   /* full scans when the current pass began */
     uint64_t pass_work;         /* work counters then */
@@ -214,7 +213,6 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
         g_free(u);
         return false;
     }
-    u->discard_disabled = true;
     qemu_mutex_init(&u->lock);
     qemu_cond_init(&u->wakeup);
     ms->user = u;
@@ -231,7 +229,6 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
 {
     MemShareUser *u = ms->user;
     g_autoptr(GError) gerr = NULL;
-    bool ok = true;
 
     if (!u) {
         return true;
@@ -253,14 +250,12 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
                               unmerge);
     ms_scanner_free(u->scanner);
-    if (u->discard_disabled) {
-        ram_block_discard_disable(false);
-    }
+    ram_block_discard_disable(false);
     qemu_cond_destroy(&u->wakeup);
     qemu_mutex_destroy(&u->lock);
     g_free(u);
     ms->user = NULL;
-    return ok;
+    return true;
 }
 
 void mem_share_user_scan_now(MemShareBackend *ms)
