@@ -31,9 +31,6 @@ PACKAGES=(
     # firmware found through --firmwarepath at run time
     seabios
     ipxe-qemu
-    # guest artifacts (initramfs, tiny guests)
-    busybox-static
-    cpio
     # plots, fuzzing and sanitizers
     gnuplot-nox
     clang
