@@ -116,6 +116,26 @@ def shutdown_guests(guests):
     return ok
 
 
+class Stability:
+    """Tracks when the per-VM merged counts stopped moving (by more than
+    0.5%) for `hold` seconds."""
+
+    def __init__(self, t0, hold):
+        self.t0, self.hold = t0, hold
+        self.last, self.last_change = None, t0
+        self.converged_at = None
+
+    def update(self, fig, now):
+        """Record the figures sampled at `now`; True once they are stable."""
+        if self.last is None or any(abs(a - b) > max(8, b // 200)
+                                    for a, b in zip(fig, self.last)):
+            self.last, self.last_change = fig, now
+        elif now - self.last_change >= self.hold and any(fig):
+            self.converged_at = self.last_change - self.t0
+            return True
+        return False
+
+
 def user_demo(args, guests, ranges, filled):
     """mode=user: measure the unmerged guest RAM, switch mode=user on, show
     the figures until they are stable, summarize. Returns the exit status."""
@@ -142,9 +162,7 @@ def user_demo(args, guests, ranges, filled):
     say("%6s | %-*s | %-*s" % ("", width, "vm1", width, "vm2"))
     say(hdr)
     say("-" * len(hdr))
-    last = None
-    last_change = t0
-    converged_at = None
+    stability = Stability(t0, args.stable)
     while True:
         rows = user_snapshot(guests, ranges)
         now = time.monotonic()
@@ -153,13 +171,7 @@ def user_demo(args, guests, ranges, filled):
                                                    r["cpu"])
                  for r in rows]
         say("%5.0fs | %s | %s" % (now - t0, cells[0], cells[1]))
-        fig = [r["merged"] for r in rows]
-        # Stable: no VM's merged count moved by more than 0.5%.
-        if last is None or any(abs(a - b) > max(8, b // 200) for a, b in zip(fig, last)):
-            last = fig
-            last_change = now
-        elif now - last_change >= args.stable and any(fig):
-            converged_at = last_change - t0
+        if stability.update([r["merged"] for r in rows], now):
             break
         if now - t0 >= args.max_time:
             break
@@ -206,9 +218,9 @@ def user_demo(args, guests, ranges, filled):
     say("  memory saved:         %.1f MiB by mem-share's count (bytes-saved), %.1f MiB "
         "measured on the host (anonymous memory freed minus the stores)"
         % (total_saved / MIB, (total_drop - total_store) / MIB))
-    if converged_at is not None:
+    if stability.converged_at is not None:
         say("  time to converge:     %.0f s after mode=user was switched on"
-            % converged_at)
+            % stability.converged_at)
     else:
         say("  time to converge:     not stable within %.0f s" % args.max_time)
     say("  scanner CPU:          %.2f s in all (%s)"
@@ -304,9 +316,7 @@ def main():
             say()
             say(hdr)
             say("-" * len(hdr))
-            last = None
-            last_change = t0
-            converged_at = None
+            stability = Stability(t0, args.stable)
             while True:
                 rows = snapshot(guests)
                 now = time.monotonic()
@@ -316,14 +326,7 @@ def main():
                          for r in rows]
                 say("%5.0fs | %-41s | %-41s | %d" % (now - t0, "  " + cells[0],
                                                      "  " + cells[1], sharing))
-                fig = [r["merged"] for r in rows]
-                # Stable: no VM's merged count moved by more than 0.5%.
-                if last is None or any(abs(a - b) > max(8, b // 200)
-                                       for a, b in zip(fig, last)):
-                    last = fig
-                    last_change = now
-                elif now - last_change >= args.stable and any(fig):
-                    converged_at = last_change - t0
+                if stability.update([r["merged"] for r in rows], now):
                     break
                 if now - t0 >= args.max_time:
                     break
@@ -351,9 +354,9 @@ def main():
                 delta = ksm1.get("pages_sharing", 0) - ksm0.get("pages_sharing", 0)
                 say("  memory saved on the host: %.1f MiB (KSM pages_sharing grew by %d "
                     "pages of %d KiB)" % (delta * page / MIB, delta, page // 1024))
-            if converged_at is not None:
+            if stability.converged_at is not None:
                 say("  time to converge:     %.0f s after both guests filled their memory"
-                    % converged_at)
+                    % stability.converged_at)
             else:
                 say("  time to converge:     not stable within %.0f s" % args.max_time)
             ok = say_verified(guests)
