@@ -263,8 +263,8 @@ void mem_share_user_scan_now(MemShareBackend *ms)
     MemShareUser *u = ms->user;
 
     /*
-     * Do not wait for the lock (a batch may be merging): the flag is read
-     * by the thread under the lock, so take it, but the batch is short.
+     * The thread reads the count under the lock: this may wait for the
+     * batch in progress, which is short (MEM_SHARE_BATCH pages).
      */
     qemu_mutex_lock(&u->lock);
     u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
