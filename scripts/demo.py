@@ -136,6 +136,20 @@ class Stability:
         return False
 
 
+def keep_watching(stability, rows, now, args, guests):
+    """After a sample: False once the merged counts are stable or the time
+    is up; raises if a QEMU exited; else waits for the next sample."""
+    if stability.update([r["merged"] for r in rows], now):
+        return False
+    if now - stability.t0 >= args.max_time:
+        return False
+    for g in guests:
+        if not g.is_running():
+            raise mg.GuestError("%s: QEMU exited" % g.name)
+    time.sleep(args.interval)
+    return True
+
+
 def user_demo(args, guests, ranges, filled):
     """mode=user: measure the unmerged guest RAM, switch mode=user on, show
     the figures until they are stable, summarize. Returns the exit status."""
@@ -171,14 +185,8 @@ def user_demo(args, guests, ranges, filled):
                                                    r["cpu"])
                  for r in rows]
         say("%5.0fs | %s | %s" % (now - t0, cells[0], cells[1]))
-        if stability.update([r["merged"] for r in rows], now):
+        if not keep_watching(stability, rows, now, args, guests):
             break
-        if now - t0 >= args.max_time:
-            break
-        for g in guests:
-            if not g.is_running():
-                raise mg.GuestError("%s: QEMU exited" % g.name)
-        time.sleep(args.interval)
 
     # Final figures with both VMs stopped and their scanners quiet: holes
     # the guests read (which hold a page until the next visit) made holes
@@ -326,14 +334,8 @@ def main():
                          for r in rows]
                 say("%5.0fs | %-41s | %-41s | %d" % (now - t0, "  " + cells[0],
                                                      "  " + cells[1], sharing))
-                if stability.update([r["merged"] for r in rows], now):
+                if not keep_watching(stability, rows, now, args, guests):
                     break
-                if now - t0 >= args.max_time:
-                    break
-                for g in guests:
-                    if not g.is_running():
-                        raise mg.GuestError("%s: QEMU exited" % g.name)
-                time.sleep(args.interval)
 
             ksm1 = mg.ksm_sysfs()
 
