@@ -385,13 +385,25 @@ def range_anon_kb(pid, rng):
 
 def quiet_user_snapshot(g, rng, timeout=120):
     """(entry, anon_kb, quiet) of a stopped VM on mode=user: its
-    query-mem-share entry and range_anon_kb(rng), read when the scanner is
+    query-mem-share entry and range_anon_kb(rng), read after the scanner
+    looked at every page once more (mem-share-scan-now) and while it is
     quiet (the same figures, zero-merges included, before and after the
     smaps read: a hole the guest read holds a page until the scanner's
     next visit). quiet is False if that did not happen within timeout s."""
     keys = ("pages-merged", "pages-zero")
     ukeys = ("pages-shared", "store-pages", "merges", "zero-merges")
     deadline = time.monotonic() + scaled(timeout)
+    # The figures describe each page as of the scanner's last visit, and a
+    # converged scanner backs off to long passes: holes the guest read
+    # before it was stopped may still count as holes.  Have every page
+    # looked at once more, now that the VM is stopped.
+    e0 = g.query_mem_share("m0")
+    if e0.get("user") is not None and not g.backend_emulated:
+        target = e0["pages-scanned"] + e0["size"] // e0["page-size"]
+        g.qmp("mem-share-scan-now", id="m0")
+        while (g.query_mem_share("m0")["pages-scanned"] < target and
+               time.monotonic() < deadline):
+            time.sleep(0.2)
     while True:
         e1 = g.query_mem_share("m0")
         anon = range_anon_kb(g.pid, rng)
