@@ -184,6 +184,11 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                            u->zero_merges, u->remerges, u->mappings,
                            u->mapping_budget, u->refused_budget,
                            u->refused_changed, u->refused_store_full);
+            if (u->zero_slots) {
+                monitor_printf(mon, "  zero pages map %" PRIu64 " zero store"
+                               " pages (%" PRIu64 " hold memory)\n",
+                               u->zero_slots, u->zero_slots_held);
+            }
         }
         if (i->kernel) {
             MemShareKernelInfo *k = i->kernel;

@@ -299,6 +299,8 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->pages_volatile = st.pages_volatile;
     ui->merges = st.merges;
     ui->zero_merges = st.zero_merges;
+    ui->zero_slots = st.zero_slots;
+    ui->zero_slots_held = st.zero_held;
     ui->remerges = st.remerges;
     ui->mappings = MAX(st.vmas, 0);
     ui->mapping_budget = MAX(st.vma_budget, 0);

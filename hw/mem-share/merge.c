@@ -660,6 +660,47 @@ uint32_t ms_merger_slot_at(const MsMerger *m, const void *host)
     return r->label[((const uint8_t *)host - r->base) / m->page_size];
 }
 
+/*
+ * A read fault on never-written private anonymous memory maps the shared
+ * zero page on most kernels: present, neither exclusive nor a file page
+ * in pagemap (the PFN, hidden without CAP_SYS_ADMIN, is not needed).
+ * Some kernels allocate a page instead (no zero page, or small
+ * multi-size THP); then the page is exclusively ours.
+ */
+#define PM_EXCLUSIVE    (1ULL << 56)
+
+bool ms_read_fault_maps_zero_page(void)
+{
+    static int answer = -1;
+    size_t ps = getpagesize();
+    uint64_t e = 0;
+    volatile uint8_t *p;
+    int fd;
+
+    if (answer >= 0) {
+        return answer;
+    }
+    p = mmap(NULL, ps, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (p == MAP_FAILED || fd < 0) {
+        /* Cannot tell: holes are right anyway, only maybe not lasting */
+        answer = 1;
+    } else {
+        madvise((void *)p, ps, MADV_NOHUGEPAGE);
+        (void)p[0];
+        answer = !ms_pagemap_read(fd, (const void *)p, 1, ps, &e, NULL) ||
+                 ((e & PM_PRESENT) && !(e & (PM_EXCLUSIVE | PM_FILE)));
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    if (p != MAP_FAILED) {
+        munmap((void *)p, ps);
+    }
+    return answer;
+}
+
 bool ms_merger_use_pagemap_scan(MsMerger *m, bool use)
 {
     m->use_pagemap_scan = use && m->has_pagemap_scan;
@@ -720,7 +761,10 @@ static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
 {
     const uint8_t *page = run->host + i * m->page_size;
 
-    if (first_slot == ANON) {
+    const MsMergeStore *st = &run->r->store;
+
+    /* Reading a zero slot through the view would fill it: no need */
+    if (first_slot == ANON || first_slot + i >= st->nslots - st->nzero) {
         return !ms_page_is_zero(page, m->page_size);
     }
     return memcmp(page, (const uint8_t *)run->r->store.view +

@@ -41,7 +41,9 @@
  *      (Dirty logging would avoid the hashing; the hash is the
  *      fallback the design names and is needed for the lookup anyway.)
  *   4. A candidate that reads as zeros becomes a hole (ms_merge_zero):
- *      no slot and no VMA.  Else the stable tree: a published slot with
+ *      no slot and no VMA; or, where a read of a hole would fill it
+ *      with a page again, it maps a zero slot (see below).  Else the
+ *      stable tree: a published slot with
  *      the same bytes.  Else the unstable tree: an earlier page of this
  *      pass with the same hash and, compared now, the same bytes: a
  *      fresh slot gets the content and both pages are merged onto it.
@@ -76,9 +78,19 @@
  * Memory: 16 bytes per guest page, plus the unstable table (a GHashTable
  * entry per stable unmatched page, reset every pass).
  *
- * On the 6.18 test host a read fault on a hole allocates a page: a zero
- * hole the guest reads holds memory again, is exclusively mapped, and
- * the next visit makes it a hole again (its hash is unchanged).
+ * Zero pages.  Most kernels map the shared zero page when a hole is
+ * read, so a hole is the best zero merge: no memory, no VMA.  Some do
+ * not (the 6.18 test host allocates a page on every read fault): there a
+ * zero hole the guest reads holds memory again and the next pass makes
+ * it a hole again, forever, which costs CPU and leaves memory unsaved
+ * between passes.  Kernel KSM merges zero pages onto a KSM page of
+ * zeros, which reads do not break.  The equivalent here is a zero slot:
+ * the store ends with MS_SCAN_ZERO_SLOTS slots that are never written,
+ * and zero page i maps zero slot (i modulo their number), so that a run
+ * of zero pages maps a run of slots, one VMA per run.  Reads fill at
+ * most one page per zero slot, shared by every page that maps it.
+ * ms_scanner_new() probes the kernel (ms_read_fault_maps_zero_page())
+ * and picks one way for the scanner's life.
  */
 
 #ifndef _GNU_SOURCE
@@ -103,7 +115,7 @@
 
 enum {
     PG_KNOWN = 1 << 0,      /* hash holds the hash of an earlier visit */
-    PG_ZERO = 1 << 1,       /* made a hole by the scanner, still one */
+    PG_ZERO = 1 << 1,       /* zero merged: a hole still, or a zero slot */
     PG_VOLATILE = 1 << 2,   /* the hash changed at the last visit */
     PG_WAS_MERGED = 1 << 3, /* merged before: the next merge is a re-merge */
     PG_PENDING = 1 << 4,    /* in a batch not merged yet */
@@ -136,6 +148,7 @@ struct MsScanner {
     size_t cursor;
     GHashTable *unstable;   /* hash -> page index + 1, this pass */
     Batch zero, found, pair;
+    bool zero_slots;        /* zero pages map zero slots, not holes */
     int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
     uint64_t pm[CHUNK];
     MsScanStats live;       /* the scanner thread's */
@@ -183,7 +196,9 @@ static bool setup_merger(MsScanner *s, GError **errp)
     MsMergeStore ms = {
         .fd = ms_store_ro_fd(s->store),
         .view = ms_store_view(s->store, 0),
-        .nslots = ms_store_max_slots(s->store),
+        .nslots = ms_store_max_slots(s->store) +
+                  ms_store_zero_slots(s->store),
+        .nzero = ms_store_zero_slots(s->store),
     };
 
     s->m = ms_merger_new(errp);
@@ -201,7 +216,7 @@ static void publish_stats(MsScanner *s);
 MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
 {
     g_autoptr(MsScanner) s = NULL;
-    uint32_t slots;
+    uint32_t slots, nzero;
 
     if (!check_config(cfg, errp)) {
         return NULL;
@@ -221,7 +236,12 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     /* g_direct_hash: the keyed hash is already uniform */
     s->unstable = g_hash_table_new(g_direct_hash, g_direct_equal);
     slots = cfg->store_slots ? cfg->store_slots : (uint32_t)s->npages;
-    s->store = ms_store_new(s->page_size, slots, errp);
+    s->zero_slots = cfg->zero_mode == MS_ZERO_SLOTS ||
+                    (cfg->zero_mode == MS_ZERO_AUTO &&
+                     !ms_read_fault_maps_zero_page());
+    nzero = !s->zero_slots ? 0 :
+            cfg->zero_slots ? cfg->zero_slots : MS_SCAN_ZERO_SLOTS;
+    s->store = ms_store_new_with_zero(s->page_size, slots, nzero, errp);
     if (!s->store || !setup_merger(s, errp)) {
         return NULL;
     }
@@ -276,12 +296,16 @@ static void publish_stats(MsScanner *s)
 
     ms_store_get_stats(s->store, &st);
     l->slots_used = st.slots_used;
+    l->zero_slots = st.zero_slots;
+    l->zero_held = st.zero_held;
     l->vmas = s->m ? ms_merger_vmas(s->m) : 0;
     l->vma_budget = s->m ? ms_merger_budget(s->m) : 0;
     /* Every used slot has a mapper between steps: merged >= slots */
     saved = l->pages_merged > l->slots_used ?
             l->pages_merged - l->slots_used : 0;
-    l->bytes_saved = (saved + l->zero_holes) * s->page_size;
+    saved += l->zero_holes;
+    saved -= MIN(saved, l->zero_held);
+    l->bytes_saved = saved * s->page_size;
     g_mutex_lock(&s->lock);
     s->snap = *l;
     g_mutex_unlock(&s->lock);
@@ -314,6 +338,22 @@ static bool holds_private_memory(uint64_t pm)
 }
 
 /*
+ * Page @p no longer maps its slot (a write copied it, or it was made
+ * private or discarded): give the reference back and count it out.
+ */
+static void drop_slot(MsScanner *s, PageState *p)
+{
+    if (ms_store_is_zero_slot(s->store, p->slot)) {
+        p->flags &= ~PG_ZERO;
+        s->live.zero_holes--;
+    } else {
+        ms_store_put(s->store, p->slot);
+        s->live.pages_merged--;
+    }
+    p->slot = MS_SLOT_NONE;
+}
+
+/*
  * Merged pages of [first, first + n) that a write made private give
  * their reference back and become ordinary pages.
  */
@@ -337,9 +377,7 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
         PageState *p = &s->pg[first + k];
 
         if (p->slot != MS_SLOT_NONE && !shared[k]) {
-            ms_store_put(s->store, p->slot);
-            p->slot = MS_SLOT_NONE;
-            s->live.pages_merged--;
+            drop_slot(s, p);
             s->live.cow_breaks++;
         }
     }
@@ -389,6 +427,7 @@ static bool do_merge(MsScanner *s, size_t first, size_t n, uint32_t slot,
     if (slot == MS_SLOT_NONE) {
         return ms_merge_zero(s->m, page_at(s, first), n, changed, res, errp);
     }
+    /* Zero slots too: their mappings count as much as any other */
     ms_merger_set_budget(s->m, budget - ZERO_RESERVE);
     ok = ms_merge_run(s->m, page_at(s, first), n, slot, changed, res, errp);
     ms_merger_set_budget(s->m, budget);
@@ -453,15 +492,20 @@ static bool merge_pages(MsScanner *s, size_t first, size_t n, uint32_t slot,
     return true;
 }
 
-/* Page @i now maps @slot (MS_SLOT_NONE: is a hole); take its reference */
+/*
+ * Page @i now maps @slot (MS_SLOT_NONE: is a hole); take its reference.
+ * A zero slot is mapped, so the page is skipped until a write copies it,
+ * as a store page would be; a hole is not, so PG_ZERO tells it is ours.
+ */
 static void record_merge(MsScanner *s, size_t i, uint32_t slot)
 {
     PageState *p = &s->pg[i];
     bool again = p->flags & PG_WAS_MERGED;
 
     p->flags |= PG_WAS_MERGED;
-    if (slot == MS_SLOT_NONE) {
+    if (slot == MS_SLOT_NONE || ms_store_is_zero_slot(s->store, slot)) {
         p->flags |= PG_ZERO;
+        p->slot = slot;
         s->live.zero_holes++;
         s->live.zero_merges++;
         return;
@@ -504,7 +548,7 @@ static bool flush_zero(MsScanner *s, GError **errp)
     Batch b = s->zero;
 
     s->zero.n = 0;
-    return !b.n || merge_and_record(s, b.first, b.n, MS_SLOT_NONE, errp);
+    return !b.n || merge_and_record(s, b.first, b.n, b.slot, errp);
 }
 
 static bool flush_found(MsScanner *s, GError **errp)
@@ -657,14 +701,17 @@ static void drop_batches(MsScanner *s)
 static bool add_zero(MsScanner *s, size_t i, GError **errp)
 {
     Batch *b = &s->zero;
+    /* MS_SLOT_NONE for a hole; runs of zero slots wrap around */
+    uint32_t slot = ms_store_zero_slot(s->store, i);
 
-    if (b->n && i == b->first + b->n) {
+    if (b->n && i == b->first + b->n &&
+        (slot == MS_SLOT_NONE || slot == b->slot + b->n)) {
         b->n++;
     } else {
         if (!flush_zero(s, errp)) {
             return false;
         }
-        *b = (Batch) { .first = i, .n = 1 };
+        *b = (Batch) { .first = i, .n = 1, .slot = slot };
     }
     s->pg[i].flags |= PG_PENDING;
     return true;
@@ -769,7 +816,7 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
         return true;        /* a hole (maybe ours), the zero page, swap */
     }
     if (p->flags & PG_ZERO) {
-        /* A write filled our hole: an ordinary page again */
+        /* A write (or a read, on some kernels) filled our hole */
         p->flags &= ~PG_ZERO;
         s->live.zero_holes--;
     }
@@ -866,9 +913,7 @@ bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp)
         PageState *p = &s->pg[i];
 
         if (p->slot != MS_SLOT_NONE) {
-            ms_store_put(s->store, p->slot);
-            p->slot = MS_SLOT_NONE;
-            s->live.pages_merged--;
+            drop_slot(s, p);
         }
         forget(s, p);
     }
@@ -890,9 +935,7 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)
 
         /* Never drop the reference of a page that still maps its slot */
         if (p->slot != MS_SLOT_NONE && !shared[i]) {
-            ms_store_put(s->store, p->slot);
-            p->slot = MS_SLOT_NONE;
-            s->live.pages_merged--;
+            drop_slot(s, p);
         }
         if (p->slot == MS_SLOT_NONE) {
             forget(s, p);

@@ -32,6 +32,15 @@
  *    allocates next-fit, which tends to leave free slots after each run
  *    for it to grow into.
  *
+ * A store may also have a zero region: slots after the last allocatable
+ * one that are never written, so that they read as zeros forever.  On
+ * kernels whose read faults do not map the shared zero page, a zero hole
+ * in guest RAM fills with a real page whenever the guest reads it; a
+ * zero page mapped onto the zero region stays shared when read.  The
+ * region is not reference counted (its content can never be wrong,
+ * even after a punch) and costs at most one page of memory per zero
+ * slot, however many guest pages map it.
+ *
  * The index maps a keyed hash (hash.c) to the published slots with that
  * hash.  A GHashTable holds the first slot of each hash; further slots
  * with the same hash (collisions, or a content published twice by a
@@ -57,7 +66,8 @@
 
 struct MsStore {
     size_t page_size;
-    uint32_t nslots;
+    uint32_t nslots;        /* allocatable slots */
+    uint32_t nzero;         /* zero slots, after them */
     int fd;                 /* read-write: the owner's, for pwrite */
     int ro_fd;              /* read-only: for guests and the view */
     uint8_t *view;          /* MAP_SHARED, PROT_READ, whole store */
@@ -92,6 +102,12 @@ static void set_used(MsStore *s, uint32_t slot, bool used)
     }
 }
 
+/* Slots in the memfd: the allocatable ones, then the zero region */
+static size_t total_slots(const MsStore *s)
+{
+    return (size_t)s->nslots + s->nzero;
+}
+
 static bool open_memfd(MsStore *s, GError **errp)
 {
     g_autofree char *path = NULL;
@@ -102,9 +118,9 @@ static bool open_memfd(MsStore *s, GError **errp)
                     "cannot create the store memfd: %s", g_strerror(errno));
         return false;
     }
-    if (ftruncate(s->fd, (off_t)s->nslots * s->page_size) < 0) {
+    if (ftruncate(s->fd, (off_t)total_slots(s) * s->page_size) < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
-                    "cannot size the store to %u pages: %s", s->nslots,
+                    "cannot size the store to %zu pages: %s", total_slots(s),
                     g_strerror(errno));
         return false;
     }
@@ -117,7 +133,7 @@ static bool open_memfd(MsStore *s, GError **errp)
                     g_strerror(errno));
         return false;
     }
-    s->view = mmap(NULL, (size_t)s->nslots * s->page_size, PROT_READ,
+    s->view = mmap(NULL, total_slots(s) * s->page_size, PROT_READ,
                    MAP_SHARED, s->ro_fd, 0);
     if (s->view == MAP_FAILED) {
         s->view = NULL;
@@ -130,16 +146,25 @@ static bool open_memfd(MsStore *s, GError **errp)
 
 MsStore *ms_store_new(size_t page_size, uint32_t max_slots, GError **errp)
 {
+    return ms_store_new_with_zero(page_size, max_slots, 0, errp);
+}
+
+MsStore *ms_store_new_with_zero(size_t page_size, uint32_t max_slots,
+                                uint32_t zero_slots, GError **errp)
+{
     g_autoptr(MsStore) s = g_new0(MsStore, 1);
 
     s->fd = s->ro_fd = -1;
     s->page_size = page_size;
     s->nslots = max_slots;
+    s->nzero = zero_slots;
     if (!page_size || page_size % 64 || !max_slots ||
-        max_slots == MS_SLOT_NONE) {
+        zero_slots > MS_STORE_MAX_ZERO_SLOTS ||
+        max_slots >= MS_SLOT_NONE - zero_slots) {
         g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
-                    "invalid store geometry: %u pages of %zu bytes",
-                    max_slots, page_size);
+                    "invalid store geometry: %u + %u zero pages of %zu "
+                    "bytes (at most %u zero pages)", max_slots, zero_slots,
+                    page_size, MS_STORE_MAX_ZERO_SLOTS);
         return NULL;
     }
     s->refs = g_new0(uint32_t, max_slots);
@@ -160,7 +185,7 @@ void ms_store_free(MsStore *s)
         return;
     }
     if (s->view) {
-        munmap(s->view, (size_t)s->nslots * s->page_size);
+        munmap(s->view, total_slots(s) * s->page_size);
     }
     if (s->ro_fd >= 0) {
         close(s->ro_fd);
@@ -199,9 +224,24 @@ off_t ms_store_offset(const MsStore *s, uint32_t slot)
     return (off_t)slot * s->page_size;
 }
 
+uint32_t ms_store_zero_slots(const MsStore *s)
+{
+    return s->nzero;
+}
+
+uint32_t ms_store_zero_slot(const MsStore *s, uint64_t index)
+{
+    return s->nzero ? s->nslots + (uint32_t)(index % s->nzero) : MS_SLOT_NONE;
+}
+
+bool ms_store_is_zero_slot(const MsStore *s, uint32_t slot)
+{
+    return slot >= s->nslots && slot < total_slots(s);
+}
+
 const void *ms_store_view(const MsStore *s, uint32_t slot)
 {
-    g_assert(slot < s->nslots);
+    g_assert(slot < total_slots(s));
     return s->view + (size_t)slot * s->page_size;
 }
 
@@ -369,6 +409,9 @@ uint32_t ms_store_find(const MsStore *s, uint64_t hash, const void *content)
 
 void ms_store_get(MsStore *s, uint32_t slot)
 {
+    if (ms_store_is_zero_slot(s, slot)) {
+        return;
+    }
     g_assert(slot < s->nslots && s->refs[slot] > 0 &&
              s->refs[slot] < UINT32_MAX);
     s->refs[slot]++;
@@ -398,6 +441,9 @@ static void release_slot(MsStore *s, uint32_t slot)
 
 bool ms_store_put(MsStore *s, uint32_t slot)
 {
+    if (ms_store_is_zero_slot(s, slot)) {
+        return false;
+    }
     g_assert(slot < s->nslots && s->refs[slot] > 0);
     s->nr_refs--;
     if (--s->refs[slot] > 0) {
@@ -409,14 +455,40 @@ bool ms_store_put(MsStore *s, uint32_t slot)
 
 uint32_t ms_store_refs(const MsStore *s, uint32_t slot)
 {
+    if (ms_store_is_zero_slot(s, slot)) {
+        return 0;
+    }
     g_assert(slot < s->nslots);
     return s->refs[slot];
 }
 
 bool ms_store_is_published(const MsStore *s, uint32_t slot)
 {
+    if (ms_store_is_zero_slot(s, slot)) {
+        return false;
+    }
     g_assert(slot < s->nslots);
     return s->published[slot];
+}
+
+/* Pages of the zero region that reads have filled (mincore: no fault) */
+static uint64_t zero_resident(const MsStore *s)
+{
+    g_autofree unsigned char *vec = NULL;
+    uint64_t n = 0;
+
+    if (!s->nzero) {
+        return 0;
+    }
+    vec = g_malloc(s->nzero);
+    if (mincore(s->view + (size_t)s->nslots * s->page_size,
+                (size_t)s->nzero * s->page_size, vec) < 0) {
+        return s->nzero;    /* cannot tell: assume the worst */
+    }
+    for (uint32_t i = 0; i < s->nzero; i++) {
+        n += vec[i] & 1;
+    }
+    return n;
 }
 
 void ms_store_get_stats(const MsStore *s, MsStoreStats *st)
@@ -424,6 +496,8 @@ void ms_store_get_stats(const MsStore *s, MsStoreStats *st)
     st->slots = s->nslots;
     st->slots_used = s->slots_used;
     st->published = s->nr_published;
-    st->bytes_held = s->nr_published * s->page_size;
+    st->zero_slots = s->nzero;
+    st->zero_held = zero_resident(s);
+    st->bytes_held = (s->nr_published + st->zero_held) * s->page_size;
     st->refs = s->nr_refs;
 }

@@ -47,7 +47,8 @@ typedef struct MsMerger MsMerger;
 typedef struct MsMergeStore {
     int fd;                 /* read-only descriptor of the store memfd */
     const void *view;       /* read-only mapping of the whole store */
-    uint32_t nslots;
+    uint32_t nslots;        /* all slots, the zero slots included */
+    uint32_t nzero;         /* the last nzero slots read as zeros */
 } MsMergeStore;
 
 typedef enum MsMergeOutcome {
@@ -152,6 +153,13 @@ bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp);
  */
 bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
                           bool *shared, size_t *nshared, GError **errp);
+
+/*
+ * Whether a read fault on never-written anonymous memory maps the shared
+ * zero page here (probed once).  If not, a zero hole the guest reads
+ * holds a page again: zero pages are better mapped onto zero slots.
+ */
+bool ms_read_fault_maps_zero_page(void);
 
 /* Whether PAGEMAP_SCAN is used; switch it off (@use false) for tests. */
 bool ms_merger_use_pagemap_scan(MsMerger *m, bool use);

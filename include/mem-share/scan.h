@@ -10,9 +10,9 @@
  * An MsScanner decides what to merge in one region of guest RAM: it
  * walks the region a chunk at a time, hashes populated private pages,
  * and once a page's hash has stayed the same long enough merges it with
- * a hole (zero content), with a page already in the store, or with an
- * identical page seen earlier in the same pass.  It owns the store and
- * the merger of the region.  See hw/mem-share/scan.c for the algorithm.
+ * a hole or a zero slot (zero content), with a page already in the
+ * store, or with an identical page seen earlier in the same pass.  It
+ * owns the store and the merger of the region.  See hw/mem-share/scan.c for the algorithm.
  *
  * Threads: one thread (the scanner thread) calls ms_scanner_step(),
  * ms_scanner_unmerge_all() and ms_scanner_free(), and everything that
@@ -36,6 +36,15 @@
 
 typedef struct MsScanner MsScanner;
 
+typedef enum MsZeroMode {
+    MS_ZERO_AUTO,           /* holes if ms_read_fault_maps_zero_page() */
+    MS_ZERO_HOLES,
+    MS_ZERO_SLOTS,
+} MsZeroMode;
+
+/* Zero slots by default: 2 MiB; a zero run costs a mapping per 2 MiB */
+#define MS_SCAN_ZERO_SLOTS 512
+
 typedef struct MsScanConfig {
     void *host;             /* the region: page aligned, private anonymous */
     size_t npages;
@@ -53,6 +62,13 @@ typedef struct MsScanConfig {
      */
     int64_t vma_budget;
     double budget_share;
+    /*
+     * Where zero pages go: holes (no memory, no VMA) where a read of a
+     * hole maps the shared zero page, else zero slots of the store,
+     * which stay shared when read but cost mappings.
+     */
+    MsZeroMode zero_mode;
+    uint32_t zero_slots;    /* zero slots for MS_ZERO_SLOTS; 0: default */
 } MsScanConfig;
 
 /*
@@ -65,16 +81,18 @@ typedef struct MsScanStats {
     uint64_t pages_scanned;     /* pages looked at */
     uint64_t full_scans;        /* passes over the whole region completed */
     uint64_t pages_merged;      /* now: guest pages that map a store slot */
-    uint64_t zero_holes;        /* now: pages made holes, still holes */
+    uint64_t zero_holes;        /* now: zero pages merged (holes or slots) */
+    uint64_t zero_slots;        /* zero slots of the store; 0: zero holes */
+    uint64_t zero_held;         /* zero slots holding a page (reads filled) */
     uint64_t slots_used;        /* now: store slots in use */
     uint64_t pages_volatile;    /* now: hash changed at the last visit */
     uint64_t hash_changes;      /* visits that found a changed hash */
     uint64_t merges;            /* pages merged onto the store */
     /*
-     * Pages made zero holes.  On kernels whose read faults allocate a
-     * page (multi-size THP, or no shared zero page), a guest reading a
-     * hole fills it again and a later scan makes it a hole again: this
-     * count grows, re-merges do not.
+     * Zero pages merged (holes or zero slots).  Where holes are used on a
+     * kernel whose read faults allocate a page (multi-size THP), a guest
+     * reading a hole fills it again and a later scan makes it a hole
+     * again: this count grows, re-merges do not.
      */
     uint64_t zero_merges;
     uint64_t remerges;          /* merges of pages merged before */
@@ -84,7 +102,8 @@ typedef struct MsScanStats {
     uint64_t refused_store_full;/* merges refused: no free store slot */
     int64_t vmas;               /* VMAs the merged mappings add, net */
     int64_t vma_budget;
-    uint64_t bytes_saved;       /* (merged - slots used + zero holes) pages */
+    /* (merged - slots used + zero holes - zero held) pages, in bytes */
+    uint64_t bytes_saved;
 } MsScanStats;
 
 /* Fill @cfg with the defaults (stable_scans 1, budget share 0.5). */

@@ -15,6 +15,10 @@
  *   ms_store_get()/put()  -> one reference per guest page that maps it
  *   last ms_store_put()   -> hole punched, slot free again
  *
+ * Zero slots (ms_store_new_with_zero()) follow the allocatable ones:
+ * never written, never counted, they read as zeros forever.  Guest zero
+ * pages map them where a hole would not stay a hole (see store.c).
+ *
  * The store is not thread-safe: one thread (the scanner, or the broker's
  * main loop) owns it.
  */
@@ -39,7 +43,9 @@ typedef struct MsStoreStats {
     uint64_t slots;         /* capacity */
     uint64_t slots_used;    /* slots with a reference (reserved or published) */
     uint64_t published;     /* slots holding a published content */
-    uint64_t bytes_held;    /* memory the memfd holds: published * page size */
+    uint64_t zero_slots;    /* size of the zero region */
+    uint64_t zero_held;     /* zero slots that reads filled with a page */
+    uint64_t bytes_held;    /* memory the memfd holds: published + zero held */
     uint64_t refs;          /* sum of all reference counts */
 } MsStoreStats;
 
@@ -48,11 +54,31 @@ typedef struct MsStoreStats {
  * size), with its own random hash secret.
  */
 MsStore *ms_store_new(size_t page_size, uint32_t max_slots, GError **errp);
+
+/* At most this many zero slots (16 MiB of 4 KiB pages) */
+#define MS_STORE_MAX_ZERO_SLOTS 4096
+
+/*
+ * The same, followed by @zero_slots zero slots (at most
+ * MS_STORE_MAX_ZERO_SLOTS).  ms_store_get/put() ignore zero slots and
+ * ms_store_refs() says 0 for them.
+ */
+MsStore *ms_store_new_with_zero(size_t page_size, uint32_t max_slots,
+                                uint32_t zero_slots, GError **errp);
 void ms_store_free(MsStore *store);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsStore, ms_store_free)
 
 size_t ms_store_page_size(const MsStore *store);
+/* Allocatable slots; the zero slots come after them */
 uint32_t ms_store_max_slots(const MsStore *store);
+uint32_t ms_store_zero_slots(const MsStore *store);
+/*
+ * The zero slot for guest page @index (index modulo the zero slots, so
+ * that neighbouring zero pages map neighbouring slots and their mappings
+ * join), or MS_SLOT_NONE if the store has none.
+ */
+uint32_t ms_store_zero_slot(const MsStore *store, uint64_t index);
+bool ms_store_is_zero_slot(const MsStore *store, uint32_t slot);
 
 /*
  * A read-only descriptor of the memfd, owned by the store (dup() it to
@@ -67,7 +93,9 @@ off_t ms_store_offset(const MsStore *store, uint32_t slot);
 /*
  * Read-only view of the bytes of @slot (a MAP_SHARED mapping of the whole
  * store; ms_store_view(store, 0) is its base).  Only read published slots:
- * reading an unpublished one would allocate memory in the memfd.
+ * reading an unpublished one would allocate memory in the memfd.  Zero
+ * slots may be read: the page that allocates is the one guests reading
+ * that slot share anyway.
  */
 const void *ms_store_view(const MsStore *store, uint32_t slot);
 

@@ -296,6 +296,62 @@ static void test_index(void)
 }
 
 /* Chains of colliding hashes: unlink from the middle and the tail */
+/*
+ * Zero slots: after the allocatable ones, never handed out, not counted,
+ * read as zeros through a guest's mapping, and filled with one page each
+ * at most however many mappings read them.
+ */
+static void test_zero_slots(void)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsStore) s = ms_store_new_with_zero(page, 8, 4, &err);
+    MsStoreStats st;
+    uint32_t z, first;
+    uint8_t *a, *b;
+
+    g_assert_no_error(err);
+    g_assert_cmpuint(ms_store_zero_slots(s), ==, 4);
+    z = ms_store_zero_slot(s, 0);
+    g_assert_cmpuint(z, ==, 8);
+    g_assert_cmpuint(ms_store_zero_slot(s, 5), ==, 9);
+    g_assert_true(ms_store_is_zero_slot(s, 11));
+    g_assert_false(ms_store_is_zero_slot(s, 7));
+    g_assert_false(ms_store_is_zero_slot(s, 12));
+    /* Not reference counted, never published */
+    ms_store_get(s, z);
+    g_assert_false(ms_store_put(s, z));
+    g_assert_cmpuint(ms_store_refs(s, z), ==, 0);
+    g_assert_false(ms_store_is_published(s, z));
+    /* The allocator never hands them out, even when full */
+    g_assert_true(ms_store_alloc_run(s, MS_SLOT_NONE, 8, &first, &err));
+    g_assert_cmpuint(first, ==, 0);
+    g_assert_false(ms_store_alloc_run(s, 8, 1, &first, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, ENOSPC);
+    g_clear_error(&err);
+
+    /* Two private mappings of zero slot 1 read zeros and share a page */
+    a = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+             ms_store_ro_fd(s), ms_store_offset(s, z + 1));
+    b = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+             ms_store_ro_fd(s), ms_store_offset(s, z + 1));
+    g_assert_true(a != MAP_FAILED && b != MAP_FAILED);
+    ms_store_get_stats(s, &st);
+    g_assert_cmpuint(st.zero_slots, ==, 4);
+    g_assert_cmpuint(st.zero_held, ==, 0);
+    g_assert_true(ms_page_is_zero(a, page) && ms_page_is_zero(b, page));
+    ms_store_get_stats(s, &st);
+    g_assert_cmpuint(st.zero_held, ==, 1);
+    /* A write copies, as for any slot: the other mapping still reads 0 */
+    a[0] = 1;
+    g_assert_true(ms_page_is_zero(b, page));
+    munmap(a, page);
+    munmap(b, page);
+
+    g_assert_null(ms_store_new_with_zero(page, 8,
+                                         MS_STORE_MAX_ZERO_SLOTS + 1, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+}
+
 static void test_index_chain(void)
 {
     g_autoptr(MsStore) s = new_store(8);
@@ -330,6 +386,7 @@ int main(int argc, char **argv)
     g_test_add_func("/store/publish-immutable", test_publish_immutable);
     g_test_add_func("/store/index", test_index);
     g_test_add_func("/store/index-chain", test_index_chain);
+    g_test_add_func("/store/zero-slots", test_zero_slots);
 
     return g_test_run();
 }
