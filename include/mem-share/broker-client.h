@@ -1,0 +1,122 @@
+/*
+ * mem-share engine: the client side of the broker protocol
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Depends on libc, GLib and libxxhash only, never on QEMU.
+ *
+ * An MsBrokerClient is one connection to mem-share-broker: it joins a
+ * group (HELLO), receives the group's store as a read-only descriptor
+ * with its geometry and hash secret (WELCOME), and then makes blocking
+ * requests, each bounded by the timeout given at connect time, so that a
+ * scanner thread can call it directly.  Batches larger than the broker's
+ * caps are split transparently.
+ *
+ * The broker writes the store, never the client.  A slot returned by a
+ * lookup or an upload comes with one reference that the client owns
+ * until it releases it or disconnects: the slot cannot be freed (nor
+ * reused) meanwhile.  It may still hold another content than the
+ * client's page (a hash collision, or a lying peer in the group): the
+ * client must compare bytes before it maps a slot.
+ *
+ * When the broker dies or breaks the protocol, every call fails with an
+ * error (code EPIPE, ETIMEDOUT or EPROTO) and the client is dead for good:
+ * mappings of the store stay valid (they hold the memfd), the caller
+ * frees the client and connects again later.  The references it held are
+ * gone with the old broker; so is its store.
+ *
+ * Not thread-safe: one thread uses a client at a time.
+ */
+
+#ifndef MEM_SHARE_BROKER_CLIENT_H
+#define MEM_SHARE_BROKER_CLIENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "mem-share/error.h"
+#include "mem-share/hash.h"
+#include "mem-share/proto.h"
+
+typedef struct MsBrokerClient MsBrokerClient;
+
+/* What WELCOME said about the group */
+typedef struct MsBrokerParams {
+    uint32_t page_size;
+    uint32_t nslots;        /* the store is nslots * page_size bytes */
+    uint32_t max_refs;      /* references this client may hold */
+    uint32_t max_lookup;    /* batch caps (the client splits for them) */
+    uint32_t max_upload;
+    uint32_t max_release;
+    MsHashKey key;          /* the group's hash secret */
+} MsBrokerParams;
+
+/*
+ * Connect to the broker at @path without joining a group: such a client
+ * can only ask for statistics (of every group, if its uid is root's or
+ * the broker's).  @timeout_ms bounds every later call; 0 means 5 s.
+ */
+MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
+                                      GError **errp);
+
+/* Connect and join @group as @name (names: see ms_proto_name_valid()). */
+MsBrokerClient *ms_broker_client_connect(const char *path, const char *group,
+                                         const char *name, int timeout_ms,
+                                         GError **errp);
+
+void ms_broker_client_free(MsBrokerClient *c);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsBrokerClient, ms_broker_client_free)
+
+/* False once the connection is lost: free the client and reconnect. */
+bool ms_broker_client_alive(const MsBrokerClient *c);
+
+/* The group's parameters, or NULL if the client joined none. */
+const MsBrokerParams *ms_broker_client_params(const MsBrokerClient *c);
+
+/*
+ * The store's read-only descriptor, owned by the client (dup() it to
+ * keep it past ms_broker_client_free()), or -1 if it joined no group.
+ * Map it MAP_PRIVATE with PROT_READ (and PROT_WRITE for copy-on-write).
+ */
+int ms_broker_client_store_fd(const MsBrokerClient *c);
+
+/* The group's keyed hash of one page, as LOOKUP and UPLOAD expect. */
+uint64_t ms_broker_client_hash(const MsBrokerClient *c, const void *page);
+
+/*
+ * Look up @count page hashes.  results[i] says, for hashes[i], which slot
+ * holds a page with that hash (one reference taken for the client) or
+ * why none was returned.
+ */
+bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
+                             uint32_t count, MsProtoResult *results,
+                             GError **errp);
+
+/*
+ * Give the broker @count pages (page_size bytes each, contiguous at
+ * @pages) to store.  Each gets the slot of an identical page already
+ * stored, or a new one, with one reference for the client.  @hashes may
+ * be NULL: the client computes them.
+ */
+bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
+                             const uint64_t *hashes, uint32_t count,
+                             MsProtoResult *results, GError **errp);
+
+/*
+ * Drop refs[i] references (1 each if @refs is NULL) to slots[i].  Releasing
+ * a reference the client does not hold is a protocol violation: the
+ * broker hangs up.  @released (may be NULL) gets how many were dropped.
+ */
+bool ms_broker_client_release(MsBrokerClient *c, const uint32_t *slots,
+                              const uint32_t *refs, uint32_t count,
+                              uint64_t *released, GError **errp);
+
+/* Statistics of the client's group, or of every group (see _open()). */
+bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,
+                            GError **errp);
+
+#endif /* MEM_SHARE_BROKER_CLIENT_H */
