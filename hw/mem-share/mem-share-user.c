@@ -302,6 +302,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->zero_slots = st.zero_slots;
     ui->zero_slots_held = st.zero_held;
     ui->remerges = st.remerges;
+    ui->extra_scans = st.extra_scans;
     ui->mappings = MAX(st.vmas, 0);
     ui->mapping_budget = MAX(st.vma_budget, 0);
     ui->refused_budget = st.refused_budget;

@@ -49,6 +49,18 @@
  *      fresh slot gets the content and both pages are merged onto it.
  *      Else the page enters the unstable tree.
  *
+ * Churn.  A guest that fills memory it just allocated shows zero pages
+ * (zeroed by its kernel, or MAP_POPULATE) that stay zero for a few
+ * passes, then get written: merging them is wasted work twice, once for
+ * the merge and once for the copy-on-write fault, and the page comes back
+ * to be merged again.  KSM is shielded by its slowness; a fast scanner is
+ * not.  So the scanner watches what writes do to its merges: when a pass
+ * sees copy-on-write breaks of a quarter or more of the pages the pass
+ * before merged, it asks one more unchanged scan of every candidate (up
+ * to MAX_EXTRA_SCANS more); when breaks fall under a sixteenth, it asks
+ * one less.  A filling guest is merged once the filling stops; a quiet
+ * one at the configured stable_scans.
+ *
  * Merges go in batches: consecutive candidates that map consecutive
  * slots are one ms_merge_run() (one freeze, one mmap, one VMA), and a
  * pair run (pages i.. matching pages j..) gets a run of contiguous slots
@@ -108,6 +120,11 @@
 /* Pages per chunk: one pagemap read, one sharing test, batches inside */
 #define CHUNK 512
 
+/* Churn: at most this many scans more than stable_scans */
+#define MAX_EXTRA_SCANS 8
+/* Fewer breaks in a pass than this are noise, never churn */
+#define CHURN_MIN_BREAKS 64
+
 /* /proc/self/pagemap (Documentation/admin-guide/mm/pagemap.rst) */
 #define PM_PRESENT      (1ULL << 63)
 #define PM_FILE         (1ULL << 61)
@@ -150,6 +167,10 @@ struct MsScanner {
     Batch zero, found, pair;
     bool zero_slots;        /* zero pages map zero slots, not holes */
     int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
+    unsigned extra_scans;   /* asked on top of stable_scans, for churn */
+    uint64_t pass_merges;   /* merges in this pass */
+    uint64_t last_merges;   /* merges in the previous pass */
+    uint64_t pass_breaks;   /* copy-on-write breaks seen in this pass */
     uint64_t pm[CHUNK];
     MsScanStats live;       /* the scanner thread's */
     GMutex lock;            /* protects snap */
@@ -379,6 +400,7 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
         if (p->slot != MS_SLOT_NONE && !shared[k]) {
             drop_slot(s, p);
             s->live.cow_breaks++;
+            s->pass_breaks++;
         }
     }
     return true;
@@ -406,7 +428,7 @@ static bool observe(MsScanner *s, PageState *p, uint64_t h)
     } else if (p->stable < UINT8_MAX) {
         p->stable++;
     }
-    return p->stable >= s->cfg.stable_scans;
+    return p->stable >= s->cfg.stable_scans + s->extra_scans;
 }
 
 /* ---- merging a batch ---- */
@@ -503,6 +525,7 @@ static void record_merge(MsScanner *s, size_t i, uint32_t slot)
     bool again = p->flags & PG_WAS_MERGED;
 
     p->flags |= PG_WAS_MERGED;
+    s->pass_merges++;
     if (slot == MS_SLOT_NONE || ms_store_is_zero_slot(s->store, slot)) {
         p->flags |= PG_ZERO;
         p->slot = slot;
@@ -846,8 +869,25 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
     return true;
 }
 
+/* Ask more stability while writes break what the last pass merged */
+static void adapt_to_churn(MsScanner *s)
+{
+    uint64_t breaks = s->pass_breaks;
+
+    if (breaks >= CHURN_MIN_BREAKS && breaks * 4 >= s->last_merges) {
+        s->extra_scans = MIN(s->extra_scans + 1, MAX_EXTRA_SCANS);
+    } else if (s->extra_scans &&
+               (breaks < CHURN_MIN_BREAKS || breaks * 16 < s->last_merges)) {
+        s->extra_scans--;
+    }
+    s->live.extra_scans = s->extra_scans;
+    s->last_merges = s->pass_merges;
+    s->pass_merges = s->pass_breaks = 0;
+}
+
 static void end_full_scan(MsScanner *s)
 {
+    adapt_to_churn(s);
     s->live.full_scans++;
     g_hash_table_remove_all(s->unstable);
     s->blocked_vmas = -1;

@@ -97,6 +97,7 @@ typedef struct MsScanStats {
     uint64_t zero_merges;
     uint64_t remerges;          /* merges of pages merged before */
     uint64_t cow_breaks;        /* merged pages a write made private */
+    uint64_t extra_scans;       /* now: scans asked on top, for churn */
     uint64_t refused_budget;    /* merges refused: VMA budget */
     uint64_t refused_changed;   /* merges refused: content changed */
     uint64_t refused_store_full;/* merges refused: no free store slot */

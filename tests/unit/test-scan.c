@@ -743,6 +743,48 @@ static void test_zero_read(Fixture *f, gconstpointer data)
     check_content(f);
 }
 
+/*
+ * Churn: when writes break many of the pages the scanner merged, it asks
+ * one more unchanged scan of candidates, and gives it back once quiet.
+ */
+static void test_churn(Fixture *f, gconstpointer data)
+{
+    MsScanStats st, before;
+    size_t written = 0;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &before);
+    g_assert_cmpuint(before.extra_scans, ==, 0);
+    /* Zero every merged duplicate: each write breaks a merge */
+    for (size_t i = 0; i < f->npages; i++) {
+        uint64_t id = content_id(f->npages, i);
+
+        if (id != ID_ZERO && id < ID_UNIQUE(0)) {
+            memset(pg(f, i), 0, page);
+            memset(f->expect + i * page, 0, page);
+            written++;
+        }
+    }
+    g_assert_cmpuint(written, ==, f->dup_pages);
+    pass(f);                /* sees the breaks and the new (zero) hashes */
+    stats(f, &st);
+    g_assert_cmpuint(st.cow_breaks, ==, f->dup_pages);
+    g_assert_cmpuint(st.extra_scans, ==, 1);
+    pass(f);                /* stable once: enough before, not now */
+    stats(f, &st);
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros);
+    g_assert_cmpuint(st.extra_scans, ==, 0);
+    pass(f);                /* quiet again: merged */
+    stats(f, &st);
+    g_assert_cmpuint(st.zero_holes, ==, f->zeros + f->dup_pages);
+    g_assert_cmpuint(st.pages_merged, ==, 0);
+    check_content(f);
+}
+
 static void test_throughput(Fixture *f, gconstpointer data)
 {
     MsScanStats st;
@@ -795,6 +837,7 @@ int main(int argc, char **argv)
     ADD("/scan/volatile", normal, test_volatile);
     ADD("/scan/discard", normal, test_discard);
     ADD("/scan/writers", eager, test_writers);
+    ADD("/scan/churn", normal, test_churn);
     ADD("/scan/throughput", big, test_throughput);
 
     return g_test_run();
