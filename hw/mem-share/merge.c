@@ -11,8 +11,7 @@
  * but userfaultfd gives the one thing the protocol needs: a way to make
  * writers wait while the page is compared and replaced.
  *
- *   1. Freeze: UFFDIO_REGISTER the run in write-protect mode and
- *      UFFDIO_WRITEPROTECT it.  Writers (vCPU threads, device emulation,
+ *   1. Freeze: UFFDIO_WRITEPROTECT the run.  Writers (vCPU threads, device emulation,
  *      and KVM's or the kernel's faults on QEMU's behalf, since the
  *      descriptor is not UFFD_USER_MODE_ONLY) now sleep in the kernel.
  *      Synchronous mode, not UFFD_FEATURE_WP_ASYNC: an asynchronous write
@@ -26,13 +25,27 @@
  *      match is never enough.
  *   4. Replace: mmap(MAP_PRIVATE | MAP_FIXED) of the store's read-only
  *      descriptor over the run.  The new VMA is not registered.  Re-apply
- *      the region's advice: a new VMA does not inherit it.
+ *      the region's advice that matters to a page of a file (DONTFORK,
+ *      DONTDUMP): a new VMA does not inherit it.  Not MADV_HUGEPAGE: a
+ *      private copy in a file VMA is never a huge page, and khugepaged
+ *      could otherwise collapse store pages into a huge page, filling
+ *      the store's holes with memory.
  *   5. UFFDIO_WAKE the run: every writer that slept retries its fault,
  *      now on the new mapping, and takes a copy-on-write fault.  Nothing
  *      is lost.
  *
- * If a page differs, un-write-protect (which wakes) and unregister.  No
- * path leaves a range registered or write-protected.  We never read the
+ * Registration.  The anonymous memory of a region is registered for
+ * write-protection once, when the region is added, and every anonymous
+ * VMA the engine creates later is registered too: a freeze of anonymous
+ * pages is then one ioctl, and anonymous neighbours keep the same flags
+ * and stay one VMA.  Store VMAs are not registered (they must join their
+ * neighbours on the store); a run that maps the store, to be merged
+ * again after a copy-on-write break, is registered for its freeze only.
+ * If a page differs, un-write-protect (which wakes), and unregister what
+ * the freeze registered.  No path leaves a page write-protected or a
+ * store VMA registered.  Syscalls are what a merge costs most (measured
+ * here, in a nested guest: 5 to 8 us each), hence also PROCMAP_QUERY
+ * only for bridges, below.  We never read the
  * descriptor: waking by range also wakes faults whose message is still
  * queued, and without UFFD_FEATURE_EVENT_UNMAP (never enabled) an
  * mmap(MAP_FIXED) over a registered range does not wait for a reader.
@@ -56,7 +69,9 @@
  * join both neighbours at once when both hold private copies of
  * different origin (different anon_vma): the budget check assumes it
  * will, and afterwards PROCMAP_QUERY (Linux 6.11) tells what the kernel
- * did; the model records such a boundary per page ("forced").  Without
+ * did; the model records such a boundary per page ("forced").  A join
+ * on one side only is never refused (the new VMA has no anonymous pages
+ * yet), so only bridges are asked about.  Without
  * PROCMAP_QUERY the model stays pessimistic.
  *
  * Which merged pages were written since: bit 61 ("file page") of
@@ -271,10 +286,10 @@ static bool uffd_init(MsMerger *m, GError **errp)
     return true;
 }
 
-static int uffd_register(MsMerger *m, const Run *run)
+static int uffd_register_range(MsMerger *m, void *host, size_t len)
 {
     struct uffdio_register reg = {
-        .range = { .start = (uintptr_t)run->host, .len = run->len },
+        .range = { .start = (uintptr_t)host, .len = len },
         .mode = UFFDIO_REGISTER_MODE_WP,
     };
 
@@ -285,6 +300,11 @@ static int uffd_register(MsMerger *m, const Run *run)
         return -ENOTSUP;
     }
     return 0;
+}
+
+static int uffd_register(MsMerger *m, const Run *run)
+{
+    return uffd_register_range(m, run->host, run->len);
 }
 
 static int uffd_writeprotect(MsMerger *m, const Run *run, bool wp)
@@ -307,22 +327,48 @@ static void uffd_wake(MsMerger *m, const Run *run)
     }
 }
 
+static bool run_maps_store(const Run *run);
+
+/* Unregister the pages of @run that map the store (see freeze()) */
+static void unregister_store_parts(MsMerger *m, const Run *run)
+{
+    const uint32_t *label = run->r->label + run->first;
+
+    for (size_t a = 0, b; a < run->n; a = b + 1) {
+        struct uffdio_range r;
+
+        for (; a < run->n && label[a] == ANON; a++) {
+            /* anonymous: registered for good */
+        }
+        for (b = a; b < run->n && label[b] != ANON; b++) {
+            /* the store part [a, b) */
+        }
+        if (b > a) {
+            r.start = (uintptr_t)(run->host + a * m->page_size);
+            r.len = (b - a) * m->page_size;
+            ioctl(m->uffd, UFFDIO_UNREGISTER, &r);
+        }
+    }
+}
+
 /*
  * Thaw a frozen run that stays as it is: clearing write-protection wakes
- * the sleepers, unregistering wakes any that came in between.
+ * the sleepers, unregistering the store parts wakes any that came in
+ * between, and so does the final wake.
  */
 static void thaw(MsMerger *m, const Run *run)
 {
-    struct uffdio_range r = { .start = (uintptr_t)run->host, .len = run->len };
-
     uffd_writeprotect(m, run, false);
-    ioctl(m->uffd, UFFDIO_UNREGISTER, &r);
+    if (run_maps_store(run)) {
+        unregister_store_parts(m, run);
+    }
     uffd_wake(m, run);
 }
 
+/* Anonymous pages are registered already; store VMAs for this freeze */
 static bool freeze(MsMerger *m, const Run *run, GError **errp)
 {
-    int ret = uffd_register(m, run);
+    int ret = run_maps_store(run) ? uffd_register(m, run) : 0;
 
     if (ret == 0) {
         ret = uffd_writeprotect(m, run, true);
@@ -502,8 +548,7 @@ static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
     size_t s = run->first, e = run->first + run->n;
     int before = breaks(r, s, e), after;
     uintptr_t vs, ve;
-    bool known = query_vma(m, run->host, &vs, &ve);
-    bool left, right;
+    bool known, left, right;
 
     for (size_t i = 0; i < run->n; i++) {
         r->label[s + i] = new_label(first_slot, i);
@@ -511,6 +556,8 @@ static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
     }
     left = s > 0 && joined(r->label[s - 1], r->label[s]);
     right = e < r->npages && joined(r->label[e - 1], r->label[e]);
+    /* Only a bridge may be refused: ask the kernel then only */
+    known = left && right && query_vma(m, run->host, &vs, &ve);
     if (known) {
         r->forced[s] = left && vs == (uintptr_t)run->host;
         if (e < r->npages) {
@@ -581,6 +628,7 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
                           GError **errp)
 {
     Region *r;
+    int ret;
 
     if ((uintptr_t)host % m->page_size || npages == 0 ||
         find_region(m, host) ||
@@ -588,6 +636,20 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
         g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
                     "invalid or overlapping mem-share region %p+%zu pages",
                     host, npages);
+        return false;
+    }
+    r = g_new0(Region, 1);
+    r->base = host;
+    r->npages = npages;
+    r->flags = flags;
+    r->store = *store;
+    ret = uffd_register_range(m, host, npages * m->page_size);
+    if (ret < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot register %zu pages at %p with userfaultfd%s: %s",
+                    npages, host, ret == -EBUSY ?
+                    " (another userfaultfd, postcopy or a background "
+                    "snapshot, holds them)" : "", g_strerror(-ret));
         return false;
     }
     r = g_new0(Region, 1);
@@ -610,7 +672,13 @@ void ms_merger_remove_region(MsMerger *m, void *host)
         Region *r = g_ptr_array_index(m->regions, i);
 
         if (r->base == host) {
-            /* Its VMAs go away with the RAM */
+            struct uffdio_range range = {
+                .start = (uintptr_t)host,
+                .len = r->npages * m->page_size,
+            };
+
+            /* Its VMAs go away with the RAM, if they have not already */
+            ioctl(m->uffd, UFFDIO_UNREGISTER, &range);
             m->vmas -= breaks(r, 0, r->npages);
             g_ptr_array_remove_index_fast(m->regions, i);
             return;
@@ -709,7 +777,9 @@ bool ms_merger_use_pagemap_scan(MsMerger *m, bool use)
 
 /* ---- the operations ---- */
 
-static bool apply_advice(MsMerger *m, const Run *run, GError **errp)
+/* Re-apply the region's advice to @run, mapped anew (ANON or store) */
+static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
+                         GError **errp)
 {
     static const struct {
         unsigned flag;
@@ -723,9 +793,15 @@ static bool apply_advice(MsMerger *m, const Run *run, GError **errp)
         { MS_REGION_MERGEABLE, MADV_MERGEABLE, "MADV_MERGEABLE" },
     };
 
+    unsigned flags = run->r->flags;
+
     (void)m;
+    if (first_slot != ANON) {
+        /* See the top comment: no huge pages on the store */
+        flags &= ~(MS_REGION_HUGEPAGE | MS_REGION_NOHUGEPAGE);
+    }
     for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
-        if ((run->r->flags & advice[i].flag) &&
+        if ((flags & advice[i].flag) &&
             madvise(run->host, run->len, advice[i].advice) < 0) {
             g_set_error(errp, MS_ENGINE_ERROR, errno,
                         "cannot re-apply %s to %zu pages at %p: %s",
@@ -733,6 +809,24 @@ static bool apply_advice(MsMerger *m, const Run *run, GError **errp)
                         g_strerror(errno));
             return false;
         }
+    }
+    return true;
+}
+
+/*
+ * Register @run, just mapped anonymous, like the rest of the region's
+ * anonymous memory: the next freeze needs it, and only with the same
+ * flags does the kernel join it with its anonymous neighbours.
+ */
+static bool register_anon(MsMerger *m, const Run *run, GError **errp)
+{
+    int ret = uffd_register(m, run);
+
+    if (ret < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot register %zu pages at %p with userfaultfd: %s",
+                    run->n, run->host, g_strerror(-ret));
+        return false;
     }
     return true;
 }
@@ -876,7 +970,8 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
      * and before the accounting: the kernel joins the new VMA with its
      * neighbours only once their flags match.
      */
-    ok = apply_advice(m, &run, errp);
+    ok = apply_advice(m, &run, first_slot, errp) &&
+         (first_slot != ANON || register_anon(m, &run, errp));
     res->vma_delta = relabel(m, &run, first_slot);
     return ok;
 }
@@ -921,7 +1016,7 @@ bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
     if (!remapped) {
         return true;
     }
-    ok = apply_advice(m, &run, errp);
+    ok = apply_advice(m, &run, ANON, errp) && register_anon(m, &run, errp);
     relabel(m, &run, ANON);
     return ok;
 }

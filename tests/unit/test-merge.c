@@ -30,6 +30,7 @@
 #include <glib.h>
 
 #include "mem-share/hash.h"
+#include "mem-share/ksm.h"
 #include "mem-share/merge.h"
 #include "mem-share/store.h"
 
@@ -172,7 +173,7 @@ static void check_vmas(Fixture *f)
 typedef struct Smaps {
     uint64_t anon_kb;       /* Anonymous: in the test's RAM */
     uint64_t rss_kb;        /* Rss: in the test's RAM */
-    int uffd_wp;            /* VMAs anywhere with VmFlags uw */
+    int uffd_wp;            /* file VMAs anywhere with VmFlags uw */
 } Smaps;
 
 static void read_smaps(Fixture *f, Smaps *s)
@@ -180,33 +181,52 @@ static void read_smaps(Fixture *f, Smaps *s)
     g_autofree char *text = NULL;
     g_auto(GStrv) lines = NULL;
     uintptr_t lo = (uintptr_t)f->ram, hi = lo + NPAGES * page;
-    bool in_ram = false;
+    bool in_ram = false, file = false;
 
     memset(s, 0, sizeof(*s));
     g_assert_true(g_file_get_contents("/proc/self/smaps", &text, NULL, NULL));
     lines = g_strsplit(text, "\n", -1);
     for (char **l = lines; *l; l++) {
-        uint64_t start, end, kb;
+        uint64_t start, end, kb, inode;
 
-        if (sscanf(*l, "%" SCNx64 "-%" SCNx64 " ", &start, &end) == 2 &&
+        if (sscanf(*l, "%" SCNx64 "-%" SCNx64 " %*s %*s %*s %" SCNu64,
+                   &start, &end, &inode) == 3 &&
             strchr(*l, '-') < strchr(*l, ' ')) {
             in_ram = start < hi && end > lo;
+            file = inode != 0;
         } else if (in_ram && sscanf(*l, "Anonymous: %" SCNu64, &kb) == 1) {
             s->anon_kb += kb;
         } else if (in_ram && sscanf(*l, "Rss: %" SCNu64, &kb) == 1) {
             s->rss_kb += kb;
-        } else if (g_str_has_prefix(*l, "VmFlags:") && strstr(*l, " uw")) {
+        } else if (file && g_str_has_prefix(*l, "VmFlags:") &&
+                   strstr(*l, " uw")) {
             s->uffd_wp++;
         }
     }
 }
 
+/*
+ * After any operation: no page is left write-protected (a writer would
+ * sleep forever), and no store VMA is left registered (it would not join
+ * its neighbours).  Anonymous memory stays registered by design.
+ */
 static void assert_nothing_registered(Fixture *f)
 {
+    g_autofree uint64_t *pm = g_new(uint64_t, NPAGES);
+    g_autoptr(GError) err = NULL;
+    int fd = open("/proc/self/pagemap", O_RDONLY);
     Smaps s;
 
     read_smaps(f, &s);
     g_assert_cmpint(s.uffd_wp, ==, 0);
+    g_assert_cmpint(fd, >=, 0);
+    g_assert_true(ms_pagemap_read(fd, f->ram, NPAGES, page, pm, &err));
+    close(fd);
+    for (size_t i = 0; i < NPAGES; i++) {
+        if (pm[i] & (1ULL << 57)) {
+            g_error("page %zu is still write-protected", i);
+        }
+    }
 }
 
 /* Pages of [i, i + n) that still map the store, checked both ways */
