@@ -62,6 +62,8 @@ ifneq ($(wildcard meson.build),)
 		  || { tail -40 $(B)/engine-setup.log; rm -rf $(B)/engine; exit 1; }; \
 	fi
 	$(Q)PATH=/usr/bin:$$PATH meson compile -C $(B)/engine | grep -v '^INFO: \|^ninja: Entering'; exit $${PIPESTATUS[0]}
+	$(Q)if [ -x $(B)/engine/tools/mem-share-broker/mem-share-broker ]; then \
+		ln -sfn engine/tools/mem-share-broker/mem-share-broker $(B)/mem-share-broker; fi
 endif
 
 # Guest artifacts: tests/guest/build.sh decides itself what needs rebuilding.

@@ -65,7 +65,8 @@ const char *ms_proto_status_name(uint32_t status)
 uint32_t ms_proto_max_upload(uint32_t page_size)
 {
     g_assert(page_size > 0);
-    return MIN(MS_PROTO_MAX_UPLOAD, (MS_PROTO_MAX_PAYLOAD - 8) / (8 + page_size));
+    return MIN(MS_PROTO_MAX_UPLOAD,
+               (MS_PROTO_MAX_PAYLOAD - 8) / (8 + page_size));
 }
 
 /* Little-endian accessors: the wire is LE whatever the host is */
@@ -189,8 +190,9 @@ bool ms_proto_decode_header(const void *buf, MsProtoHeader *hdr,
 static bool check_size(const MsProtoHeader *hdr, uint64_t want, GError **errp)
 {
     if (hdr->length != want) {
-        return fail(errp, "%s payload of %u bytes: its layout needs %" G_GUINT64_FORMAT,
-                    ms_proto_type_name(hdr->type), hdr->length, want);
+        return fail(errp, "%s payload of %u bytes: its layout needs %"
+                    G_GUINT64_FORMAT, ms_proto_type_name(hdr->type),
+                    hdr->length, want);
     }
     return true;
 }

@@ -83,7 +83,7 @@ typedef struct MsProtoHeader {
     uint16_t version;
     uint16_t type;
     uint32_t length;            /* of the payload */
-    uint32_t id;                /* chosen by the requester, echoed in the reply */
+    uint32_t id;                /* the requester's; echoed in the reply */
 } MsProtoHeader;
 
 typedef struct MsProtoResult {

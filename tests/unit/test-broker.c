@@ -1,0 +1,1068 @@
+/*
+ * Tests of mem-share-broker, through its socket
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Each test starts the real daemon ($MS_BROKER, set by meson) on a
+ * socket in a fresh directory, with small stores (1024 slots) and a
+ * small reference quota, and talks to it with the client library or, to
+ * play a hostile client, with raw bytes.  What the broker did is checked
+ * where a guest would see it: the bytes of the store mapped from the
+ * descriptor it hands out, the memfd's allocated pages (a freed slot is
+ * a hole again), and the group statistics.
+ *
+ * Nothing waits on a timer where a reply can be awaited: a client sees
+ * its own requests answered in order, and a client the broker hung up
+ * on has already had its references dropped (the broker drops them
+ * before it closes the socket).  Only a client killed by a signal leaves
+ * when the broker notices, so that test polls the statistics until the
+ * broker says the client left, within a generous deadline.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <glib.h>
+
+#include "mem-share/broker-client.h"
+#include "mem-share/hash.h"
+#include "mem-share/proto.h"
+
+#define NSLOTS 1024
+#define QUOTA 64
+#define MAX_CLIENTS 12
+#define DEADLINE_US (10 * G_USEC_PER_SEC)
+
+static size_t page;
+
+typedef struct Fixture {
+    const char *const *extra;   /* more broker arguments */
+    char *dir;
+    char *path;
+    char *log;
+    GPid pid;
+} Fixture;
+
+/* Broker process */
+
+static void broker_start(Fixture *f)
+{
+    const char *bin = g_getenv("MS_BROKER");
+    g_autofree char *max_store = g_strdup_printf("%zu", NSLOTS * page);
+    g_autofree char *quota = g_strdup_printf("%d", QUOTA);
+    g_autofree char *maxc = g_strdup_printf("%d", MAX_CLIENTS);
+    gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    int logfd;
+
+    g_assert_nonnull(bin);
+    g_ptr_array_add(argv, (char *)bin);
+    g_ptr_array_add(argv, "--socket");
+    g_ptr_array_add(argv, f->path);
+    g_ptr_array_add(argv, "--max-store");
+    g_ptr_array_add(argv, max_store);
+    g_ptr_array_add(argv, "--client-quota");
+    g_ptr_array_add(argv, quota);
+    g_ptr_array_add(argv, "--max-clients");
+    g_ptr_array_add(argv, maxc);
+    for (int i = 0; f->extra && f->extra[i]; i++) {
+        g_ptr_array_add(argv, (char *)f->extra[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    f->pid = fork();
+    g_assert_cmpint(f->pid, >=, 0);
+    if (f->pid == 0) {
+        /* A failed assertion aborts the test: take the broker along */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        logfd = open(f->log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        dup2(logfd, 1);
+        dup2(logfd, 2);
+        execv(bin, (char **)argv->pdata);
+        _exit(127);
+    }
+    /* Ready when it accepts a connection */
+    for (;;) {
+        MsBrokerClient *c = ms_broker_client_open(f->path, 0, NULL);
+
+        if (c) {
+            ms_broker_client_free(c);
+            return;
+        }
+        g_assert_cmpint(waitpid(f->pid, NULL, WNOHANG), ==, 0);
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(10000);
+    }
+}
+
+static void broker_kill(Fixture *f)
+{
+    int status;
+
+    if (f->pid > 0) {
+        kill(f->pid, SIGKILL);
+        g_assert_cmpint(waitpid(f->pid, &status, 0), ==, f->pid);
+        f->pid = 0;
+    }
+}
+
+static void fixture_setup(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+
+    f->extra = data;
+    f->dir = g_dir_make_tmp("test-broker-XXXXXX", &err);
+    g_assert_no_error(err);
+    f->path = g_build_filename(f->dir, "broker.sock", NULL);
+    f->log = g_build_filename(f->dir, "broker.log", NULL);
+    broker_start(f);
+}
+
+static void fixture_teardown(Fixture *f, gconstpointer data)
+{
+    int status;
+
+    (void)data;
+    if (f->pid > 0) {
+        /* A clean shutdown removes the socket */
+        kill(f->pid, SIGTERM);
+        g_assert_cmpint(waitpid(f->pid, &status, 0), ==, f->pid);
+        g_assert_true(WIFEXITED(status));
+        g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+        g_assert_false(g_file_test(f->path, G_FILE_TEST_EXISTS));
+    }
+    unlink(f->path);
+    unlink(f->log);
+    rmdir(f->dir);
+    g_free(f->path);
+    g_free(f->log);
+    g_free(f->dir);
+}
+
+/* Clients and the store */
+
+static MsBrokerClient *join(Fixture *f, const char *group, const char *name)
+{
+    g_autoptr(GError) err = NULL;
+    MsBrokerClient *c = ms_broker_client_connect(f->path, group, name, 0,
+                                                 &err);
+
+    g_assert_no_error(err);
+    g_assert_nonnull(c);
+    g_assert_cmpuint(ms_broker_client_params(c)->page_size, ==, page);
+    g_assert_cmpuint(ms_broker_client_params(c)->nslots, ==, NSLOTS);
+    return c;
+}
+
+static void fill(uint8_t *p, uint64_t seed)
+{
+    uint64_t *w = (uint64_t *)p;
+
+    for (size_t i = 0; i < page / 8; i++) {
+        w[i] = seed * 0x9e3779b97f4a7c15ULL + i;
+    }
+}
+
+static uint32_t upload(MsBrokerClient *c, const void *p)
+{
+    g_autoptr(GError) err = NULL;
+    MsProtoResult r;
+
+    g_assert_true(ms_broker_client_upload(c, p, NULL, 1, &r, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
+    return r.slot;
+}
+
+static MsProtoResult lookup(MsBrokerClient *c, uint64_t hash)
+{
+    g_autoptr(GError) err = NULL;
+    MsProtoResult r;
+
+    g_assert_true(ms_broker_client_lookup(c, &hash, 1, &r, &err));
+    g_assert_no_error(err);
+    return r;
+}
+
+static MsProtoGroupStats stats(MsBrokerClient *c)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(GArray) groups = NULL;
+
+    g_assert_true(ms_broker_client_stats(c, &groups, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(groups->len, ==, 1);
+    return g_array_index(groups, MsProtoGroupStats, 0);
+}
+
+/* The whole store, mapped the way a guest maps it */
+static uint8_t *map_store(MsBrokerClient *c)
+{
+    uint8_t *m = mmap(NULL, NSLOTS * page, PROT_READ, MAP_PRIVATE,
+                      ms_broker_client_store_fd(c), 0);
+
+    g_assert_true(m != MAP_FAILED);
+    return m;
+}
+
+static bool slot_has_data(MsBrokerClient *c, uint32_t slot)
+{
+    off_t off = (off_t)slot * page;
+
+    return lseek(ms_broker_client_store_fd(c), off, SEEK_DATA) == off;
+}
+
+/* Tests */
+
+/* Two members of a group share one slot: same memfd, same bytes */
+static void test_share(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g1", "vm-b");
+    g_autofree uint8_t *p = g_malloc(page);
+    struct stat sa, sb;
+    uint8_t *ma, *mb;
+    uint32_t slot;
+    MsProtoResult r;
+    MsProtoGroupStats gs;
+
+    (void)data;
+    fill(p, 1);
+    g_assert_cmphex(ms_broker_client_hash(a, p), ==,
+                    ms_broker_client_hash(b, p));
+    r = lookup(b, ms_broker_client_hash(b, p));
+    g_assert_cmpuint(r.status, ==, MS_STATUS_NOT_FOUND);
+
+    slot = upload(a, p);
+    r = lookup(b, ms_broker_client_hash(b, p));
+    g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
+    g_assert_cmpuint(r.slot, ==, slot);
+    /* Uploading the same content again finds the same slot */
+    g_assert_cmpuint(upload(b, p), ==, slot);
+
+    g_assert_cmpint(fstat(ms_broker_client_store_fd(a), &sa), ==, 0);
+    g_assert_cmpint(fstat(ms_broker_client_store_fd(b), &sb), ==, 0);
+    g_assert_cmpuint(sa.st_ino, ==, sb.st_ino);
+    g_assert_cmpint(sa.st_size, ==, (off_t)NSLOTS * page);
+    ma = map_store(a);
+    mb = map_store(b);
+    g_assert_cmpmem(ma + slot * page, page, p, page);
+    g_assert_cmpmem(mb + slot * page, page, p, page);
+
+    /* The store is read-only for members */
+    g_assert_true(mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED,
+                       ms_broker_client_store_fd(b), 0) == MAP_FAILED);
+    g_assert_cmpint(errno, ==, EACCES);
+
+    gs = stats(b);
+    g_assert_cmpstr(gs.name, ==, "g1");
+    g_assert_cmpuint(gs.clients, ==, 2);
+    g_assert_cmpuint(gs.slots_used, ==, 1);
+    g_assert_cmpuint(gs.shared_slots, ==, 1);
+    g_assert_cmpuint(gs.refs, ==, 3);
+    g_assert_cmpuint(gs.bytes_held, ==, page);
+    g_assert_cmpuint(gs.bytes_saved, ==, 2 * page);
+    g_assert_cmpuint(gs.published, ==, 1);
+    g_assert_cmpuint(gs.hits, ==, 1);
+    munmap(ma, NSLOTS * page);
+    munmap(mb, NSLOTS * page);
+}
+
+/* Releasing references frees the slot at zero, not before */
+static void test_release(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g1", "vm-b");
+    g_autofree uint8_t *p = g_malloc(page);
+    g_autoptr(GError) err = NULL;
+    uint64_t released = 0;
+    uint32_t slot;
+    MsProtoGroupStats gs;
+
+    (void)data;
+    fill(p, 2);
+    slot = upload(a, p);
+    g_assert_cmpuint(lookup(b, ms_broker_client_hash(b, p)).slot, ==, slot);
+    g_assert_cmpuint(lookup(b, ms_broker_client_hash(b, p)).slot, ==, slot);
+    g_assert_true(slot_has_data(a, slot));
+
+    g_assert_true(ms_broker_client_release(b, &slot, &(uint32_t){ 2 }, 1,
+                                           &released, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(released, ==, 2);
+    gs = stats(a);
+    g_assert_cmpuint(gs.refs, ==, 1);
+    g_assert_cmpuint(gs.shared_slots, ==, 0);
+    g_assert_true(slot_has_data(a, slot));
+
+    g_assert_true(ms_broker_client_release(a, &slot, NULL, 1, NULL, &err));
+    g_assert_no_error(err);
+    gs = stats(a);
+    g_assert_cmpuint(gs.refs, ==, 0);
+    g_assert_cmpuint(gs.slots_used, ==, 0);
+    g_assert_false(slot_has_data(a, slot));
+    g_assert_cmpuint(lookup(b, ms_broker_client_hash(b, p)).status, ==,
+                     MS_STATUS_NOT_FOUND);
+}
+
+/* Groups do not see each other's pages, stores or secrets */
+static void test_groups(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) c = join(f, "g2", "vm-c");
+    g_autofree uint8_t *p = g_malloc(page);
+    const MsBrokerParams *pa = ms_broker_client_params(a);
+    const MsBrokerParams *pc = ms_broker_client_params(c);
+    struct stat sa, sc;
+    uint32_t slot, slot_c;
+    uint8_t *mc;
+
+    (void)data;
+    fill(p, 3);
+    g_assert_true(memcmp(pa->key.secret, pc->key.secret,
+                         MS_HASH_SECRET_SIZE) != 0);
+    slot = upload(a, p);
+    /* Neither with its own group's hash nor with the other's */
+    g_assert_cmpuint(lookup(c, ms_broker_client_hash(c, p)).status, ==,
+                     MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(lookup(c, ms_broker_client_hash(a, p)).status, ==,
+                     MS_STATUS_NOT_FOUND);
+
+    g_assert_cmpint(fstat(ms_broker_client_store_fd(a), &sa), ==, 0);
+    g_assert_cmpint(fstat(ms_broker_client_store_fd(c), &sc), ==, 0);
+    g_assert_cmpuint(sa.st_ino, !=, sc.st_ino);
+    /* The other group's slot is a hole in this group's store */
+    g_assert_false(slot_has_data(c, slot));
+
+    slot_c = upload(c, p);
+    mc = map_store(c);
+    g_assert_cmpmem(mc + slot_c * page, page, p, page);
+    g_assert_cmpuint(stats(a).refs, ==, 1);
+    g_assert_cmpuint(stats(c).refs, ==, 1);
+    munmap(mc, NSLOTS * page);
+}
+
+static const char *const locked_args[] = {
+    "--socket-mode", "0666", "--group", "locked:uid=4242", NULL
+};
+
+/* In a child running as @uid: join @group, exit with the error code */
+static int join_as(Fixture *f, uid_t uid, const char *group)
+{
+    pid_t child = fork();
+    int status;
+
+    g_assert_cmpint(child, >=, 0);
+    if (child == 0) {
+        GError *err = NULL;
+        MsBrokerClient *c;
+
+        if (setgid(uid) < 0 || setuid(uid) < 0) {
+            _exit(100);
+        }
+        c = ms_broker_client_connect(f->path, group, "child", 0, &err);
+        _exit(c ? 0 : err->code < 100 ? err->code : 99);
+    }
+    g_assert_cmpint(waitpid(child, &status, 0), ==, child);
+    g_assert_true(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+/* A group restricted to some uids refuses the others */
+static void test_group_uids(Fixture *f, gconstpointer data)
+{
+    (void)data;
+    if (geteuid() != 0) {
+        g_test_skip("needs root to run clients as other uids");
+        return;
+    }
+    /* Let other uids reach the socket: the mode says 0666 */
+    g_assert_cmpint(chmod(f->dir, 0755), ==, 0);
+    g_assert_cmpint(join_as(f, 4243, "locked"), ==, EACCES);
+    g_assert_cmpint(join_as(f, 4242, "locked"), ==, 0);
+    g_assert_cmpint(join_as(f, 4243, "open"), ==, 0);
+}
+
+static const char *const strict_args[] = {
+    "--strict-groups", "--group", "only", NULL
+};
+
+/* With --strict-groups only the configured groups exist */
+static void test_strict_groups(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsBrokerClient) c = NULL;
+    g_autoptr(MsBrokerClient) only = join(f, "only", "me");
+
+    (void)data;
+    c = ms_broker_client_connect(f->path, "other", "me", 0, &err);
+    g_assert_null(c);
+    g_assert_error(err, MS_ENGINE_ERROR, ENOENT);
+    g_assert_nonnull(strstr(err->message, "no group other"));
+}
+
+/* The per-client reference quota */
+static void test_quota(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autofree uint8_t *p = g_malloc(page);
+    uint64_t hashes[QUOTA + 8];
+    MsProtoResult r[QUOTA + 8];
+    g_autoptr(GError) err = NULL;
+
+    (void)data;
+    fill(p, 4);
+    upload(a, p);
+    for (int i = 0; i < QUOTA + 8; i++) {
+        hashes[i] = ms_broker_client_hash(a, p);
+    }
+    g_assert_true(ms_broker_client_lookup(a, hashes, QUOTA + 8, r, &err));
+    g_assert_no_error(err);
+    for (int i = 0; i < QUOTA + 8; i++) {
+        /* one reference is the upload's */
+        g_assert_cmpuint(r[i].status, ==, i < QUOTA - 1 ? MS_STATUS_OK
+                                                        : MS_STATUS_QUOTA);
+    }
+    g_assert_cmpuint(stats(a).refs, ==, QUOTA);
+}
+
+/* A client killed with SIGKILL loses its references */
+static void test_client_killed(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) obs = join(f, "g1", "observer");
+    int ready[2];
+    pid_t child;
+    char byte;
+    gint64 deadline;
+    MsProtoGroupStats gs;
+
+    (void)data;
+    g_assert_cmpint(pipe(ready), ==, 0);
+    child = fork();
+    g_assert_cmpint(child, >=, 0);
+    if (child == 0) {
+        MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", "victim",
+                                                     0, NULL);
+        uint8_t *p = g_malloc(page * 3);
+        MsProtoResult r[3];
+        uint64_t h;
+
+        for (int i = 0; i < 3; i++) {
+            fill(p + i * page, 100 + i);
+        }
+        h = c ? ms_broker_client_hash(c, p) : 0;
+        if (!c || !ms_broker_client_upload(c, p, NULL, 3, r, NULL) ||
+            !ms_broker_client_lookup(c, &h, 1, r, NULL) ||
+            write(ready[1], "r", 1) != 1) {
+            _exit(1);
+        }
+        pause();
+        _exit(0);
+    }
+    close(ready[1]);
+    g_assert_cmpint(read(ready[0], &byte, 1), ==, 1);
+    close(ready[0]);
+
+    gs = stats(obs);
+    g_assert_cmpuint(gs.clients, ==, 2);
+    g_assert_cmpuint(gs.slots_used, ==, 3);
+    g_assert_cmpuint(gs.refs, ==, 4);
+    {
+        uint32_t with_data = 0;
+
+        for (uint32_t s = 0; s < NSLOTS; s++) {
+            with_data += slot_has_data(obs, s);
+        }
+        g_assert_cmpuint(with_data, ==, 3);
+    }
+
+    kill(child, SIGKILL);
+    g_assert_cmpint(waitpid(child, NULL, 0), ==, child);
+    /* The broker notices the hang-up when it next polls */
+    deadline = g_get_monotonic_time() + DEADLINE_US;
+    while ((gs = stats(obs)).clients != 1) {
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(1000);
+    }
+    g_assert_cmpuint(gs.slots_used, ==, 0);
+    g_assert_cmpuint(gs.refs, ==, 0);
+    for (uint32_t s = 0; s < NSLOTS; s++) {
+        g_assert_false(slot_has_data(obs, s));
+    }
+}
+
+/* The broker dies: mappings stay, calls fail, a new broker can be joined */
+static void test_broker_killed(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) again = NULL;
+    g_autofree uint8_t *p = g_malloc(page);
+    g_autoptr(GError) err = NULL;
+    MsProtoResult r;
+    uint64_t h;
+    uint32_t slot;
+    uint8_t *m;
+
+    (void)data;
+    fill(p, 5);
+    slot = upload(a, p);
+    m = map_store(a);
+    g_assert_cmpmem(m + slot * page, page, p, page);
+
+    broker_kill(f);
+    g_assert_cmpmem(m + slot * page, page, p, page);
+
+    h = ms_broker_client_hash(a, p);
+    g_assert_false(ms_broker_client_lookup(a, &h, 1, &r, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EPIPE);
+    g_assert_false(ms_broker_client_alive(a));
+    g_clear_error(&err);
+    g_assert_false(ms_broker_client_lookup(a, &h, 1, &r, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EPIPE);
+    g_assert_nonnull(strstr(err->message, "reconnect"));
+
+    /* Still the same bytes, also through a fresh mapping of the fd */
+    g_assert_cmpmem(m + slot * page, page, p, page);
+    munmap(m, NSLOTS * page);
+    m = map_store(a);
+    g_assert_cmpmem(m + slot * page, page, p, page);
+    munmap(m, NSLOTS * page);
+
+    /* A new broker replaces the stale socket; the old store is not its */
+    broker_start(f);
+    again = join(f, "g1", "vm-a");
+    g_assert_cmpuint(lookup(again, ms_broker_client_hash(again, p)).status,
+                     ==, MS_STATUS_NOT_FOUND);
+}
+
+/* Hostile clients: raw frames */
+
+static int raw_connect(Fixture *f)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    g_assert_cmpint(fd, >=, 0);
+    g_strlcpy(sa.sun_path, f->path, sizeof(sa.sun_path));
+    g_assert_cmpint(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
+    return fd;
+}
+
+static void raw_send(int fd, const void *buf, size_t len)
+{
+    g_assert_cmpint(send(fd, buf, len, MSG_NOSIGNAL), ==, (ssize_t)len);
+}
+
+/* Read everything until the broker hangs up; close any fd received */
+static GByteArray *raw_read_to_eof(int fd)
+{
+    GByteArray *all = g_byte_array_new();
+    gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+
+    for (;;) {
+        union {
+            char buf[CMSG_SPACE(sizeof(int) * 4)];
+            struct cmsghdr align;
+        } ctl;
+        uint8_t buf[4096];
+        struct iovec iov = { buf, sizeof(buf) };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+                             .msg_control = ctl.buf,
+                             .msg_controllen = sizeof(ctl.buf) };
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        g_assert_cmpint(poll(&pfd, 1, (deadline - g_get_monotonic_time())
+                             / 1000 + 1), ==, 1);
+        n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == ECONNRESET) {
+            return all;
+        }
+        g_assert_cmpint(n, >=, 0);
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm;
+             cm = CMSG_NXTHDR(&mh, cm)) {
+            int rfd;
+
+            memcpy(&rfd, CMSG_DATA(cm), sizeof(int));
+            close(rfd);
+        }
+        if (n == 0) {
+            return all;
+        }
+        g_byte_array_append(all, buf, n);
+    }
+}
+
+/* The broker hung up on @fd, after an ERROR with @code (0: any or none) */
+static void expect_hangup(int fd, uint32_t code)
+{
+    g_autoptr(GByteArray) got = raw_read_to_eof(fd);
+    MsProtoHeader hdr;
+    MsProtoMsg msg;
+
+    close(fd);
+    if (!code) {
+        return;
+    }
+    g_assert_cmpuint(got->len, >=, MS_PROTO_HEADER_SIZE);
+    g_assert_true(ms_proto_decode_header(got->data, &hdr, NULL));
+    g_assert_cmpuint(got->len, ==, MS_PROTO_HEADER_SIZE + hdr.length);
+    g_assert_true(ms_proto_decode(got->data, got->len, &msg, NULL));
+    g_assert_cmpint(msg.type, ==, MS_MSG_ERROR);
+    g_assert_cmpuint(msg.error.code, ==, code);
+    g_assert_cmpuint(strlen(msg.error.message), >, 0);
+}
+
+/* A raw client that joined @group: read WELCOME, keep its secret */
+static int raw_join(Fixture *f, const char *group, MsHashKey *key)
+{
+    g_autoptr(GByteArray) req = g_byte_array_new();
+    g_autoptr(GByteArray) rep = g_byte_array_new();
+    int fd = raw_connect(f);
+    MsProtoHeader hdr;
+    MsProtoMsg msg;
+    size_t want = MS_PROTO_HEADER_SIZE;
+
+    ms_proto_encode_hello(req, 1, group, "hostile");
+    raw_send(fd, req->data, req->len);
+    while (rep->len < want) {
+        uint8_t buf[512];
+        ssize_t n = recv(fd, buf, MIN(sizeof(buf), want - rep->len), 0);
+
+        g_assert_cmpint(n, >, 0);
+        g_byte_array_append(rep, buf, n);
+        if (rep->len == MS_PROTO_HEADER_SIZE) {
+            g_assert_true(ms_proto_decode_header(rep->data, &hdr, NULL));
+            want += hdr.length;
+        }
+    }
+    g_assert_true(ms_proto_decode(rep->data, rep->len, &msg, NULL));
+    g_assert_cmpint(msg.type, ==, MS_MSG_WELCOME);
+    if (key) {
+        memcpy(key->secret, msg.welcome.secret, MS_HASH_SECRET_SIZE);
+    }
+    /* The descriptor came with the first byte and was dropped by recv() */
+    return fd;
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = v;
+    p[1] = v >> 8;
+    p[2] = v >> 16;
+    p[3] = v >> 24;
+}
+
+/*
+ * The victim: a member with a page in the store, mapped.  After each
+ * hostile act it must still be served and its bytes must not change.
+ */
+typedef struct Victim {
+    MsBrokerClient *c;
+    uint8_t *page;
+    uint32_t slot;
+    uint8_t *map;
+    uint8_t *snapshot;
+} Victim;
+
+static void victim_init(Fixture *f, Victim *v)
+{
+    v->c = join(f, "g1", "victim");
+    v->page = g_malloc(page);
+    fill(v->page, 6);
+    v->slot = upload(v->c, v->page);
+    v->map = map_store(v->c);
+    v->snapshot = g_memdup2(v->map, NSLOTS * page);
+}
+
+static void victim_check(Victim *v)
+{
+    MsProtoGroupStats gs = stats(v->c);
+    MsProtoResult r = lookup(v->c, ms_broker_client_hash(v->c, v->page));
+    g_autoptr(GError) err = NULL;
+
+    g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
+    g_assert_cmpuint(r.slot, ==, v->slot);
+    g_assert_true(ms_broker_client_release(v->c, &r.slot, NULL, 1, NULL,
+                                           &err));
+    g_assert_no_error(err);
+    /* Only the victim's own reference is left */
+    g_assert_cmpuint(gs.refs, ==, 1);
+    g_assert_cmpuint(gs.slots_used, ==, 1);
+    g_assert_cmpmem(v->map + v->slot * page, page, v->page, page);
+    g_assert_true(memcmp(v->map, v->snapshot, NSLOTS * page) == 0);
+}
+
+static void victim_free(Victim *v)
+{
+    munmap(v->map, NSLOTS * page);
+    g_free(v->snapshot);
+    g_free(v->page);
+    ms_broker_client_free(v->c);
+}
+
+static GByteArray *frame_header(uint32_t magic, uint16_t version,
+                                uint16_t type, uint32_t length)
+{
+    GByteArray *b = g_byte_array_new();
+
+    g_byte_array_set_size(b, MS_PROTO_HEADER_SIZE);
+    put32(b->data, magic);
+    b->data[4] = version;
+    b->data[5] = version >> 8;
+    b->data[6] = type;
+    b->data[7] = type >> 8;
+    put32(b->data + 8, length);
+    put32(b->data + 12, 1);
+    return b;
+}
+
+static void test_hostile_bytes(Fixture *f, gconstpointer data)
+{
+    Victim v;
+    g_autofree uint8_t *junk = g_malloc(8192);
+    g_autofree char *log = NULL;
+    g_autofree char *pidstr = g_strdup_printf("pid %d ", (int)getpid());
+
+    (void)data;
+    victim_init(f, &v);
+    for (int i = 0; i < 8192; i++) {
+        junk[i] = g_test_rand_int();
+    }
+
+    /* Garbage */
+    {
+        int fd = raw_connect(f);
+
+        raw_send(fd, junk, 8192);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* A length of 16 MiB */
+    {
+        g_autoptr(GByteArray) h = frame_header(MS_PROTO_MAGIC,
+                                               MS_PROTO_VERSION,
+                                               MS_MSG_LOOKUP, 16 << 20);
+        int fd = raw_connect(f);
+
+        raw_send(fd, h->data, h->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* Another version */
+    {
+        g_autoptr(GByteArray) h = frame_header(MS_PROTO_MAGIC, 2,
+                                               MS_MSG_STATS, 0);
+        int fd = raw_connect(f);
+
+        raw_send(fd, h->data, h->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* A truncated frame, then the client goes */
+    {
+        g_autoptr(GByteArray) h = frame_header(MS_PROTO_MAGIC,
+                                               MS_PROTO_VERSION,
+                                               MS_MSG_LOOKUP, 8 + 8 * 8);
+        int fd = raw_connect(f);
+
+        g_byte_array_append(h, junk, 20);
+        raw_send(fd, h->data, h->len);
+        g_assert_cmpint(shutdown(fd, SHUT_WR), ==, 0);
+        expect_hangup(fd, 0);
+        victim_check(&v);
+    }
+    /* A batch whose count does not match its length */
+    {
+        g_autoptr(GByteArray) h = frame_header(MS_PROTO_MAGIC,
+                                               MS_PROTO_VERSION,
+                                               MS_MSG_LOOKUP, 8 + 8);
+        uint8_t body[16] = { 0 };
+        int fd = raw_join(f, "g1", NULL);
+
+        put32(body, 5);
+        g_byte_array_append(h, body, sizeof(body));
+        raw_send(fd, h->data, h->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    g_assert_true(g_file_get_contents(f->log, &log, NULL, NULL));
+    g_assert_nonnull(strstr(log, pidstr));
+    g_assert_nonnull(strstr(log, "disconnecting"));
+    victim_free(&v);
+}
+
+static void test_hostile_order(Fixture *f, gconstpointer data)
+{
+    Victim v;
+
+    (void)data;
+    victim_init(f, &v);
+    /* LOOKUP before HELLO */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        uint64_t h = 1;
+        int fd = raw_connect(f);
+
+        ms_proto_encode_lookup(req, 1, &h, 1);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* Two HELLOs */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        int fd = raw_join(f, "g1", NULL);
+
+        ms_proto_encode_hello(req, 2, "g2", "again");
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* A reply where a request belongs */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        MsProtoResult r = { 0, MS_STATUS_OK };
+        int fd = raw_join(f, "g1", NULL);
+
+        ms_proto_encode_results(req, 2, MS_MSG_LOOKUP_REPLY, &r, 1);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EPROTO);
+        victim_check(&v);
+    }
+    /* Pages of another size than the group's */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        g_autofree uint8_t *big = g_malloc0(page * 2);
+        uint64_t h = 0;
+        int fd = raw_join(f, "g1", NULL);
+
+        ms_proto_encode_upload(req, 2, &h, big, page * 2, 1);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EINVAL);
+        victim_check(&v);
+    }
+    victim_free(&v);
+}
+
+/* Releasing what one does not hold: hang-up, nobody else loses a ref */
+static void test_hostile_release(Fixture *f, gconstpointer data)
+{
+    Victim v;
+
+    (void)data;
+    victim_init(f, &v);
+    /* The victim's slot, never obtained */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        uint32_t refs = 1;
+        int fd = raw_join(f, "g1", NULL);
+
+        ms_proto_encode_release(req, 2, &v.slot, &refs, 1);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EINVAL);
+        victim_check(&v);
+    }
+    /* Obtained once, released twice in one batch */
+    {
+        g_autoptr(GByteArray) lk = g_byte_array_new();
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        uint32_t slots[2] = { v.slot, v.slot }, refs[2] = { 1, 1 };
+        uint8_t rep[MS_PROTO_HEADER_SIZE + 16];
+        MsHashKey key;
+        MsProtoMsg msg;
+        uint64_t h;
+        int fd = raw_join(f, "g1", &key);
+
+        h = ms_hash_page(&key, v.page, page);
+        ms_proto_encode_lookup(lk, 2, &h, 1);
+        raw_send(fd, lk->data, lk->len);
+        g_assert_cmpint(recv(fd, rep, sizeof(rep), MSG_WAITALL), ==,
+                        sizeof(rep));
+        g_assert_true(ms_proto_decode(rep, sizeof(rep), &msg, NULL));
+        g_assert_cmpuint(ms_proto_result(&msg, 0).slot, ==, v.slot);
+        g_assert_cmpuint(stats(v.c).refs, ==, 2);
+
+        ms_proto_encode_release(req, 3, slots, refs, 2);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EINVAL);
+        victim_check(&v);
+    }
+    /* Slots out of the store */
+    {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        uint32_t slot = NSLOTS + 5, refs = UINT32_MAX;
+        int fd = raw_join(f, "g1", NULL);
+
+        ms_proto_encode_release(req, 2, &slot, &refs, 1);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EINVAL);
+        victim_check(&v);
+    }
+    victim_free(&v);
+}
+
+/* Lies about hashes: refused entry by entry, nothing stored */
+static void test_hostile_hash(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) c = join(f, "g1", "liar");
+    Victim v;
+    g_autofree uint8_t *p = g_malloc(page * 2);
+    g_autoptr(GError) err = NULL;
+    uint64_t h[2];
+    MsProtoResult r[2];
+    MsProtoGroupStats gs;
+
+    (void)data;
+    victim_init(f, &v);
+    fill(p, 7);
+    fill(p + page, 8);
+    /* A new content under a wrong hash; the victim's hash on other bytes */
+    h[0] = ms_broker_client_hash(c, p) ^ 1;
+    h[1] = ms_broker_client_hash(c, v.page);
+    g_assert_true(ms_broker_client_upload(c, p, h, 2, r, &err));
+    g_assert_no_error(err);
+    for (int i = 0; i < 2; i++) {
+        g_assert_cmpuint(r[i].status, ==, MS_STATUS_BAD_HASH);
+        g_assert_cmpuint(r[i].slot, ==, UINT32_MAX);
+    }
+    gs = stats(c);
+    g_assert_cmpuint(gs.refused, ==, 2);
+    g_assert_cmpuint(gs.published, ==, 1);
+    g_assert_cmpuint(lookup(c, h[0]).status, ==, MS_STATUS_NOT_FOUND);
+    /* The lie did not cost the liar its connection */
+    g_assert_true(ms_broker_client_alive(c));
+    r[0] = lookup(c, h[1]);
+    g_assert_cmpuint(r[0].slot, ==, v.slot);
+    g_assert_true(ms_broker_client_release(c, &r[0].slot, NULL, 1, NULL,
+                                           &err));
+    g_assert_no_error(err);
+    victim_check(&v);
+    victim_free(&v);
+}
+
+/* Floods: of requests never read, and of connections */
+static void test_hostile_flood(Fixture *f, gconstpointer data)
+{
+    Victim v;
+    g_autoptr(GByteArray) req = g_byte_array_new();
+    uint64_t hashes[MS_PROTO_MAX_LOOKUP];
+    int fds[MAX_CLIENTS + 4];
+    size_t sent = 0;
+    int fd, extra;
+
+    (void)data;
+    victim_init(f, &v);
+    for (int i = 0; i < MS_PROTO_MAX_LOOKUP; i++) {
+        hashes[i] = i;
+    }
+    ms_proto_encode_lookup(req, 2, hashes, MS_PROTO_MAX_LOOKUP);
+    fd = raw_join(f, "g1", NULL);
+    /* Write requests, read no reply, until the socket is full */
+    for (;;) {
+        ssize_t n = send(fd, req->data, req->len,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+
+        if (n < 0) {
+            g_assert_cmpint(errno, ==, EAGAIN);
+            break;
+        }
+        sent += n;
+    }
+    g_assert_cmpuint(sent, >, req->len);
+    /* The broker still serves others while that one is stuck */
+    victim_check(&v);
+    close(fd);
+    victim_check(&v);
+
+    /* Connections up to the cap (the victim is one), then refused */
+    for (int i = 0; i < MAX_CLIENTS - 1; i++) {
+        fds[i] = raw_join(f, "g1", NULL);
+    }
+    extra = raw_connect(f);
+    expect_hangup(extra, 0);
+    victim_check(&v);
+    for (int i = 0; i < MAX_CLIENTS - 1; i++) {
+        close(fds[i]);
+    }
+    /* Closed ones leave; wait until the broker counts us alone */
+    {
+        gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+
+        while (stats(v.c).clients != 1) {
+            g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+            g_usleep(1000);
+        }
+    }
+    victim_check(&v);
+    victim_free(&v);
+}
+
+/* Statistics of every group for the administrator */
+static void test_stats_all(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g2", "vm-b");
+    g_autoptr(MsBrokerClient) admin = NULL;
+    g_autoptr(GArray) groups = NULL;
+    g_autoptr(GError) err = NULL;
+    bool seen[2] = { false, false };
+
+    (void)data;
+    admin = ms_broker_client_open(f->path, 0, &err);
+    g_assert_no_error(err);
+    g_assert_true(ms_broker_client_stats(admin, &groups, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(groups->len, ==, 2);
+    for (guint i = 0; i < groups->len; i++) {
+        MsProtoGroupStats *gs = &g_array_index(groups, MsProtoGroupStats, i);
+
+        g_assert_cmpuint(gs->clients, ==, 1);
+        seen[g_str_equal(gs->name, "g2")] = true;
+    }
+    g_assert_true(seen[0] && seen[1]);
+}
+
+static void add_args(const char *name, void (*fn)(Fixture *, gconstpointer),
+                     const char *const *extra)
+{
+    g_test_add(name, Fixture, extra, fixture_setup, fn, fixture_teardown);
+}
+
+static void add(const char *name, void (*fn)(Fixture *, gconstpointer))
+{
+    add_args(name, fn, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    page = sysconf(_SC_PAGESIZE);
+    signal(SIGPIPE, SIG_IGN);
+    add("/broker/share", test_share);
+    add("/broker/release", test_release);
+    add("/broker/groups", test_groups);
+    add_args("/broker/group-uids", test_group_uids, locked_args);
+    add_args("/broker/strict-groups", test_strict_groups, strict_args);
+    add("/broker/quota", test_quota);
+    add("/broker/stats-all", test_stats_all);
+    add("/broker/client-killed", test_client_killed);
+    add("/broker/broker-killed", test_broker_killed);
+    add("/broker/hostile/bytes", test_hostile_bytes);
+    add("/broker/hostile/order", test_hostile_order);
+    add("/broker/hostile/release", test_hostile_release);
+    add("/broker/hostile/hash", test_hostile_hash);
+    add("/broker/hostile/flood", test_hostile_flood);
+    return g_test_run();
+}
