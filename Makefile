@@ -4,6 +4,7 @@
 #   make check      build, build the guest artifacts, run tests/run-tests
 #   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
 #   make demo       build everything and run scripts/demo.py
+#   make fuzz       fuzz the broker protocol decoder (FUZZ_TIME=300 seconds)
 #   make clean      remove the QEMU and engine build directories
 #   make distclean  remove build/ entirely (the next make downloads the source again)
 #
@@ -83,10 +84,12 @@ bench: all
 	$(Q)if [ -f scripts/bench.py ]; then $(PYTHON) scripts/bench.py; \
 	else echo "bench: lands with user mode (scripts/bench.py)"; fi
 
-fuzz: all
+# libFuzzer on the broker protocol decoder, FUZZ_TIME seconds (300): needs
+# clang and the engine sources only, not QEMU.
+fuzz: | deps
 	$(Q)if [ -f scripts/fuzz.py ]; then $(PYTHON) scripts/fuzz.py; \
 	elif [ -x scripts/fuzz.sh ]; then scripts/fuzz.sh; \
-	else echo "fuzz: lands with user mode (scripts/fuzz.py)"; fi
+	else echo "fuzz: scripts/fuzz.sh is missing"; exit 1; fi
 
 clean:
 	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64

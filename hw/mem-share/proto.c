@@ -450,7 +450,7 @@ static bool decode_error(const MsProtoHeader *hdr, const uint8_t *p,
 bool ms_proto_decode(const void *buf, size_t len, MsProtoMsg *msg,
                      GError **errp)
 {
-    const uint8_t *p = (const uint8_t *)buf + MS_PROTO_HEADER_SIZE;
+    const uint8_t *p;
     MsProtoHeader hdr;
 
     memset(msg, 0, sizeof(*msg));
@@ -458,6 +458,7 @@ bool ms_proto_decode(const void *buf, size_t len, MsProtoMsg *msg,
         return fail(errp, "frame of %zu bytes: shorter than its %d-byte"
                     " header", len, MS_PROTO_HEADER_SIZE);
     }
+    p = (const uint8_t *)buf + MS_PROTO_HEADER_SIZE;
     if (!ms_proto_decode_header(buf, &hdr, errp)) {
         return false;
     }
