@@ -22,9 +22,11 @@
 #define _GNU_SOURCE     /* QEMU defines it on its command line */
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -278,6 +280,31 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
     return g_steal_pointer(&c);
 }
 
+/*
+ * The descriptor must be what WELCOME says: a file of nslots pages, open
+ * read-only (a writable one would let this process corrupt every
+ * member's pages, and means the broker is not what it claims).
+ */
+static bool check_store_fd(MsBrokerClient *c, const MsProtoMsg *msg,
+                           GError **errp)
+{
+    uint64_t size = (uint64_t)msg->welcome.nslots * msg->welcome.page_size;
+    int flags = fcntl(c->store_fd, F_GETFL);
+    struct stat st;
+
+    if (fstat(c->store_fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+        (uint64_t)st.st_size != size) {
+        return set_dead(c, errp, EPROTO, "broker sent a store descriptor"
+                        " that is not a file of %u pages of %u bytes",
+                        msg->welcome.nslots, msg->welcome.page_size);
+    }
+    if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY) {
+        return set_dead(c, errp, EPROTO, "broker sent a writable store"
+                        " descriptor: only a read-only one is accepted");
+    }
+    return true;
+}
+
 static bool hello(MsBrokerClient *c, const char *group, const char *name,
                   GError **errp)
 {
@@ -298,6 +325,9 @@ static bool hello(MsBrokerClient *c, const char *group, const char *name,
                         "broker sent WELCOME without the store descriptor");
     }
     c->store_fd = fd;
+    if (!check_store_fd(c, &msg, errp)) {
+        return false;
+    }
     c->params.page_size = msg.welcome.page_size;
     c->params.nslots = msg.welcome.nslots;
     c->params.max_refs = msg.welcome.max_refs;
