@@ -66,7 +66,7 @@ CONFIGS = {
     "ksm-tuned": dict(label="KSM tuned (2000 pages/10 ms)", mode="kernel",
                       ksm=dict(run=1, pages_to_scan=2000, sleep_millisecs=10)),
     "user": dict(label="mem-share mode=user (defaults)", mode="user", ksm=None),
-    "user-maps": dict(label="mode=user, max_map_count 1M", mode="user", ksm=None,
+    "user-maps": dict(label="mode=user, max-map-count 1M", mode="user", ksm=None,
                       sysctl={"vm.max_map_count": 1048576}),
 }
 ORDER = ["off", "ksm-default", "ksm-tuned", "user", "user-maps"]
