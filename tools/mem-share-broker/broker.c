@@ -41,7 +41,9 @@
  * Single-threaded: everything runs in the GLib main context.
  */
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <inttypes.h>
 #include <string.h>

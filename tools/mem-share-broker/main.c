@@ -14,7 +14,9 @@
  * docs/system/mem-share-broker.rst is the manual.
  */
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <inttypes.h>
 #include <locale.h>
@@ -145,7 +147,7 @@ int main(int argc, char **argv)
         { "stats-group", 0, 0, G_OPTION_ARG_STRING, &stats_group,
           "with --stats: join GROUP and print only its statistics",
           "GROUP" },
-        { NULL }
+        { NULL, 0, 0, 0, NULL, NULL, NULL }
     };
     g_autoptr(GOptionContext) ctx =
         g_option_context_new("- share pages between the VMs of a group");
