@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -253,6 +254,7 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
 {
     g_autoptr(MsBrokerClient) c = g_new0(MsBrokerClient, 1);
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    struct timeval tv;
 
     c->fd = c->store_fd = -1;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : DEFAULT_TIMEOUT_MS;
@@ -271,7 +273,14 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
                     "cannot create a socket: %s", g_strerror(errno));
         return NULL;
     }
-    if (connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+    /*
+     * A UNIX connect() waits while the broker's backlog is full, as long
+     * as the send timeout allows: bound it like any other call
+     */
+    tv.tv_sec = c->timeout_ms / 1000;
+    tv.tv_usec = (c->timeout_ms % 1000) * 1000;
+    if (setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0 ||
+        connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
                     "cannot connect to the broker at %s: %s", path,
                     g_strerror(errno));

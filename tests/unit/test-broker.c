@@ -549,6 +549,49 @@ static void test_broker_killed(Fixture *f, gconstpointer data)
                      ==, MS_STATUS_NOT_FOUND);
 }
 
+/* A broker that stops answering costs a caller its timeout, no more */
+static void test_timeout(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsBrokerClient) c = ms_broker_client_connect(f->path, "g1",
+                                                           "vm", 200, &err);
+    g_autoptr(MsBrokerClient) late = NULL;
+    g_autoptr(GArray) fds = g_array_new(FALSE, FALSE, sizeof(int));
+    g_autoptr(GArray) groups = NULL;
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+    (void)data;
+    g_assert_no_error(err);
+    g_assert_cmpint(kill(f->pid, SIGSTOP), ==, 0);
+    g_assert_false(ms_broker_client_stats(c, &groups, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
+    g_assert_false(ms_broker_client_alive(c));
+    g_clear_error(&err);
+
+    /* Fill the listen backlog: then connect() itself has to wait */
+    g_strlcpy(sa.sun_path, f->path, sizeof(sa.sun_path));
+    for (int i = 0; i < 1024; i++) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                        0);
+
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+            g_assert_cmpint(errno, ==, EAGAIN);
+            close(fd);
+            break;
+        }
+        g_array_append_val(fds, fd);
+    }
+    g_assert_cmpuint(fds->len, <, 1024);
+    late = ms_broker_client_open(f->path, 200, &err);
+    g_assert_null(late);
+    g_assert_error(err, MS_ENGINE_ERROR, EAGAIN);
+
+    for (guint i = 0; i < fds->len; i++) {
+        close(g_array_index(fds, int, i));
+    }
+    g_assert_cmpint(kill(f->pid, SIGCONT), ==, 0);
+}
+
 /* Hostile clients: raw frames */
 
 static int raw_connect(Fixture *f)
@@ -1118,6 +1161,7 @@ int main(int argc, char **argv)
     add("/broker/stats-all", test_stats_all);
     add("/broker/client-killed", test_client_killed);
     add("/broker/broker-killed", test_broker_killed);
+    add("/broker/timeout", test_timeout);
     add("/broker/hostile/bytes", test_hostile_bytes);
     add("/broker/hostile/order", test_hostile_order);
     add("/broker/hostile/release", test_hostile_release);
