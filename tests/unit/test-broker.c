@@ -369,12 +369,16 @@ static int join_as(Fixture *f, uid_t uid, const char *group)
     if (child == 0) {
         GError *err = NULL;
         MsBrokerClient *c;
+        int code;
 
         if (setgid(uid) < 0 || setuid(uid) < 0) {
             _exit(100);
         }
         c = ms_broker_client_connect(f->path, group, "child", 0, &err);
-        _exit(c ? 0 : err->code < 100 ? err->code : 99);
+        code = c ? 0 : err->code < 100 ? err->code : 99;
+        ms_broker_client_free(c);
+        g_clear_error(&err);
+        _exit(code);
     }
     g_assert_cmpint(waitpid(child, &status, 0), ==, child);
     g_assert_true(WIFEXITED(status));
