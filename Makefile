@@ -92,7 +92,8 @@ fuzz: | deps
 	else echo "fuzz: scripts/fuzz.sh is missing"; exit 1; fi
 
 clean:
-	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64
+	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64 \
+		$(B)/mem-share-broker $(B)/fuzz
 
 distclean:
 	rm -rf $(B)

@@ -356,12 +356,17 @@ static void unregister_store_parts(MsMerger *m, const Run *run)
  * the sleepers, unregistering the store parts wakes any that came in
  * between, and so does the final wake.
  */
-static void thaw(MsMerger *m, const Run *run)
+static void unfreeze(MsMerger *m, const Run *run)
 {
     uffd_writeprotect(m, run, false);
     if (run_maps_store(run)) {
         unregister_store_parts(m, run);
     }
+}
+
+static void thaw(MsMerger *m, const Run *run)
+{
+    unfreeze(m, run);
     uffd_wake(m, run);
 }
 
@@ -913,6 +918,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
     bool anon_holes, ok;
 
     memset(res, 0, sizeof(*res));
+    res->outcome = MS_MERGE_FAILED;
     if (!get_run(m, host, n, &run, errp)) {
         return false;
     }
@@ -990,6 +996,213 @@ bool ms_merge_zero(MsMerger *m, void *host, size_t n, bool *changed,
                    MsMergeResult *res, GError **errp)
 {
     return merge_common(m, host, n, ANON, changed, res, errp);
+}
+
+/* ---- several runs at once ---- */
+
+/*
+ * A batch amortises what a merge costs besides its mmap: one pagemap
+ * read and one wake for all its runs instead of one each.  Runs that map
+ * the store (re-merges) take the single-run path: their freeze registers
+ * and splits VMAs, which the batch does not account for.
+ */
+typedef struct BatchRun {
+    MsMergeReq *req;
+    Run run;
+    uint32_t slot;          /* first slot, or ANON */
+    bool anon_holes;
+    bool frozen;
+} BatchRun;
+
+static bool batch_prepare(MsMerger *m, MsMergeReq *req, BatchRun *b,
+                          GError **errp)
+{
+    memset(&req->res, 0, sizeof(req->res));
+    req->res.outcome = MS_MERGE_FAILED;
+    b->req = req;
+    b->slot = req->first_slot == MS_MERGE_ZERO ? ANON : req->first_slot;
+    b->frozen = false;
+    if (!get_run(m, req->host, req->n, &b->run, errp)) {
+        return false;
+    }
+    if (b->slot != ANON && (b->slot >= b->run.r->store.nslots ||
+                            req->n > b->run.r->store.nslots - b->slot)) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "store slots %u+%zu are out of range", b->slot, req->n);
+        return false;
+    }
+    b->anon_holes = b->slot == ANON && !run_maps_store(&b->run);
+    return true;
+}
+
+/* Would replacing @b now stay within the budget?  Holes cost nothing. */
+static bool batch_budget_ok(MsMerger *m, const BatchRun *b)
+{
+    int peak, delta;
+
+    if (b->anon_holes) {
+        return true;
+    }
+    delta = vma_delta(&b->run, b->slot, &peak);
+    return m->vmas + MAX(peak, delta) <= m->budget;
+}
+
+/*
+ * Compare the frozen runs with their slots (or zero), then read their
+ * write-protect marks at once: a page not really frozen counts as
+ * changed, as in check_frozen().
+ */
+static bool batch_check(MsMerger *m, BatchRun *b, size_t nb, GError **errp)
+{
+    uint8_t *lo = b[0].run.host;
+    size_t span = (b[nb - 1].run.host + b[nb - 1].run.len - lo) /
+                  m->page_size;
+    g_autofree uint64_t *entries = g_new(uint64_t, span);
+    g_autofree bool *differs = g_new0(bool, span);
+
+    for (size_t k = 0; k < nb; k++) {
+        size_t off = (b[k].run.host - lo) / m->page_size;
+
+        for (size_t i = 0; i < b[k].run.n; i++) {
+            differs[off + i] = page_differs(m, &b[k].run, b[k].slot, i);
+        }
+    }
+    /* After the reads: a read may populate a page, which keeps the mark */
+    for (size_t done = 0; done < span; done += PAGEMAP_BATCH) {
+        if (!read_pagemap(m, lo + done * m->page_size,
+                          MIN(span - done, PAGEMAP_BATCH), entries + done,
+                          errp)) {
+            return false;
+        }
+    }
+    for (size_t k = 0; k < nb; k++) {
+        size_t off = (b[k].run.host - lo) / m->page_size;
+        MsMergeResult *res = &b[k].req->res;
+
+        for (size_t i = 0; i < b[k].run.n; i++) {
+            bool d = differs[off + i] || !(entries[off + i] & PM_UFFD_WP);
+
+            if (b[k].req->changed) {
+                b[k].req->changed[i] = d;
+            }
+            if (d && !res->changed++) {
+                res->first_changed = i;
+            }
+        }
+    }
+    return true;
+}
+
+/* Replace one frozen, checked run; it stays frozen until the wake */
+static int batch_replace(MsMerger *m, BatchRun *b, GError **errp)
+{
+    MsMergeResult *res = &b->req->res;
+    int ret;
+
+    if (b->anon_holes) {
+        ret = madvise(b->run.host, b->run.len, MADV_DONTNEED) < 0 ? -errno : 0;
+        unfreeze(m, &b->run);
+        b->frozen = false;
+    } else {
+        ret = remap(m, &b->run, b->slot);
+        b->frozen = ret < 0;
+    }
+    if (ret < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                    "cannot replace %zu pages at %p: %s", b->run.n,
+                    b->run.host, g_strerror(-ret));
+        return ret;
+    }
+    res->outcome = MS_MERGE_DONE;
+    if (!b->anon_holes) {
+        /* New VMA: its advice, then the accounting (see merge_common()) */
+        if (!apply_advice(m, &b->run, b->slot, errp) ||
+            (b->slot == ANON && !register_anon(m, &b->run, errp))) {
+            ret = -EIO;
+        }
+        res->vma_delta = relabel(m, &b->run, b->slot);
+    }
+    return ret;
+}
+
+static bool batch_single(MsMerger *m, MsMergeReq *req, GError **errp)
+{
+    return merge_common(m, req->host, req->n, req->first_slot ==
+                        MS_MERGE_ZERO ? ANON : req->first_slot, req->changed,
+                        &req->res, errp);
+}
+
+bool ms_merge_runs(MsMerger *m, MsMergeReq *reqs, size_t nreq,
+                   GError **errp)
+{
+    g_autofree BatchRun *b = g_new0(BatchRun, nreq);
+    g_autofree bool *single = g_new0(bool, nreq);
+    size_t nb = 0;
+    bool ok = true;
+
+    for (size_t k = 0; k < nreq; k++) {
+        if (k && (uint8_t *)reqs[k].host <
+            (uint8_t *)reqs[k - 1].host + reqs[k - 1].n * m->page_size) {
+            g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                        "merge requests overlap or are not sorted");
+            return false;
+        }
+        if (!batch_prepare(m, &reqs[k], &b[nb], errp)) {
+            return false;
+        }
+        if (run_maps_store(&b[nb].run) || (nb && b[nb].run.r != b[0].run.r)) {
+            single[k] = true;
+        } else if (!batch_budget_ok(m, &b[nb])) {
+            reqs[k].res.outcome = MS_MERGE_NO_BUDGET;
+        } else {
+            nb++;
+        }
+    }
+    /* Freeze every run; writers to any of them sleep until the wake */
+    for (size_t k = 0; ok && k < nb; k++) {
+        int ret = uffd_writeprotect(m, &b[k].run, true);
+
+        if (ret < 0) {
+            g_set_error(errp, MS_ENGINE_ERROR, -ret,
+                        "cannot write-protect %zu pages at %p: %s",
+                        b[k].run.n, b[k].run.host, g_strerror(-ret));
+            ok = false;
+        }
+        b[k].frozen = ok;
+    }
+    ok = ok && (!nb || batch_check(m, b, nb, errp));
+    for (size_t k = 0; ok && k < nb; k++) {
+        MsMergeResult *res = &b[k].req->res;
+
+        if (res->changed) {
+            res->outcome = MS_MERGE_CHANGED;
+        } else if (!batch_budget_ok(m, &b[k])) {
+            res->outcome = MS_MERGE_NO_BUDGET;
+        } else {
+            ok = batch_replace(m, &b[k], errp) >= 0;
+            continue;
+        }
+        unfreeze(m, &b[k].run);
+        b[k].frozen = false;
+    }
+    /* On an error, what is still frozen thaws as it is */
+    for (size_t k = 0; k < nb; k++) {
+        if (b[k].frozen) {
+            unfreeze(m, &b[k].run);
+        }
+    }
+    if (nb) {
+        Run all = b[0].run;
+
+        all.len = b[nb - 1].run.host + b[nb - 1].run.len - all.host;
+        uffd_wake(m, &all);
+    }
+    for (size_t k = 0; ok && k < nreq; k++) {
+        if (single[k]) {
+            ok = batch_single(m, &reqs[k], errp);
+        }
+    }
+    return ok;
 }
 
 bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)

@@ -59,10 +59,16 @@
  * before merged, it asks one more unchanged scan of every candidate (up
  * to MAX_EXTRA_SCANS more); when breaks fall under a sixteenth, it asks
  * one less.  A filling guest is merged once the filling stops; a quiet
- * one at the configured stable_scans.
+ * one at the configured stable_scans.  A merged page that a write
+ * copied counts its unchanged scans from zero again, even if the write
+ * left the bytes as they were (a guest rewriting zeros): a write is
+ * what makes a page volatile, not only a new hash.
  *
  * Merges go in batches: consecutive candidates that map consecutive
- * slots are one ms_merge_run() (one freeze, one mmap, one VMA), and a
+ * slots are one run (one freeze, one mmap, one VMA), and the runs of a
+ * chunk that map zero or found slots are one ms_merge_runs() (one
+ * pagemap read and one wake for all: syscalls are most of what a merge
+ * costs); a
  * pair run (pages i.. matching pages j..) gets a run of contiguous slots
  * right after the slot the page before i maps, so that duplicated
  * regions end up as one VMA on each side.  Every merge compares bytes
@@ -149,8 +155,9 @@ typedef struct PageState {
 typedef struct Batch {
     size_t first;
     size_t n;
-    uint32_t slot;          /* found batch: first slot */
+    uint32_t slot;          /* found batch: first slot; zero: or NONE */
     size_t partner;         /* pair batch: first page of the other side */
+    bool found;             /* queued: holds a reference on each slot */
 } Batch;
 
 struct MsScanner {
@@ -165,6 +172,8 @@ struct MsScanner {
     size_t cursor;
     GHashTable *unstable;   /* hash -> page index + 1, this pass */
     Batch zero, found, pair;
+    Batch queue[CHUNK];     /* zero and found batches to merge at once */
+    size_t queued;
     bool zero_slots;        /* zero pages map zero slots, not holes */
     int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
     unsigned extra_scans;   /* asked on top of stable_scans, for churn */
@@ -399,6 +408,8 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
 
         if (p->slot != MS_SLOT_NONE && !shared[k]) {
             drop_slot(s, p);
+            /* Written, if with the same bytes: it must prove stable again */
+            p->stable = 0;
             s->live.cow_breaks++;
             s->pass_breaks++;
         }
@@ -473,6 +484,10 @@ static void refused(MsScanner *s, const MsMergeResult *res, size_t n)
  * CHANGED outcome the runs of pages that did not change are tried once
  * more on their own; the pages that did must prove stable again.
  */
+static bool retry_unchanged(MsScanner *s, size_t first, size_t n,
+                            uint32_t slot, MsMergeResult res,
+                            const bool *changed, bool *done, GError **errp);
+
 static bool merge_pages(MsScanner *s, size_t first, size_t n, uint32_t slot,
                         bool *done, GError **errp)
 {
@@ -480,10 +495,23 @@ static bool merge_pages(MsScanner *s, size_t first, size_t n, uint32_t slot,
     MsMergeResult res;
 
     g_assert(n <= CHUNK);
-    memset(done, 0, n * sizeof(*done));
+    res.outcome = MS_MERGE_FAILED;
     if (!do_merge(s, first, n, slot, changed, &res, errp)) {
+        /* Replaced all the same if DONE (its advice failed): record it */
+        memset(done, res.outcome == MS_MERGE_DONE, n * sizeof(*done));
         return false;
     }
+    return retry_unchanged(s, first, n, slot, res, changed, done, errp);
+}
+
+/* After a first attempt (@res, @changed): see merge_pages() */
+static bool retry_unchanged(MsScanner *s, size_t first, size_t n,
+                            uint32_t slot, MsMergeResult res,
+                            const bool *changed, bool *done, GError **errp)
+{
+    bool ok;
+
+    memset(done, 0, n * sizeof(*done));
     if (res.outcome == MS_MERGE_DONE) {
         memset(done, 1, n * sizeof(*done));
         return true;
@@ -501,14 +529,15 @@ static bool merge_pages(MsScanner *s, size_t first, size_t n, uint32_t slot,
         for (b = a; b < n && !changed[b]; b++) {
             /* the run of unchanged pages [a, b) */
         }
-        if (!do_merge(s, first + a, b - a, slot == MS_SLOT_NONE ?
-                      slot : slot + a, NULL, &res, errp)) {
-            return false;
-        }
+        ok = do_merge(s, first + a, b - a, slot == MS_SLOT_NONE ?
+                      slot : slot + a, NULL, &res, errp);
         if (res.outcome == MS_MERGE_DONE) {
             memset(done + a, 1, (b - a) * sizeof(*done));
-        } else {
+        } else if (ok) {
             refused(s, &res, b - a);
+        }
+        if (!ok) {
+            return false;
         }
     }
     return true;
@@ -551,42 +580,115 @@ static void clear_pending(MsScanner *s, size_t first, size_t n)
  * Merge the pages of a batch and record those merged; @slot as in
  * merge_pages().
  */
+static void record_done(MsScanner *s, size_t first, size_t n, uint32_t slot,
+                        const bool *done)
+{
+    clear_pending(s, first, n);
+    for (size_t k = 0; k < n; k++) {
+        if (done[k]) {
+            record_merge(s, first + k, slot == MS_SLOT_NONE ? slot : slot + k);
+        }
+    }
+}
+
+/* Pages merged must be recorded even on an error: they map the store */
 static bool merge_and_record(MsScanner *s, size_t first, size_t n,
                              uint32_t slot, GError **errp)
 {
     bool done[CHUNK];
     bool ok = merge_pages(s, first, n, slot, done, errp);
 
-    clear_pending(s, first, n);
-    for (size_t k = 0; ok && k < n; k++) {
-        if (done[k]) {
-            record_merge(s, first + k, slot == MS_SLOT_NONE ? slot : slot + k);
-        }
-    }
+    record_done(s, first, n, slot, done);
     return ok;
+}
+
+/* Queue a zero or found batch: flush_queue() merges the chunk's at once */
+static void enqueue(MsScanner *s, Batch *b, bool found)
+{
+    g_assert(s->queued < CHUNK);
+    s->queue[s->queued] = *b;
+    s->queue[s->queued++].found = found;
+    b->n = 0;
 }
 
 static bool flush_zero(MsScanner *s, GError **errp)
 {
-    Batch b = s->zero;
-
-    s->zero.n = 0;
-    return !b.n || merge_and_record(s, b.first, b.n, b.slot, errp);
+    (void)errp;
+    if (s->zero.n) {
+        enqueue(s, &s->zero, false);
+    }
+    return true;
 }
 
 static bool flush_found(MsScanner *s, GError **errp)
 {
-    Batch b = s->found;
+    (void)errp;
+    if (s->found.n) {
+        enqueue(s, &s->found, true);
+    }
+    return true;
+}
+
+static int batch_cmp(const void *a, const void *b)
+{
+    const Batch *x = a, *y = b;
+
+    return x->first < y->first ? -1 : x->first > y->first;
+}
+
+/* A queued batch is done with: its found references go back */
+static void unqueue(MsScanner *s, const Batch *b)
+{
+    clear_pending(s, b->first, b->n);
+    for (size_t k = 0; b->found && k < b->n; k++) {
+        ms_store_put(s->store, b->slot + k);
+    }
+}
+
+/* Merge the queued batches with one ms_merge_runs() and record them */
+static bool flush_queue(MsScanner *s, GError **errp)
+{
+    g_autofree MsMergeReq *req = NULL;
+    g_autofree bool *changed = NULL;
+    int64_t budget = ms_merger_budget(s->m);
+    size_t nq = s->queued, off = 0;
     bool ok;
 
-    s->found.n = 0;
-    if (!b.n) {
+    if (!nq) {
         return true;
     }
-    ok = merge_and_record(s, b.first, b.n, b.slot, errp);
-    /* The batch's own references, taken when the slots were found */
-    for (size_t k = 0; k < b.n; k++) {
-        ms_store_put(s->store, b.slot + k);
+    s->queued = 0;
+    qsort(s->queue, nq, sizeof(s->queue[0]), batch_cmp);
+    req = g_new0(MsMergeReq, nq);
+    changed = g_new0(bool, CHUNK * 2);
+    for (size_t k = 0; k < nq; k++) {
+        const Batch *b = &s->queue[k];
+
+        req[k] = (MsMergeReq) {
+            .host = page_at(s, b->first),
+            .n = b->n,
+            .first_slot = b->slot == MS_SLOT_NONE ? MS_MERGE_ZERO : b->slot,
+            .changed = changed + off,
+        };
+        off += b->n;
+    }
+    g_assert(off <= CHUNK * 2);
+    /* Store merges leave the zero reserve: see do_merge() */
+    ms_merger_set_budget(s->m, budget - ZERO_RESERVE);
+    ok = ms_merge_runs(s->m, req, nq, errp);
+    ms_merger_set_budget(s->m, budget);
+    for (size_t k = 0; k < nq; k++) {
+        const Batch *b = &s->queue[k];
+        bool done[CHUNK];
+
+        if (req[k].res.outcome == MS_MERGE_DONE || ok) {
+            /* After an error, DONE still needs recording; no retries */
+            ok = retry_unchanged(s, b->first, b->n, b->slot, req[k].res,
+                                 req[k].changed, done, ok ? errp : NULL) &&
+                 ok;
+            record_done(s, b->first, b->n, b->slot, done);
+        }
+        unqueue(s, b);
     }
     return ok;
 }
@@ -703,12 +805,17 @@ static bool flush_pair(MsScanner *s, GError **errp)
 
 static bool flush_all(MsScanner *s, GError **errp)
 {
-    return flush_zero(s, errp) && flush_found(s, errp) && flush_pair(s, errp);
+    return flush_zero(s, errp) && flush_found(s, errp) &&
+           flush_queue(s, errp) && flush_pair(s, errp);
 }
 
 /* After an error: forget the batches, give their references back */
 static void drop_batches(MsScanner *s)
 {
+    for (size_t k = 0; k < s->queued; k++) {
+        unqueue(s, &s->queue[k]);
+    }
+    s->queued = 0;
     clear_pending(s, s->zero.first, s->zero.n);
     clear_pending(s, s->found.first, s->found.n);
     for (size_t k = 0; k < s->found.n; k++) {

@@ -55,6 +55,7 @@ typedef enum MsMergeOutcome {
     MS_MERGE_DONE,          /* every page of the run was replaced */
     MS_MERGE_CHANGED,       /* some page differed once frozen: nothing done */
     MS_MERGE_NO_BUDGET,     /* it would exceed the VMA budget: nothing done */
+    MS_MERGE_FAILED,        /* a system error came first: nothing done */
 } MsMergeOutcome;
 
 typedef struct MsMergeResult {
@@ -127,6 +128,33 @@ bool ms_merge_run(MsMerger *m, void *host, size_t n, uint32_t first_slot,
  */
 bool ms_merge_zero(MsMerger *m, void *host, size_t n, bool *changed,
                    MsMergeResult *res, GError **errp);
+
+/* A merge request of ms_merge_runs() */
+#define MS_MERGE_ZERO UINT32_MAX    /* first_slot of a zero merge */
+
+typedef struct MsMergeReq {
+    void *host;             /* first page */
+    size_t n;
+    uint32_t first_slot;    /* as ms_merge_run(); MS_MERGE_ZERO: as _zero() */
+    bool *changed;          /* may be NULL; as ms_merge_run() */
+    MsMergeResult res;      /* filled in */
+} MsMergeReq;
+
+/*
+ * Do the @nreq merges of @reqs (sorted by address, disjoint, in one
+ * region: those of one scan chunk), each exactly as ms_merge_run() or
+ * ms_merge_zero() would, but with one pagemap read and one wake for
+ * them all: every run is frozen first, and writers to any of them sleep
+ * until all are replaced or thawed.  Runs that map the store take the
+ * single-run path.  Returns false on a system error; the outcome of each
+ * request is in its @res.
+ */
+bool ms_merge_runs(MsMerger *m, MsMergeReq *reqs, size_t nreq,
+                   GError **errp);
+/*
+ * (On failure some requests may be MS_MERGE_DONE all the same: their
+ * pages map the store; the others are MS_MERGE_FAILED or as above.)
+ */
 
 /*
  * Make the @n pages at @host private again, content unchanged: each page

@@ -818,6 +818,71 @@ static void test_timing_zero(Fixture *f, gconstpointer data)
     check_vmas(f);
 }
 
+/*
+ * Several runs at once: each gets the outcome it would get alone, pages
+ * read back unchanged, nothing stays frozen, and a run that maps the
+ * store (a re-merge) takes the single-run path.
+ */
+static void test_runs(Fixture *f, gconstpointer data)
+{
+    g_autofree uint8_t *expect = g_malloc(NPAGES * page);
+    g_autoptr(GError) err = NULL;
+    bool changed[4];
+    MsMergeReq req[4];
+    Smaps before, after;
+    uint32_t a, b;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    memset(pg(f, 20), 0, 2 * page);             /* a zero run */
+    a = publish_copy(f, 4, 3, MS_SLOT_NONE);    /* pages 4-6 */
+    b = publish_copy(f, 30, 4, MS_SLOT_NONE);   /* pages 30-33 */
+    pg(f, 32)[7] ^= 0x10;                       /* changed since */
+    memcpy(expect, f->ram, NPAGES * page);
+    read_smaps(f, &before);
+    req[0] = (MsMergeReq) { .host = pg(f, 4), .n = 3, .first_slot = a };
+    req[1] = (MsMergeReq) { .host = pg(f, 20), .n = 2,
+                            .first_slot = MS_MERGE_ZERO };
+    req[2] = (MsMergeReq) { .host = pg(f, 30), .n = 4, .first_slot = b,
+                            .changed = changed };
+    g_assert_true(ms_merge_runs(f->m, req, 3, &err));
+    g_assert_no_error(err);
+    g_assert_cmpint(req[0].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpint(req[1].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpint(req[2].res.outcome, ==, MS_MERGE_CHANGED);
+    g_assert_cmpuint(req[2].res.changed, ==, 1);
+    g_assert_cmpuint(req[2].res.first_changed, ==, 2);
+    g_assert_true(!changed[0] && !changed[1] && changed[2] && !changed[3]);
+    read_smaps(f, &after);
+    g_assert_cmpuint(before.anon_kb - after.anon_kb, ==, 5 * page / 1024);
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, 5)), ==, a + 1);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, 31)), ==, MS_SLOT_NONE);
+    assert_nothing_registered(f);
+    check_vmas(f);
+
+    /* A write copies page 5; merging it again maps the store: single path */
+    pg(f, 5)[9] ^= 1;
+    pg(f, 5)[9] ^= 1;
+    req[0] = (MsMergeReq) { .host = pg(f, 5), .n = 1, .first_slot = a + 1 };
+    req[1] = (MsMergeReq) { .host = pg(f, 30), .n = 2, .first_slot = b };
+    g_assert_true(ms_merge_runs(f->m, req, 2, &err));
+    g_assert_cmpint(req[0].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpint(req[1].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    assert_nothing_registered(f);
+    check_vmas(f);
+
+    /* Unsorted or overlapping requests are refused before anything */
+    req[0] = (MsMergeReq) { .host = pg(f, 40), .n = 2, .first_slot = a };
+    req[1] = (MsMergeReq) { .host = pg(f, 41), .n = 1, .first_slot = a };
+    g_assert_false(ms_merge_runs(f->m, req, 2, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -836,6 +901,7 @@ int main(int argc, char **argv)
     ADD("/merge/budget", test_budget);
     ADD("/merge/errors", test_errors);
     ADD("/merge/writers", test_writers);
+    ADD("/merge/runs", test_runs);
     ADD("/merge/timing/isolated", test_timing);
     ADD("/merge/timing/runs", test_timing_runs);
     ADD("/merge/timing/zero", test_timing_zero);
