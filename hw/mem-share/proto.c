@@ -50,6 +50,7 @@ static const char *const status_names[MS_STATUS__MAX] = {
     [MS_STATUS_BAD_HASH] = "content does not match its hash",
     [MS_STATUS_FULL] = "store full",
     [MS_STATUS_QUOTA] = "reference quota reached",
+    [MS_STATUS_WANTED] = "not found, wanted by another member",
 };
 
 const char *ms_proto_type_name(uint32_t type)

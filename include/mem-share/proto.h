@@ -75,6 +75,7 @@ typedef enum MsProtoStatus {
     MS_STATUS_BAD_HASH,         /* upload: content does not hash as claimed */
     MS_STATUS_FULL,             /* upload: the group's store is full */
     MS_STATUS_QUOTA,            /* the client holds its maximum of references */
+    MS_STATUS_WANTED,           /* lookup: none yet, another member has it */
     MS_STATUS__MAX,
 } MsProtoStatus;
 

@@ -281,6 +281,42 @@ static void test_share(Fixture *f, gconstpointer data)
     munmap(mb, NSLOTS * page);
 }
 
+/*
+ * Two members that each have a page once meet through the group's
+ * unstable table: the second to miss is told WANTED, uploads, and the
+ * first finds the slot; nobody is told WANTED for its own misses, and a
+ * member of another group never meets them.
+ */
+static void test_wanted(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g1", "vm-b");
+    g_autoptr(MsBrokerClient) x = join(f, "g2", "vm-x");
+    g_autofree uint8_t *p = g_malloc(page);
+    uint64_t h;
+    uint32_t slot;
+    MsProtoResult r;
+
+    (void)data;
+    fill(p, 7);
+    h = ms_broker_client_hash(a, p);
+    g_assert_cmpuint(lookup(a, h).status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(lookup(a, h).status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(lookup(x, ms_broker_client_hash(x, p)).status, ==,
+                     MS_STATUS_NOT_FOUND);
+    r = lookup(b, h);
+    g_assert_cmpuint(r.status, ==, MS_STATUS_WANTED);
+    g_assert_cmpuint(r.slot, ==, UINT32_MAX);
+    slot = upload(b, p);
+    r = lookup(a, h);
+    g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
+    g_assert_cmpuint(r.slot, ==, slot);
+    g_assert_cmpuint(stats(a).shared_slots, ==, 1);
+    /* The other group still has nothing */
+    g_assert_cmpuint(lookup(x, ms_broker_client_hash(x, p)).status, ==,
+                     MS_STATUS_NOT_FOUND);
+}
+
 /* Releasing references frees the slot at zero, not before */
 static void test_release(Fixture *f, gconstpointer data)
 {
@@ -1158,6 +1194,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     add("/broker/share", test_share);
     add("/broker/release", test_release);
+    add("/broker/wanted", test_wanted);
     add("/broker/groups", test_groups);
     add_args("/broker/group-uids", test_group_uids, locked_args);
     add_args("/broker/strict-groups", test_strict_groups, strict_args);

@@ -20,6 +20,14 @@
  * A slot is freed by ms_store_put() when its last reference goes, never
  * earlier: a guest that maps it must keep reading the same bytes.
  *
+ * Meeting.  A page two members have once each is in no store yet: each
+ * looks it up and misses.  Like KSM's unstable tree, the group remembers
+ * which member missed a hash first (a table reset when it reaches the
+ * store's size, since stale entries only cost misses); when another
+ * member misses the same hash, it is told MS_STATUS_WANTED and uploads
+ * its page, and the first member finds the slot at its next lookup.  A
+ * member's pages that nobody else has are never stored.
+ *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
  * has a lookup secret and its own index (the group hash of each slot,
@@ -89,6 +97,7 @@ struct Group {
     uint32_t *holders;          /* per slot: clients holding a reference */
     uint64_t shared_slots;      /* slots with two holders or more */
     uint32_t nclients;
+    GHashTable *unstable;       /* group hash -> id of the member that missed */
     uint64_t lookups, hits, uploads, published, refused;
 };
 
@@ -167,6 +176,9 @@ static void group_free(Group *g)
     if (g->index) {
         g_hash_table_destroy(g->index);
     }
+    if (g->unstable) {
+        g_hash_table_destroy(g->unstable);
+    }
     g_free(g->ghash);
     g_free(g->gnext);
     g_free(g->indexed);
@@ -187,6 +199,8 @@ static Group *group_new(MsBroker *b, const char *name, GError **errp)
         return NULL;
     }
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
+    g->unstable = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free,
+                                        g_free);
     g->ghash = g_new0(uint64_t, b->nslots);
     g->gnext = g_new0(uint32_t, b->nslots);
     g->indexed = g_new0(uint8_t, b->nslots);
@@ -430,6 +444,26 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
     return true;
 }
 
+/* A miss: is another member waiting for this hash?  See "Meeting" */
+static MsProtoStatus miss(Client *c, uint64_t hash)
+{
+    Group *g = c->group;
+    uint64_t *first = g_hash_table_lookup(g->unstable, &hash);
+
+    if (first && *first != c->id) {
+        g_hash_table_remove(g->unstable, &hash);
+        return MS_STATUS_WANTED;
+    }
+    if (!first) {
+        if (g_hash_table_size(g->unstable) >= g->broker->nslots) {
+            g_hash_table_remove_all(g->unstable);
+        }
+        g_hash_table_insert(g->unstable, g_memdup2(&hash, sizeof(hash)),
+                            g_memdup2(&c->id, sizeof(c->id)));
+    }
+    return MS_STATUS_NOT_FOUND;
+}
+
 static MsProtoResult lookup_one(Client *c, uint64_t hash)
 {
     Group *g = c->group;
@@ -437,7 +471,7 @@ static MsProtoResult lookup_one(Client *c, uint64_t hash)
 
     g->lookups++;
     if (slot == MS_SLOT_NONE) {
-        return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
+        return (MsProtoResult) { MS_SLOT_NONE, miss(c, hash) };
     }
     g->hits++;
     if (!may_hold(c, slot)) {
