@@ -472,10 +472,29 @@ static bool get_run(MsMerger *m, void *host, size_t n, Run *run,
     return true;
 }
 
-/* Do pages labelled @a then @b (neighbours, in this order) share a VMA? */
-static bool joined(uint32_t a, uint32_t b)
+/*
+ * Do pages labelled @a then @b (neighbours, in this order) share a VMA?
+ * Not across the boundary between the two stores: different files.
+ */
+static bool joined(const Region *r, uint32_t a, uint32_t b)
 {
-    return a == ANON ? b == ANON : b != ANON && b == a + 1;
+    return a == ANON ? b == ANON :
+           b != ANON && b == a + 1 && b != r->store.nslots;
+}
+
+/* All the slots of a region's stores */
+static uint64_t total_slots(const Region *r)
+{
+    return (uint64_t)r->store.nslots + r->store.nslots2;
+}
+
+/* Is [@first, @first + @n) a valid run of slots of one store of @r? */
+static bool slots_valid(const Region *r, uint32_t first, size_t n)
+{
+    uint64_t end = (uint64_t)first + n;
+
+    return end <= total_slots(r) &&
+           (first >= r->store.nslots || end <= r->store.nslots);
 }
 
 /* Label of page @i of the run after relabelling it from @first_slot */
@@ -490,7 +509,7 @@ static int breaks(const Region *r, size_t from, size_t to)
     int count = 0;
 
     for (size_t i = MAX(from, 1); i <= MIN(to, r->npages - 1); i++) {
-        count += r->forced[i] || !joined(r->label[i - 1], r->label[i]);
+        count += r->forced[i] || !joined(r, r->label[i - 1], r->label[i]);
     }
     return count;
 }
@@ -508,14 +527,14 @@ static int vma_delta(const Run *run, uint32_t first_slot, int *peak)
     int before = breaks(r, s, e), after = 0, splits = 0, joins = 0;
 
     if (s > 0) {
-        after += !joined(r->label[s - 1], new_label(first_slot, 0));
-        joins += joined(r->label[s - 1], new_label(first_slot, 0));
-        splits += !r->forced[s] && joined(r->label[s - 1], r->label[s]);
+        after += !joined(r, r->label[s - 1], new_label(first_slot, 0));
+        joins += joined(r, r->label[s - 1], new_label(first_slot, 0));
+        splits += !r->forced[s] && joined(r, r->label[s - 1], r->label[s]);
     }
     if (e < r->npages) {
-        after += !joined(new_label(first_slot, run->n - 1), r->label[e]);
-        joins += joined(new_label(first_slot, run->n - 1), r->label[e]);
-        splits += !r->forced[e] && joined(r->label[e - 1], r->label[e]);
+        after += !joined(r, new_label(first_slot, run->n - 1), r->label[e]);
+        joins += joined(r, new_label(first_slot, run->n - 1), r->label[e]);
+        splits += !r->forced[e] && joined(r, r->label[e - 1], r->label[e]);
     }
     after += joins == 2;
     if (peak) {
@@ -559,8 +578,8 @@ static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
         r->label[s + i] = new_label(first_slot, i);
         r->forced[s + i] = false;
     }
-    left = s > 0 && joined(r->label[s - 1], r->label[s]);
-    right = e < r->npages && joined(r->label[e - 1], r->label[e]);
+    left = s > 0 && joined(r, r->label[s - 1], r->label[s]);
+    right = e < r->npages && joined(r, r->label[e - 1], r->label[e]);
     /* Only a bridge may be refused: ask the kernel then only */
     known = left && right && query_vma(m, run->host, &vs, &ve);
     if (known) {
@@ -849,8 +868,13 @@ static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
         p = mmap(run->host, run->len, PROT_READ | PROT_WRITE,
                  flags | MAP_ANONYMOUS, -1, 0);
     } else {
+        const MsMergeStore *st = &run->r->store;
+        bool second = first_slot >= st->nslots;
+
         p = mmap(run->host, run->len, PROT_READ | PROT_WRITE, flags,
-                 run->r->store.fd, (off_t)first_slot * m->page_size);
+                 second ? st->fd2 : st->fd,
+                 (off_t)(second ? first_slot - st->nslots : first_slot) *
+                 m->page_size);
     }
     return p == MAP_FAILED ? -errno : 0;
 }
@@ -859,15 +883,20 @@ static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
                          size_t i)
 {
     const uint8_t *page = run->host + i * m->page_size;
-
     const MsMergeStore *st = &run->r->store;
+    size_t slot = (size_t)first_slot + i;
 
     /* Reading a zero slot through the view would fill it: no need */
-    if (first_slot == ANON || first_slot + i >= st->nslots - st->nzero) {
+    if (first_slot == ANON ||
+        (slot >= st->nslots - st->nzero && slot < st->nslots)) {
         return !ms_page_is_zero(page, m->page_size);
     }
-    return memcmp(page, (const uint8_t *)run->r->store.view +
-                  (size_t)(first_slot + i) * m->page_size, m->page_size) != 0;
+    if (slot >= st->nslots) {
+        return memcmp(page, (const uint8_t *)st->view2 +
+                      (slot - st->nslots) * m->page_size, m->page_size) != 0;
+    }
+    return memcmp(page, (const uint8_t *)st->view + slot * m->page_size,
+                  m->page_size) != 0;
 }
 
 /*
@@ -922,9 +951,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
     if (!get_run(m, host, n, &run, errp)) {
         return false;
     }
-    if (first_slot != ANON &&
-        (first_slot >= run.r->store.nslots ||
-         n > run.r->store.nslots - first_slot)) {
+    if (first_slot != ANON && !slots_valid(run.r, first_slot, n)) {
         g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
                     "store slots %u+%zu are out of range", first_slot, n);
         return false;
@@ -1025,8 +1052,7 @@ static bool batch_prepare(MsMerger *m, MsMergeReq *req, BatchRun *b,
     if (!get_run(m, req->host, req->n, &b->run, errp)) {
         return false;
     }
-    if (b->slot != ANON && (b->slot >= b->run.r->store.nslots ||
-                            req->n > b->run.r->store.nslots - b->slot)) {
+    if (b->slot != ANON && !slots_valid(b->run.r, b->slot, req->n)) {
         g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
                     "store slots %u+%zu are out of range", b->slot, req->n);
         return false;

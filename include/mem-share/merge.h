@@ -49,6 +49,13 @@ typedef struct MsMergeStore {
     const void *view;       /* read-only mapping of the whole store */
     uint32_t nslots;        /* all slots, the zero slots included */
     uint32_t nzero;         /* the last nzero slots read as zeros */
+    /*
+     * Optional second store (a group's, from the broker; nslots2 0: none):
+     * its slots are numbered from nslots on.  A run lies in one store.
+     */
+    int fd2;
+    const void *view2;
+    uint32_t nslots2;
 } MsMergeStore;
 
 typedef enum MsMergeOutcome {

@@ -883,6 +883,77 @@ static void test_runs(Fixture *f, gconstpointer data)
     g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
 }
 
+/*
+ * A second store (a group's) after the first: its slots are numbered on
+ * from the first's, runs map the right file, and the last slot of one
+ * store and the first of the other are not neighbours.
+ */
+static void test_two_stores(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsStore) group = ms_store_new(page, 8, &err);
+    g_autofree uint8_t *expect = g_malloc(NPAGES * page);
+    uint8_t *ram2;
+    MsMergeStore ms;
+    MsMergeResult res;
+    uint32_t last, first;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    g_assert_no_error(err);
+    ram2 = mmap(NULL, NPAGES * page, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    g_assert_true(ram2 != MAP_FAILED);
+    madvise(ram2, NPAGES * page, MADV_NOHUGEPAGE);
+    for (size_t i = 0; i < NPAGES; i++) {
+        fill(ram2 + i * page, 5000 + i);
+    }
+    ms = (MsMergeStore) {
+        .fd = ms_store_ro_fd(f->store),
+        .view = ms_store_view(f->store, 0),
+        .nslots = NSLOTS,
+        .fd2 = ms_store_ro_fd(group),
+        .view2 = ms_store_view(group, 0),
+        .nslots2 = 8,
+    };
+    g_assert_true(ms_merger_add_region(f->m, ram2, NPAGES,
+                                       MS_REGION_NOHUGEPAGE, &ms, &err));
+    /* Page 10 onto the first store's last slot, 11 onto the group's first */
+    g_assert_true(ms_store_alloc_run(f->store, NSLOTS - 1, 1, &last, &err));
+    g_assert_cmpuint(last, ==, NSLOTS - 1);
+    g_assert_true(ms_store_publish(f->store, last, ram2 + 10 * page, &err));
+    g_assert_true(ms_store_alloc_run(group, 0, 1, &first, &err));
+    g_assert_true(ms_store_publish(group, first, ram2 + 11 * page, &err));
+    memcpy(expect, ram2, NPAGES * page);
+    g_assert_true(ms_merge_run(f->m, ram2 + 10 * page, 1, last, NULL, &res,
+                               &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_true(ms_merge_run(f->m, ram2 + 11 * page, 1, NSLOTS + first,
+                               NULL, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_no_error(err);
+    /* Two mappings of two files: 10, 11, and the anonymous rest twice */
+    g_assert_cmpint(ms_merger_vmas(f->m), ==, 3);
+    g_assert_cmpmem(ram2, NPAGES * page, expect, NPAGES * page);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, ram2 + 11 * page), ==,
+                     NSLOTS + first);
+    /* The group's page is the group's memfd */
+    g_assert_cmpmem(ram2 + 11 * page, page, ms_store_view(group, first),
+                    page);
+    /* A run may not straddle the two stores, nor pass the second's end */
+    g_assert_false(ms_merge_run(f->m, ram2 + 20 * page, 2, NSLOTS - 1, NULL,
+                                &res, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+    g_clear_error(&err);
+    g_assert_false(ms_merge_run(f->m, ram2 + 20 * page, 2, NSLOTS + 7, NULL,
+                                &res, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+    ms_merger_remove_region(f->m, ram2);
+    munmap(ram2, NPAGES * page);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -902,6 +973,7 @@ int main(int argc, char **argv)
     ADD("/merge/errors", test_errors);
     ADD("/merge/writers", test_writers);
     ADD("/merge/runs", test_runs);
+    ADD("/merge/two-stores", test_two_stores);
     ADD("/merge/timing/isolated", test_timing);
     ADD("/merge/timing/runs", test_timing_runs);
     ADD("/merge/timing/zero", test_timing_zero);
