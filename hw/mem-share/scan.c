@@ -64,6 +64,21 @@
  * left the bytes as they were (a guest rewriting zeros): a write is
  * what makes a page volatile, not only a new hash.
  *
+ * Groups.  With a broker client (cfg.group) the region also shares with
+ * the other members of its group: a candidate that neither the local
+ * store nor a zero check claims is looked up in the group (one LOOKUP per
+ * chunk) before it enters the unstable tree.  A slot the group returns
+ * comes with a reference the page keeps while it maps the slot; its
+ * bytes are compared through a read-only view of the group's store, then
+ * it is merged like a found slot (the group's slots are numbered after
+ * the local store's: merge.c maps them from the second store).  WANTED
+ * means another member has the same page once: the page is uploaded and
+ * merged onto the slot the broker returns.  Misses go on to the local
+ * unstable tree, so duplicates inside the region stay local.  Writes
+ * that break a group page release its reference (one RELEASE per chunk).
+ * When the broker goes away the group stops being used; pages that map
+ * its store keep it alive and stay merged until written.
+ *
  * Merges go in batches: consecutive candidates that map consecutive
  * slots are one run (one freeze, one mmap, one VMA), and the runs of a
  * chunk that map zero or found slots are one ms_merge_runs() (one
@@ -117,6 +132,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "mem-share/hash.h"
@@ -158,7 +174,14 @@ typedef struct Batch {
     uint32_t slot;          /* found batch: first slot; zero: or NONE */
     size_t partner;         /* pair batch: first page of the other side */
     bool found;             /* queued: holds a reference on each slot */
+    bool group;             /* queued: a group slot, its page's reference */
 } Batch;
+
+/* A candidate to look up in the group; @hash is the local one */
+typedef struct GroupLook {
+    size_t page;
+    uint64_t hash;
+} GroupLook;
 
 struct MsScanner {
     MsScanConfig cfg;
@@ -174,6 +197,15 @@ struct MsScanner {
     Batch zero, found, pair;
     Batch queue[CHUNK];     /* zero and found batches to merge at once */
     size_t queued;
+    /* Group sharing (see "Groups") */
+    MsBrokerClient *group;
+    uint32_t gbase;         /* number of the group's slot 0 */
+    uint32_t gslots;
+    int gfd;                /* our own descriptor of the group's store */
+    uint8_t *gview;         /* read-only view of it */
+    GArray *glook;          /* GroupLook: this chunk's pages to look up */
+    GArray *grel;           /* uint32_t: group slots to give back */
+    bool in_group_flush;
     bool zero_slots;        /* zero pages map zero slots, not holes */
     int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
     unsigned extra_scans;   /* asked on top of stable_scans, for churn */
@@ -229,6 +261,9 @@ static bool setup_merger(MsScanner *s, GError **errp)
         .nslots = ms_store_max_slots(s->store) +
                   ms_store_zero_slots(s->store),
         .nzero = ms_store_zero_slots(s->store),
+        .fd2 = s->gfd,
+        .view2 = s->gview,
+        .nslots2 = s->gslots,
     };
 
     s->m = ms_merger_new(errp);
@@ -238,6 +273,43 @@ static bool setup_merger(MsScanner *s, GError **errp)
     }
     ms_merger_set_budget(s->m, s->cfg.vma_budget > 0 ? s->cfg.vma_budget :
                          ms_merger_default_budget(s->cfg.budget_share));
+    return true;
+}
+
+/* Our own descriptor and view of the group's store */
+static bool setup_group(MsScanner *s, GError **errp)
+{
+    const MsBrokerParams *bp = ms_broker_client_params(s->group);
+
+    if (!bp || !ms_broker_client_alive(s->group)) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "the broker client is not a live member of a group");
+        return false;
+    }
+    if (bp->page_size != s->page_size) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "the group's pages are %u bytes, the region's %zu",
+                    bp->page_size, s->page_size);
+        return false;
+    }
+    s->gbase = ms_store_max_slots(s->store) + ms_store_zero_slots(s->store);
+    s->gslots = bp->nslots;
+    s->gfd = fcntl(ms_broker_client_store_fd(s->group), F_DUPFD_CLOEXEC, 0);
+    if (s->gfd < 0 || s->gslots > MS_SLOT_NONE - s->gbase) {
+        g_set_error(errp, MS_ENGINE_ERROR, s->gfd < 0 ? errno : EINVAL,
+                    "cannot use the group's store of %u pages", s->gslots);
+        return false;
+    }
+    s->gview = mmap(NULL, (size_t)s->gslots * s->page_size, PROT_READ,
+                    MAP_SHARED, s->gfd, 0);
+    if (s->gview == MAP_FAILED) {
+        s->gview = NULL;
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot map the group's store: %s", g_strerror(errno));
+        return false;
+    }
+    s->glook = g_array_new(false, false, sizeof(GroupLook));
+    s->grel = g_array_new(false, false, sizeof(uint32_t));
     return true;
 }
 
@@ -258,6 +330,8 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     s->page_size = cfg->page_size;
     s->npages = cfg->npages;
     s->pagemap_fd = -1;
+    s->gfd = -1;
+    s->group = cfg->group;
     s->blocked_vmas = -1;
     s->pg = g_new0(PageState, s->npages);
     for (size_t i = 0; i < s->npages; i++) {
@@ -272,7 +346,8 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     nzero = !s->zero_slots ? 0 :
             cfg->zero_slots ? cfg->zero_slots : MS_SCAN_ZERO_SLOTS;
     s->store = ms_store_new_with_zero(s->page_size, slots, nzero, errp);
-    if (!s->store || !setup_merger(s, errp)) {
+    if (!s->store || (s->group && !setup_group(s, errp)) ||
+        !setup_merger(s, errp)) {
         return NULL;
     }
     s->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
@@ -298,6 +373,18 @@ void ms_scanner_free(MsScanner *s)
     /* Merged pages keep the memfd alive through their mappings */
     ms_merger_free(s->m);
     ms_store_free(s->store);
+    if (s->gview) {
+        munmap(s->gview, (size_t)s->gslots * s->page_size);
+    }
+    if (s->gfd >= 0) {
+        close(s->gfd);
+    }
+    if (s->glook) {
+        g_array_free(s->glook, true);
+    }
+    if (s->grel) {
+        g_array_free(s->grel, true);
+    }
     if (s->unstable) {
         g_hash_table_destroy(s->unstable);
     }
@@ -333,7 +420,7 @@ static void publish_stats(MsScanner *s)
     /* Every used slot has a mapper between steps: merged >= slots */
     saved = l->pages_merged > l->slots_used ?
             l->pages_merged - l->slots_used : 0;
-    saved += l->zero_holes;
+    saved += l->zero_holes + l->group_pages;
     saved -= MIN(saved, l->zero_held);
     l->bytes_saved = saved * s->page_size;
     g_mutex_lock(&s->lock);
@@ -371,11 +458,21 @@ static bool holds_private_memory(uint64_t pm)
  * Page @p no longer maps its slot (a write copied it, or it was made
  * private or discarded): give the reference back and count it out.
  */
+static bool is_group_slot(const MsScanner *s, uint32_t slot)
+{
+    return s->group && slot != MS_SLOT_NONE && slot >= s->gbase;
+}
+
 static void drop_slot(MsScanner *s, PageState *p)
 {
     if (ms_store_is_zero_slot(s->store, p->slot)) {
         p->flags &= ~PG_ZERO;
         s->live.zero_holes--;
+    } else if (is_group_slot(s, p->slot)) {
+        uint32_t g = p->slot - s->gbase;
+
+        g_array_append_val(s->grel, g);
+        s->live.group_pages--;
     } else {
         ms_store_put(s->store, p->slot);
         s->live.pages_merged--;
@@ -562,11 +659,15 @@ static void record_merge(MsScanner *s, size_t i, uint32_t slot)
         s->live.zero_merges++;
         return;
     }
-    ms_store_get(s->store, slot);
-    p->slot = slot;
-    s->live.pages_merged++;
     s->live.merges++;
     s->live.remerges += again;
+    p->slot = slot;
+    if (is_group_slot(s, slot)) {
+        s->live.group_pages++;      /* its reference is the lookup's */
+        return;
+    }
+    ms_store_get(s->store, slot);
+    s->live.pages_merged++;
 }
 
 static void clear_pending(MsScanner *s, size_t first, size_t n)
@@ -611,6 +712,129 @@ static void enqueue(MsScanner *s, Batch *b, bool found)
     b->n = 0;
 }
 
+/* ---- groups ---- */
+
+static bool group_usable(const MsScanner *s)
+{
+    return s->group && !s->live.group_lost &&
+           ms_broker_client_alive(s->group);
+}
+
+/* The statistics say so: the caller reports it, and may reconnect */
+static void group_lost(MsScanner *s, const GError *err)
+{
+    (void)err;
+    s->live.group_lost = 1;
+}
+
+/* Give back the references of group pages that left their slot */
+static void group_release(MsScanner *s)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!s->grel || !s->grel->len) {
+        return;
+    }
+    /* A lost broker took our references with it */
+    if (group_usable(s) &&
+        !ms_broker_client_release(s->group, (uint32_t *)s->grel->data,
+                                  NULL, s->grel->len, NULL, &err)) {
+        group_lost(s, err);
+    }
+    g_array_set_size(s->grel, 0);
+}
+
+/* Merge page @i onto group slot @gslot, whose reference it takes over */
+static void add_group(MsScanner *s, size_t i, uint32_t gslot)
+{
+    Batch b = { .first = i, .n = 1, .slot = s->gbase + gslot };
+
+    s->pg[i].flags |= PG_PENDING;
+    enqueue(s, &b, false);
+    s->queue[s->queued - 1].group = true;
+}
+
+static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp);
+
+/* WANTED: give the group our page, then merge onto its slot */
+static bool group_upload(MsScanner *s, const GroupLook *l, uint64_t gh,
+                         GError **errp)
+{
+    g_autofree uint8_t *copy = g_memdup2(page_at(s, l->page), s->page_size);
+    g_autoptr(GError) err = NULL;
+    MsProtoResult r;
+
+    if (!ms_broker_client_upload(s->group, copy, &gh, 1, &r, &err)) {
+        group_lost(s, err);
+        return add_unstable(s, l->page, l->hash, errp);
+    }
+    s->live.group_uploads++;
+    if (r.status != MS_STATUS_OK || r.slot >= s->gslots) {
+        /* Changed since hashed (BAD_HASH), full, or over quota */
+        return add_unstable(s, l->page, l->hash, errp);
+    }
+    add_group(s, l->page, r.slot);
+    return true;
+}
+
+static bool group_result(MsScanner *s, const GroupLook *l, uint64_t gh,
+                         MsProtoResult r, GError **errp)
+{
+    if (r.status == MS_STATUS_OK && r.slot < s->gslots) {
+        /* The hash only nominates: the bytes decide */
+        if (!memcmp(page_at(s, l->page), s->gview +
+                    (size_t)r.slot * s->page_size, s->page_size)) {
+            s->live.group_hits++;
+            add_group(s, l->page, r.slot);
+            return true;
+        }
+        g_array_append_val(s->grel, r.slot);
+    } else if (r.status == MS_STATUS_WANTED) {
+        return group_upload(s, l, gh, errp);
+    }
+    return add_unstable(s, l->page, l->hash, errp);
+}
+
+/* Look up the chunk's candidates in the group, one LOOKUP for all */
+static bool group_flush(MsScanner *s, GError **errp)
+{
+    g_autoptr(GArray) look = NULL;
+    g_autofree uint64_t *gh = NULL;
+    g_autofree MsProtoResult *res = NULL;
+    g_autoptr(GError) err = NULL;
+    bool ok = true;
+
+    if (!s->glook || !s->glook->len) {
+        return true;
+    }
+    /* Taken: a page that comes back while we work goes in a new one */
+    look = g_steal_pointer(&s->glook);
+    s->glook = g_array_new(false, false, sizeof(GroupLook));
+    gh = g_new(uint64_t, look->len);
+    res = g_new(MsProtoResult, look->len);
+    for (guint k = 0; k < look->len; k++) {
+        gh[k] = ms_broker_client_hash(s->group, page_at(s,
+                                      g_array_index(look, GroupLook, k).page));
+        res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
+    }
+    if (group_usable(s) &&
+        !ms_broker_client_lookup(s->group, gh, look->len, res, &err)) {
+        group_lost(s, err);
+        for (guint k = 0; k < look->len; k++) {
+            res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
+        }
+    }
+    s->live.group_lookups += look->len;
+    /* What falls back to the unstable tree must not come back here */
+    s->in_group_flush = true;
+    for (guint k = 0; ok && k < look->len; k++) {
+        ok = group_result(s, &g_array_index(look, GroupLook, k), gh[k],
+                          res[k], errp);
+    }
+    s->in_group_flush = false;
+    return ok;
+}
+
 static bool flush_zero(MsScanner *s, GError **errp)
 {
     (void)errp;
@@ -642,6 +866,12 @@ static void unqueue(MsScanner *s, const Batch *b)
     clear_pending(s, b->first, b->n);
     for (size_t k = 0; b->found && k < b->n; k++) {
         ms_store_put(s->store, b->slot + k);
+    }
+    if (b->group && s->pg[b->first].slot != b->slot) {
+        /* Not merged: the lookup's reference goes back */
+        uint32_t g = b->slot - s->gbase;
+
+        g_array_append_val(s->grel, g);
     }
 }
 
@@ -812,6 +1042,9 @@ static bool flush_all(MsScanner *s, GError **errp)
 /* After an error: forget the batches, give their references back */
 static void drop_batches(MsScanner *s)
 {
+    if (s->glook) {
+        g_array_set_size(s->glook, 0);
+    }
     for (size_t k = 0; k < s->queued; k++) {
         unqueue(s, &s->queue[k]);
     }
@@ -928,6 +1161,12 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
     if (slot != MS_SLOT_NONE) {
         return add_found(s, i, slot, errp);
     }
+    if (group_usable(s) && !s->in_group_flush) {
+        GroupLook l = { .page = i, .hash = h };
+
+        g_array_append_val(s->glook, l);
+        return true;
+    }
     return add_unstable(s, i, h, errp);
 }
 
@@ -969,10 +1208,12 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
             return false;
         }
     }
-    if (!flush_all(s, errp)) {
+    if (!group_flush(s, errp) || !flush_all(s, errp)) {
         drop_batches(s);
+        group_release(s);
         return false;
     }
+    group_release(s);
     return true;
 }
 
@@ -1064,6 +1305,7 @@ bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp)
         }
         forget(s, p);
     }
+    group_release(s);
     publish_stats(s);
     return true;
 }
@@ -1094,6 +1336,7 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)
         ok = false;
     }
     g_hash_table_remove_all(s->unstable);
+    group_release(s);
     publish_stats(s);
     return ok;
 }

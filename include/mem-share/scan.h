@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <glib.h>
 
+#include "mem-share/broker-client.h"
 #include "mem-share/error.h"
 #include "mem-share/merge.h"
 #include "mem-share/store.h"
@@ -69,6 +70,13 @@ typedef struct MsScanConfig {
      */
     MsZeroMode zero_mode;
     uint32_t zero_slots;    /* zero slots for MS_ZERO_SLOTS; 0: default */
+    /*
+     * Share with the other members of a broker group (NULL: inside the
+     * region only).  Borrowed, used by the scanner thread only, and only
+     * while ms_broker_client_alive(); the scanner keeps its own reference
+     * to the group's store.
+     */
+    MsBrokerClient *group;
 } MsScanConfig;
 
 /*
@@ -101,9 +109,18 @@ typedef struct MsScanStats {
     uint64_t refused_budget;    /* merges refused: VMA budget */
     uint64_t refused_changed;   /* merges refused: content changed */
     uint64_t refused_store_full;/* merges refused: no free store slot */
+    uint64_t group_pages;       /* now: pages that map the group's store */
+    uint64_t group_lookups;     /* pages looked up in the group */
+    uint64_t group_hits;        /* of which the group had, same bytes */
+    uint64_t group_uploads;     /* pages given to the group (WANTED) */
+    uint64_t group_lost;        /* 1 once the broker connection failed */
     int64_t vmas;               /* VMAs the merged mappings add, net */
     int64_t vma_budget;
-    /* (merged - slots used + zero holes - zero held) pages, in bytes */
+    /*
+     * (merged - slots used + zero holes - zero held + group pages) pages,
+     * in bytes: a page on the group's store frees its private copy, and
+     * the store page is the broker's.
+     */
     uint64_t bytes_saved;
 } MsScanStats;
 

@@ -1,0 +1,356 @@
+/*
+ * Unit tests for sharing across the members of a broker group: scanners
+ * of three regions of this process, two in one group and one in another,
+ * with a real mem-share-broker
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Regions A and B (group g1) each hold NSHARED pages that appear once in
+ * each of them (the same contents, at other places), region C (group g2)
+ * holds them too; every other page is unique.  Only A and B may share,
+ * through the broker's store: what happened is checked through the bytes
+ * (they never change), the pages' mappings (the group's memfd), the
+ * regions' anonymous memory, and the broker's own figures.
+ *
+ * userfaultfd needs root, CAP_SYS_PTRACE or /dev/userfaultfd: without
+ * them the tests are skipped.
+ */
+
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <glib.h>
+
+#include "mem-share/broker-client.h"
+#include "mem-share/scan.h"
+
+#define NPAGES 1024
+#define NSHARED 200
+#define NSLOTS 4096
+#define DEADLINE_US (10 * G_USEC_PER_SEC)
+
+static size_t page;
+
+typedef struct Region {
+    MsBrokerClient *c;
+    MsScanner *s;
+    uint8_t *ram;
+    uint8_t *expect;
+    size_t shared_at;       /* first of the NSHARED pages */
+} Region;
+
+typedef struct Fixture {
+    char *dir;
+    char *path;
+    GPid pid;
+    Region a, b, c;
+    bool skip;
+} Fixture;
+
+static void fill(uint8_t *p, uint64_t seed)
+{
+    uint64_t *w = (uint64_t *)p;
+
+    for (size_t i = 0; i < page / 8; i++) {
+        w[i] = seed * 0x9e3779b97f4a7c15ULL + i;
+    }
+}
+
+static void broker_start(Fixture *f)
+{
+    const char *bin = g_getenv("MS_BROKER");
+    g_autofree char *max_store = g_strdup_printf("%zu", NSLOTS * page);
+    gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+
+    g_assert_nonnull(bin);
+    f->pid = fork();
+    g_assert_cmpint(f->pid, >=, 0);
+    if (f->pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        dup2(null, 2);
+        execl(bin, bin, "--socket", f->path, "--max-store", max_store,
+              (char *)NULL);
+        _exit(127);
+    }
+    for (;;) {
+        MsBrokerClient *c = ms_broker_client_open(f->path, 0, NULL);
+
+        if (c) {
+            ms_broker_client_free(c);
+            return;
+        }
+        g_assert_cmpint(waitpid(f->pid, NULL, WNOHANG), ==, 0);
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(10000);
+    }
+}
+
+/* A region whose NSHARED pages start at @at; the rest unique by @seed */
+static bool region_setup(Fixture *f, Region *r, const char *group,
+                         const char *name, size_t at, uint64_t seed)
+{
+    g_autoptr(GError) err = NULL;
+    MsScanConfig cfg;
+
+    r->ram = mmap(NULL, NPAGES * page, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    g_assert_true(r->ram != MAP_FAILED);
+    madvise(r->ram, NPAGES * page, MADV_NOHUGEPAGE);
+    r->shared_at = at;
+    for (size_t i = 0; i < NPAGES; i++) {
+        bool shared = i >= at && i < at + NSHARED;
+
+        fill(r->ram + i * page, shared ? 1 + i - at : seed + i);
+    }
+    r->expect = g_memdup2(r->ram, NPAGES * page);
+    r->c = ms_broker_client_connect(f->path, group, name, 0, &err);
+    g_assert_no_error(err);
+    ms_scan_config_init(&cfg);
+    cfg.host = r->ram;
+    cfg.npages = NPAGES;
+    cfg.region_flags = MS_REGION_NOHUGEPAGE;
+    cfg.group = r->c;
+    r->s = ms_scanner_new(&cfg, &err);
+    if (!r->s) {
+        g_test_skip(err->message);
+        return false;
+    }
+    return true;
+}
+
+static void region_teardown(Region *r)
+{
+    ms_scanner_free(r->s);
+    ms_broker_client_free(r->c);
+    if (r->ram) {
+        munmap(r->ram, NPAGES * page);
+    }
+    g_free(r->expect);
+}
+
+static void setup(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+
+    (void)data;
+    memset(f, 0, sizeof(*f));
+    f->dir = g_dir_make_tmp("test-group-XXXXXX", &err);
+    g_assert_no_error(err);
+    f->path = g_build_filename(f->dir, "broker.sock", NULL);
+    broker_start(f);
+    f->skip = !region_setup(f, &f->a, "g1", "vm-a", 100, 100000) ||
+              !region_setup(f, &f->b, "g1", "vm-b", 600, 200000) ||
+              !region_setup(f, &f->c, "g2", "vm-c", 300, 300000);
+}
+
+static void teardown(Fixture *f, gconstpointer data)
+{
+    (void)data;
+    region_teardown(&f->a);
+    region_teardown(&f->b);
+    region_teardown(&f->c);
+    if (f->pid > 0) {
+        kill(f->pid, SIGKILL);
+        waitpid(f->pid, NULL, 0);
+    }
+    unlink(f->path);
+    rmdir(f->dir);
+    g_free(f->path);
+    g_free(f->dir);
+}
+
+static void pass(Region *r)
+{
+    g_autoptr(GError) err = NULL;
+
+    g_assert_true(ms_scanner_step(r->s, NPAGES, NULL, &err));
+    g_assert_no_error(err);
+}
+
+static MsScanStats stats(Region *r)
+{
+    MsScanStats st;
+
+    ms_scanner_get_stats(r->s, &st);
+    return st;
+}
+
+static MsProtoGroupStats group_stats(Region *r)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(GArray) groups = NULL;
+
+    g_assert_true(ms_broker_client_stats(r->c, &groups, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(groups->len, ==, 1);
+    return g_array_index(groups, MsProtoGroupStats, 0);
+}
+
+/* Anonymous memory of the region, from /proc/self/smaps */
+static uint64_t anon_kb(Region *r)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    uintptr_t lo = (uintptr_t)r->ram, hi = lo + NPAGES * page;
+    bool in = false;
+    uint64_t total = 0;
+
+    g_assert_true(g_file_get_contents("/proc/self/smaps", &text, NULL, NULL));
+    lines = g_strsplit(text, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        uint64_t start, end, kb;
+
+        if (sscanf(*l, "%" SCNx64 "-%" SCNx64 " ", &start, &end) == 2 &&
+            strchr(*l, '-') < strchr(*l, ' ')) {
+            in = start < hi && end > lo;
+        } else if (in && sscanf(*l, "Anonymous: %" SCNu64, &kb) == 1) {
+            total += kb;
+        }
+    }
+    return total;
+}
+
+static void check_bytes(Region *r)
+{
+    g_assert_cmpmem(r->ram, NPAGES * page, r->expect, NPAGES * page);
+}
+
+/* Passes over the three regions in turn until nothing more merges */
+static void converge(Fixture *f)
+{
+    uint64_t last = UINT64_MAX;
+
+    for (int n = 0; n < 12; n++) {
+        uint64_t now;
+
+        pass(&f->a);
+        pass(&f->b);
+        pass(&f->c);
+        now = stats(&f->a).merges + stats(&f->b).merges +
+              stats(&f->c).merges;
+        if (now == last && n >= 3) {
+            return;
+        }
+        last = now;
+    }
+    g_assert_not_reached();
+}
+
+/*
+ * A and B meet through the broker and map one copy of each shared page;
+ * C, in another group, shares nothing; a write breaks the writer's copy
+ * only, and its reference goes back to the broker.
+ */
+static void test_share(Fixture *f, gconstpointer data)
+{
+    uint64_t before_a, before_b;
+    MsProtoGroupStats gs;
+    MsScanStats sa, sb, sc;
+    size_t w;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    before_a = anon_kb(&f->a);
+    before_b = anon_kb(&f->b);
+    converge(f);
+    sa = stats(&f->a);
+    sb = stats(&f->b);
+    sc = stats(&f->c);
+    g_test_message("A: %" PRIu64 " group pages, %" PRIu64 " lookups, %"
+                   PRIu64 " hits, %" PRIu64 " uploads; B: %" PRIu64
+                   " group pages, %" PRIu64 " uploads; C: %" PRIu64,
+                   sa.group_pages, sa.group_lookups, sa.group_hits,
+                   sa.group_uploads, sb.group_pages, sb.group_uploads,
+                   sc.group_pages);
+    g_assert_cmpuint(sa.group_pages, ==, NSHARED);
+    g_assert_cmpuint(sb.group_pages, ==, NSHARED);
+    g_assert_cmpuint(sa.group_uploads + sb.group_uploads, ==, NSHARED);
+    g_assert_cmpuint(sc.group_pages, ==, 0);
+    g_assert_cmpuint(sa.pages_merged + sb.pages_merged + sc.pages_merged,
+                     ==, 0);
+    g_assert_cmpuint(sa.group_lost + sb.group_lost + sc.group_lost, ==, 0);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+    check_bytes(&f->c);
+    /* The private copies are gone: the pages read the group's memfd */
+    g_assert_cmpuint(before_a - anon_kb(&f->a), >=, NSHARED * page / 1024);
+    g_assert_cmpuint(before_b - anon_kb(&f->b), >=, NSHARED * page / 1024);
+    gs = group_stats(&f->a);
+    g_assert_cmpuint(gs.clients, ==, 2);
+    g_assert_cmpuint(gs.slots_used, ==, NSHARED);
+    g_assert_cmpuint(gs.shared_slots, ==, NSHARED);
+    g_assert_cmpuint(gs.refs, ==, 2 * NSHARED);
+    g_assert_cmpuint(group_stats(&f->c).slots_used, ==, 0);
+
+    /* A writes one of them: its copy breaks, B's stays the group's */
+    w = f->a.shared_at + 7;
+    f->a.ram[w * page + 5] ^= 0x5a;
+    f->a.expect[w * page + 5] ^= 0x5a;
+    pass(&f->a);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED - 1);
+    g_assert_cmpuint(stats(&f->a).cow_breaks, >=, 1);
+    gs = group_stats(&f->b);
+    g_assert_cmpuint(gs.refs, ==, 2 * NSHARED - 1);
+    g_assert_cmpuint(gs.shared_slots, ==, NSHARED - 1);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+
+    /* B unmerges everything: its references all go back */
+    g_assert_true(ms_scanner_unmerge_all(f->b.s, NULL));
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, 0);
+    gs = group_stats(&f->a);
+    g_assert_cmpuint(gs.refs, ==, NSHARED - 1);
+    g_assert_cmpuint(gs.shared_slots, ==, 0);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
+/* A broker that dies leaves the merged pages as they are */
+static void test_broker_dies(Fixture *f, gconstpointer data)
+{
+    MsScanStats sa;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    kill(f->pid, SIGKILL);
+    waitpid(f->pid, NULL, 0);
+    f->pid = 0;
+    /* A write to a group page, then passes: no crash, no error */
+    f->a.ram[(f->a.shared_at + 3) * page] ^= 1;
+    f->a.expect[(f->a.shared_at + 3) * page] ^= 1;
+    pass(&f->a);
+    pass(&f->a);
+    sa = stats(&f->a);
+    g_assert_cmpuint(sa.group_lost, ==, 1);
+    g_assert_cmpuint(sa.group_pages, ==, NSHARED - 1);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    page = getpagesize();
+    signal(SIGPIPE, SIG_IGN);
+    g_test_add("/group/share", Fixture, NULL, setup, test_share, teardown);
+    g_test_add("/group/broker-dies", Fixture, NULL, setup, test_broker_dies,
+               teardown);
+    return g_test_run();
+}
