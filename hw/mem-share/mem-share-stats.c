@@ -189,6 +189,16 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                                " pages (%" PRIu64 " hold memory)\n",
                                u->zero_slots, u->zero_slots_held);
             }
+            if (u->group) {
+                MemShareGroupInfo *g = u->group;
+
+                monitor_printf(mon, "  group %s (broker %s, %s): %" PRIu64
+                               " pages on the group's store, lookups %"
+                               PRIu64 ", hits %" PRIu64 ", uploads %" PRIu64
+                               "\n", g->group, g->broker,
+                               g->connected ? "connected" : "lost",
+                               g->pages, g->lookups, g->hits, g->uploads);
+            }
         }
         if (i->kernel) {
             MemShareKernelInfo *k = i->kernel;

@@ -24,6 +24,12 @@
  * A scan-now request lifts the limits until every page has been looked
  * at once more.
  *
+ * Groups: with group= and broker=, the object joins the broker's group
+ * when the scanner starts (creation fails if it cannot) and the scanner
+ * also shares with the group's other members.  The broker connection is
+ * the scanner thread's; if it fails, the object says so once, keeps what
+ * it merged, and shares inside itself only from then on.
+ *
  * While the scanner runs, uncoordinated RAM discards (virtio-balloon) are
  * disabled: MADV_DONTNEED on a page that maps the store brings back the
  * store's content instead of zeros, so discards must go through the
@@ -53,6 +59,8 @@
 
 struct MemShareUser {
     MsScanner *scanner;
+    MsBrokerClient *client; /* the group's broker, or NULL */
+    bool lost_reported;
     QemuThread thread;
     QemuMutex lock;         /* serialises the scanner and the fields below */
     QemuCond wakeup;
@@ -117,6 +125,25 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
     u->pass_work = work;
 }
 
+/* Say once that the broker went away: sharing goes on inside the VM */
+static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u)
+{
+    MsScanStats st;
+
+    if (!u->client || u->lost_reported) {
+        return;
+    }
+    ms_scanner_get_stats(u->scanner, &st);
+    if (st.group_lost) {
+        warn_report("mem-share '%s': lost the broker of group '%s' (%s);"
+                    " %" PRIu64 " pages merged with the group stay merged,"
+                    " no more sharing with the group",
+                    object_get_canonical_path_component(OBJECT(ms)),
+                    ms->group, ms->broker, st.group_pages);
+        u->lost_reported = true;
+    }
+}
+
 static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
 {
     g_autoptr(GError) gerr = NULL;
@@ -140,6 +167,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
                               scanned, wall, cpu);
 
     mem_share_update_backoff(ms, u);
+    mem_share_check_group(ms, u);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
         return;
@@ -200,9 +228,26 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     cfg.budget_share = ms->map_budget / 100.0;
 
     u = g_new0(MemShareUser, 1);
+    if (ms->group) {
+        g_autofree char *client = g_strdup_printf("qemu-%d-%s", getpid(), id);
+
+        /* The broker's names are [A-Za-z0-9._-]: the id may hold more */
+        g_strcanon(client, G_CSET_A_2_Z G_CSET_a_2_z G_CSET_DIGITS "._-",
+                   '_');
+        u->client = ms_broker_client_connect(ms->broker, ms->group, client,
+                                             0, &gerr);
+        if (!u->client) {
+            error_setg(errp, "mode=user: cannot join group '%s' at broker %s:"
+                       " %s", ms->group, ms->broker, gerr->message);
+            g_free(u);
+            return false;
+        }
+        cfg.group = u->client;
+    }
     u->scanner = ms_scanner_new(&cfg, &gerr);
     if (!u->scanner) {
         error_setg(errp, "mode=user: %s", gerr->message);
+        ms_broker_client_free(u->client);
         g_free(u);
         return false;
     }
@@ -210,6 +255,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
         error_setg(errp, "mode=user cannot run while a device relies on"
                    " discarding guest RAM (virtio-mem)");
         ms_scanner_free(u->scanner);
+        ms_broker_client_free(u->client);
         g_free(u);
         return false;
     }
@@ -250,6 +296,8 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
                               unmerge);
     ms_scanner_free(u->scanner);
+    /* Our pages' references go with the connection */
+    ms_broker_client_free(u->client);
     ram_block_discard_disable(false);
     qemu_cond_destroy(&u->wakeup);
     qemu_mutex_destroy(&u->lock);
@@ -309,6 +357,19 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->refused_changed = st.refused_changed;
     ui->refused_store_full = st.refused_store_full;
     ui->bytes_saved = st.bytes_saved;
+    if (ms->group) {
+        MemShareGroupInfo *gi = g_new0(MemShareGroupInfo, 1);
+
+        gi->group = g_strdup(ms->group);
+        gi->broker = g_strdup(ms->broker);
+        gi->connected = !st.group_lost;
+        gi->pages = st.group_pages;
+        gi->lookups = st.group_lookups;
+        gi->hits = st.group_hits;
+        gi->uploads = st.group_uploads;
+        ui->has_group = true;
+        ui->group = gi;
+    }
     info->has_user = true;
     info->user = ui;
 }

@@ -21,6 +21,7 @@
  */
 
 #include "qemu/osdep.h"
+#include <sys/un.h>
 #include "qemu/error-report.h"
 #include "qemu/madvise.h"
 #include "qapi/error.h"
@@ -30,6 +31,7 @@
 #include "qom/object_interfaces.h"
 #include "hw/mem-share/mem-share.h"
 #include "mem-share/ksm.h"
+#include "mem-share/proto.h"
 #include "trace.h"
 
 #define KSM_SYSFS_DIR "/sys/kernel/mm/ksm"
@@ -166,6 +168,11 @@ static void mem_share_complete(UserCreatable *uc, Error **errp)
     MemShareBackend *ms = MEM_SHARE(uc);
     MemShareBackendClass *mc = MEM_SHARE_GET_CLASS(uc);
 
+    if (!ms->group != !ms->broker) {
+        error_setg(errp, "group and broker go together: group=NAME names"
+                   " the mem-share-broker group, broker=PATH its socket");
+        return;
+    }
     mc->parent_complete(uc, errp);
     if (*errp) {
         return;
@@ -293,6 +300,51 @@ static void mem_share_set_map_budget(Object *obj, Visitor *v,
     ms->map_budget = value;
 }
 
+static char *mem_share_get_group(Object *obj, Error **errp)
+{
+    return g_strdup(MEM_SHARE(obj)->group ?: "");
+}
+
+static void mem_share_set_group(Object *obj, const char *value, Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+
+    if (!mem_share_check_not_started(ms, "group", errp)) {
+        return;
+    }
+    if (!ms_proto_name_valid(value, NULL)) {
+        error_setg(errp, "group '%s' is not a valid name: 1 to %d characters"
+                   " of A-Z a-z 0-9 . _ -, not starting with . or -", value,
+                   MS_PROTO_MAX_NAME);
+        return;
+    }
+    g_free(ms->group);
+    ms->group = g_strdup(value);
+}
+
+static char *mem_share_get_broker(Object *obj, Error **errp)
+{
+    return g_strdup(MEM_SHARE(obj)->broker ?: "");
+}
+
+static void mem_share_set_broker(Object *obj, const char *value,
+                                 Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    struct sockaddr_un sun;
+
+    if (!mem_share_check_not_started(ms, "broker", errp)) {
+        return;
+    }
+    if (!*value || strlen(value) >= sizeof(sun.sun_path)) {
+        error_setg(errp, "broker must be the path of mem-share-broker's"
+                   " socket, 1 to %zu characters", sizeof(sun.sun_path) - 1);
+        return;
+    }
+    g_free(ms->broker);
+    ms->broker = g_strdup(value);
+}
+
 /*
  * mem-share has no file backing; this property exists only so that a
  * configuration that asks for one gets told why it cannot work.
@@ -342,8 +394,12 @@ static void mem_share_instance_init(Object *obj)
 
 static void mem_share_instance_finalize(Object *obj)
 {
+    MemShareBackend *ms = MEM_SHARE(obj);
+
     /* The RAM goes away with the object: no need to unmerge it first */
-    mem_share_user_stop(MEM_SHARE(obj), false, &error_abort);
+    mem_share_user_stop(ms, false, &error_abort);
+    g_free(ms->group);
+    g_free(ms->broker);
 }
 
 static void mem_share_class_init(ObjectClass *oc, void *data)
@@ -388,6 +444,17 @@ static void mem_share_class_init(ObjectClass *oc, void *data)
     object_class_property_set_description(oc, "map-budget",
         "mode=user: share of vm.max_map_count, in percent (1-90), that"
         " merged mappings may use. Default: 50");
+    object_class_property_add_str(oc, "group", mem_share_get_group,
+                                  mem_share_set_group);
+    object_class_property_set_description(oc, "group",
+        "mode=user: share pages with the other members of this"
+        " mem-share-broker group (needs broker). Default: share inside"
+        " this object only. Set at creation only");
+    object_class_property_add_str(oc, "broker", mem_share_get_broker,
+                                  mem_share_set_broker);
+    object_class_property_set_description(oc, "broker",
+        "mode=user: path of mem-share-broker's UNIX socket (with group)."
+        " Set at creation only");
     object_class_property_add_str(oc, "mem-path", mem_share_get_mem_path,
                                   mem_share_set_mem_path);
     object_class_property_set_description(oc, "mem-path",

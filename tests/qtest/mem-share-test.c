@@ -143,6 +143,13 @@ static void test_cmdline_errors(void)
           "mem-path is not supported" },
         { "-object '{\"qom-type\":\"mem-share\",\"id\":\"m0\",\"size\":4097}'",
           "size must be a non-zero multiple" },
+        { "-object mem-share,id=m0,size=64M,mode=user,group=g1",
+          "group and broker go together" },
+        { "-object mem-share,id=m0,size=64M,mode=user,group=-x,broker=/b",
+          "group '-x' is not a valid name" },
+        { "-object mem-share,id=m0,size=64M,mode=user,group=g1,"
+          "broker=/nonexistent/broker.sock",
+          "cannot join group 'g1' at broker /nonexistent/broker.sock" },
     };
 
     for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
@@ -764,6 +771,165 @@ static void test_user_scan_now(void)
     qtest_quit(qts);
 }
 
+/* Sharing across QEMUs: a real mem-share-broker, three VMs, two groups */
+
+#define G_PAGES         64
+#define G_CONTENT(k)    (1000 + (k))
+
+static const char *broker_binary(void)
+{
+    const char *bin = g_getenv("MS_BROKER");
+
+    /* qtests run in build/qemu-build; make leaves the broker next to it */
+    return bin ? bin : "../mem-share-broker";
+}
+
+static GPid start_broker(const char *sock)
+{
+    const char *argv[] = { broker_binary(), "--socket", sock, NULL };
+    g_autoptr(GError) err = NULL;
+    GPid pid;
+
+    g_assert(g_spawn_async(NULL, (char **)argv, NULL,
+                           G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &pid,
+                           &err));
+    for (int tries = 0; !g_file_test(sock, G_FILE_TEST_EXISTS); tries++) {
+        g_assert_cmpint(tries, <, 1000);
+        g_usleep(10 * 1000);
+    }
+    return pid;
+}
+
+static QTestState *start_member(const char *group, const char *sock)
+{
+    return qtest_initf("-machine pc,memory-backend=m0 -m 128M -object "
+                       "mem-share,id=m0,size=128M,mode=user,group=%s,"
+                       "broker=%s", group, sock);
+}
+
+static void write_group_pages(QTestState *qts, uint64_t base)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+
+    for (int k = 0; k < G_PAGES; k++) {
+        fill_content(page, G_CONTENT(k));
+        qtest_memwrite(qts, base + (uint64_t)k * PAGE, page, PAGE);
+    }
+}
+
+static void check_group_pages(QTestState *qts, uint64_t base, int except)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autofree uint8_t *back = g_malloc(PAGE);
+
+    for (int k = 0; k < G_PAGES; k++) {
+        fill_content(page, k == except ? 7777 : G_CONTENT(k));
+        qtest_memread(qts, base + (uint64_t)k * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+}
+
+/* The "group" member of query-mem-share's "user" */
+static QDict *group_info(QTestState *qts)
+{
+    QDict *info = query_one(qts);
+    QDict *g = qdict_get_qdict(qdict_get_qdict(info, "user"), "group");
+
+    g_assert(g);
+    qobject_ref(g);
+    qobject_unref(info);
+    return g;
+}
+
+static uint64_t group_pages(QTestState *qts)
+{
+    QDict *g = group_info(qts);
+    uint64_t pages = qdict_get_int(g, "pages");
+
+    qobject_unref(g);
+    return pages;
+}
+
+static void scan_now(QTestState *qts)
+{
+    qtest_qmp_assert_success(qts, "{ 'execute': 'mem-share-scan-now', "
+                             "'arguments': { 'id': 'm0' } }");
+}
+
+static void test_user_group(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("mem-share-group-XXXXXX", NULL);
+    g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
+    QTestState *a, *b, *c;
+    QDict *g;
+    GPid broker;
+
+    if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE)) {
+        g_test_skip("mem-share-broker not built");
+        return;
+    }
+    broker = start_broker(sock);
+    a = start_member("g1", sock);
+    b = start_member("g1", sock);
+    c = start_member("g2", sock);
+    /* Each page once in each VM, at different places */
+    write_group_pages(a, 40 * MiB);
+    write_group_pages(b, 72 * MiB);
+    write_group_pages(c, 56 * MiB);
+    for (int tries = 0; group_pages(a) < G_PAGES ||
+                        group_pages(b) < G_PAGES; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        scan_now(b);
+        scan_now(c);
+        g_usleep(50 * 1000);
+    }
+    scan_now(c);
+    g_assert_cmpuint(group_pages(c), ==, 0);
+    g = group_info(a);
+    g_assert_cmpstr(qdict_get_str(g, "group"), ==, "g1");
+    g_assert(qdict_get_bool(g, "connected"));
+    g_assert_cmpuint(qdict_get_int(g, "hits") + qdict_get_int(g, "uploads"),
+                     >=, G_PAGES);
+    qobject_unref(g);
+    check_group_pages(a, 40 * MiB, -1);
+    check_group_pages(b, 72 * MiB, -1);
+    check_group_pages(c, 56 * MiB, -1);
+
+    /* A write breaks the writer's copy only */
+    {
+        g_autofree uint8_t *page = g_malloc(PAGE);
+
+        fill_content(page, 7777);
+        qtest_memwrite(a, 40 * MiB + 5 * PAGE, page, PAGE);
+    }
+    check_group_pages(a, 40 * MiB, 5);
+    check_group_pages(b, 72 * MiB, -1);
+
+    /* The broker dies: the VMs say so and keep their memory */
+    kill(broker, SIGKILL);
+    waitpid(broker, NULL, 0);
+    g_spawn_close_pid(broker);
+    for (int tries = 0; ; tries++) {
+        g = group_info(a);
+        if (!qdict_get_bool(g, "connected")) {
+            qobject_unref(g);
+            break;
+        }
+        qobject_unref(g);
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        g_usleep(50 * 1000);
+    }
+    check_group_pages(a, 40 * MiB, 5);
+    check_group_pages(b, 72 * MiB, -1);
+    qtest_quit(a);
+    qtest_quit(b);
+    qtest_quit(c);
+    unlink(sock);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -781,6 +947,7 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/ksm-merge", test_ksm_merge);
     qtest_add_func("/mem-share/user/merge", test_user_merge);
     qtest_add_func("/mem-share/user/scan-now", test_user_scan_now);
+    qtest_add_func("/mem-share/user/group", test_user_group);
 
     return g_test_run();
 }

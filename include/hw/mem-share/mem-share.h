@@ -34,6 +34,8 @@ struct MemShareBackend {
     uint32_t max_cpu;           /* percent of one CPU */
     uint32_t stable_scans;
     uint32_t map_budget;        /* percent of vm.max_map_count */
+    char *group;                /* broker group to share with, or NULL */
+    char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
 };
 
