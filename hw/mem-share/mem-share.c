@@ -153,6 +153,7 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
         mem_share_warn_ksm_stopped(ms);
     }
     mem_share_stats_register();
+    mem_share_migration_register();
     trace_mem_share_alloc(mem_share_id(ms), MemShareMode_str(ms->mode),
                           backend->size);
 }
@@ -191,6 +192,12 @@ static void mem_share_set_mode(Object *obj, int value, Error **errp)
 {
     MemShareBackend *ms = MEM_SHARE(obj);
 
+    if (ms->migration_paused && value == MEM_SHARE_MODE_USER) {
+        error_setg(errp, "mode=user is paused while an incoming postcopy"
+                   " migration owns the guest RAM; it resumes by itself when"
+                   " the migration ends");
+        return;
+    }
     if (host_memory_backend_mr_inited(MEMORY_BACKEND(obj)) &&
         value != ms->mode &&
         !mem_share_switch(ms, ms->mode, value, errp)) {

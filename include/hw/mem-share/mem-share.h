@@ -37,6 +37,7 @@ struct MemShareBackend {
     char *group;                /* broker group to share with, or NULL */
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
+    bool migration_paused;      /* mode=user stopped for an incoming postcopy */
 };
 
 /* The current statistics of @ms */
@@ -51,5 +52,8 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
 void mem_share_user_scan_now(MemShareBackend *ms);
 void mem_share_user_kick(MemShareBackend *ms);
 void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
+
+/* Migration (mem-share-migration.c) */
+void mem_share_migration_register(void);
 
 #endif /* HW_MEM_SHARE_H */

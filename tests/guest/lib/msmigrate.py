@@ -32,14 +32,16 @@ T_PRE = "prerequisites: QEMU with mem-share, guest artifacts"
 T_BOOT = "the source boots on mode=user and fills its memory"
 T_SRC_MERGED = ("the source merges before migrating: pages-merged > 0, "
                 "user.merges > 0, cow-breaks > 0 and merges or cow-breaks moving")
-T_MIGRATE = "the migration completes (source postmigrate, destination paused)"
+T_MIGRATE = ("the migration completes (source postmigrate, destination paused; "
+             "with postcopy: switched, postcopy-bytes > 0)")
 T_SRC_AFTER = ("the source reports after migrating: mode user, query-mem-share and "
                "HMP info mem-share answer, pages-merged > 0")
 T_DST_VERIFY = ("the workload verifies every byte on the destination: %d rounds "
                 "bad=0, continuing the source's round numbers" % DST_ROUNDS)
 T_DST_MERGE = ("the destination merges again: pages-merged and user.merges grow "
                "after it starts running")
-T_DONE = "the workload ends 'done ok' on the destination, which powers off"
+T_DONE = ("the workload ends 'done ok' on the destination, which powers off; "
+          "no error in either QEMU's log")
 T_ALL_OK = ("every verification on both sides reported bad=0, rounds contiguous "
             "across the migration (no lost write)")
 NAMES = [T_PRE, T_BOOT, T_SRC_MERGED, T_MIGRATE, T_SRC_AFTER, T_DST_VERIFY,
@@ -101,8 +103,12 @@ def wait_merging(tap, src):
 def migrate(src, dst, uri, timeout=MIGRATE_TIMEOUT, postcopy=False):
     """Migrate src to dst; return (src query-migrate, dst status, seconds).
     With postcopy, switch to postcopy once the first pass has gone."""
-    src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30,
-                                         "downtime-limit": 1000})
+    if postcopy:
+        # Precopy must not converge before the switch: postcopy really runs.
+        params = {"max-bandwidth": 64 << 20, "downtime-limit": 1}
+    else:
+        params = {"max-bandwidth": 1 << 30, "downtime-limit": 1000}
+    src.qmp("migrate-set-parameters", **params)
     src.qmp("migrate", uri=uri)
     t0 = time.monotonic()
     deadline = t0 + mg.scaled(timeout)
@@ -112,8 +118,7 @@ def migrate(src, dst, uri, timeout=MIGRATE_TIMEOUT, postcopy=False):
         status = info.get("status")
         if status in ("completed", "failed", "cancelled"):
             break
-        if postcopy and not switched and status == "active" and \
-                (info.get("ram") or {}).get("dirty-sync-count", 0) >= 2:
+        if postcopy and not switched and status == "active":
             src.qmp("migrate-start-postcopy")
             switched = True
         if time.monotonic() > deadline:
@@ -192,6 +197,11 @@ def destination_checks(tap, src, dst, arrival):
         code = dst.wait_exit(60)
         if code != 0:
             problems.append("destination QEMU exit status %s" % code)
+        for g in (src, dst):
+            bad = [l for l in g.qemu_log().splitlines()
+                   if re.search(r"userfault|fail|error", l, re.I)]
+            if bad:
+                problems.append("%s QEMU log: %s" % (g.name, "; ".join(bad)))
     except mg.GuestError as err:
         problems.append(str(err))
     tap.ok(T_DONE, not problems, diag="\n".join(problems) if problems else None)
@@ -245,8 +255,9 @@ def run(tap, log_dir, postcopy=False):
                     {"capability": "postcopy-ram", "state": True}])
         info, dst_status, secs, switched = migrate(src, dst, uri, postcopy=postcopy)
         arrival = dst.query_mem_share("m0") if dst.is_running() else {}
+        postcopy_bytes = (info.get("ram") or {}).get("postcopy-bytes", 0)
         ok = (info.get("status") == "completed" and dst_status == "paused" and
-              (switched or not postcopy))
+              (not postcopy or (switched and postcopy_bytes > 0)))
         tap.ok(T_MIGRATE, ok,
                diag="source query-migrate after %.1f s: status %s, ram %s%s\n"
                     "destination run state %s; postcopy switched: %s\n"

@@ -1,0 +1,160 @@
+/*
+ * mem-share: migration
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Precopy needs nothing: the source reads guest RAM (merged pages and
+ * holes read their content), and on the destination the incoming
+ * migration writes RAM like a vCPU would, so a write into a page being
+ * merged sleeps on the freeze and then takes its private copy.
+ *
+ * Postcopy, on the destination: at ADVISE QEMU discards all of the RAM,
+ * later it discards again every page the source dirtied after sending it,
+ * both with MADV_DONTNEED, which on a merged page brings back the store's
+ * content instead of zeros (the page would then never be requested from
+ * the source: silent corruption); and when postcopy starts listening it
+ * registers the RAM with its own userfaultfd, which fails (EBUSY) while
+ * the scanner holds it.  So at ADVISE, before any of that and while the
+ * RAM holds nothing yet, every mode=user object stops its scanner and
+ * unmerges (mem_share_user_stop()), and starts again once the incoming
+ * migration is over: when the postcopy listen thread ended (it released
+ * the RAM), or when the VM starts after a migration that completed in
+ * precopy.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/error-report.h"
+#include "qemu/main-loop.h"
+#include "qemu/notify.h"
+#include "qemu/timer.h"
+#include "qapi/error.h"
+#include "qom/object.h"
+#include "sysemu/runstate.h"
+#include "migration/migration.h"
+#include "migration/postcopy-ram.h"
+#include "hw/mem-share/mem-share.h"
+#include "trace.h"
+
+/* How often to look whether the postcopy listen thread has ended */
+#define MEM_SHARE_RESUME_POLL_MS 10
+
+static NotifierWithReturn mem_share_postcopy_notifier;
+static VMChangeStateEntry *mem_share_vm_change;
+static QEMUTimer *mem_share_resume_timer;
+
+static int mem_share_pause_one(Object *obj, void *opaque)
+{
+    MemShareBackend *ms = (MemShareBackend *)
+                          object_dynamic_cast(obj, TYPE_MEM_SHARE);
+    const char *id;
+    Error **errp = opaque;
+
+    if (!ms || !ms->user) {
+        return 0;
+    }
+    id = object_get_canonical_path_component(obj);
+    if (!mem_share_user_stop(ms, true, errp)) {
+        error_prepend(errp, "mem-share '%s' cannot give its RAM to postcopy: ",
+                      id);
+        return -1;
+    }
+    ms->migration_paused = true;
+    trace_mem_share_migration_pause(id, "postcopy");
+    return 0;
+}
+
+static int mem_share_resume_one(Object *obj, void *opaque)
+{
+    MemShareBackend *ms = (MemShareBackend *)
+                          object_dynamic_cast(obj, TYPE_MEM_SHARE);
+    Error *err = NULL;
+
+    if (!ms || !ms->migration_paused) {
+        return 0;
+    }
+    ms->migration_paused = false;
+    /* The operator may have left mode=user meanwhile */
+    if (ms->mode != MEM_SHARE_MODE_USER || ms->user) {
+        return 0;
+    }
+    trace_mem_share_migration_resume(object_get_canonical_path_component(obj));
+    if (!mem_share_user_start(ms, &err)) {
+        error_prepend(&err, "mem-share '%s': mode=user cannot resume after"
+                      " the migration: ",
+                      object_get_canonical_path_component(obj));
+        warn_report_err(err);
+    }
+    return 0;
+}
+
+static void mem_share_migration_resume(void)
+{
+    object_child_foreach(object_get_objects_root(), mem_share_resume_one,
+                         NULL);
+}
+
+/* Main loop: resume once the postcopy listen thread released the RAM */
+static void mem_share_resume_timer_cb(void *opaque)
+{
+    if (postcopy_state_get() != POSTCOPY_INCOMING_END) {
+        timer_mod(mem_share_resume_timer,
+                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+                  MEM_SHARE_RESUME_POLL_MS);
+        return;
+    }
+    mem_share_migration_resume();
+}
+
+static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data)
+{
+    struct PostcopyNotifyData *pnd = data;
+
+    switch (pnd->reason) {
+    case POSTCOPY_NOTIFY_INBOUND_ADVISE:
+        /* The incoming coroutine, with the BQL */
+        return object_child_foreach(object_get_objects_root(),
+                                    mem_share_pause_one, pnd->errp);
+    case POSTCOPY_NOTIFY_INBOUND_END:
+        /*
+         * The listen thread, without the BQL, before it unregisters the
+         * RAM from its userfaultfd: resume from the main loop once it is
+         * done (timer_mod() is thread-safe).
+         */
+        timer_mod(mem_share_resume_timer,
+                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME));
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/*
+ * A migration that advised postcopy but completed in precopy: no listen
+ * thread, the RAM is ours again when the VM starts.  When postcopy runs,
+ * the VM starts while pages still arrive: the timer resumes later.
+ */
+static void mem_share_vm_state_change(void *opaque, bool running,
+                                      RunState state)
+{
+    PostcopyState ps = postcopy_state_get();
+
+    if (running && ps != POSTCOPY_INCOMING_LISTENING &&
+        ps != POSTCOPY_INCOMING_RUNNING) {
+        mem_share_migration_resume();
+    }
+}
+
+void mem_share_migration_register(void)
+{
+    if (mem_share_resume_timer) {
+        return;
+    }
+    mem_share_resume_timer = timer_new_ms(QEMU_CLOCK_REALTIME,
+                                          mem_share_resume_timer_cb, NULL);
+    mem_share_postcopy_notifier.notify = mem_share_postcopy_notify;
+    postcopy_add_notifier(&mem_share_postcopy_notifier);
+    mem_share_vm_change =
+        qemu_add_vm_change_state_handler(mem_share_vm_state_change, NULL);
+}
