@@ -10,6 +10,9 @@ One run, same guests and workload for every configuration (`make bench`):
   user-maps    the same with vm.max_map_count raised to 1048576 for the run
                (restored afterwards), as an operator running mode=user on
                guests with scattered duplicates sets it (docs/system)
+  user-group   user-maps with the guests in one mem-share-broker group
+               (group=bench): they also share with each other, as KSM's
+               host-wide merging does
 
 Each configuration boots 2 TCG Linux guests running the test workload
 (tests/guest/workload: zero/shared/unique pages, verified every round) and
@@ -68,8 +71,12 @@ CONFIGS = {
     "user": dict(label="mem-share mode=user (defaults)", mode="user", ksm=None),
     "user-maps": dict(label="mode=user, max-map-count 1M", mode="user", ksm=None,
                       sysctl={"vm.max_map_count": 1048576}),
+    "user-group": dict(label="mode=user, one group, maps 1M", mode="user",
+                       ksm=None, sysctl={"vm.max_map_count": 1048576},
+                       group=True),
 }
-ORDER = ["off", "ksm-default", "ksm-tuned", "user", "user-maps"]
+ORDER = ["off", "ksm-default", "ksm-tuned", "user", "user-maps", "user-group"]
+BROKER = os.path.join(ROOT, "build", "mem-share-broker")
 
 
 class Sysctl:
@@ -409,11 +416,24 @@ class Run:
         ksm_ctx = mg.KsmSettings(**cfg["ksm"]) if cfg["ksm"] else None
         sysctl = Sysctl(cfg.get("sysctl"))
         guests = []
+        broker = None
+        backend_extra = ""
         log_dir = os.path.join(log_root, self.name)
         shutil.rmtree(log_dir, ignore_errors=True)
         os.makedirs(log_dir)
         self.quiet = wait_quiet(self.args.quiet_wait, "host KSM is host-global")
         try:
+            if cfg.get("group"):
+                sock = os.path.join(log_dir, "broker.sock")
+                broker = subprocess.Popen(
+                    [BROKER, "--socket", sock],
+                    stderr=open(os.path.join(log_dir, "broker.log"), "w"))
+                for _ in range(500):
+                    if os.path.exists(sock):
+                        break
+                    time.sleep(0.01)
+                backend_extra = "group=bench,broker=%s" % sock
+                say("  broker started (pid %d), group=bench" % broker.pid)
             sysctl.apply()
             if sysctl.saved:
                 say("  sysctl set: %s (saved: %s)" % (
@@ -447,8 +467,9 @@ class Run:
             scans0 = k0.get("full_scans", 0) if cfg["mode"] == "kernel" else 0
             t_launch = time.monotonic()
             for i in range(1, a.guests + 1):
-                g = mg.Guest("vm%d" % i, mg.linux_guest_args(a.mem, cfg["mode"],
-                                                               self.cmdline(i)), log_dir)
+                g = mg.Guest("vm%d" % i, mg.linux_guest_args(
+                    a.mem, cfg["mode"], self.cmdline(i),
+                    backend_extra=backend_extra), log_dir)
                 guests.append(g)
                 g.launch()
             say("  guests launched (pids %s); baseline AnonPages+Shmem %.0f MiB"
@@ -524,6 +545,9 @@ class Run:
         finally:
             for g in guests:
                 g.shutdown()
+            if broker:
+                broker.terminate()
+                broker.wait(10)
             if sysctl.saved:
                 saved = dict(sysctl.saved)
                 sysctl.restore()
