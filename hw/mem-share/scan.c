@@ -982,6 +982,57 @@ static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
     return true;
 }
 
+static bool group_usable(const MsScanner *s);
+static void group_lost(MsScanner *s, const GError *err);
+
+/*
+ * In a group, a pair goes to the group's store rather than ours: another
+ * member with the same content then finds it there, and the group holds
+ * one copy, not one per member.  Both sides are uploaded (the broker
+ * keeps one page and gives a reference per side) and merged one by one.
+ * Returns false with *@lost set if the broker could not be asked.
+ */
+static bool flush_pair_group(MsScanner *s, Batch *b, bool *lost,
+                             GError **errp)
+{
+    size_t n = b->n, ps = s->page_size;
+    g_autofree uint8_t *buf = g_malloc(2 * n * ps);
+    g_autofree uint64_t *gh = g_new(uint64_t, 2 * n);
+    g_autofree MsProtoResult *res = g_new(MsProtoResult, 2 * n);
+    g_autoptr(GError) err = NULL;
+    bool ok = true;
+
+    for (size_t k = 0; k < 2 * n; k++) {
+        size_t page = k < n ? b->first + k : b->partner + k - n;
+
+        memcpy(buf + k * ps, page_at(s, page), ps);
+        gh[k] = ms_broker_client_hash(s->group, buf + k * ps);
+    }
+    *lost = !ms_broker_client_upload(s->group, buf, gh, 2 * n, res, &err);
+    if (*lost) {
+        group_lost(s, err);
+        return true;
+    }
+    s->live.group_uploads += 2 * n;
+    for (size_t k = 0; k < 2 * n; k++) {
+        size_t page = k < n ? b->first + k : b->partner + k - n;
+        uint32_t slot;
+
+        clear_pending(s, page, 1);
+        if (res[k].status != MS_STATUS_OK || res[k].slot >= s->gslots) {
+            continue;
+        }
+        slot = s->gbase + res[k].slot;
+        ok = ok && merge_and_record(s, page, 1, slot, errp);
+        if (s->pg[page].slot != slot) {
+            /* Not merged: the upload's reference goes back */
+            g_array_append_val(s->grel, res[k].slot);
+        }
+    }
+    b->n = 0;
+    return ok;
+}
+
 /* Merge a piece of a pair batch: both sides onto new slots */
 static bool flush_pair_piece(MsScanner *s, Batch *b, GError **errp)
 {
@@ -1022,6 +1073,13 @@ static bool flush_pair(MsScanner *s, GError **errp)
         clear_pending(s, b.first, b.n);
         clear_pending(s, b.partner, b.n);
         return true;
+    }
+    if (b.n && group_usable(s)) {
+        bool lost;
+
+        if (!flush_pair_group(s, &b, &lost, errp)) {
+            return false;
+        }
     }
     while (b.n) {
         if (!flush_pair_piece(s, &b, errp)) {
