@@ -982,9 +982,6 @@ static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
     return true;
 }
 
-static bool group_usable(const MsScanner *s);
-static void group_lost(MsScanner *s, const GError *err);
-
 /*
  * In a group, a pair goes to the group's store rather than ours: another
  * member with the same content then finds it there, and the group holds
