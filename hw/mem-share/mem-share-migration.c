@@ -22,6 +22,12 @@
  * migration is over: when the postcopy listen thread ended (it released
  * the RAM), or when the VM starts after a migration that completed in
  * precopy.
+ *
+ * Background snapshot, on the source: write tracking registers the RAM
+ * with its own userfaultfd for the whole snapshot.  mode=user refuses to
+ * start while the background-snapshot capability is set, and setting the
+ * capability while mode=user runs fails: QEMU's capability check
+ * (patches/qemu) names the RAM block another userfaultfd holds.
  */
 
 #include "qemu/osdep.h"
@@ -157,4 +163,16 @@ void mem_share_migration_register(void)
     postcopy_add_notifier(&mem_share_postcopy_notifier);
     mem_share_vm_change =
         qemu_add_vm_change_state_handler(mem_share_vm_state_change, NULL);
+}
+
+bool mem_share_migration_check_user(MemShareBackend *ms, Error **errp)
+{
+    if (migrate_background_snapshot()) {
+        error_setg(errp, "mode=user cannot run while the migration capability"
+                   " background-snapshot is set: both need the guest RAM's"
+                   " userfaultfd write protection (clear the capability"
+                   " first, or use mode=off or mode=kernel)");
+        return false;
+    }
+    return true;
 }

@@ -219,6 +219,9 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     MemShareUser *u;
 
     assert(!ms->user);
+    if (!mem_share_migration_check_user(ms, errp)) {
+        return false;
+    }
     ms_scan_config_init(&cfg);
     cfg.host = memory_region_get_ram_ptr(&backend->mr);
     cfg.page_size = qemu_real_host_page_size();

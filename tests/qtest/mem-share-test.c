@@ -930,6 +930,89 @@ static void test_user_group(void)
     rmdir(dir);
 }
 
+/* Set the background-snapshot capability; the error's text, or NULL */
+static char *set_background_snapshot(QTestState *qts, bool on)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'migrate-set-capabilities', "
+                            "'arguments': { 'capabilities': [ { "
+                            "'capability': 'background-snapshot', "
+                            "'state': %i } ] } }", on);
+    QDict *error = qdict_get_qdict(resp, "error");
+    char *desc = error ? g_strdup(qdict_get_str(error, "desc")) : NULL;
+
+    qobject_unref(resp);
+    return desc;
+}
+
+static bool background_snapshot_set(QTestState *qts)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': "
+                            "'query-migrate-capabilities' }");
+    QListEntry *e;
+    bool on = false;
+
+    QLIST_FOREACH_ENTRY(qdict_get_qlist(resp, "return"), e) {
+        QDict *cap = qobject_to(QDict, qlist_entry_obj(e));
+
+        if (!strcmp(qdict_get_str(cap, "capability"),
+                    "background-snapshot")) {
+            on = qdict_get_bool(cap, "state");
+        }
+    }
+    qobject_unref(resp);
+    return on;
+}
+
+/*
+ * Background snapshot and mode=user both need the guest RAM's userfaultfd
+ * write protection: each refuses while the other holds it, saying why.
+ */
+static void test_user_background_snapshot(void)
+{
+    QTestState *qts = start_vm("user", NULL);
+    g_autofree char *err1 = NULL;
+    g_autofree char *err2 = NULL;
+    g_autofree char *err3 = NULL;
+    QDict *resp, *info;
+
+    err1 = set_background_snapshot(qts, true);
+    g_assert(err1);
+    g_assert(strstr(err1, "RAM block 'm0' is registered with another"
+                    " userfaultfd: a mem-share backend in mode=user"));
+    g_assert(strstr(err1, "mode=off or mode=kernel first"));
+    g_assert(!background_snapshot_set(qts));
+    info = query_one(qts);
+    g_assert(qdict_haskey(info, "user"));
+    qobject_unref(info);
+
+    /* mode=off releases the RAM; mode=user cannot take it back meanwhile */
+    qom_set_mode(qts, "off");
+    err2 = set_background_snapshot(qts, true);
+    g_assert_null(err2);
+    g_assert(background_snapshot_set(qts));
+    resp = qtest_qmp(qts, "{ 'execute': 'qom-set', 'arguments': "
+                     "{ 'path': '/objects/m0', 'property': 'mode', "
+                     "'value': 'user' } }");
+    g_assert(strstr(qdict_get_str(qdict_get_qdict(resp, "error"), "desc"),
+                    "mode=user cannot run while the migration capability"
+                    " background-snapshot is set"));
+    qobject_unref(resp);
+    info = query_one(qts);
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "off");
+    g_assert(!qdict_haskey(info, "user"));
+    qobject_unref(info);
+
+    /* Cleared, mode=user runs again */
+    err3 = set_background_snapshot(qts, false);
+    g_assert_null(err3);
+    qom_set_mode(qts, "user");
+    info = query_one(qts);
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "user");
+    g_assert(qdict_haskey(info, "user"));
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -948,6 +1031,8 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/user/merge", test_user_merge);
     qtest_add_func("/mem-share/user/scan-now", test_user_scan_now);
     qtest_add_func("/mem-share/user/group", test_user_group);
+    qtest_add_func("/mem-share/user/background-snapshot",
+                   test_user_background_snapshot);
 
     return g_test_run();
 }

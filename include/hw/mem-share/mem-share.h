@@ -55,5 +55,6 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
 
 /* Migration (mem-share-migration.c) */
 void mem_share_migration_register(void);
+bool mem_share_migration_check_user(MemShareBackend *ms, Error **errp);
 
 #endif /* HW_MEM_SHARE_H */
