@@ -10,7 +10,10 @@ a summary, and shuts the guests down cleanly.
   scripts/demo.py [--mode user|kernel] [--mib N] [--max-time S]
 
 In mode=user (the default) mem-share's own scanner thread merges each
-guest's pages onto its store (zero pages become holes). The objects are
+guest's pages onto its store (zero pages become holes or map zero pages of
+the store), and the two guests are in one group of a mem-share-broker the
+demo starts: pages the guests have in common are shared between them
+through the group's store (--no-group: each guest on its own). The objects are
 created with mode=user but switched to mode=off before the guests run, so
 that the guest RAM's anonymous memory can be measured once the workloads
 filled it, unmerged; then mode=user is switched on and the demo shows, per
@@ -24,6 +27,7 @@ previous settings at the end (also on Ctrl-C).
 import argparse
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -35,12 +39,15 @@ DEFAULT_MODE = "user"
 GUEST_MEM = "256M"
 KSM_BRISK = dict(pages_to_scan=2000, sleep_millisecs=10)
 MIB = 1 << 20
+BROKER = os.path.join(ROOT, "build", "mem-share-broker")
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", default=DEFAULT_MODE, choices=("kernel", "user"),
                     help="mem-share mode (default %(default)s)")
+    ap.add_argument("--no-group", action="store_true",
+                    help="mode=user: no broker group, each guest on its own")
     ap.add_argument("--mib", type=int, default=128,
                     help="workload memory per guest in MiB (default %(default)s)")
     ap.add_argument("--interval", type=float, default=2.0,
@@ -79,6 +86,7 @@ def user_snapshot(guests, ranges):
         u = e.get("user") or {}
         rows.append(dict(merged=e.get("pages-merged", 0), zero=e.get("pages-zero", 0),
                          store=u.get("store-pages", 0), saved=u.get("bytes-saved", 0),
+                         group=(u.get("group") or {}).get("pages", 0),
                          anon=mg.range_anon_kb(g.pid, rng) * 1024,
                          cpu=e.get("scan-cpu-ns", 0) / 1e9, entry=e))
     return rows
@@ -150,7 +158,7 @@ def keep_watching(stability, rows, now, args, guests):
     return True
 
 
-def user_demo(args, guests, ranges, filled):
+def user_demo(args, guests, ranges, filled, sock=None):
     """mode=user: measure the unmerged guest RAM, switch mode=user on, show
     the figures until they are stable, summarize. Returns the exit status."""
     for g in guests:
@@ -198,6 +206,7 @@ def user_demo(args, guests, ranges, filled):
         u = e.get("user") or {}
         r.update(merged=e.get("pages-merged", 0), zero=e.get("pages-zero", 0),
                  store=u.get("store-pages", 0), saved=u.get("bytes-saved", 0),
+                 group=(u.get("group") or {}).get("pages", 0),
                  anon=anon_kb * 1024, cpu=e.get("scan-cpu-ns", 0) / 1e9, entry=e)
     for g in guests:
         g.qmp("cont")
@@ -215,17 +224,25 @@ def user_demo(args, guests, ranges, filled):
         total_drop += drop
         total_store += store
         total_cpu += r["cpu"]
-        say("  %s: pages merged %d (zero holes %d) of its %d guest pages (workload %s) "
-            "onto %d store pages" % (g.name, r["merged"], r["zero"],
-                                     mg.size_bytes(GUEST_MEM) // page, f.group(1),
-                                     r["store"]))
+        say("  %s: pages merged %d (zero %d, on the group's store %d) of its %d guest "
+            "pages (workload %s); its own store %d pages"
+            % (g.name, r["merged"], r["zero"], r["group"],
+               mg.size_bytes(GUEST_MEM) // page, f.group(1), r["store"]))
         say("       bytes-saved %.1f MiB; measured (VMs stopped): guest RAM anonymous "
             "memory %.1f -> %.1f MiB (-%.1f MiB), store %.1f MiB: net %.1f MiB freed"
             % (r["saved"] / MIB, a0 / MIB, r["anon"] / MIB, drop / MIB, store / MIB,
                (drop - store) / MIB))
-    say("  memory saved:         %.1f MiB by mem-share's count (bytes-saved), %.1f MiB "
+    group_held = broker_bytes_held(sock)
+    if sock:
+        say("  group 'demo':         %s pages on the group's store (vm1 %d, vm2 %d), "
+            "which holds %.1f MiB for both" % (
+                sum(r["group"] for r in rows), rows[0]["group"], rows[1]["group"],
+                group_held / MIB))
+        total_saved -= group_held
+    say("  memory saved:         %.1f MiB by mem-share's count (bytes-saved%s), %.1f MiB "
         "measured on the host (anonymous memory freed minus the stores)"
-        % (total_saved / MIB, (total_drop - total_store) / MIB))
+        % (total_saved / MIB, " less the group's store" if sock else "",
+           (total_drop - total_store - group_held) / MIB))
     if stability.converged_at is not None:
         say("  time to converge:     %.0f s after mode=user was switched on"
             % stability.converged_at)
@@ -237,6 +254,15 @@ def user_demo(args, guests, ranges, filled):
     ok = say_verified(guests)
     ok = shutdown_guests(guests) and ok
     return 0 if ok else 1
+
+
+def broker_bytes_held(sock):
+    """Memory the broker's group store holds, from mem-share-broker --stats."""
+    if not sock:
+        return 0
+    out = subprocess.run([BROKER, "--stats", "--socket", sock], check=False,
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout
+    return sum(int(m) for m in re.findall(r"bytes-held\s+(\d+)", out))
 
 
 def set_mode(g, mode):
@@ -281,18 +307,31 @@ def main():
     guests = []
     ranges = []
     user_mode = args.mode == "user"
+    broker = sock = None
     rc = 1
     try:
         if ksm_ctx:
             ksm_ctx.__enter__()
         ksm0 = mg.ksm_sysfs()
         with mg.log_directory("ms-demo") as d:
+            extra_obj = ""
+            if user_mode and not args.no_group:
+                sock = os.path.join(d, "broker.sock")
+                broker = subprocess.Popen([BROKER, "--socket", sock],
+                                          stderr=open(os.path.join(d, "broker.log"), "w"))
+                for _ in range(500):
+                    if os.path.exists(sock):
+                        break
+                    time.sleep(0.01)
+                extra_obj = "group=demo,broker=%s" % sock
+                say("mem-share-broker pid %d on %s: both guests join group 'demo'"
+                    % (broker.pid, sock))
             for i in (1, 2):
                 cmd = ("ms.mib=%d ms.seed=%d ms.zero=25 ms.shared=50 ms.idle=1 "
                        "ms.interval=2 ms.rewrite=0" % (args.mib, i))
                 extra = ["-name", "vm%d,debug-threads=on" % i]
-                g = mg.Guest("vm%d" % i, mg.linux_guest_args(GUEST_MEM, args.mode, cmd) +
-                             extra, d)
+                g = mg.Guest("vm%d" % i, mg.linux_guest_args(
+                    GUEST_MEM, args.mode, cmd, backend_extra=extra_obj) + extra, d)
                 guests.append(g)
                 g.launch(cont=False)
                 if user_mode:
@@ -315,7 +354,7 @@ def main():
                 filled.append(m)
                 say("%s: %s" % (g.name, m.group(0)))
             if user_mode:
-                rc = user_demo(args, guests, ranges, filled)
+                rc = user_demo(args, guests, ranges, filled, sock)
                 return rc
             t0 = time.monotonic()
             hdr = ("%6s | %-41s | %-41s | %s" %
@@ -373,6 +412,9 @@ def main():
     finally:
         for g in guests:
             g.shutdown()
+        if broker:
+            broker.terminate()
+            broker.wait(10)
         if ksm_ctx:
             ksm_ctx.__exit__(None, None, None)
             say("host KSM settings restored (run=%d)" % mg.ksm_sysfs().get("run", -1))

@@ -340,7 +340,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ms_scanner_get_stats(u->scanner, &st);
     info->pages_scanned = st.pages_scanned;
     info->full_scans = st.full_scans;
-    info->pages_merged = st.pages_merged + st.zero_holes;
+    info->pages_merged = st.pages_merged + st.zero_holes + st.group_pages;
     info->pages_zero = st.zero_holes;
     info->cow_breaks = st.cow_breaks;
     info->scan_cpu_ns = qatomic_read(&u->cpu_ns);
