@@ -24,10 +24,12 @@
  * precopy.
  *
  * Background snapshot, on the source: write tracking registers the RAM
- * with its own userfaultfd for the whole snapshot.  mode=user refuses to
- * start while the background-snapshot capability is set, and setting the
- * capability while mode=user runs fails: QEMU's capability check
- * (patches/qemu) names the RAM block another userfaultfd holds.
+ * with a userfaultfd of its own for the whole snapshot.  The capability
+ * probe asks whether mem-share will release the RAM it holds (yes), and
+ * before the snapshot populates and write-protects the RAM, every
+ * mode=user object stops its scanner and unmerges; they start again when
+ * the migration state notifiers report the end of the snapshot.  While a
+ * snapshot runs, mode=user refuses to start.
  */
 
 #include "qemu/osdep.h"
@@ -39,6 +41,7 @@
 #include "qom/object.h"
 #include "sysemu/runstate.h"
 #include "migration/migration.h"
+#include "migration/misc.h"
 #include "migration/postcopy-ram.h"
 #include "hw/mem-share/mem-share.h"
 #include "trace.h"
@@ -46,28 +49,38 @@
 /* How often to look whether the postcopy listen thread has ended */
 #define MEM_SHARE_RESUME_POLL_MS 10
 
+/* Why objects are paused: a destination's postcopy, a source's snapshot */
+static bool mem_share_paused_postcopy;
+static bool mem_share_paused_snapshot;
+
 static NotifierWithReturn mem_share_postcopy_notifier;
 static VMChangeStateEntry *mem_share_vm_change;
 static QEMUTimer *mem_share_resume_timer;
+
+typedef struct MemSharePause {
+    const char *why;
+    Error **errp;
+} MemSharePause;
 
 static int mem_share_pause_one(Object *obj, void *opaque)
 {
     MemShareBackend *ms = (MemShareBackend *)
                           object_dynamic_cast(obj, TYPE_MEM_SHARE);
+    MemSharePause *p = opaque;
+    Error **errp = p->errp;
     const char *id;
-    Error **errp = opaque;
 
     if (!ms || !ms->user) {
         return 0;
     }
     id = object_get_canonical_path_component(obj);
     if (!mem_share_user_stop(ms, true, errp)) {
-        error_prepend(errp, "mem-share '%s' cannot give its RAM to postcopy: ",
-                      id);
+        error_prepend(errp, "mem-share '%s' cannot give its RAM to %s: ",
+                      id, p->why);
         return -1;
     }
     ms->migration_paused = true;
-    trace_mem_share_migration_pause(id, "postcopy");
+    trace_mem_share_migration_pause(id, p->why);
     return 0;
 }
 
@@ -97,6 +110,8 @@ static int mem_share_resume_one(Object *obj, void *opaque)
 
 static void mem_share_migration_resume(void)
 {
+    mem_share_paused_postcopy = false;
+    mem_share_paused_snapshot = false;
     object_child_foreach(object_get_objects_root(), mem_share_resume_one,
                          NULL);
 }
@@ -113,6 +128,14 @@ static void mem_share_resume_timer_cb(void *opaque)
     mem_share_migration_resume();
 }
 
+static int mem_share_pause(const char *why, Error **errp)
+{
+    MemSharePause p = { .why = why, .errp = errp };
+
+    return object_child_foreach(object_get_objects_root(),
+                                mem_share_pause_one, &p);
+}
+
 static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data)
 {
     struct PostcopyNotifyData *pnd = data;
@@ -120,8 +143,8 @@ static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data)
     switch (pnd->reason) {
     case POSTCOPY_NOTIFY_INBOUND_ADVISE:
         /* The incoming coroutine, with the BQL */
-        return object_child_foreach(object_get_objects_root(),
-                                    mem_share_pause_one, pnd->errp);
+        mem_share_paused_postcopy = true;
+        return mem_share_pause("postcopy", pnd->errp);
     case POSTCOPY_NOTIFY_INBOUND_END:
         /*
          * The listen thread, without the BQL, before it unregisters the
@@ -146,11 +169,58 @@ static void mem_share_vm_state_change(void *opaque, bool running,
 {
     PostcopyState ps = postcopy_state_get();
 
-    if (running && ps != POSTCOPY_INCOMING_LISTENING &&
+    if (running && mem_share_paused_postcopy &&
+        ps != POSTCOPY_INCOMING_LISTENING &&
         ps != POSTCOPY_INCOMING_RUNNING) {
         mem_share_migration_resume();
     }
 }
+
+static int mem_share_write_tracking_notify(NotifierWithReturn *n,
+                                           void *data)
+{
+    WriteTrackingNotifyData *wtd = data;
+    MemShareBackend *ms;
+    bool locked;
+    int ret;
+
+    switch (wtd->reason) {
+    case WRITE_TRACKING_NOTIFY_PROBE:
+        /* A RAM block our scanner holds: released when the snapshot starts */
+        ms = (MemShareBackend *)
+             object_dynamic_cast(memory_region_owner(wtd->mr),
+                                 TYPE_MEM_SHARE);
+        return ms && ms->user ? 1 : 0;
+    case WRITE_TRACKING_NOTIFY_RELEASE:
+        /* The migration thread, before the RAM is populated and protected */
+        locked = qemu_mutex_iothread_locked();
+        if (!locked) {
+            qemu_mutex_lock_iothread();
+        }
+        mem_share_paused_snapshot = true;
+        ret = mem_share_pause("a background snapshot", wtd->errp);
+        if (!locked) {
+            qemu_mutex_unlock_iothread();
+        }
+        return ret;
+    default:
+        return 0;
+    }
+}
+
+/* Main loop: the end of an outgoing migration (a background snapshot) */
+static void mem_share_migration_state_changed(Notifier *n, void *data)
+{
+    MigrationState *s = data;
+
+    if (mem_share_paused_snapshot &&
+        (migration_has_finished(s) || migration_has_failed(s))) {
+        mem_share_migration_resume();
+    }
+}
+
+static NotifierWithReturn mem_share_write_tracking_notifier;
+static Notifier mem_share_migration_state;
 
 void mem_share_migration_register(void)
 {
@@ -161,17 +231,23 @@ void mem_share_migration_register(void)
                                           mem_share_resume_timer_cb, NULL);
     mem_share_postcopy_notifier.notify = mem_share_postcopy_notify;
     postcopy_add_notifier(&mem_share_postcopy_notifier);
+    mem_share_write_tracking_notifier.notify = mem_share_write_tracking_notify;
+    ram_write_tracking_add_notifier(&mem_share_write_tracking_notifier);
+    mem_share_migration_state.notify = mem_share_migration_state_changed;
+    add_migration_state_change_notifier(&mem_share_migration_state);
     mem_share_vm_change =
         qemu_add_vm_change_state_handler(mem_share_vm_state_change, NULL);
 }
 
 bool mem_share_migration_check_user(MemShareBackend *ms, Error **errp)
 {
-    if (migrate_background_snapshot()) {
-        error_setg(errp, "mode=user cannot run while the migration capability"
-                   " background-snapshot is set: both need the guest RAM's"
-                   " userfaultfd write protection (clear the capability"
-                   " first, or use mode=off or mode=kernel)");
+    MigrationState *s = migrate_get_current();
+
+    if (migrate_background_snapshot() &&
+        migration_is_setup_or_active(s->state)) {
+        error_setg(errp, "mode=user cannot start while a background snapshot"
+                   " write-protects the guest RAM; it can once the snapshot"
+                   " ended");
         return false;
     }
     return true;

@@ -193,9 +193,9 @@ static void mem_share_set_mode(Object *obj, int value, Error **errp)
     MemShareBackend *ms = MEM_SHARE(obj);
 
     if (ms->migration_paused && value == MEM_SHARE_MODE_USER) {
-        error_setg(errp, "mode=user is paused while an incoming postcopy"
-                   " migration owns the guest RAM; it resumes by itself when"
-                   " the migration ends");
+        error_setg(errp, "mode=user is paused while a migration (postcopy"
+                   " or background snapshot) owns the guest RAM; it resumes"
+                   " by itself when the migration ends");
         return;
     }
     if (host_memory_backend_mr_inited(MEMORY_BACKEND(obj)) &&

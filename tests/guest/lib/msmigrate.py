@@ -295,3 +295,166 @@ def run(tap, log_dir, postcopy=False):
             if g is not None:
                 g.shutdown()
         check_all_verified(tap, src, dst)
+
+
+# ------------------------------------------------------------ background snapshot
+
+S_PRE = T_PRE
+S_BOOT = T_BOOT
+S_MERGED = T_SRC_MERGED
+S_CAP = "the background-snapshot capability can be set while mode=user runs"
+S_SNAP = "the background snapshot completes while the guest runs"
+S_SRC_AFTER = ("the source goes on: its scanner started again after the snapshot "
+               "(full-scans restarted below the figure before it), merges "
+               "(user.merges > 0), and the workload verifies 2 more rounds bad=0")
+S_RESTORE = ("a QEMU restored from the snapshot (mode=user) verifies every byte: "
+             "%d rounds bad=0" % DST_ROUNDS)
+S_RESTORE_MERGE = "the restored VM merges (pages-merged, user.merges > 0)"
+S_DONE = "both workloads end 'done ok'; no error in either QEMU's log"
+S_ALL_OK = "every verification of both reported bad=0 (no lost write)"
+SNAP_NAMES = [S_PRE, S_BOOT, S_MERGED, S_CAP, S_SNAP, S_SRC_AFTER, S_RESTORE,
+              S_RESTORE_MERGE, S_DONE, S_ALL_OK]
+
+
+def wait_rounds(g, n, start):
+    """Wait for n more verified rounds from line start; return (rounds, index)."""
+    got = []
+    for _ in range(n):
+        i, m = g.wait_line(VERIFY_RX, ROUND_TIMEOUT, start=start, fail_pattern=FAIL_RX)
+        got.append(int(m.group(1)))
+        start = i + 1
+    return got, start
+
+
+def wait_merges(g, deadline_s=MERGE_TIMEOUT):
+    deadline = time.monotonic() + mg.scaled(deadline_s)
+    while True:
+        e = g.query_mem_share("m0")
+        ok = e.get("pages-merged", 0) > 0 and user(e, "merges") > 0
+        if ok or time.monotonic() > deadline or not g.is_running():
+            return ok, e
+        time.sleep(1)
+
+
+def run_snapshot(tap, log_dir):
+    src = dst = None
+    snap = os.path.join(log_dir, "snapshot.bin")
+    guests = []
+    try:
+        src = mg.Guest("src", mg.linux_guest_args(MEM, "user", cmdline()) +
+                       ["-name", "src,debug-threads=on"], log_dir)
+        guests.append(src)
+        src.launch()
+        _, m = src.wait_line(r"MS-WORKLOAD filled pages=(\d+)", BOOT_TIMEOUT,
+                             fail_pattern=FAIL_RX)
+        tap.ok(S_BOOT, True, diag="source: " + m.group(0))
+        wait_merging(tap, src)
+        src.wait_line(VERIFY_RX, ROUND_TIMEOUT, fail_pattern=FAIL_RX)
+
+        r = src.vm.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": "background-snapshot", "state": True}])
+        before = src.query_mem_share("m0")
+        tap.ok(S_CAP, "error" not in r and "user" in before,
+               diag="%s; source: %s" % (r, fmt(before)))
+        if "error" in r:
+            raise mg.GuestError("cannot set background-snapshot: %s" % r["error"])
+
+        src.qmp("migrate", uri="exec:cat > %s" % snap)
+        t0 = time.monotonic()
+        deadline = t0 + mg.scaled(MIGRATE_TIMEOUT)
+        while True:
+            info = src.qmp("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled") or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        e = src.query_mem_share("m0")
+        st = src.qmp("query-status")["status"]
+        mark = len(src.lines)
+        ok = info.get("status") == "completed" and st == "running"
+        tap.ok(S_SNAP, ok, diag="after %.1f s: %s, source %s, snapshot %d bytes; "
+               "source right after: %s" % (time.monotonic() - t0, info.get("status"), st,
+                                           os.path.getsize(snap) if os.path.exists(snap)
+                                           else -1, fmt(e)))
+        if not ok:
+            raise mg.GuestError("snapshot failed: %s" % info)
+        src.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": "background-snapshot", "state": False}])
+
+        problems = []
+        merged, e = wait_merges(src)
+        if not merged:
+            problems.append("source does not merge again: %s" % fmt(e))
+        if not e.get("full-scans", 0) < before.get("full-scans", 0):
+            problems.append("source's scanner was not restarted: full-scans %s "
+                            "before the snapshot, %s after"
+                            % (before.get("full-scans"), e.get("full-scans")))
+        try:
+            got, _ = wait_rounds(src, 2, mark)
+        except mg.GuestError as err:
+            got = []
+            problems.append(str(err))
+        tap.ok(S_SRC_AFTER, not problems,
+               diag="\n".join(problems + ["source now: %s; rounds after the snapshot: %s"
+                                          % (fmt(e), got)]))
+
+        dst = mg.Guest("restored", mg.linux_guest_args(MEM, "user", cmdline()) +
+                       ["-name", "restored,debug-threads=on",
+                        "-incoming", "exec:cat %s" % snap], log_dir)
+        guests.append(dst)
+        dst.launch(cont=False)
+        deadline = time.monotonic() + mg.scaled(MIGRATE_TIMEOUT)
+        while dst.qmp("query-status")["status"] == "inmigrate" and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        dst.qmp("cont")
+        problems = []
+        try:
+            got, _ = wait_rounds(dst, DST_ROUNDS, 0)
+        except mg.GuestError as err:
+            got = []
+            problems.append(str(err))
+        tap.ok(S_RESTORE, not problems,
+               diag="\n".join(problems + ["restored rounds verified after rewrite: %s"
+                                          % got]))
+        merged, e = wait_merges(dst)
+        tap.ok(S_RESTORE_MERGE, merged, diag="restored: %s" % fmt(e))
+
+        problems = []
+        for g in guests:
+            g.send("q\n")
+        for g in guests:
+            try:
+                g.wait_line(r"^MS-WORKLOAD done ok", ROUND_TIMEOUT, fail_pattern=FAIL_RX)
+                code = g.wait_exit(60)
+                if code != 0:
+                    problems.append("%s: QEMU exit status %s" % (g.name, code))
+            except mg.GuestError as err:
+                problems.append(str(err))
+            bad = [l for l in g.qemu_log().splitlines()
+                   if re.search(r"userfault|fail|error|warning", l, re.I)]
+            if bad:
+                problems.append("%s QEMU log: %s" % (g.name, "; ".join(bad)))
+        tap.ok(S_DONE, not problems, diag="\n".join(problems) if problems else None)
+    except mg.GuestError as err:
+        tap.diag(str(err))
+        for g in guests:
+            tap.diag("%s console tail:\n%s" % (g.name, "\n".join(g.tail())))
+            log = g.qemu_log()
+            if log:
+                tap.diag("%s QEMU log:\n%s" % (g.name, log))
+    finally:
+        for g in guests:
+            g.shutdown()
+        problems = []
+        for g in guests:
+            fails = [l for l in g.lines if FAIL_RX in l]
+            if fails:
+                problems.append("%s: %s" % (g.name, fails[0]))
+            if "MS-WORKLOAD done ok" not in g.lines:
+                problems.append("%s: no 'done ok'" % g.name)
+        if len(guests) < 2:
+            problems.append("no restored VM")
+        tap.ok(S_ALL_OK, not problems,
+               diag="\n".join(problems + ["%s: rounds %s" % (g.name, rounds(g))
+                                          for g in guests]))
