@@ -173,6 +173,14 @@ typedef struct Region {
     MsMergeStore store;
     uint32_t *label;        /* per page: slot its VMA maps, or ANON */
     uint8_t *forced;        /* per page: a VMA starts here, whatever labels */
+    /*
+     * The second store's slots are numbered from base2.  A second store
+     * that was replaced (a broker that came back with a new store) keeps
+     * its numbers, [old base, base2), for the pages that still map it:
+     * they never join a page of another store.
+     */
+    uint32_t base2;
+    GArray *starts;         /* uint32_t: first slot of each replaced store */
 } Region;
 
 struct MsMerger {
@@ -203,6 +211,9 @@ static void region_free(gpointer p)
 
     g_free(r->label);
     g_free(r->forced);
+    if (r->starts) {
+        g_array_free(r->starts, true);
+    }
     g_free(r);
 }
 
@@ -476,16 +487,23 @@ static bool get_run(MsMerger *m, void *host, size_t n, Run *run,
  * Do pages labelled @a then @b (neighbours, in this order) share a VMA?
  * Not across the boundary between the two stores: different files.
  */
+static bool store_start(const Region *r, uint32_t slot)
+{
+    if (slot == r->store.nslots || slot == r->base2) {
+        return true;
+    }
+    for (guint i = 0; r->starts && i < r->starts->len; i++) {
+        if (g_array_index(r->starts, uint32_t, i) == slot) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static bool joined(const Region *r, uint32_t a, uint32_t b)
 {
     return a == ANON ? b == ANON :
-           b != ANON && b == a + 1 && b != r->store.nslots;
-}
-
-/* All the slots of a region's stores */
-static uint64_t total_slots(const Region *r)
-{
-    return (uint64_t)r->store.nslots + r->store.nslots2;
+           b != ANON && b == a + 1 && !store_start(r, b);
 }
 
 /* Is [@first, @first + @n) a valid run of slots of one store of @r? */
@@ -493,8 +511,10 @@ static bool slots_valid(const Region *r, uint32_t first, size_t n)
 {
     uint64_t end = (uint64_t)first + n;
 
-    return end <= total_slots(r) &&
-           (first >= r->store.nslots || end <= r->store.nslots);
+    if (end <= r->store.nslots) {
+        return true;
+    }
+    return first >= r->base2 && end <= (uint64_t)r->base2 + r->store.nslots2;
 }
 
 /* Label of page @i of the run after relabelling it from @first_slot */
@@ -686,7 +706,41 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
     for (size_t i = 0; i < npages; i++) {
         r->label[i] = ANON;
     }
+    r->base2 = store->nslots;
     g_ptr_array_add(m->regions, r);
+    return true;
+}
+
+bool ms_merger_replace_second_store(MsMerger *m, void *host, int fd,
+                                    const void *view, uint32_t nslots,
+                                    uint32_t *base, GError **errp)
+{
+    Region *r = find_region(m, host);
+    uint64_t next;
+
+    if (!r || r->base != host) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "%p does not start a mem-share region", host);
+        return false;
+    }
+    next = (uint64_t)r->base2 + r->store.nslots2;
+    if (next + nslots >= MS_MERGE_ZERO) {
+        g_set_error(errp, MS_ENGINE_ERROR, ENOSPC,
+                    "no slot numbers left for another store of %u slots",
+                    nslots);
+        return false;
+    }
+    if (r->store.nslots2) {
+        if (!r->starts) {
+            r->starts = g_array_new(false, false, sizeof(uint32_t));
+        }
+        g_array_append_val(r->starts, r->base2);
+    }
+    r->base2 = next;
+    r->store.fd2 = fd;
+    r->store.view2 = view;
+    r->store.nslots2 = nslots;
+    *base = r->base2;
     return true;
 }
 
@@ -873,7 +927,7 @@ static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
 
         p = mmap(run->host, run->len, PROT_READ | PROT_WRITE, flags,
                  second ? st->fd2 : st->fd,
-                 (off_t)(second ? first_slot - st->nslots : first_slot) *
+                 (off_t)(second ? first_slot - run->r->base2 : first_slot) *
                  m->page_size);
     }
     return p == MAP_FAILED ? -errno : 0;
@@ -893,7 +947,8 @@ static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
     }
     if (slot >= st->nslots) {
         return memcmp(page, (const uint8_t *)st->view2 +
-                      (slot - st->nslots) * m->page_size, m->page_size) != 0;
+                      (slot - run->r->base2) * m->page_size,
+                      m->page_size) != 0;
     }
     return memcmp(page, (const uint8_t *)st->view + slot * m->page_size,
                   m->page_size) != 0;

@@ -199,7 +199,8 @@ struct MsScanner {
     size_t queued;
     /* Group sharing (see "Groups") */
     MsBrokerClient *group;
-    uint32_t gbase;         /* number of the group's slot 0 */
+    uint32_t gfirst;        /* first number any group store had */
+    uint32_t gbase;         /* number of the current group store's slot 0 */
     uint32_t gslots;
     int gfd;                /* our own descriptor of the group's store */
     uint8_t *gview;         /* read-only view of it */
@@ -293,6 +294,7 @@ static bool setup_group(MsScanner *s, GError **errp)
         return false;
     }
     s->gbase = ms_store_max_slots(s->store) + ms_store_zero_slots(s->store);
+    s->gfirst = s->gbase;
     s->gslots = bp->nslots;
     s->gfd = fcntl(ms_broker_client_store_fd(s->group), F_DUPFD_CLOEXEC, 0);
     if (s->gfd < 0 || s->gslots > MS_SLOT_NONE - s->gbase) {
@@ -458,9 +460,17 @@ static bool holds_private_memory(uint64_t pm)
  * Page @p no longer maps its slot (a write copied it, or it was made
  * private or discarded): give the reference back and count it out.
  */
+/* A slot of a group store, the current one or one the broker lost */
 static bool is_group_slot(const MsScanner *s, uint32_t slot)
 {
-    return s->group && slot != MS_SLOT_NONE && slot >= s->gbase;
+    return s->group && slot != MS_SLOT_NONE && slot >= s->gfirst;
+}
+
+/* A slot of the current group store: its reference is the broker's */
+static bool is_current_group_slot(const MsScanner *s, uint32_t slot)
+{
+    return is_group_slot(s, slot) && slot >= s->gbase &&
+           slot - s->gbase < s->gslots;
 }
 
 static void drop_slot(MsScanner *s, PageState *p)
@@ -471,7 +481,10 @@ static void drop_slot(MsScanner *s, PageState *p)
     } else if (is_group_slot(s, p->slot)) {
         uint32_t g = p->slot - s->gbase;
 
-        g_array_append_val(s->grel, g);
+        /* A store the broker lost took our references with it */
+        if (is_current_group_slot(s, p->slot)) {
+            g_array_append_val(s->grel, g);
+        }
         s->live.group_pages--;
     } else {
         ms_store_put(s->store, p->slot);
@@ -1335,6 +1348,63 @@ static void forget(MsScanner *s, PageState *p)
     }
     p->flags &= PG_WAS_MERGED;
     p->stable = 0;
+}
+
+/* ---- a broker that came back ---- */
+
+bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
+{
+    const MsBrokerParams *bp = ms_broker_client_params(c);
+    uint8_t *view;
+    uint32_t base;
+    int fd;
+
+    if (!s->group) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "the scanner was created without a group");
+        return false;
+    }
+    if (!bp || !ms_broker_client_alive(c) || bp->page_size != s->page_size) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "the broker client is not a live member of a group of "
+                    "%zu-byte pages", s->page_size);
+        return false;
+    }
+    fd = fcntl(ms_broker_client_store_fd(c), F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot use the group's store: %s", g_strerror(errno));
+        return false;
+    }
+    view = mmap(NULL, (size_t)bp->nslots * s->page_size, PROT_READ,
+                MAP_SHARED, fd, 0);
+    if (view == MAP_FAILED) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot map the group's store: %s", g_strerror(errno));
+        close(fd);
+        return false;
+    }
+    if (!ms_merger_replace_second_store(s->m, s->base, fd, view, bp->nslots,
+                                        &base, errp)) {
+        munmap(view, (size_t)bp->nslots * s->page_size);
+        close(fd);
+        return false;
+    }
+    /* Pages on the old store keep it alive through their own mappings */
+    munmap(s->gview, (size_t)s->gslots * s->page_size);
+    close(s->gfd);
+    s->gfd = fd;
+    s->gview = view;
+    s->gslots = bp->nslots;
+    s->gbase = base;
+    s->group = c;
+    /* References of the old broker died with it */
+    g_array_set_size(s->grel, 0);
+    g_array_set_size(s->glook, 0);
+    s->live.group_lost = 0;
+    s->live.group_rejoins++;
+    publish_stats(s);
+    return true;
 }
 
 bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp)

@@ -94,6 +94,17 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
 void ms_merger_remove_region(MsMerger *m, void *host);
 
 /*
+ * Give the region that starts at @host a new second store (a broker that
+ * came back with a new store for the group): @fd, @view, @nslots as in
+ * MsMergeStore.  Its slots are numbered from *@base, after every number
+ * the previous second stores used; pages that still map those keep their
+ * numbers.  The caller keeps @fd and @view valid while they are used.
+ */
+bool ms_merger_replace_second_store(MsMerger *m, void *host, int fd,
+                                    const void *view, uint32_t nslots,
+                                    uint32_t *base, GError **errp);
+
+/*
  * VMAs the engine may add to the process, net.  A merge that would bring
  * ms_merger_vmas() above it, even for a moment, is refused with
  * MS_MERGE_NO_BUDGET: at vm.max_map_count the kernel fails even an

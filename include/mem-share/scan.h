@@ -113,7 +113,8 @@ typedef struct MsScanStats {
     uint64_t group_lookups;     /* pages looked up in the group */
     uint64_t group_hits;        /* of which the group had, same bytes */
     uint64_t group_uploads;     /* pages given to the group (WANTED) */
-    uint64_t group_lost;        /* 1 once the broker connection failed */
+    uint64_t group_lost;        /* 1 while the broker connection is lost */
+    uint64_t group_rejoins;     /* ms_scanner_set_group() after a loss */
     int64_t vmas;               /* VMAs the merged mappings add, net */
     int64_t vma_budget;
     /*
@@ -168,6 +169,15 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp);
  * the slot is freed.  Scanner thread only.
  */
 bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp);
+
+/*
+ * After the broker connection was lost (group_lost), continue with @c, a
+ * new connection to the group (borrowed, as MsScanConfig.group): new
+ * merges use its store; pages that map the old store stay as they are
+ * (their mappings keep it alive) and are counted until written.  Scanner
+ * thread only.
+ */
+bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp);
 
 /* Copy the statistics of the last step; any thread. */
 void ms_scanner_get_stats(MsScanner *s, MsScanStats *st);

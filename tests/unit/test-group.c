@@ -356,6 +356,71 @@ static void test_broker_dies(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/* A member joins the group of a new broker after losing the old one */
+static void rejoin(Fixture *f, Region *r, const char *name)
+{
+    g_autoptr(GError) err = NULL;
+    MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", name, 0, &err);
+
+    g_assert_no_error(err);
+    g_assert_true(ms_scanner_set_group(r->s, c, &err));
+    g_assert_no_error(err);
+    ms_broker_client_free(r->c);
+    r->c = c;
+}
+
+/*
+ * After the broker died and a new one started, the members rejoin: pages
+ * on the old store stay merged, new sharing goes through the new store,
+ * and a write to an old page releases nothing on the new broker.
+ */
+static void test_rejoin(Fixture *f, gconstpointer data)
+{
+    MsProtoGroupStats gs;
+    MsScanStats sa;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    kill(f->pid, SIGKILL);
+    waitpid(f->pid, NULL, 0);
+    pass(&f->a);
+    pass(&f->b);
+    g_assert_cmpuint(stats(&f->a).group_lost, ==, 1);
+    unlink(f->path);
+    broker_start(f);
+    rejoin(f, &f->a, "vm-a2");
+    rejoin(f, &f->b, "vm-b2");
+    g_assert_cmpuint(stats(&f->a).group_lost, ==, 0);
+    g_assert_cmpuint(stats(&f->a).group_rejoins, ==, 1);
+    /* New contents both have once */
+    for (size_t k = 0; k < 32; k++) {
+        set_page(&f->a, 400 + k, 5000 + k);
+        set_page(&f->b, 800 + k, 5000 + k);
+    }
+    converge(f);
+    sa = stats(&f->a);
+    g_assert_cmpuint(sa.group_pages, ==, NSHARED + 32);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED + 32);
+    gs = group_stats(&f->a);
+    g_assert_cmpuint(gs.slots_used, ==, 32);
+    g_assert_cmpuint(gs.shared_slots, ==, 32);
+    g_assert_cmpuint(gs.refs, ==, 64);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+    /* A write to a page of the old store: nothing to release here */
+    f->a.ram[(f->a.shared_at + 1) * page] ^= 1;
+    f->a.expect[(f->a.shared_at + 1) * page] ^= 1;
+    pass(&f->a);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED + 31);
+    g_assert_cmpuint(group_stats(&f->a).refs, ==, 64);
+    g_assert_cmpuint(stats(&f->a).group_lost, ==, 0);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -364,5 +429,6 @@ int main(int argc, char **argv)
     g_test_add("/group/share", Fixture, NULL, setup, test_share, teardown);
     g_test_add("/group/broker-dies", Fixture, NULL, setup, test_broker_dies,
                teardown);
+    g_test_add("/group/rejoin", Fixture, NULL, setup, test_rejoin, teardown);
     return g_test_run();
 }

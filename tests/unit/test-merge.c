@@ -950,7 +950,43 @@ static void test_two_stores(Fixture *f, gconstpointer data)
     g_assert_false(ms_merge_run(f->m, ram2 + 20 * page, 2, NSLOTS + 7, NULL,
                                 &res, &err));
     g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
-    ms_merger_remove_region(f->m, ram2);
+    g_clear_error(&err);
+
+    /*
+     * A new second store (a broker that came back) is numbered after the
+     * old one, whose pages stay: the old store's last slot and the new
+     * one's first are not neighbours, and old numbers take no new merge.
+     */
+    {
+        g_autoptr(MsStore) group2 = ms_store_new(page, 8, &err);
+        uint32_t base, s7, n0;
+
+        g_assert_true(ms_store_alloc_run(group, 7, 1, &s7, &err));
+        g_assert_true(ms_store_publish(group, s7, ram2 + 30 * page, &err));
+        g_assert_true(ms_merge_run(f->m, ram2 + 30 * page, 1, NSLOTS + s7,
+                                   NULL, &res, &err));
+        g_assert_true(ms_merger_replace_second_store(
+            f->m, ram2, ms_store_ro_fd(group2), ms_store_view(group2, 0), 8,
+            &base, &err));
+        g_assert_cmpuint(base, ==, NSLOTS + 8);
+        g_assert_true(ms_store_alloc_run(group2, 0, 1, &n0, &err));
+        g_assert_true(ms_store_publish(group2, n0, ram2 + 31 * page, &err));
+        g_assert_true(ms_merge_run(f->m, ram2 + 31 * page, 1, base + n0, NULL,
+                                   &res, &err));
+        g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+        /*
+         * 10, 11, 30, 31: four mappings in two pairs, 6 VMAs added (5 if
+         * 30 and 31 were taken for one)
+         */
+        g_assert_cmpint(ms_merger_vmas(f->m), ==, 6);
+        g_assert_cmpmem(ram2, NPAGES * page, expect, NPAGES * page);
+        g_assert_cmpmem(ram2 + 31 * page, page, ms_store_view(group2, n0),
+                        page);
+        g_assert_false(ms_merge_run(f->m, ram2 + 40 * page, 1, NSLOTS + 1,
+                                    NULL, &res, &err));
+        g_assert_error(err, MS_ENGINE_ERROR, EINVAL);
+        ms_merger_remove_region(f->m, ram2);
+    }
     munmap(ram2, NPAGES * page);
 }
 
