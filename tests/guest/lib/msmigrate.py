@@ -304,6 +304,8 @@ S_BOOT = T_BOOT
 S_MERGED = T_SRC_MERGED
 S_CAP = "the background-snapshot capability can be set while mode=user runs"
 S_SNAP = "the background snapshot completes while the guest runs"
+S_PAUSED = ("while the snapshot runs the source's scanner is stopped (no user "
+            "figures) and qom-set mode=user is refused, saying why")
 S_SRC_AFTER = ("the source goes on: its scanner started again after the snapshot "
                "(full-scans restarted below the figure before it), merges "
                "(user.merges > 0), and the workload verifies 2 more rounds bad=0")
@@ -312,7 +314,7 @@ S_RESTORE = ("a QEMU restored from the snapshot (mode=user) verifies every byte:
 S_RESTORE_MERGE = "the restored VM merges (pages-merged, user.merges > 0)"
 S_DONE = "both workloads end 'done ok'; no error in either QEMU's log"
 S_ALL_OK = "every verification of both reported bad=0 (no lost write)"
-SNAP_NAMES = [S_PRE, S_BOOT, S_MERGED, S_CAP, S_SNAP, S_SRC_AFTER, S_RESTORE,
+SNAP_NAMES = [S_PRE, S_BOOT, S_MERGED, S_CAP, S_PAUSED, S_SNAP, S_SRC_AFTER, S_RESTORE,
               S_RESTORE_MERGE, S_DONE, S_ALL_OK]
 
 
@@ -359,9 +361,29 @@ def run_snapshot(tap, log_dir):
         if "error" in r:
             raise mg.GuestError("cannot set background-snapshot: %s" % r["error"])
 
+        # Slow enough (~7 s) to look at the source while the snapshot runs
+        src.qmp("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
         src.qmp("migrate", uri="exec:cat > %s" % snap)
         t0 = time.monotonic()
         deadline = t0 + mg.scaled(MIGRATE_TIMEOUT)
+        paused = refused = None
+        still = False
+        while time.monotonic() < deadline:
+            info = src.qmp("query-migrate")
+            if info.get("status") != "setup":
+                break
+            time.sleep(0.05)
+        if info.get("status") == "active":
+            paused = src.query_mem_share("m0")
+            refused = src.vm.qmp("qom-set", path="/objects/m0", property="mode",
+                                 value="user")
+            still = src.qmp("query-migrate").get("status") == "active"
+        ok = (paused is not None and still and paused.get("mode") == "user" and
+              "user" not in paused and
+              "paused while a migration" in
+              (refused.get("error") or {}).get("desc", ""))
+        tap.ok(S_PAUSED, ok, diag="during the snapshot: %s; qom-set mode=user: %s"
+               % (fmt(paused) if paused else None, refused))
         while True:
             info = src.qmp("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled") or \
