@@ -28,7 +28,9 @@
  * when the scanner starts (creation fails if it cannot) and the scanner
  * also shares with the group's other members.  The broker connection is
  * the scanner thread's; if it fails, the object says so once, keeps what
- * it merged, and shares inside itself only from then on.
+ * it merged, shares inside itself only, and tries to join the group
+ * again every 5 s (a new broker has a new store: pages on the old one
+ * stay as they are until written).
  *
  * While the scanner runs, uncoordinated RAM discards (virtio-balloon) are
  * disabled: MADV_DONTNEED on a page that maps the store brings back the
@@ -56,11 +58,15 @@
 #define MEM_SHARE_QUIET     64
 /* Quiet passes halve the pace, at most this many times */
 #define MEM_SHARE_MAX_BACKOFF 5
+/* After losing the broker: try to join again this often, this long */
+#define MEM_SHARE_REJOIN_NS         (5 * NANOSECONDS_PER_SECOND)
+#define MEM_SHARE_REJOIN_TIMEOUT_MS 1000
 
 struct MemShareUser {
     MsScanner *scanner;
     MsBrokerClient *client; /* the group's broker, or NULL */
     bool lost_reported;
+    int64_t rejoin_at;      /* next attempt to join the group again */
     QemuThread thread;
     QemuMutex lock;         /* serialises the scanner and the fields below */
     QemuCond wakeup;
@@ -125,23 +131,66 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
     u->pass_work = work;
 }
 
-/* Say once that the broker went away: sharing goes on inside the VM */
+static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
+                                      GError **errp)
+{
+    const char *id = object_get_canonical_path_component(OBJECT(ms));
+    g_autofree char *client = g_strdup_printf("qemu-%d-%s", getpid(), id);
+
+    /* The broker's names are [A-Za-z0-9._-]: the id may hold more */
+    g_strcanon(client, G_CSET_A_2_Z G_CSET_a_2_z G_CSET_DIGITS "._-", '_');
+    return ms_broker_client_connect(ms->broker, ms->group, client,
+                                    timeout_ms, errp);
+}
+
+/*
+ * Say once that the broker went away (sharing goes on inside the VM),
+ * then try to join the group again every MEM_SHARE_REJOIN_NS.
+ */
 static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u)
 {
+    const char *id = object_get_canonical_path_component(OBJECT(ms));
+    g_autoptr(GError) gerr = NULL;
+    MsBrokerClient *c;
+    int64_t now;
     MsScanStats st;
 
-    if (!u->client || u->lost_reported) {
+    if (!u->client) {
         return;
     }
     ms_scanner_get_stats(u->scanner, &st);
-    if (st.group_lost) {
-        warn_report("mem-share '%s': lost the broker of group '%s' (%s);"
-                    " %" PRIu64 " pages merged with the group stay merged,"
-                    " no more sharing with the group",
-                    object_get_canonical_path_component(OBJECT(ms)),
-                    ms->group, ms->broker, st.group_pages);
-        u->lost_reported = true;
+    if (!st.group_lost) {
+        return;
     }
+    if (!u->lost_reported) {
+        warn_report("mem-share '%s': lost the broker of group '%s' (%s);"
+                    " %" PRIu64 " pages merged with the group stay merged;"
+                    " trying to join again every %d s", id, ms->group,
+                    ms->broker, st.group_pages,
+                    (int)(MEM_SHARE_REJOIN_NS / NANOSECONDS_PER_SECOND));
+        u->lost_reported = true;
+        u->rejoin_at = get_clock() + MEM_SHARE_REJOIN_NS;
+    }
+    now = get_clock();
+    if (now < u->rejoin_at) {
+        return;
+    }
+    u->rejoin_at = now + MEM_SHARE_REJOIN_NS;
+    c = mem_share_join(ms, MEM_SHARE_REJOIN_TIMEOUT_MS, &gerr);
+    if (!c) {
+        trace_mem_share_user_rejoin(id, false);
+        return;
+    }
+    if (!ms_scanner_set_group(u->scanner, c, &gerr)) {
+        ms_broker_client_free(c);
+        return;
+    }
+    ms_broker_client_free(u->client);
+    u->client = c;
+    u->lost_reported = false;
+    trace_mem_share_user_rejoin(id, true);
+    info_report("mem-share '%s': joined group '%s' again at %s", id,
+                ms->group, ms->broker);
 }
 
 static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
@@ -232,13 +281,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
 
     u = g_new0(MemShareUser, 1);
     if (ms->group) {
-        g_autofree char *client = g_strdup_printf("qemu-%d-%s", getpid(), id);
-
-        /* The broker's names are [A-Za-z0-9._-]: the id may hold more */
-        g_strcanon(client, G_CSET_A_2_Z G_CSET_a_2_z G_CSET_DIGITS "._-",
-                   '_');
-        u->client = ms_broker_client_connect(ms->broker, ms->group, client,
-                                             0, &gerr);
+        u->client = mem_share_join(ms, 0, &gerr);
         if (!u->client) {
             error_setg(errp, "mode=user: cannot join group '%s' at broker %s:"
                        " %s", ms->group, ms->broker, gerr->message);
@@ -370,6 +413,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
         gi->lookups = st.group_lookups;
         gi->hits = st.group_hits;
         gi->uploads = st.group_uploads;
+        gi->rejoins = st.group_rejoins;
         ui->has_group = true;
         ui->group = gi;
     }

@@ -850,6 +850,15 @@ static uint64_t group_pages(QTestState *qts)
     return pages;
 }
 
+static bool group_info_connected(QTestState *qts)
+{
+    QDict *g = group_info(qts);
+    bool connected = qdict_get_bool(g, "connected");
+
+    qobject_unref(g);
+    return connected;
+}
+
 static void scan_now(QTestState *qts)
 {
     qtest_qmp_assert_success(qts, "{ 'execute': 'mem-share-scan-now', "
@@ -923,6 +932,44 @@ static void test_user_group(void)
     }
     check_group_pages(a, 40 * MiB, 5);
     check_group_pages(b, 72 * MiB, -1);
+
+    /* A new broker: the members join again and share through it */
+    unlink(sock);
+    broker = start_broker(sock);
+    for (int tries = 0; ; tries++) {
+        g = group_info(a);
+        if (qdict_get_bool(g, "connected")) {
+            g_assert_cmpuint(qdict_get_int(g, "rejoins"), ==, 1);
+            qobject_unref(g);
+            break;
+        }
+        qobject_unref(g);
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        g_usleep(50 * 1000);
+    }
+    {
+        uint64_t before = group_pages(a);
+        g_autofree uint8_t *page = g_malloc(PAGE);
+
+        for (int k = 0; k < 16; k++) {
+            fill_content(page, 5000 + k);
+            qtest_memwrite(a, 100 * MiB + k * PAGE, page, PAGE);
+            qtest_memwrite(b, 110 * MiB + k * PAGE, page, PAGE);
+        }
+        for (int tries = 0; group_pages(a) < before + 16 ||
+                            !group_info_connected(b); tries++) {
+            g_assert_cmpint(tries, <, 600);
+            scan_now(a);
+            scan_now(b);
+            g_usleep(50 * 1000);
+        }
+    }
+    check_group_pages(a, 40 * MiB, 5);
+    check_group_pages(b, 72 * MiB, -1);
+    kill(broker, SIGKILL);
+    waitpid(broker, NULL, 0);
+    g_spawn_close_pid(broker);
     qtest_quit(a);
     qtest_quit(b);
     qtest_quit(c);
