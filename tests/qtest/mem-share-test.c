@@ -865,11 +865,32 @@ static void scan_now(QTestState *qts)
                              "'arguments': { 'id': 'm0' } }");
 }
 
+/* A figure of one group from mem-share-broker --stats */
+static uint64_t broker_figure(const char *sock, const char *group,
+                              const char *name)
+{
+    const char *argv[] = { broker_binary(), "--stats", "--socket", sock,
+                           NULL };
+    g_autofree char *out = NULL;
+    g_autofree char *head = g_strdup_printf("group %s\n", group);
+    g_autofree char *key = g_strdup_printf("\n  %s ", name);
+    const char *at;
+
+    g_assert(g_spawn_sync(NULL, (char **)argv, NULL,
+                          G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out, NULL,
+                          NULL, NULL));
+    at = strstr(out, head);
+    g_assert(at);
+    at = strstr(at, key);
+    g_assert(at);
+    return g_ascii_strtoull(at + strlen(key), NULL, 10);
+}
+
 static void test_user_group(void)
 {
     g_autofree char *dir = g_dir_make_tmp("mem-share-group-XXXXXX", NULL);
     g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
-    QTestState *a, *b, *c;
+    QTestState *a, *b, *c, *d;
     QDict *g;
     GPid broker;
 
@@ -880,21 +901,32 @@ static void test_user_group(void)
     broker = start_broker(sock);
     a = start_member("g1", sock);
     b = start_member("g1", sock);
+    d = start_member("g1", sock);
     c = start_member("g2", sock);
     /* Each page once in each VM, at different places */
     write_group_pages(a, 40 * MiB);
     write_group_pages(b, 72 * MiB);
+    write_group_pages(d, 88 * MiB);
     write_group_pages(c, 56 * MiB);
     for (int tries = 0; group_pages(a) < G_PAGES ||
-                        group_pages(b) < G_PAGES; tries++) {
+                        group_pages(b) < G_PAGES ||
+                        group_pages(d) < G_PAGES; tries++) {
         g_assert_cmpint(tries, <, 600);
         scan_now(a);
         scan_now(b);
+        scan_now(d);
         scan_now(c);
         g_usleep(50 * 1000);
     }
     scan_now(c);
-    g_assert_cmpuint(group_pages(c), ==, 0);
+    /* g1's members share them; g2's one member shares with nobody */
+    g_assert_cmpuint(broker_figure(sock, "g1", "clients"), ==, 3);
+    g_assert_cmpuint(broker_figure(sock, "g1", "shared-slots"), >=, G_PAGES);
+    g_assert_cmpuint(broker_figure(sock, "g2", "clients"), ==, 1);
+    g_assert_cmpuint(broker_figure(sock, "g2", "shared-slots"), ==, 0);
+    g_assert_cmpuint(group_pages(c), <, G_PAGES);
+    check_group_pages(d, 88 * MiB, -1);
+    qtest_quit(d);
     g = group_info(a);
     g_assert_cmpstr(qdict_get_str(g, "group"), ==, "g1");
     g_assert(qdict_get_bool(g, "connected"));
