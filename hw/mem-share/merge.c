@@ -682,11 +682,6 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
                     host, npages);
         return false;
     }
-    r = g_new0(Region, 1);
-    r->base = host;
-    r->npages = npages;
-    r->flags = flags;
-    r->store = *store;
     ret = uffd_register_range(m, host, npages * m->page_size);
     if (ret < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, -ret,
