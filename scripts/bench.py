@@ -76,7 +76,6 @@ CONFIGS = {
                        group=True),
 }
 ORDER = ["off", "ksm-default", "ksm-tuned", "user", "user-maps", "user-group"]
-BROKER = os.path.join(ROOT, "build", "mem-share-broker")
 
 
 class Sysctl:
@@ -424,14 +423,7 @@ class Run:
         self.quiet = wait_quiet(self.args.quiet_wait, "host KSM is host-global")
         try:
             if cfg.get("group"):
-                sock = os.path.join(log_dir, "broker.sock")
-                broker = subprocess.Popen(
-                    [BROKER, "--socket", sock],
-                    stderr=open(os.path.join(log_dir, "broker.log"), "w"))
-                for _ in range(500):
-                    if os.path.exists(sock):
-                        break
-                    time.sleep(0.01)
+                broker, sock = mg.start_broker(log_dir)
                 backend_extra = "group=bench,broker=%s" % sock
                 say("  broker started (pid %d), group=bench" % broker.pid)
             sysctl.apply()

@@ -39,7 +39,6 @@ DEFAULT_MODE = "user"
 GUEST_MEM = "256M"
 KSM_BRISK = dict(pages_to_scan=2000, sleep_millisecs=10)
 MIB = 1 << 20
-BROKER = os.path.join(ROOT, "build", "mem-share-broker")
 
 
 def parse_args():
@@ -260,7 +259,7 @@ def broker_bytes_held(sock):
     """Memory the broker's group store holds, from mem-share-broker --stats."""
     if not sock:
         return 0
-    out = subprocess.run([BROKER, "--stats", "--socket", sock], check=False,
+    out = subprocess.run([mg.BROKER, "--stats", "--socket", sock], check=False,
                          stdout=subprocess.PIPE, universal_newlines=True).stdout
     return sum(int(m) for m in re.findall(r"bytes-held\s+(\d+)", out))
 
@@ -316,13 +315,7 @@ def main():
         with mg.log_directory("ms-demo") as d:
             extra_obj = ""
             if user_mode and not args.no_group:
-                sock = os.path.join(d, "broker.sock")
-                broker = subprocess.Popen([BROKER, "--socket", sock],
-                                          stderr=open(os.path.join(d, "broker.log"), "w"))
-                for _ in range(500):
-                    if os.path.exists(sock):
-                        break
-                    time.sleep(0.01)
+                broker, sock = mg.start_broker(d)
                 extra_obj = "group=demo,broker=%s" % sock
                 say("mem-share-broker pid %d on %s: both guests join group 'demo'"
                     % (broker.pid, sock))

@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -801,6 +802,24 @@ def emulated_mem_share(pid, obj_id):
                        "rmap-items": st.get("ksm_rmap_items", 0),
                        "process-profit": st.get("ksm_process_profit", 0)},
             "emulated": True}
+
+
+BROKER = os.path.join(ROOT, "build", "mem-share-broker")
+
+
+def start_broker(log_dir):
+    """Start mem-share-broker on log_dir/broker.sock (log in broker.log);
+    return (process, socket path) once it listens."""
+    sock = os.path.join(log_dir, "broker.sock")
+    with open(os.path.join(log_dir, "broker.log"), "w") as log:
+        proc = subprocess.Popen([BROKER, "--socket", sock], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise GuestError("mem-share-broker did not start (status %s)"
+                             % proc.poll())
+        time.sleep(0.01)
+    return proc, sock
 
 
 def linux_guest_args(mem="256M", mode="kernel", cmdline="", machine="q35",
