@@ -8,7 +8,10 @@
 #                              depends on), fetched with apt-get download and
 #                              unpacked with dpkg-deb: nothing is installed
 #   OUTDIR/workload            static guest workload (also runs on the host)
-#   OUTDIR/initramfs.cpio.gz   /init = workload, /dev/console, /proc, /dev
+#   OUTDIR/modules/*.ko        the kernel's virtio modules (virtio-blk,
+#                              virtio-balloon, virtio-mem and what they need)
+#   OUTDIR/initramfs.cpio.gz   /init = workload, /dev/console, /proc, /dev,
+#                              /lib/modules/*.ko (loaded with ms.virtio=1)
 #   OUTDIR/tiny.elf            32-bit multiboot test guest
 #
 # Idempotent: each artifact is rebuilt only when missing or older than its
@@ -27,6 +30,15 @@ mkdir -p "$OUT/dl"
 OUT=$(cd "$OUT" && pwd)
 
 log() { echo "guest: $*"; }
+
+# Modules of the device tests, in load order (each after what it needs),
+# as paths below lib/modules/VERSION/.  The workload loads them in this
+# order when the command line says ms.virtio=1 (workload.c's list).
+MODULES="kernel/drivers/virtio/virtio_ring kernel/drivers/virtio/virtio
+kernel/drivers/virtio/virtio_pci_legacy_dev
+kernel/drivers/virtio/virtio_pci_modern_dev kernel/drivers/virtio/virtio_pci
+kernel/drivers/block/virtio_blk kernel/drivers/virtio/virtio_balloon
+kernel/drivers/virtio/virtio_mem"
 
 # needs TARGET DEP... : true if TARGET is missing or older than any DEP
 needs() {
@@ -54,7 +66,7 @@ fetch_kernel() {
     # Up to date: the kernel was fetched after apt's package lists last
     # changed (asking apt costs seconds; skip it when nothing can differ).
     if [ -s "$OUT/vmlinuz" ] && [ -f "$OUT/vmlinuz.pkg" ] &&
-       ! needs "$OUT/vmlinuz.pkg" /var/lib/apt/lists; then
+       [ -d "$OUT/modules" ] && ! needs "$OUT/vmlinuz.pkg" /var/lib/apt/lists "$SELF"; then
         return 0
     fi
     pkg=$(kernel_pkg || true)
@@ -74,7 +86,7 @@ fetch_kernel() {
             exit 1
         fi
     fi
-    stamp="$pkg $ver"
+    stamp="$pkg $ver $(echo $MODULES | md5sum | cut -c1-8)"
     if [ -s "$OUT/vmlinuz" ] && [ -f "$OUT/vmlinuz.pkg" ] &&
        [ "$(cat "$OUT/vmlinuz.pkg")" = "$stamp" ]; then
         touch "$OUT/vmlinuz.pkg"
@@ -103,14 +115,27 @@ fetch_kernel() {
     tmp="$OUT/dl/x"
     rm -rf "$tmp"
     mkdir -p "$tmp"
-    # Same as dpkg-deb -x, restricted to boot/: the modules are not needed
-    # (the kernel's built-ins suffice) and would cost hundreds of MB.
-    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*'
+    # Same as dpkg-deb -x, restricted to boot/ and the few modules the
+    # device tests load (Debian builds virtio as modules); all of them would
+    # cost hundreds of MB.
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*' \
+        $(for m in $MODULES; do echo "./lib/modules/*/$m.ko"; done)
     set -- "$tmp"/boot/vmlinuz-*
     if [ ! -s "$1" ]; then
         echo "guest: no boot/vmlinuz-* in $deb" >&2
         exit 1
     fi
+    rm -rf "$OUT/modules"
+    mkdir -p "$OUT/modules"
+    for m in $MODULES; do
+        set -- "$tmp"/lib/modules/*/"$m.ko"
+        if [ ! -s "$1" ]; then
+            echo "guest: no $m.ko in $deb" >&2
+            exit 1
+        fi
+        cp "$1" "$OUT/modules/"
+    done
+    set -- "$tmp"/boot/vmlinuz-*
     cp "$1" "$OUT/vmlinuz.new"
     mv "$OUT/vmlinuz.new" "$OUT/vmlinuz"
     echo "$stamp" > "$OUT/vmlinuz.pkg"
@@ -126,11 +151,11 @@ build_workload() {
             "$SRC/workload/workload.c"
         mv "$OUT/workload.new" "$OUT/workload"
     fi
-    if needs "$OUT/initramfs.cpio.gz" "$OUT/workload" "$SELF"; then
+    if needs "$OUT/initramfs.cpio.gz" "$OUT/workload" "$SELF" "$OUT/vmlinuz.pkg"; then
         log "building initramfs"
         # newc archive written directly (no root needed for the device node,
         # reproducible: fixed owners and mtimes).
-        python3 - "$OUT/workload" "$OUT/initramfs.cpio" <<'EOF'
+        python3 - "$OUT/workload" "$OUT/initramfs.cpio" "$OUT"/modules/*.ko <<'EOF'
 import sys
 
 def entry(name, mode, data=b"", rdev=(0, 0), ino=[100]):
@@ -144,12 +169,18 @@ def entry(name, mode, data=b"", rdev=(0, 0), ino=[100]):
     out += data + b"\0" * (-len(data) % 4)
     return out
 
+import os
 init = open(sys.argv[1], "rb").read()
+mods = [entry("lib/modules/" + os.path.basename(m), 0o100644,
+              open(m, "rb").read()) for m in sorted(sys.argv[3:])]
 arc = b"".join([
     entry("dev", 0o040755),
     entry("dev/console", 0o020600, rdev=(5, 1)),
     entry("proc", 0o040555),
     entry("sys", 0o040555),
+    entry("lib", 0o040755),
+    entry("lib/modules", 0o040755),
+] + mods + [
     entry("init", 0o100755, init),
     entry("TRAILER!!!", 0),
 ])

@@ -17,6 +17,9 @@
  *   ms.idle=1      never power off: verify every interval forever
  *   ms.corrupt=K   self-test of the verifier: flip one byte of page K-1
  *                  after the fill (0 = off, default); the first verify fails
+ *   ms.virtio=1    as PID 1: load the virtio modules of the initramfs
+ *                  (/lib/modules, see build.sh) before anything else, for
+ *                  tests with virtio-blk, virtio-balloon or virtio-mem
  *
  * Page categories: the category of page i at generation g is a pure function
  * of (i, g); the zero/shared/unique split holds for every generation.
@@ -56,6 +59,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,8 +75,8 @@ static const char *cat_name[] = { "zero", "shared", "unique" };
 
 static struct {
     unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
-    unsigned long corrupt;
-} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0 };
+    unsigned long corrupt, virtio;
+} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0 };
 
 static int is_init;
 
@@ -315,7 +319,7 @@ static void parse_token(const char *t)
         { "ms.zero=", &P.zero }, { "ms.shared=", &P.shared },
         { "ms.rounds=", &P.rounds }, { "ms.rewrite=", &P.rewrite },
         { "ms.interval=", &P.interval }, { "ms.idle=", &P.idle },
-        { "ms.corrupt=", &P.corrupt },
+        { "ms.corrupt=", &P.corrupt }, { "ms.virtio=", &P.virtio },
     };
     for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
         size_t l = strlen(keys[k].name);
@@ -367,6 +371,37 @@ static void setup_init(void)
     }
 }
 
+/*
+ * The virtio modules, each after the ones it needs (build.sh puts them in
+ * the initramfs).  A missing one is reported and skipped: the test that
+ * needs its device finds out.
+ */
+static void load_modules(void)
+{
+    static const char *const mods[] = {
+        "virtio_ring", "virtio", "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev", "virtio_pci", "virtio_blk",
+        "virtio_balloon", "virtio_mem",
+    };
+
+    for (unsigned k = 0; k < sizeof(mods) / sizeof(mods[0]); k++) {
+        char path[64];
+        int fd;
+
+        snprintf(path, sizeof(path), "/lib/modules/%s.ko", mods[k]);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            say("MS-WORKLOAD module %s missing errno=%d", mods[k], errno);
+            continue;
+        }
+        if (syscall(SYS_finit_module, fd, "", 0) && errno != EEXIST) {
+            say("MS-WORKLOAD module %s failed errno=%d", mods[k], errno);
+        }
+        close(fd);
+    }
+    say("MS-WORKLOAD modules loaded");
+}
+
 int main(int argc, char **argv)
 {
     uint64_t counts[3] = { 0, 0, 0 };
@@ -380,6 +415,9 @@ int main(int argc, char **argv)
         for (int a = 1; a < argc; a++) {
             parse_token(argv[a]);
         }
+    }
+    if (is_init && P.virtio) {
+        load_modules();
     }
     if (P.zero > 100 || P.shared > 100 - P.zero || P.rewrite > 100 ||
         P.mib == 0) {
