@@ -10,6 +10,9 @@
  * Parameters, from the multiboot command line (-append "mib=16 passes=3"):
  *   base=N     start of the region in MiB (default 16)
  *   mib=N      size of the region in MiB (default 16)
+ *   kib=N      size of the region in KiB, a multiple of 4 (instead of mib):
+ *              for KVM hosts that emulate 32-bit guest code (about 10 s a
+ *              MiB written or read)
  *   passes=N   write+check passes (default 3); each pass writes new content;
  *              0 = until a 'q' arrives on the serial input (looked at after
  *              each pass; "TINY stop requested"), then "TINY done": for
@@ -138,8 +141,8 @@ enum { PAT_MIXED, PAT_DUP, PAT_UNIQUE, PAT_ZERO };
 static const char *const pat_name[] = { "mixed", "dup", "unique", "zero" };
 
 static struct {
-    uint32_t base, mib, passes, checks, seed, corrupt, pattern;
-} P = { 16, 16, 3, 1, 1, 0, PAT_MIXED };
+    uint32_t base, mib, kib, passes, checks, seed, corrupt, pattern;
+} P = { 16, 16, 0, 3, 1, 1, 0, PAT_MIXED };
 
 static int streq_prefix(const char *s, const char *p)
 {
@@ -163,7 +166,8 @@ static uint32_t atou(const char *s)
 static void parse_cmdline(const char *s)
 {
     static const struct { const char *k; uint32_t *v; } keys[] = {
-        { "base=", &P.base }, { "mib=", &P.mib }, { "passes=", &P.passes },
+        { "base=", &P.base }, { "mib=", &P.mib }, { "kib=", &P.kib },
+        { "passes=", &P.passes },
         { "checks=", &P.checks }, { "seed=", &P.seed },
         { "corrupt=", &P.corrupt },
     };
@@ -246,11 +250,17 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
         mem_upper_kib = mbi->mem_upper;
     }
     uint32_t start = P.base << 20;
-    uint32_t end = start + (P.mib << 20);
+    uint32_t kib = P.kib ? P.kib : P.mib << 10;
+    uint32_t end = start + (kib << 10);
     puts_("TINY start base=");
     puthex(start);
-    puts_(" mib=");
-    putdec(P.mib);
+    if (P.kib) {
+        puts_(" kib=");
+        putdec(P.kib);
+    } else {
+        puts_(" mib=");
+        putdec(P.mib);
+    }
     puts_(" passes=");
     putdec(P.passes);
     puts_(" checks=");
@@ -262,8 +272,8 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
     puts_("\n");
     /* The region must lie in RAM above the kernel image (at 1 MiB) and
      * below the end of RAM reported by the boot loader. */
-    if (P.base < 4 || P.mib == 0 || P.base + P.mib < P.base ||
-        P.base + P.mib > 4000 ||
+    if (P.base < 4 || kib == 0 || kib % 4 || kib > (4000u << 10) ||
+        P.base + (kib >> 10) + 1 > 4000 ||
         (mem_upper_kib && end > (1u << 20) + (mem_upper_kib << 10))) {
         puts_("TINY FAIL region outside RAM\n");
         qemu_exit(0);
