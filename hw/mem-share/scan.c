@@ -158,6 +158,7 @@ enum {
     PG_VOLATILE = 1 << 2,   /* the hash changed at the last visit */
     PG_WAS_MERGED = 1 << 3, /* merged before: the next merge is a re-merge */
     PG_PENDING = 1 << 4,    /* in a batch not merged yet */
+    PG_REHASH = 1 << 5,     /* hash at the next visit, dirty or not */
 };
 
 typedef struct PageState {
@@ -214,6 +215,9 @@ struct MsScanner {
     uint64_t last_merges;   /* merges in the previous pass */
     uint64_t pass_breaks;   /* copy-on-write breaks seen in this pass */
     uint64_t pm[CHUNK];
+    uint64_t dirty[CHUNK / 64];  /* this chunk's pages the log saw written */
+    size_t dirty_first;     /* the page of bit 0 of dirty[] */
+    bool use_dirty;         /* trust dirty[] for this chunk */
     MsScanStats live;       /* the scanner thread's */
     GMutex lock;            /* protects snap */
     MsScanStats snap;
@@ -520,6 +524,8 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
             drop_slot(s, p);
             /* Written, if with the same bytes: it must prove stable again */
             p->stable = 0;
+            /* The log may not have seen the write yet */
+            p->flags |= PG_REHASH;
             s->live.cow_breaks++;
             s->pass_breaks++;
         }
@@ -1240,6 +1246,27 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
 
 /* ---- scanning ---- */
 
+/*
+ * The page's hash: the one of the last visit if the dirty log says
+ * nobody wrote the page since (a write the log has not synced yet shows
+ * at the next visit; a merge on a stale hash fails its byte compare).
+ */
+static uint64_t visit_hash(MsScanner *s, size_t i, PageState *p)
+{
+    if (s->use_dirty) {
+        size_t k = i - s->dirty_first;
+
+        if (s->dirty[k / 64] & (1ULL << (k % 64))) {
+            s->live.pages_dirty++;
+        } else if ((p->flags & PG_KNOWN) && !(p->flags & PG_REHASH)) {
+            s->live.hash_skips++;
+            return p->hash;
+        }
+    }
+    p->flags &= ~PG_REHASH;
+    return ms_store_hash(s->store, page_at(s, i));
+}
+
 static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
 {
     PageState *p = &s->pg[i];
@@ -1255,17 +1282,32 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
     if (p->flags & PG_ZERO) {
         /* A write (or a read, on some kernels) filled our hole */
         p->flags &= ~PG_ZERO;
+        p->flags |= PG_REHASH;
         s->live.zero_holes--;
     }
-    h = ms_store_hash(s->store, page_at(s, i));
+    h = visit_hash(s, i, p);
     if (!observe(s, p, h)) {
         return true;
     }
     return candidate(s, i, h, errp);
 }
 
+/* This chunk's dirty bits, taken before its pages are read */
+static void take_dirty(MsScanner *s, size_t first, size_t n)
+{
+    s->use_dirty = false;
+    if (!s->cfg.dirty_take) {
+        return;
+    }
+    memset(s->dirty, 0, sizeof(s->dirty));
+    s->dirty_first = first;
+    s->cfg.dirty_take(s->cfg.dirty_opaque, first, n, s->dirty);
+    s->use_dirty = s->live.full_scans % MS_SCAN_REHASH_EVERY != 0;
+}
+
 static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
 {
+    take_dirty(s, first, n);
     if (!read_pagemap(s, first, n, errp) ||
         !settle_merged(s, first, n, errp)) {
         return false;

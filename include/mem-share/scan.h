@@ -77,7 +77,24 @@ typedef struct MsScanConfig {
      * to the group's store.
      */
     MsBrokerClient *group;
+    /*
+     * Dirty tracking (optional, NULL: every visit hashes the page).
+     * dirty_take() sets in @bits (bit k of word k / 64 for page
+     * first + k) the pages of [first, first + n) that were written since
+     * it last reported them, and forgets them; n <= 512.  Called by the
+     * scanner thread once per chunk: it must not take the BQL.  A clean
+     * page that was hashed before is not read again (its count of
+     * unchanged scans goes on); every MS_SCAN_REHASH_EVERY full scans,
+     * and after a copy-on-write break, pages are hashed whatever it says,
+     * so a writer the log misses costs merges, never correctness (every
+     * merge compares bytes anyway).
+     */
+    void (*dirty_take)(void *opaque, size_t first, size_t n, uint64_t *bits);
+    void *dirty_opaque;
 } MsScanConfig;
+
+/* With dirty tracking, one full scan in this many hashes every page */
+#define MS_SCAN_REHASH_EVERY 16
 
 /*
  * Statistics.  "now" figures describe the region at the end of the last
@@ -95,6 +112,8 @@ typedef struct MsScanStats {
     uint64_t slots_used;        /* now: store slots in use */
     uint64_t pages_volatile;    /* now: hash changed at the last visit */
     uint64_t hash_changes;      /* visits that found a changed hash */
+    uint64_t pages_dirty;       /* visits the dirty log said to re-hash */
+    uint64_t hash_skips;        /* visits not hashed: clean in the log */
     uint64_t merges;            /* pages merged onto the store */
     /*
      * Zero pages merged (holes or zero slots).  Where holes are used on a

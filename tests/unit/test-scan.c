@@ -47,6 +47,7 @@ typedef struct Fixture {
     size_t dup_pages;       /* pages whose content appears twice or more */
     size_t dup_contents;    /* distinct such contents */
     bool skip;
+    unsigned long *dirty;   /* the fake dirty log (Params.dirty), or NULL */
 } Fixture;
 
 typedef struct Params {
@@ -56,6 +57,7 @@ typedef struct Params {
     uint32_t store_slots;
     bool thp;               /* transparent huge pages, as QEMU asks */
     MsZeroMode zero;        /* zero holes or zero slots; AUTO: the host's */
+    bool dirty;             /* a dirty log: the test marks what it writes */
 } Params;
 
 static const Params normal = { .mib = 16, .stable_scans = 1 };
@@ -73,6 +75,8 @@ static const Params zero_slots = { .mib = 16, .stable_scans = 1,
                                    .zero = MS_ZERO_SLOTS };
 static const Params zero_holes = { .mib = 16, .stable_scans = 1,
                                    .zero = MS_ZERO_HOLES };
+static const Params dirty_log = { .mib = 16, .stable_scans = 1,
+                                  .dirty = true };
 
 /* Content ids: 0 zero, then duplicated contents, then unique pages */
 #define ID_ZERO 0
@@ -153,6 +157,28 @@ static void fill_ram(Fixture *f)
     memcpy(f->expect, f->ram, f->npages * page);
 }
 
+/* The fake dirty log: what QEMU's DIRTY_MEMORY_MEMSHARE client does */
+static void dirty_take(void *opaque, size_t first, size_t n, uint64_t *bits)
+{
+    Fixture *f = opaque;
+
+    g_assert_cmpuint(n, <=, 512);
+    for (size_t k = 0; k < n; k++) {
+        size_t i = first + k, w = i / (8 * sizeof(long));
+        unsigned long bit = 1UL << (i % (8 * sizeof(long)));
+
+        if (f->dirty[w] & bit) {
+            f->dirty[w] &= ~bit;
+            bits[k / 64] |= 1ULL << (k % 64);
+        }
+    }
+}
+
+static void mark_dirty(Fixture *f, size_t i)
+{
+    f->dirty[i / (8 * sizeof(long))] |= 1UL << (i % (8 * sizeof(long)));
+}
+
 static void setup(Fixture *f, gconstpointer data)
 {
     const Params *p = data;
@@ -178,6 +204,14 @@ static void setup(Fixture *f, gconstpointer data)
     cfg.vma_budget = p->vma_budget;
     cfg.store_slots = p->store_slots;
     cfg.zero_mode = p->zero;
+    if (p->dirty) {
+        /* Like a new RAM block: every page dirty */
+        f->dirty = g_new(unsigned long, f->npages / (8 * sizeof(long)) + 1);
+        memset(f->dirty, 0xff,
+               (f->npages / (8 * sizeof(long)) + 1) * sizeof(long));
+        cfg.dirty_take = dirty_take;
+        cfg.dirty_opaque = f;
+    }
     f->s = ms_scanner_new(&cfg, &err);
     if (!f->s) {
         g_test_skip(err->message);
@@ -191,6 +225,7 @@ static void teardown(Fixture *f, gconstpointer data)
     ms_scanner_free(f->s);
     munmap(f->ram, f->npages * page);
     g_free(f->expect);
+    g_free(f->dirty);
 }
 
 static void stats(Fixture *f, MsScanStats *st)
@@ -435,7 +470,19 @@ static void test_unmerge_all(Fixture *f, gconstpointer data)
     check_content(f);
     /* Scanning may start over */
     converge(f);
-    check_converged(f);
+    stats(f, &st);
+    if (!st.zero_slots && ms_read_fault_maps_zero_page()) {
+        /*
+         * The zero holes stayed holes, and reading them (check_content)
+         * mapped the shared zero page: nothing there to merge again
+         */
+        g_assert_cmpuint(st.zero_holes, ==, 0);
+        g_assert_cmpuint(st.pages_merged, ==, f->dup_pages);
+        g_assert_cmpuint(st.slots_used, ==, f->dup_contents);
+        check_refs(f);
+    } else {
+        check_converged(f);
+    }
     check_content(f);
 }
 
@@ -528,6 +575,75 @@ static void test_volatile(Fixture *f, gconstpointer data)
     pass(f);
     stats(f, &st);
     g_assert_cmpuint(st.pages_volatile, ==, 0);
+}
+
+/*
+ * With a dirty log, converged passes read no private page (they are all
+ * clean), a page the log says was written is hashed again and merged
+ * once it matches, and a write the log missed is found by the periodic
+ * full re-hash, never merged on a stale hash.
+ */
+static void test_dirty_log(Fixture *f, gconstpointer data)
+{
+    size_t u1 = f->npages / 8 + 1, u2 = f->npages / 8 + 2;
+    size_t d = find_page(f, ID_DUP(1), 0);
+    uint32_t slot_d;
+    MsScanStats st, st2;
+    size_t priv;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    g_assert_cmpuint(content_id(f->npages, u1), ==, ID_UNIQUE(u1));
+    g_assert_cmpuint(content_id(f->npages, u2), ==, ID_UNIQUE(u2));
+    converge(f);
+    check_converged(f);
+    stats(f, &st);
+    /*
+     * Every page was dirty at first, read by the first scan (a full
+     * re-hash, which consumes the log); nothing was written since
+     */
+    g_assert_cmpuint(st.pages_dirty, ==, 0);
+    g_assert_cmpuint(st.hash_skips, >, 0);
+    priv = f->npages - f->dup_pages - f->zeros;
+    pass(f);
+    stats(f, &st2);
+    g_assert_cmpuint(st2.hash_skips - st.hash_skips, ==, priv);
+    g_assert_cmpuint(st2.pages_dirty, ==, st.pages_dirty);
+
+    /* u1 becomes a copy of ID_DUP(1), and the log says so: merged */
+    fill(pg(f, u1), ID_DUP(1));
+    fill(f->expect + u1 * page, ID_DUP(1));
+    mark_dirty(f, u1);
+    /* u2 too, behind the log's back */
+    fill(pg(f, u2), ID_DUP(1));
+    fill(f->expect + u2 * page, ID_DUP(1));
+    slot_d = ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, d));
+    g_assert_cmpuint(slot_d, !=, MS_SLOT_NONE);
+    stats(f, &st);
+    pass(f);
+    pass(f);
+    stats(f, &st2);
+    g_assert_cmpuint(st2.pages_dirty, ==, st.pages_dirty + 1);
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u1)),
+                     ==, slot_d);
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u2)),
+                     ==, MS_SLOT_NONE);
+    check_content(f);
+    check_refs(f);
+    /* The full re-hash every MS_SCAN_REHASH_EVERY scans finds u2 */
+    stats(f, &st);
+    while (st.full_scans % MS_SCAN_REHASH_EVERY) {
+        pass(f);
+        stats(f, &st);
+    }
+    pass(f);
+    pass(f);
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u2)),
+                     ==, slot_d);
+    check_content(f);
+    check_refs(f);
 }
 
 static void test_discard(Fixture *f, gconstpointer data)
@@ -836,6 +952,8 @@ int main(int argc, char **argv)
     ADD("/scan/store-full", small_store, test_store_full);
     ADD("/scan/volatile", normal, test_volatile);
     ADD("/scan/discard", normal, test_discard);
+    ADD("/scan/dirty-log", dirty_log, test_dirty_log);
+    ADD("/scan/converge-dirty-log", dirty_log, test_converge);
     ADD("/scan/writers", eager, test_writers);
     ADD("/scan/churn", normal, test_churn);
     ADD("/scan/throughput", big, test_throughput);
