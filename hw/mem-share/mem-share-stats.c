@@ -177,6 +177,10 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                            PRIu64 ", volatile %" PRIu64 ", saved %" PRIu64
                            " bytes\n", u->store_pages, u->pages_shared,
                            u->pages_volatile, u->bytes_saved);
+            monitor_printf(mon, "  dirty tracking %s: pages dirty %" PRIu64
+                           ", hashes skipped %" PRIu64 "\n",
+                           MemShareDirtyTracking_str(u->dirty_tracking),
+                           u->pages_dirty, u->hash_skips);
             monitor_printf(mon, "  merges %" PRIu64 ", zero merges %" PRIu64
                            ", remerges %" PRIu64 ", mappings %" PRIu64 "/%"
                            PRIu64 ", refused: budget %" PRIu64 ", changed %"

@@ -65,6 +65,7 @@
 struct MemShareUser {
     MsScanner *scanner;
     MsBrokerClient *client; /* the group's broker, or NULL */
+    MemShareDirty *dirty;   /* dirty-tracking=kvm: the dirty log */
     bool lost_reported;
     int64_t rejoin_at;      /* next attempt to join the group again */
     QemuThread thread;
@@ -308,6 +309,10 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     qemu_mutex_init(&u->lock);
     qemu_cond_init(&u->wakeup);
     ms->user = u;
+    if (ms->dirty_tracking == MEM_SHARE_DIRTY_TRACKING_KVM) {
+        u->dirty = mem_share_dirty_start(ms);
+        ms_scanner_set_dirty_log(u->scanner, mem_share_dirty_take, u->dirty);
+    }
 
     /* Thread names are 15 characters at most */
     name = g_strndup(full_name, 15);
@@ -342,6 +347,7 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
                               unmerge);
     ms_scanner_free(u->scanner);
+    mem_share_dirty_stop(u->dirty);
     /* Our pages' references go with the connection */
     ms_broker_client_free(u->client);
     ram_block_discard_disable(false);
@@ -391,6 +397,9 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->store_pages = st.slots_used;
     ui->pages_shared = st.pages_merged;
     ui->pages_volatile = st.pages_volatile;
+    ui->dirty_tracking = ms->dirty_tracking;
+    ui->pages_dirty = st.pages_dirty;
+    ui->hash_skips = st.hash_skips;
     ui->merges = st.merges;
     ui->zero_merges = st.zero_merges;
     ui->zero_slots = st.zero_slots;

@@ -307,6 +307,22 @@ static void mem_share_set_map_budget(Object *obj, Visitor *v,
     ms->map_budget = value;
 }
 
+static int mem_share_get_dirty_tracking(Object *obj, Error **errp)
+{
+    return MEM_SHARE(obj)->dirty_tracking;
+}
+
+static void mem_share_set_dirty_tracking(Object *obj, int value,
+                                         Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+
+    if (!mem_share_check_not_started(ms, "dirty-tracking", errp)) {
+        return;
+    }
+    ms->dirty_tracking = value;
+}
+
 static char *mem_share_get_group(Object *obj, Error **errp)
 {
     return g_strdup(MEM_SHARE(obj)->group ?: "");
@@ -451,6 +467,17 @@ static void mem_share_class_init(ObjectClass *oc, void *data)
     object_class_property_set_description(oc, "map-budget",
         "mode=user: share of vm.max_map_count, in percent (1-90), that"
         " merged mappings may use. Default: 50");
+    object_class_property_add_enum(oc, "dirty-tracking",
+                                   "MemShareDirtyTracking",
+                                   &MemShareDirtyTracking_lookup,
+                                   mem_share_get_dirty_tracking,
+                                   mem_share_set_dirty_tracking);
+    object_class_property_set_description(oc, "dirty-tracking",
+        "mode=user: how changed pages are found: hash (hash every page at"
+        " every visit) or kvm (QEMU's dirty log: the KVM dirty log for"
+        " vCPU writes, TCG's and device emulation's marking otherwise;"
+        " costs the guest small pages under KVM). Default: hash. Set at"
+        " creation only");
     object_class_property_add_str(oc, "group", mem_share_get_group,
                                   mem_share_set_group);
     object_class_property_set_description(oc, "group",

@@ -1292,6 +1292,15 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
     return candidate(s, i, h, errp);
 }
 
+void ms_scanner_set_dirty_log(MsScanner *s,
+                              void (*take)(void *opaque, size_t first,
+                                           size_t n, uint64_t *bits),
+                              void *opaque)
+{
+    s->cfg.dirty_take = take;
+    s->cfg.dirty_opaque = opaque;
+}
+
 /* This chunk's dirty bits, taken before its pages are read */
 static void take_dirty(MsScanner *s, size_t first, size_t n)
 {

@@ -93,6 +93,15 @@ typedef struct MsScanConfig {
     void *dirty_opaque;
 } MsScanConfig;
 
+/*
+ * Give the scanner a dirty log (see MsScanConfig.dirty_take) after
+ * ms_scanner_new(), before the scanner thread first steps it.
+ */
+void ms_scanner_set_dirty_log(MsScanner *s,
+                              void (*take)(void *opaque, size_t first,
+                                           size_t n, uint64_t *bits),
+                              void *opaque);
+
 /* With dirty tracking, one full scan in this many hashes every page */
 #define MS_SCAN_REHASH_EVERY 16
 

@@ -139,6 +139,8 @@ static void test_cmdline_errors(void)
           "map-budget must be between 1 and 90" },
         { "-object mem-share,id=m0,size=64M,mode=fast",
           "Parameter 'mode' does not accept value 'fast'" },
+        { "-object mem-share,id=m0,size=64M,mode=user,dirty-tracking=pml",
+          "Parameter 'dirty-tracking' does not accept value 'pml'" },
         { "-object mem-share,id=m0,size=64M,mem-path=/dev/hugepages",
           "mem-path is not supported" },
         { "-object '{\"qom-type\":\"mem-share\",\"id\":\"m0\",\"size\":4097}'",
@@ -727,6 +729,67 @@ static void test_user_merge(void)
     unlink(pidfile);
 }
 
+/*
+ * dirty-tracking=kvm: the scanner follows QEMU's dirty log (here the
+ * writes of device emulation, qtest's memwrite): stable private pages are
+ * not read again, and a page written with a duplicate's content is hashed
+ * again because the log says it was written.
+ */
+#define D_UNIQUE_BASE   (40 * MiB)
+#define D_UNIQUE_PAGES  256
+
+static void test_user_dirty_log(void)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    QTestState *qts = start_vm("off,dirty-tracking=kvm", NULL);
+    uint64_t merged, dirty, skips, scans;
+    QDict *info, *user;
+
+    write_dups(qts, U_DUP_BASE, U_DUP_PAGES);
+    for (int i = 0; i < D_UNIQUE_PAGES; i++) {
+        memset(page, 0, PAGE);
+        memcpy(page, &i, sizeof(i));
+        page[PAGE - 1] = 0x5a;
+        qtest_memwrite(qts, D_UNIQUE_BASE + (uint64_t)i * PAGE, page, PAGE);
+    }
+    qom_set_mode(qts, "user");
+    info = wait_user(qts, "pages-merged", U_DUP_PAGES);
+    user = qdict_get_qdict(info, "user");
+    g_assert_cmpstr(qdict_get_str(user, "dirty-tracking"), ==, "kvm");
+    scans = qdict_get_int(info, "full-scans");
+    qobject_unref(info);
+
+    /* Nothing written: the unique pages are not read again */
+    info = wait_user(qts, "full-scans", scans + 2);
+    user = qdict_get_qdict(info, "user");
+    g_assert_cmpuint(qdict_get_int(user, "hash-skips"), >=, D_UNIQUE_PAGES);
+    dirty = qdict_get_int(user, "pages-dirty");
+    skips = qdict_get_int(user, "hash-skips");
+    merged = qdict_get_int(info, "pages-merged");
+    qobject_unref(info);
+
+    /* A unique page becomes a duplicate: the log tells, it merges */
+    fill_content(page, 1);
+    qtest_memwrite(qts, D_UNIQUE_BASE + 7 * PAGE, page, PAGE);
+    info = wait_user(qts, "pages-merged", merged + 1);
+    user = qdict_get_qdict(info, "user");
+    g_assert_cmpuint(qdict_get_int(user, "pages-dirty"), >, dirty);
+    g_assert_cmpuint(qdict_get_int(user, "hash-skips"), >, skips);
+    qobject_unref(info);
+    qtest_memread(qts, D_UNIQUE_BASE + 7 * PAGE, page, PAGE);
+    g_assert_cmpint(page[0], ==, 1 * 0 + 1);
+    g_assert_cmpint(page[PAGE - 1], ==, (uint8_t)((PAGE - 1) * 4 + 1));
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
+
+    /* Unmerge works as without the log, and turns the log off */
+    qom_set_mode(qts, "off");
+    info = query_one(qts);
+    g_assert_cmpuint(qdict_get_int(info, "pages-merged"), ==, 0);
+    qobject_unref(info);
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
+    qtest_quit(qts);
+}
+
 /* A scanner slowed to a crawl still scans everything on request */
 static void test_user_scan_now(void)
 {
@@ -1092,6 +1155,7 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/ksm-merge", test_ksm_merge);
     qtest_add_func("/mem-share/user/merge", test_user_merge);
     qtest_add_func("/mem-share/user/scan-now", test_user_scan_now);
+    qtest_add_func("/mem-share/user/dirty-log", test_user_dirty_log);
     qtest_add_func("/mem-share/user/group", test_user_group);
     qtest_add_func("/mem-share/user/background-snapshot",
                    test_user_background_snapshot);

@@ -34,6 +34,7 @@ struct MemShareBackend {
     uint32_t max_cpu;           /* percent of one CPU */
     uint32_t stable_scans;
     uint32_t map_budget;        /* percent of vm.max_map_count */
+    MemShareDirtyTracking dirty_tracking;
     char *group;                /* broker group to share with, or NULL */
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
@@ -52,6 +53,13 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
 void mem_share_user_scan_now(MemShareBackend *ms);
 void mem_share_user_kick(MemShareBackend *ms);
 void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
+
+/* The scanner's dirty log, dirty-tracking=kvm (mem-share-dirty.c) */
+typedef struct MemShareDirty MemShareDirty;
+MemShareDirty *mem_share_dirty_start(MemShareBackend *ms);
+void mem_share_dirty_stop(MemShareDirty *d);
+void mem_share_dirty_take(void *opaque, size_t first, size_t n,
+                          uint64_t *bits);
 
 /* Migration (mem-share-migration.c) */
 void mem_share_migration_register(void);

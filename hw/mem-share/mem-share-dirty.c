@@ -1,0 +1,142 @@
+/*
+ * mem-share: the scanner's dirty log (dirty-tracking=kvm)
+ *
+ * Copyright (c) 2026 The mem-share authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * QEMU's dirty memory has a client of mem-share's own,
+ * DIRTY_MEMORY_MEMSHARE (patch 0013): vCPU writes reach it through the
+ * KVM dirty log (bitmap, with manual protect and clear, or the dirty
+ * ring), TCG writes through TCG's not-dirty path, device emulation
+ * through address_space_write() and address_space_unmap().  mem-share
+ * reads and clears only its own client's bits: migration, dirty-rate and
+ * display code keep theirs.
+ *
+ * Syncing the log needs the BQL (it walks the memory listeners and asks
+ * KVM), which the scanner thread must never take (see mem-share-user.c),
+ * so a main-loop timer syncs every MEM_SHARE_DIRTY_SYNC_MS and ORs what
+ * it found into a bitmap of the backend's pages; the scanner takes (and
+ * clears) a chunk's bits before it reads the chunk's pages.  A write
+ * between the last sync and the scanner's visit shows at the next visit;
+ * meanwhile the scanner may count the page unchanged on its old hash,
+ * which only costs a merge that fails its byte compare.  Correctness
+ * never depends on the log: every merge compares the frozen page.
+ *
+ * Turning the client on sets KVM_MEM_LOG_DIRTY_PAGES on the region's
+ * memory slots (a flags-only update): no slot is deleted or created.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/bitmap.h"
+#include "qemu/main-loop.h"
+#include "qemu/thread.h"
+#include "qemu/timer.h"
+#include "exec/memory.h"
+#include "hw/mem-share/mem-share.h"
+#include "trace.h"
+
+/* How often the log is synced while mode=user runs */
+#define MEM_SHARE_DIRTY_SYNC_MS 100
+/* Pages looked up in the snapshot at once before looking page by page */
+#define MEM_SHARE_DIRTY_RUN 64
+
+struct MemShareDirty {
+    MemShareBackend *ms;
+    MemoryRegion *mr;
+    size_t npages;
+    size_t page_size;
+    QEMUTimer *timer;
+    QemuMutex lock;             /* protects pending */
+    unsigned long *pending;     /* written since the scanner last looked */
+};
+
+/* Main loop, BQL held: move the log's news into pending */
+static void mem_share_dirty_sync(void *opaque)
+{
+    MemShareDirty *d = opaque;
+    g_autofree DirtyBitmapSnapshot *snap = NULL;
+    uint64_t found = 0;
+    int64_t t0 = get_clock();
+
+    snap = memory_region_snapshot_and_clear_dirty(d->mr, 0,
+                                                  d->npages * d->page_size,
+                                                  DIRTY_MEMORY_MEMSHARE);
+    qemu_mutex_lock(&d->lock);
+    for (size_t p = 0; p < d->npages; p += MEM_SHARE_DIRTY_RUN) {
+        size_t n = MIN(MEM_SHARE_DIRTY_RUN, d->npages - p);
+
+        if (!memory_region_snapshot_get_dirty(d->mr, snap, p * d->page_size,
+                                              n * d->page_size)) {
+            continue;
+        }
+        for (size_t k = p; k < p + n; k++) {
+            if (memory_region_snapshot_get_dirty(d->mr, snap,
+                                                 k * d->page_size,
+                                                 d->page_size)) {
+                set_bit(k, d->pending);
+                found++;
+            }
+        }
+    }
+    qemu_mutex_unlock(&d->lock);
+    trace_mem_share_dirty_sync(
+        object_get_canonical_path_component(OBJECT(d->ms)), found,
+        get_clock() - t0);
+    timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+              MEM_SHARE_DIRTY_SYNC_MS);
+}
+
+/* Scanner thread: the chunk's pages written since it last looked */
+void mem_share_dirty_take(void *opaque, size_t first, size_t n,
+                          uint64_t *bits)
+{
+    MemShareDirty *d = opaque;
+
+    assert(first + n <= d->npages);
+    qemu_mutex_lock(&d->lock);
+    for (size_t k = 0; k < n; k++) {
+        if (test_and_clear_bit(first + k, d->pending)) {
+            bits[k / 64] |= 1ULL << (k % 64);
+        }
+    }
+    qemu_mutex_unlock(&d->lock);
+}
+
+MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)
+{
+    HostMemoryBackend *backend = MEMORY_BACKEND(ms);
+    MemShareDirty *d = g_new0(MemShareDirty, 1);
+
+    assert(qemu_mutex_iothread_locked());
+    d->ms = ms;
+    d->mr = &backend->mr;
+    d->page_size = qemu_real_host_page_size();
+    d->npages = backend->size / d->page_size;
+    qemu_mutex_init(&d->lock);
+    /* Nothing is known yet: the first visit of every page hashes it */
+    d->pending = bitmap_new(d->npages);
+    bitmap_set(d->pending, 0, d->npages);
+    /* Our bits start clean: the next sync brings what was written since */
+    g_free(memory_region_snapshot_and_clear_dirty(d->mr, 0, backend->size,
+                                                  DIRTY_MEMORY_MEMSHARE));
+    memory_region_set_log(d->mr, true, DIRTY_MEMORY_MEMSHARE);
+    d->timer = timer_new_ms(QEMU_CLOCK_REALTIME, mem_share_dirty_sync, d);
+    timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+              MEM_SHARE_DIRTY_SYNC_MS);
+    return d;
+}
+
+/* After the scanner thread stopped */
+void mem_share_dirty_stop(MemShareDirty *d)
+{
+    if (!d) {
+        return;
+    }
+    assert(qemu_mutex_iothread_locked());
+    timer_free(d->timer);
+    memory_region_set_log(d->mr, false, DIRTY_MEMORY_MEMSHARE);
+    qemu_mutex_destroy(&d->lock);
+    g_free(d->pending);
+    g_free(d);
+}
