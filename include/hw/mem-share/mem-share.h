@@ -38,6 +38,10 @@ struct MemShareBackend {
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
     bool migration_paused;      /* mode=user stopped for an incoming postcopy */
+    /* Per page of the RAM: direct mappings for DMA (mem-share-dma.c) */
+    uint32_t *dma_pins;
+    size_t dma_npages;
+    size_t dma_page_size;
 };
 
 /* The current statistics of @ms */
@@ -52,6 +56,11 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
 void mem_share_user_scan_now(MemShareBackend *ms);
 void mem_share_user_kick(MemShareBackend *ms);
 void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
+
+/* Direct mappings of the RAM for DMA (mem-share-dma.c) */
+void mem_share_dma_init(MemShareBackend *ms);
+void mem_share_dma_cleanup(MemShareBackend *ms);
+uint64_t mem_share_dma_pages_mapped(MemShareBackend *ms);
 
 /* Migration (mem-share-migration.c) */
 void mem_share_migration_register(void);
