@@ -68,7 +68,7 @@ typedef enum MsMergeOutcome {
 typedef struct MsMergeResult {
     MsMergeOutcome outcome;
     size_t changed;         /* pages that differed (MS_MERGE_CHANGED) */
-    size_t pinned;          /* of which mapped for DMA (ms_merger_set_dma_pins) */
+    size_t pinned;          /* of which mapped for DMA (see below) */
     size_t first_changed;   /* index of the first one in the run */
     int vma_delta;          /* VMAs the operation added (may be negative) */
 } MsMergeResult;
