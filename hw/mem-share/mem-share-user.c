@@ -132,7 +132,7 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
     u->pass_work = work;
 }
 
-/* Trace the merges that pages under DMA refused in the last step */
+/* Trace the merges refused for DMA since the last report */
 static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u)
 {
     MsScanStats st;
