@@ -184,10 +184,16 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
             monitor_printf(mon, "  merges %" PRIu64 ", zero merges %" PRIu64
                            ", remerges %" PRIu64 ", mappings %" PRIu64 "/%"
                            PRIu64 ", refused: budget %" PRIu64 ", changed %"
-                           PRIu64 ", store full %" PRIu64 "\n", u->merges,
+                           PRIu64 ", store full %" PRIu64 ", DMA %" PRIu64
+                           "\n", u->merges,
                            u->zero_merges, u->remerges, u->mappings,
                            u->mapping_budget, u->refused_budget,
-                           u->refused_changed, u->refused_store_full);
+                           u->refused_changed, u->refused_store_full,
+                           u->refused_dma);
+            if (u->dma_mapped_pages) {
+                monitor_printf(mon, "  pages mapped for DMA now %" PRIu64
+                               "\n", u->dma_mapped_pages);
+            }
             if (u->zero_slots) {
                 monitor_printf(mon, "  zero pages map %" PRIu64 " zero store"
                                " pages (%" PRIu64 " hold memory)\n",

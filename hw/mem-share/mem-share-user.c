@@ -79,6 +79,7 @@ struct MemShareUser {
     uint64_t pass_full_scans;   /* full scans when the current pass began */
     uint64_t pass_work;         /* work counters then */
     unsigned backoff;           /* the limits are divided by 2^backoff */
+    uint64_t refused_dma;       /* refused_dma at the last step */
 };
 
 static int64_t thread_cpu_ns(void)
@@ -130,6 +131,23 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
                               st.full_scans, work - u->pass_work, u->backoff);
     u->pass_full_scans = st.full_scans;
     u->pass_work = work;
+}
+
+/* Trace the merges refused for DMA since the last report */
+static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u)
+{
+    MsScanStats st;
+
+    if (!trace_event_get_state_backends(TRACE_MEM_SHARE_USER_DMA_BUSY)) {
+        return;
+    }
+    ms_scanner_get_stats(u->scanner, &st);
+    if (st.refused_dma != u->refused_dma) {
+        trace_mem_share_user_dma_busy(
+            object_get_canonical_path_component(OBJECT(ms)),
+            st.refused_dma - u->refused_dma, st.refused_dma);
+        u->refused_dma = st.refused_dma;
+    }
 }
 
 static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
@@ -217,6 +235,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
                               scanned, wall, cpu);
 
     mem_share_update_backoff(ms, u);
+    mem_share_trace_dma(ms, u);
     mem_share_check_group(ms, u);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
@@ -279,6 +298,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     cfg.region_flags = mem_share_region_flags(backend);
     cfg.stable_scans = ms->stable_scans;
     cfg.budget_share = ms->map_budget / 100.0;
+    cfg.dma_pins = ms->dma_pins;
 
     u = g_new0(MemShareUser, 1);
     if (ms->group) {
@@ -411,6 +431,8 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->refused_budget = st.refused_budget;
     ui->refused_changed = st.refused_changed;
     ui->refused_store_full = st.refused_store_full;
+    ui->refused_dma = st.refused_dma;
+    ui->dma_mapped_pages = mem_share_dma_pages_mapped(ms);
     ui->bytes_saved = st.bytes_saved;
     if (ms->group) {
         MemShareGroupInfo *gi = g_new0(MemShareGroupInfo, 1);

@@ -138,6 +138,7 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
     if (*errp) {
         return;
     }
+    mem_share_dma_init(ms);
 
     /*
      * The mode decides, not the machine's mem-merge default: RAM block
@@ -421,6 +422,7 @@ static void mem_share_instance_finalize(Object *obj)
 
     /* The RAM goes away with the object: no need to unmerge it first */
     mem_share_user_stop(ms, false, &error_abort);
+    mem_share_dma_cleanup(ms);
     g_free(ms->group);
     g_free(ms->broker);
 }

@@ -54,6 +54,38 @@
  * pages; a page that maps the store gets fresh anonymous memory instead,
  * since MADV_DONTNEED there would bring the store content back.
  *
+ * DMA.  Write-protection stops writers that go through the page tables,
+ * not a transfer that already holds the page: QEMU's zero-copy I/O
+ * (address_space_map(), then O_DIRECT preadv, io_uring or linux-aio into
+ * guest RAM) has the kernel pin the page when the request is submitted
+ * (GUP), and the device writes the pinned page when it completes.  A
+ * merge in between would map the store over the address, and the
+ * transfer would land in the orphaned old page: a lost write.  Kernel KSM
+ * sees the pin (a reference count above the map count); from user space
+ * only the VMM knows, so its owner gives the merger a counter per page
+ * (ms_merger_set_dma_pins()) that is not zero while a mapping for DMA
+ * covers the page, and a merge skips such pages (counted as changed, and
+ * as pinned).  It is a Dekker pattern between the mapper and the merge:
+ *
+ *   mapper:  count++; full barrier; submit (the kernel pins the page)
+ *   merge:   freeze (UFFDIO_WRITEPROTECT); full barrier; read count;
+ *            compare; replace; wake
+ *
+ * If the merge reads a count of zero, either the mapping came later: its
+ * increment follows our read, so its GUP follows the freeze, finds the
+ * page write-protected (GUP for a write never pins a write-protected
+ * page: it takes a write fault), sleeps in the userfaultfd until the
+ * wake and then pins the new page, a private copy-on-write copy of the
+ * store page, into which the transfer lands.  Or the mapping was
+ * unmapped before our read: QEMU unmaps after the transfer completed, so
+ * its data is in the page before we compare, and the compare sees it.
+ * Hence the order: the count is read after the freeze and before the
+ * compare.  Read after the compare, a transfer could complete and unmap
+ * between the two, and the merge would replace its data with the stale
+ * content it compared.  Read-only DMA (a device reading guest memory)
+ * pins too; its pages are skipped as well, which costs little and keeps
+ * the orphaned pages from staying allocated until the transfer ends.
+ *
  * VMAs.  Mapping an isolated page onto the store splits the anonymous
  * VMA: +2; a page that extends a run mapped onto the adjacent store
  * offsets joins its VMA: 0; one that bridges two such runs: -2.  A
@@ -181,6 +213,7 @@ typedef struct Region {
      */
     uint32_t base2;
     GArray *starts;         /* uint32_t: first slot of each replaced store */
+    const uint32_t *pins;   /* per page: DMA mappings (see "DMA"), or NULL */
 } Region;
 
 struct MsMerger {
@@ -739,6 +772,20 @@ bool ms_merger_replace_second_store(MsMerger *m, void *host, int fd,
     return true;
 }
 
+bool ms_merger_set_dma_pins(MsMerger *m, void *host, const uint32_t *pins,
+                            GError **errp)
+{
+    Region *r = find_region(m, host);
+
+    if (!r || r->base != host) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
+                    "%p does not start a mem-share region", host);
+        return false;
+    }
+    r->pins = pins;
+    return true;
+}
+
 void ms_merger_remove_region(MsMerger *m, void *host)
 {
     for (guint i = 0; i < m->regions->len; i++) {
@@ -950,9 +997,31 @@ static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
 }
 
 /*
+ * Whether page @i of the frozen @run is mapped for DMA.  Call it after the
+ * freeze and dma_fence(), before the page is compared (see "DMA").
+ */
+static bool page_pinned(const Run *run, size_t i)
+{
+    const uint32_t *pins = run->r->pins;
+
+    return pins && __atomic_load_n(&pins[run->first + i], __ATOMIC_SEQ_CST);
+}
+
+/*
+ * The merge's barrier of the Dekker pattern (see "DMA"): the freeze's
+ * write-protection, done by the ioctl that returned, before the reads of
+ * the DMA counts.  The mapper's is after its increment.
+ */
+static void dma_fence(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/*
  * Count the pages of the frozen run that differ from their slots (or from
- * zero), or that are not really frozen: never populated, the kernel did
- * not protect them, and a write there would not wait.
+ * zero), that are mapped for DMA (also counted as pinned), or that are
+ * not really frozen: never populated, the kernel did not protect them,
+ * and a write there would not wait.
  */
 static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
                          bool *changed, MsMergeResult *res, GError **errp)
@@ -960,11 +1029,18 @@ static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
     uint64_t entries[PAGEMAP_BATCH];
     bool differs[PAGEMAP_BATCH];
 
+    dma_fence();
     for (size_t done = 0; done < run->n; done += PAGEMAP_BATCH) {
         size_t k = MIN(run->n - done, PAGEMAP_BATCH);
 
         for (size_t i = 0; i < k; i++) {
-            differs[i] = page_differs(m, run, first_slot, done + i);
+            /* A pinned page is not compared: its content is in flight */
+            if (page_pinned(run, done + i)) {
+                differs[i] = true;
+                res->pinned++;
+            } else {
+                differs[i] = page_differs(m, run, first_slot, done + i);
+            }
         }
         /* After the reads: a read may populate a page, which keeps the mark */
         if (!read_pagemap(m, run->host + done * m->page_size, k, entries,
@@ -1125,8 +1201,8 @@ static bool batch_budget_ok(MsMerger *m, const BatchRun *b)
 
 /*
  * Compare the frozen runs with their slots (or zero), then read their
- * write-protect marks at once: a page not really frozen counts as
- * changed, as in check_frozen().
+ * write-protect marks at once: a page not really frozen, or mapped for
+ * DMA, counts as changed, as in check_frozen().
  */
 static bool batch_check(MsMerger *m, BatchRun *b, size_t nb, GError **errp)
 {
@@ -1136,11 +1212,18 @@ static bool batch_check(MsMerger *m, BatchRun *b, size_t nb, GError **errp)
     g_autofree uint64_t *entries = g_new(uint64_t, span);
     g_autofree bool *differs = g_new0(bool, span);
 
+    dma_fence();
     for (size_t k = 0; k < nb; k++) {
         size_t off = (b[k].run.host - lo) / m->page_size;
 
         for (size_t i = 0; i < b[k].run.n; i++) {
-            differs[off + i] = page_differs(m, &b[k].run, b[k].slot, i);
+            /* As check_frozen(): the DMA count first, then the compare */
+            if (page_pinned(&b[k].run, i)) {
+                differs[off + i] = true;
+                b[k].req->res.pinned++;
+            } else {
+                differs[off + i] = page_differs(m, &b[k].run, b[k].slot, i);
+            }
         }
     }
     /* After the reads: a read may populate a page, which keeps the mark */

@@ -106,7 +106,10 @@
  * against a budget two VMAs lower, because freezing part of a VMA splits
  * it for a moment and a zero hole needs that headroom.  A full store
  * gives a pair run the longest run of slots it has, halving down to one,
- * then refuses.  Refusals are counted by reason, per page and attempt.
+ * then refuses.  Pages mapped for DMA (cfg.dma_pins) are refused by the
+ * merger once frozen (see "DMA" in merge.c) and, like changed pages,
+ * must prove stable again.  Refusals are counted by reason, per page and
+ * attempt.
  *
  * Memory: 16 bytes per guest page, plus the unstable table (a GHashTable
  * entry per stable unmatched page, reset every pass).
@@ -273,7 +276,8 @@ static bool setup_merger(MsScanner *s, GError **errp)
 
     s->m = ms_merger_new(errp);
     if (!s->m || !ms_merger_add_region(s->m, s->base, s->npages,
-                                       s->cfg.region_flags, &ms, errp)) {
+                                       s->cfg.region_flags, &ms, errp) ||
+        !ms_merger_set_dma_pins(s->m, s->base, s->cfg.dma_pins, errp)) {
         return false;
     }
     ms_merger_set_budget(s->m, s->cfg.vma_budget > 0 ? s->cfg.vma_budget :
@@ -590,7 +594,9 @@ static void refused(MsScanner *s, const MsMergeResult *res, size_t n)
         s->live.refused_budget += n;
         s->blocked_vmas = ms_merger_vmas(s->m);
     } else {
-        s->live.refused_changed += res->changed;
+        /* Pinned pages count as changed in @res: count them apart */
+        s->live.refused_changed += res->changed - res->pinned;
+        s->live.refused_dma += res->pinned;
     }
 }
 

@@ -68,6 +68,7 @@ typedef enum MsMergeOutcome {
 typedef struct MsMergeResult {
     MsMergeOutcome outcome;
     size_t changed;         /* pages that differed (MS_MERGE_CHANGED) */
+    size_t pinned;          /* of which mapped for DMA (see below) */
     size_t first_changed;   /* index of the first one in the run */
     int vma_delta;          /* VMAs the operation added (may be negative) */
 } MsMergeResult;
@@ -90,6 +91,19 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsMerger, ms_merger_free)
 bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
                           unsigned flags, const MsMergeStore *store,
                           GError **errp);
+/*
+ * Pages of the region that starts at @host which the RAM's owner has
+ * mapped for DMA: @pins[i] counts the mappings of page i (QEMU's
+ * address_space_map() of a zero-copy transfer), raised with a full
+ * barrier before the transfer starts and lowered after it ended; the
+ * merger only reads it, with atomic loads, and keeps the pointer
+ * (NULL: no DMA).  A page whose count is not zero once it is frozen is
+ * not merged: the merge counts it as changed and as pinned.  See "DMA"
+ * in merge.c for why this is enough.
+ */
+bool ms_merger_set_dma_pins(MsMerger *m, void *host, const uint32_t *pins,
+                            GError **errp);
+
 /* Forget the region starting at @host (when the RAM is unmapped). */
 void ms_merger_remove_region(MsMerger *m, void *host);
 

@@ -91,6 +91,12 @@ typedef struct MsScanConfig {
      */
     void (*dirty_take)(void *opaque, size_t first, size_t n, uint64_t *bits);
     void *dirty_opaque;
+    /*
+     * Per page of the region, the DMA mappings that cover it (see
+     * ms_merger_set_dma_pins()): pages with a count are not merged.
+     * Borrowed; NULL: the region has no DMA.
+     */
+    const uint32_t *dma_pins;
 } MsScanConfig;
 
 /*
@@ -137,6 +143,7 @@ typedef struct MsScanStats {
     uint64_t refused_budget;    /* merges refused: VMA budget */
     uint64_t refused_changed;   /* merges refused: content changed */
     uint64_t refused_store_full;/* merges refused: no free store slot */
+    uint64_t refused_dma;       /* merges refused: page mapped for DMA */
     uint64_t group_pages;       /* now: pages that map the group's store */
     uint64_t group_lookups;     /* pages looked up in the group */
     uint64_t group_hits;        /* of which the group had, same bytes */

@@ -393,6 +393,82 @@ static void test_changed(Fixture *f, gconstpointer data)
     pg(f, 41)[0] = 1;
 }
 
+/*
+ * Pages mapped for DMA (a count in the pin array) are not merged, single
+ * run, zero run or batch, even though their content matches: a transfer
+ * into them may be in flight.  Once the count is back to zero they are.
+ */
+static void test_dma_pinned(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    uint32_t pins[NPAGES] = { 0 };
+    MsMergeResult res;
+    MsMergeReq req[2];
+    bool changed[4], shared[4];
+    uint32_t slot, slot2;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    g_assert_true(ms_merger_set_dma_pins(f->m, f->ram, pins, &err));
+    g_assert_false(ms_merger_set_dma_pins(f->m, pg(f, 1), pins, NULL));
+    slot = publish_copy(f, 40, 4, MS_SLOT_NONE);
+    slot2 = publish_copy(f, 10, 2, MS_SLOT_NONE);
+    memset(pg(f, 20), 0, 2 * page);
+    expect = g_memdup2(f->ram, NPAGES * page);
+    pins[41] = 1;
+    pins[21] = 2;
+    pins[11] = 1;
+
+    /* One run */
+    g_assert_true(ms_merge_run(f->m, pg(f, 40), 4, slot, changed, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_CHANGED);
+    g_assert_cmpuint(res.changed, ==, 1);
+    g_assert_cmpuint(res.pinned, ==, 1);
+    g_assert_cmpuint(res.first_changed, ==, 1);
+    g_assert_true(!changed[0] && changed[1] && !changed[2] && !changed[3]);
+    g_assert_cmpuint(shared_pages(f, 40, 4, shared), ==, 0);
+
+    /* A zero run */
+    g_assert_true(ms_merge_zero(f->m, pg(f, 20), 2, NULL, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_CHANGED);
+    g_assert_cmpuint(res.pinned, ==, 1);
+
+    /* A batch */
+    req[0] = (MsMergeReq) { .host = pg(f, 10), .n = 2, .first_slot = slot2 };
+    req[1] = (MsMergeReq) { .host = pg(f, 20), .n = 2,
+                            .first_slot = MS_MERGE_ZERO };
+    g_assert_true(ms_merge_runs(f->m, req, 2, &err));
+    g_assert_no_error(err);
+    g_assert_cmpint(req[0].res.outcome, ==, MS_MERGE_CHANGED);
+    g_assert_cmpuint(req[0].res.pinned, ==, 1);
+    g_assert_cmpuint(req[0].res.first_changed, ==, 1);
+    g_assert_cmpint(req[1].res.outcome, ==, MS_MERGE_CHANGED);
+    g_assert_cmpuint(req[1].res.pinned, ==, 1);
+
+    /* Nothing was replaced, nothing is left frozen */
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    g_assert_cmpint(ms_merger_vmas(f->m), ==, 0);
+    assert_nothing_registered(f);
+    check_vmas(f);
+
+    /* The transfers ended: the same merges go through */
+    pins[41] = pins[21] = pins[11] = 0;
+    g_assert_true(ms_merge_run(f->m, pg(f, 40), 4, slot, NULL, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpuint(res.pinned, ==, 0);
+    g_assert_cmpuint(shared_pages(f, 40, 4, shared), ==, 4);
+    req[0].res.outcome = req[1].res.outcome = MS_MERGE_FAILED;
+    g_assert_true(ms_merge_runs(f->m, req, 2, &err));
+    g_assert_cmpint(req[0].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpint(req[1].res.outcome, ==, MS_MERGE_DONE);
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    check_vmas(f);
+    g_assert_true(ms_merger_set_dma_pins(f->m, f->ram, NULL, &err));
+}
+
 static void test_zero(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
@@ -1001,6 +1077,7 @@ int main(int argc, char **argv)
     ADD("/merge/vma-accounting", test_vma_accounting);
     ADD("/merge/vma-bridge-written", test_vma_bridge_written);
     ADD("/merge/changed", test_changed);
+    ADD("/merge/dma-pinned", test_dma_pinned);
     ADD("/merge/zero", test_zero);
     ADD("/merge/zero-unpopulated", test_zero_unpopulated);
     ADD("/merge/unmerge", test_unmerge);

@@ -39,6 +39,10 @@ struct MemShareBackend {
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
     bool migration_paused;      /* mode=user stopped for an incoming postcopy */
+    /* Per page of the RAM: direct mappings for DMA (mem-share-dma.c) */
+    uint32_t *dma_pins;
+    size_t dma_npages;
+    size_t dma_page_size;
 };
 
 /* The current statistics of @ms */
@@ -60,6 +64,10 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms);
 void mem_share_dirty_stop(MemShareDirty *d);
 void mem_share_dirty_take(void *opaque, size_t first, size_t n,
                           uint64_t *bits);
+/* Direct mappings of the RAM for DMA (mem-share-dma.c) */
+void mem_share_dma_init(MemShareBackend *ms);
+void mem_share_dma_cleanup(MemShareBackend *ms);
+uint64_t mem_share_dma_pages_mapped(MemShareBackend *ms);
 
 /* Migration (mem-share-migration.c) */
 void mem_share_migration_register(void);

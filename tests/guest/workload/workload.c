@@ -21,6 +21,23 @@
  *                  (/lib/modules, see build.sh) before anything else, for
  *                  tests with virtio-blk, virtio-balloon or virtio-mem
  *
+ * Disk mode (tests/guest/test-dma; instead of the memory fill):
+ *   ms.disk=1      read /dev/vda with O_DIRECT into page-aligned buffers,
+ *                  again and again, and verify every byte of every read
+ *   ms.diskkib=N   KiB per read, one region of the disk (default 64)
+ *   ms.diskjobs=N  processes reading at once, each into its own buffer
+ *                  (default 3)
+ *   ms.diskreads=N reads per process, 0 = until stopped (default 0)
+ *
+ * The disk holds two regions of ms.diskkib KiB, region 0 at offset 0 and
+ * region 1 right after it; 4 KiB block j of region r holds the words
+ * disk_word(r, j % 4, w) (see there; the test writes the same image).
+ * Read k of process J reads region (k + J) % 2, so each read changes the
+ * buffer's content while the buffer's pages, between reads, are copies of
+ * each other and of the other processes' buffers: merge candidates.  A
+ * transfer that landed in a page merged away meanwhile leaves the old
+ * region's content in the buffer, which the verification reports.
+ *
  * Page categories: the category of page i at generation g is a pure function
  * of (i, g); the zero/shared/unique split holds for every generation.
  *   zero:   all bytes zero
@@ -45,6 +62,13 @@
  *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
  *   MS-WORKLOAD done ok
  *   MS-WORKLOAD FAIL page=P cat=C gen=G word=W expected=0x.. got=0x.. bad=B pages=N
+ * Disk mode:
+ *   MS-WORKLOAD disk start kib=.. jobs=.. reads=..
+ *   MS-WORKLOAD disk job=J reads=N bad=0          (every 256 reads)
+ *   MS-WORKLOAD disk job=J done reads=N bad=0
+ *   MS-WORKLOAD disk done jobs=J bad=0
+ *   MS-WORKLOAD FAIL disk job=J read=K region=R page=P word=W expected=0x..
+ *     got=0x.. old-region=0|1 (1: the page holds the previous read's data)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -60,6 +84,7 @@
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -77,6 +102,11 @@ static struct {
     unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
     unsigned long corrupt, virtio;
 } P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0 };
+
+/* Disk mode (see the top comment) */
+static struct {
+    unsigned long on, kib, jobs, reads;
+} D = { 0, 64, 3, 0 };
 
 static int is_init;
 
@@ -312,6 +342,149 @@ static void rewrite(unsigned long round)
         (unsigned long long)n);
 }
 
+/* ---- disk mode ---- */
+
+#ifndef DISK_DEV
+#define DISK_DEV "/dev/vda"     /* -DDISK_DEV=... to try it on a host */
+#endif
+#define DISK_KEY 0x6469736b2d646d61ull     /* "disk-dma" */
+#define DISK_VARIANTS 4u                    /* distinct blocks per region */
+#define DISK_REPORT 256                     /* progress line every N reads */
+
+/* Word w of a block of region r whose index is j (mod DISK_VARIANTS) */
+static inline uint64_t disk_word(unsigned r, unsigned j, unsigned w)
+{
+    return mix64(DISK_KEY ^ ((uint64_t)r << 40) ^ ((uint64_t)j << 20) ^ w);
+}
+
+/*
+ * Check @buf, just read from region @r; returns -1 if every byte is
+ * right, else the index of the first bad word (*@page, *@expected).
+ */
+static long disk_check(const uint64_t *buf, size_t len, unsigned r,
+                       size_t *page, uint64_t *expected)
+{
+    for (size_t i = 0; i < len / PAGE; i++) {
+        const uint64_t *p = buf + i * WORDS;
+
+        for (unsigned w = 0; w < WORDS; w++) {
+            uint64_t e = disk_word(r, i % DISK_VARIANTS, w);
+
+            if (p[w] != e) {
+                *page = i;
+                *expected = e;
+                return w;
+            }
+        }
+    }
+    return -1;
+}
+
+/* One reader process; returns its exit status */
+static int disk_job(unsigned job, volatile int *stop)
+{
+    size_t len = D.kib * 1024;
+    unsigned long k;
+    uint64_t *buf;
+    int fd = open(DISK_DEV, O_RDONLY | O_DIRECT);
+
+    if (fd < 0) {
+        say("MS-WORKLOAD FAIL disk job=%u cannot open %s errno=%d", job,
+            DISK_DEV, errno);
+        return 1;
+    }
+    if (posix_memalign((void **)&buf, PAGE, len)) {
+        say("MS-WORKLOAD FAIL disk job=%u cannot allocate %zu bytes", job,
+            len);
+        return 1;
+    }
+    /* Populated, so the first read already goes into pages of our own */
+    memset(buf, 0, len);
+    for (k = 0; !*stop && (!D.reads || k < D.reads); k++) {
+        unsigned r = (k + job) % 2;
+        size_t page = 0;
+        uint64_t e = 0;
+        ssize_t n = pread(fd, buf, len, (off_t)r * len);
+        long w;
+
+        if (n != (ssize_t)len) {
+            say("MS-WORKLOAD FAIL disk job=%u read=%lu region=%u returned "
+                "%zd errno=%d", job, k, r, n, errno);
+            return 1;
+        }
+        w = disk_check(buf, len, r, &page, &e);
+        if (w >= 0) {
+            uint64_t got = buf[page * WORDS + w];
+
+            say("MS-WORKLOAD FAIL disk job=%u read=%lu region=%u page=%zu "
+                "word=%ld expected=0x%016llx got=0x%016llx old-region=%d",
+                job, k, r, page, w, (unsigned long long)e,
+                (unsigned long long)got,
+                got == disk_word(1 - r, page % DISK_VARIANTS, w));
+            return 1;
+        }
+        if ((k + 1) % DISK_REPORT == 0) {
+            say("MS-WORKLOAD disk job=%u reads=%lu bad=0", job, k + 1);
+        }
+    }
+    say("MS-WORKLOAD disk job=%u done reads=%lu bad=0", job, k);
+    return 0;
+}
+
+/*
+ * Run ms.diskjobs readers until they are done or a stop request comes;
+ * returns whether every read of every reader verified.
+ */
+static int disk_run(void)
+{
+    volatile int *stop = mmap(NULL, PAGE, PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    unsigned long running = 0;
+    int ok = 1;
+
+    say("MS-WORKLOAD disk start kib=%lu jobs=%lu reads=%lu", D.kib, D.jobs,
+        D.reads);
+    if (stop == MAP_FAILED || !D.kib || D.kib * 1024 % PAGE || !D.jobs) {
+        say("MS-WORKLOAD FAIL disk bad parameters");
+        return 0;
+    }
+    for (unsigned j = 0; j < D.jobs; j++) {
+        pid_t pid = fork();
+
+        if (pid == 0) {
+            _exit(disk_job(j, stop));
+        }
+        if (pid < 0) {
+            say("MS-WORKLOAD FAIL disk cannot fork errno=%d", errno);
+            *stop = 1;
+            ok = 0;
+            break;
+        }
+        running++;
+    }
+    while (running) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+
+        if (pid > 0) {
+            running--;
+            if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+                ok = 0;
+                *stop = 1;      /* one failure is enough: stop the rest */
+            }
+            continue;
+        }
+        sleep_watch(1);
+        if (stop_requested) {
+            *stop = 1;
+        }
+    }
+    if (ok) {
+        say("MS-WORKLOAD disk done jobs=%lu bad=0", D.jobs);
+    }
+    return ok;
+}
+
 static void parse_token(const char *t)
 {
     static const struct { const char *name; unsigned long *v; } keys[] = {
@@ -320,6 +493,8 @@ static void parse_token(const char *t)
         { "ms.rounds=", &P.rounds }, { "ms.rewrite=", &P.rewrite },
         { "ms.interval=", &P.interval }, { "ms.idle=", &P.idle },
         { "ms.corrupt=", &P.corrupt }, { "ms.virtio=", &P.virtio },
+        { "ms.disk=", &D.on }, { "ms.diskkib=", &D.kib },
+        { "ms.diskjobs=", &D.jobs }, { "ms.diskreads=", &D.reads },
     };
     for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
         size_t l = strlen(keys[k].name);
@@ -418,6 +593,13 @@ int main(int argc, char **argv)
     }
     if (is_init && P.virtio) {
         load_modules();
+    }
+    if (D.on) {
+        if (!disk_run()) {
+            finish(0);
+        }
+        say("MS-WORKLOAD done ok");
+        finish(1);
     }
     if (P.zero > 100 || P.shared > 100 - P.zero || P.rewrite > 100 ||
         P.mib == 0) {
