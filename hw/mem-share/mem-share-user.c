@@ -37,8 +37,11 @@
  * zeros.  So while the scanner runs, QEMU's ram_block_discard_range()
  * on this RAM (virtio-balloon, virtio-mem) goes to the engine
  * (ms_scanner_discard(): anonymous memory over merged pages, their
- * references dropped).  The callers hold the BQL; they take the
+ * references dropped).  The callers hold the BQL (virtio-balloon,
+ * virtio-mem) or not (the migration thread's release-ram); they take the
  * scanner's lock between two batches, which never waits for the BQL.
+ * mem_share_discard_lock keeps the scanner from going away under a
+ * discard that does not hold the BQL.
  *
  * Pinning.  Merging remaps guest pages: a device that pinned guest RAM
  * (VFIO, vhost-vdpa, the userspace NVMe driver) would go on reading and
@@ -49,6 +52,7 @@
 
 #include "qemu/osdep.h"
 #include "qemu/error-report.h"
+#include "qemu/madvise.h"
 #include "qemu/main-loop.h"
 #include "qemu/thread.h"
 #include "qemu/timer.h"
@@ -71,6 +75,14 @@
 /* After losing the broker: try to join again this often, this long */
 #define MEM_SHARE_REJOIN_NS         (5 * NANOSECONDS_PER_SECOND)
 #define MEM_SHARE_REJOIN_TIMEOUT_MS 1000
+
+/* Held by discards, and to clear MemShareBackend.user (any backend) */
+static QemuMutex mem_share_discard_lock;
+
+static void __attribute__((constructor)) mem_share_discard_lock_init(void)
+{
+    qemu_mutex_init(&mem_share_discard_lock);
+}
 
 struct MemShareUser {
     MsScanner *scanner;
@@ -283,11 +295,18 @@ static int mem_share_user_discard(RAMBlock *rb, void *host, size_t length,
                                   void *opaque)
 {
     MemShareBackend *ms = opaque;
-    MemShareUser *u = ms->user;
     const char *id = object_get_canonical_path_component(OBJECT(ms));
     g_autoptr(GError) gerr = NULL;
+    QEMU_LOCK_GUARD(&mem_share_discard_lock);
+    MemShareUser *u = ms->user;
     int ret = 0;
 
+    if (!u) {
+        /* The scanner stopped since the caller found this handler */
+        ret = qemu_madvise(host, length, QEMU_MADV_DONTNEED) ? -errno : 0;
+        trace_mem_share_user_discard(id, host, length, ret);
+        return ret;
+    }
     mem_share_user_lock(u);
     if (!ms_scanner_discard(u->scanner, host,
                             length / qemu_real_host_page_size(), &gerr)) {
@@ -388,6 +407,7 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
 {
     MemShareUser *u = ms->user;
     g_autoptr(GError) gerr = NULL;
+    bool ok;
 
     if (!u) {
         return true;
@@ -398,7 +418,11 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     mem_share_user_unlock(u);
     qemu_thread_join(&u->thread);
 
-    if (unmerge && !ms_scanner_unmerge_all(u->scanner, &gerr)) {
+    /* Discards may still come, without the BQL: they take the lock */
+    mem_share_user_lock(u);
+    ok = !unmerge || ms_scanner_unmerge_all(u->scanner, &gerr);
+    mem_share_user_unlock(u);
+    if (!ok) {
         /* Keep the scanner: its pages still map the store */
         error_setg(errp, "cannot unmerge the guest RAM: %s", gerr->message);
         u->stop = false;
@@ -410,6 +434,10 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
                               unmerge);
     qemu_ram_set_discard_handler(MEMORY_BACKEND(ms)->mr.ram_block, NULL,
                                  NULL);
+    /* A discard that found the handler before it was cleared is done */
+    WITH_QEMU_LOCK_GUARD(&mem_share_discard_lock) {
+        ms->user = NULL;
+    }
     ms_scanner_free(u->scanner);
     /* Our pages' references go with the connection */
     ms_broker_client_free(u->client);
@@ -418,7 +446,6 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     qemu_cond_destroy(&u->wakeup);
     qemu_mutex_destroy(&u->lock);
     g_free(u);
-    ms->user = NULL;
     return true;
 }
 
