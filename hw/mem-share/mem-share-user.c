@@ -32,19 +32,33 @@
  * again every 5 s (a new broker has a new store: pages on the old one
  * stay as they are until written).
  *
- * While the scanner runs, uncoordinated RAM discards (virtio-balloon) are
- * disabled: MADV_DONTNEED on a page that maps the store brings back the
- * store's content instead of zeros, so discards must go through the
- * engine, which QEMU's discard path does not do yet.
+ * Discards.  MADV_DONTNEED on a page that maps the store, or that was
+ * merged and written since, brings back the store's content instead of
+ * zeros.  So while the scanner runs, QEMU's ram_block_discard_range()
+ * on this RAM (virtio-balloon, virtio-mem) goes to the engine
+ * (ms_scanner_discard(): anonymous memory over merged pages, their
+ * references dropped).  The callers hold the BQL (virtio-balloon,
+ * virtio-mem) or not (the migration thread's release-ram); they take the
+ * scanner's lock between two batches, which never waits for the BQL.
+ * mem_share_discard_lock keeps the scanner from going away under a
+ * discard that does not hold the BQL.
+ *
+ * Pinning.  Merging remaps guest pages: a device that pinned guest RAM
+ * (VFIO, vhost-vdpa, the userspace NVMe driver) would go on reading and
+ * writing the pages it pinned, no longer the guest's.  Those devices
+ * disable RAM discards, and mode=user requires discards
+ * (ram_block_discard_require()): whichever comes second is refused.
  */
 
 #include "qemu/osdep.h"
 #include "qemu/error-report.h"
+#include "qemu/madvise.h"
 #include "qemu/main-loop.h"
 #include "qemu/thread.h"
 #include "qemu/timer.h"
 #include "qapi/error.h"
 #include "exec/memory.h"
+#include "exec/ramblock.h"
 #include "sysemu/sysemu.h"
 #include "sysemu/qtest.h"
 #include "hw/boards.h"
@@ -62,6 +76,14 @@
 #define MEM_SHARE_REJOIN_NS         (5 * NANOSECONDS_PER_SECOND)
 #define MEM_SHARE_REJOIN_TIMEOUT_MS 1000
 
+/* Held by discards, and to clear MemShareBackend.user (any backend) */
+static QemuMutex mem_share_discard_lock;
+
+static void __attribute__((constructor)) mem_share_discard_lock_init(void)
+{
+    qemu_mutex_init(&mem_share_discard_lock);
+}
+
 struct MemShareUser {
     MsScanner *scanner;
     MsBrokerClient *client; /* the group's broker, or NULL */
@@ -71,6 +93,9 @@ struct MemShareUser {
     QemuThread thread;
     QemuMutex lock;         /* serialises the scanner and the fields below */
     QemuCond wakeup;
+    /* Threads waiting for the lock; the scanner thread lets them go first */
+    unsigned waiters;       /* accessed with qatomic_* */
+    QemuCond waiters_done;
     bool stop;
     uint64_t scan_now_pages; /* pages still to scan without pacing */
     bool error_reported;
@@ -255,9 +280,65 @@ static void *mem_share_user_thread(void *opaque)
     qemu_mutex_lock(&u->lock);
     while (!u->stop) {
         mem_share_user_step(ms, u);
+        /*
+         * A step that does not sleep keeps the lock: let the BQL holders
+         * waiting for it (discards, scan-now) have it first.
+         */
+        while (qatomic_read(&u->waiters)) {
+            qemu_cond_wait(&u->waiters_done, &u->lock);
+        }
     }
     qemu_mutex_unlock(&u->lock);
     return NULL;
+}
+
+/* Take the scanner's lock from outside the scanner thread */
+static void mem_share_user_lock(MemShareUser *u)
+{
+    qatomic_inc(&u->waiters);
+    qemu_mutex_lock(&u->lock);
+}
+
+static void mem_share_user_unlock(MemShareUser *u)
+{
+    if (qatomic_fetch_dec(&u->waiters) == 1) {
+        qemu_cond_broadcast(&u->waiters_done);
+    }
+    qemu_mutex_unlock(&u->lock);
+}
+
+/*
+ * ram_block_discard_range() on our RAM, with the BQL held.  The scanner
+ * thread may be in a batch: wait for its end, which needs no BQL.
+ */
+static int mem_share_user_discard(RAMBlock *rb, void *host, size_t length,
+                                  void *opaque)
+{
+    MemShareBackend *ms = opaque;
+    const char *id = object_get_canonical_path_component(OBJECT(ms));
+    g_autoptr(GError) gerr = NULL;
+    QEMU_LOCK_GUARD(&mem_share_discard_lock);
+    MemShareUser *u = ms->user;
+    int ret = 0;
+
+    if (!u) {
+        /* The scanner stopped since the caller found this handler */
+        ret = qemu_madvise(host, length, QEMU_MADV_DONTNEED) ? -errno : 0;
+        trace_mem_share_user_discard(id, host, length, ret);
+        return ret;
+    }
+    mem_share_user_lock(u);
+    if (!ms_scanner_discard(u->scanner, host,
+                            length / qemu_real_host_page_size(), &gerr)) {
+        ret = -(gerr->code ?: EIO);
+    }
+    mem_share_user_unlock(u);
+    trace_mem_share_user_discard(id, host, length, ret);
+    if (ret) {
+        error_report("mem-share '%s': cannot discard 0x%zx bytes of guest"
+                     " RAM at %p: %s", id, length, host, gerr->message);
+    }
+    return ret;
 }
 
 /* The advice QEMU gave the RAM, which every new mapping must get again */
@@ -318,9 +399,11 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
         g_free(u);
         return false;
     }
-    if (ram_block_discard_disable(true)) {
-        error_setg(errp, "mode=user cannot run while a device relies on"
-                   " discarding guest RAM (virtio-mem)");
+    if (ram_block_discard_require(true)) {
+        error_setg(errp, "mode=user cannot run while a device pins guest RAM"
+                   " (VFIO, vhost-vdpa, the userspace NVMe driver): merging"
+                   " remaps guest pages behind the device's back; remove the"
+                   " device or use mode=kernel");
         ms_scanner_free(u->scanner);
         ms_broker_client_free(u->client);
         g_free(u);
@@ -328,11 +411,14 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     }
     qemu_mutex_init(&u->lock);
     qemu_cond_init(&u->wakeup);
+    qemu_cond_init(&u->waiters_done);
     ms->user = u;
     if (ms->dirty_tracking == MEM_SHARE_DIRTY_TRACKING_KVM) {
         u->dirty = mem_share_dirty_start(ms);
         ms_scanner_set_dirty_log(u->scanner, mem_share_dirty_take, u->dirty);
     }
+    qemu_ram_set_discard_handler(backend->mr.ram_block,
+                                 mem_share_user_discard, ms);
 
     /* Thread names are 15 characters at most */
     name = g_strndup(full_name, 15);
@@ -346,17 +432,22 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
 {
     MemShareUser *u = ms->user;
     g_autoptr(GError) gerr = NULL;
+    bool ok;
 
     if (!u) {
         return true;
     }
-    qemu_mutex_lock(&u->lock);
+    mem_share_user_lock(u);
     u->stop = true;
     qemu_cond_signal(&u->wakeup);
-    qemu_mutex_unlock(&u->lock);
+    mem_share_user_unlock(u);
     qemu_thread_join(&u->thread);
 
-    if (unmerge && !ms_scanner_unmerge_all(u->scanner, &gerr)) {
+    /* Discards may still come, without the BQL: they take the lock */
+    mem_share_user_lock(u);
+    ok = !unmerge || ms_scanner_unmerge_all(u->scanner, &gerr);
+    mem_share_user_unlock(u);
+    if (!ok) {
         /* Keep the scanner: its pages still map the store */
         error_setg(errp, "cannot unmerge the guest RAM: %s", gerr->message);
         u->stop = false;
@@ -366,15 +457,21 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
                               unmerge);
+    qemu_ram_set_discard_handler(MEMORY_BACKEND(ms)->mr.ram_block, NULL,
+                                 NULL);
+    /* A discard that found the handler before it was cleared is done */
+    WITH_QEMU_LOCK_GUARD(&mem_share_discard_lock) {
+        ms->user = NULL;
+    }
     ms_scanner_free(u->scanner);
     mem_share_dirty_stop(u->dirty);
     /* Our pages' references go with the connection */
     ms_broker_client_free(u->client);
-    ram_block_discard_disable(false);
+    ram_block_discard_require(false);
+    qemu_cond_destroy(&u->waiters_done);
     qemu_cond_destroy(&u->wakeup);
     qemu_mutex_destroy(&u->lock);
     g_free(u);
-    ms->user = NULL;
     return true;
 }
 
@@ -386,10 +483,10 @@ void mem_share_user_scan_now(MemShareBackend *ms)
      * The thread reads the count under the lock: this may wait for the
      * batch in progress, which is short (MEM_SHARE_BATCH pages).
      */
-    qemu_mutex_lock(&u->lock);
+    mem_share_user_lock(u);
     u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
     qemu_cond_signal(&u->wakeup);
-    qemu_mutex_unlock(&u->lock);
+    mem_share_user_unlock(u);
 }
 
 /* Wake the thread so that a new scan-rate or max-cpu applies now */

@@ -201,7 +201,9 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp);
  * ones gave their store references back.  Plain MADV_DONTNEED must not
  * be used on the region: on a merged page, or a page that was merged
  * and written since, it brings back the store's content, or zeros once
- * the slot is freed.  Scanner thread only.
+ * the slot is freed.  Any range of whole pages (zero holes, zero slots,
+ * group slots, part of a run).  From the scanner thread, or from another
+ * thread between two steps, serialised with them.
  */
 bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp);
 

@@ -1138,6 +1138,265 @@ static void test_user_background_snapshot(void)
     qtest_quit(qts);
 }
 
+/* ---- discards, pinning and hot-plug ---- */
+
+/* The query-mem-share entry of @id, or NULL */
+static QDict *query_id(QTestState *qts, const char *id)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'query-mem-share' }");
+    QList *list = qdict_get_qlist(resp, "return");
+    QDict *found = NULL;
+    QListEntry *e;
+
+    g_assert(list);
+    QLIST_FOREACH_ENTRY(list, e) {
+        QDict *info = qobject_to(QDict, qlist_entry_obj(e));
+
+        if (!strcmp(qdict_get_str(info, "id"), id)) {
+            found = info;
+            qobject_ref(found);
+        }
+    }
+    qobject_unref(resp);
+    return found;
+}
+
+/* A figure of query-mem-share, top level or under "user" */
+static uint64_t figure(QDict *info, const char *key)
+{
+    QDict *user = qdict_get_qdict(info, "user");
+
+    if (qdict_haskey(info, key)) {
+        return qdict_get_int(info, key);
+    }
+    g_assert(user);
+    return qdict_get_int(user, key);
+}
+
+/* Wait until @key of @id compares to @value as @below says */
+static void wait_figure(QTestState *qts, const char *id, const char *key,
+                        bool below, uint64_t value)
+{
+    for (int tries = 0; tries < 1200; tries++) {
+        g_autoptr(QDict) info = query_id(qts, id);
+        uint64_t v;
+
+        g_assert(info);
+        v = figure(info, key);
+        if (below ? v <= value : v >= value) {
+            return;
+        }
+        g_usleep(50 * 1000);
+    }
+    g_error("%s of %s never got %s %" PRIu64, key, id, below ? "<=" : ">=",
+            value);
+}
+
+/* The "data" of the first memory device of query-memory-devices */
+static QDict *memory_device(QTestState *qts)
+{
+    QDict *resp = qtest_qmp(qts, "{ 'execute': 'query-memory-devices' }");
+    QList *list = qdict_get_qlist(resp, "return");
+    QDict *data;
+
+    g_assert(list && qlist_size(list) == 1);
+    data = qdict_get_qdict(qobject_to(QDict, qlist_peek(list)), "data");
+    qobject_ref(data);
+    qobject_unref(resp);
+    return data;
+}
+
+/*
+ * Lines of /proc/PID/maps (PID from @pidfile) that contain @what; with
+ * @private, only private mappings: guest pages that map the store, not
+ * the scanner's own shared view of it.
+ */
+static int maps_count(const char *pidfile, const char *what, bool private)
+{
+    g_autofree char *pid = NULL;
+    g_autofree char *path = NULL;
+    g_autofree char *maps = NULL;
+    g_auto(GStrv) lines = NULL;
+    int n = 0;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    path = g_strdup_printf("/proc/%d/maps", atoi(pid));
+    g_assert(g_file_get_contents(path, &maps, NULL, NULL));
+    lines = g_strsplit(maps, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        char perms[8];
+
+        if (strstr(*l, what) && sscanf(*l, "%*x-%*x %7s", perms) == 1) {
+            n += !private || perms[3] == 'p';
+        }
+    }
+    return n;
+}
+
+#define D_PAGES         256
+#define D_ZERO_PAGES    64
+
+#define NVME_ADD "{ 'execute': 'blockdev-add', 'arguments': { " \
+                 "'driver': 'nvme', 'node-name': 'nvme0', " \
+                 "'device': '0000:00:04.0', 'namespace': 1 } }"
+
+/*
+ * mode=user requires discards: VFIO's userspace driver (block/nvme.c),
+ * which pins all guest RAM, is refused with a message that names
+ * mem-share; without mode=user the same driver gets as far as looking
+ * for the device (which is not there).
+ */
+static void test_user_pinning(void)
+{
+    QTestState *qts = start_vm("user", NULL);
+    QDict *resp, *info;
+    const char *desc;
+
+    resp = qtest_qmp(qts, NVME_ADD);
+    desc = qdict_get_str(qdict_get_qdict(resp, "error"), "desc");
+    g_test_message("mode=user: %s", desc);
+    if (strstr(desc, "nvme") && !strstr(desc, "discarding")) {
+        g_test_skip("this QEMU has no usable nvme block driver");
+        qobject_unref(resp);
+        qtest_quit(qts);
+        return;
+    }
+    g_assert(strstr(desc, "Cannot set discarding of RAM broken"));
+    g_assert(strstr(desc, "mem-share backend in mode=user"));
+    qobject_unref(resp);
+    info = query_one(qts);
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "user");
+    qobject_unref(info);
+
+    qom_set_mode(qts, "off");
+    resp = qtest_qmp(qts, NVME_ADD);
+    desc = qdict_get_str(qdict_get_qdict(resp, "error"), "desc");
+    g_test_message("mode=off: %s", desc);
+    g_assert(!strstr(desc, "discarding"));
+    qobject_unref(resp);
+
+    /* Nothing pins the RAM: mode=user can start again */
+    qom_set_mode(qts, "user");
+    info = query_one(qts);
+    g_assert(qdict_haskey(info, "user"));
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+/*
+ * virtio-mem on a mode=user backend (refused before discards went
+ * through the engine): a system reset unplugs all of it, with one
+ * ram_block_discard_range() over the whole memdev.  Merged pages must
+ * read zeros afterwards and give their store references back; plain
+ * MADV_DONTNEED would bring the store's content back.
+ */
+static void test_user_virtio_mem(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-vmem-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autoptr(QDict) dev = NULL;
+    g_autoptr(QDict) after = NULL;
+    QTestState *qts;
+    uint64_t base;
+
+    if (!qtest_has_device("virtio-mem-pci")) {
+        g_test_skip("no virtio-mem-pci in this QEMU");
+        return;
+    }
+    qts = qtest_initf("-machine pc,memory-backend=m0 -m 128M,maxmem=1G "
+                      "-object mem-share,id=m0,size=128M,mode=off "
+                      "-object mem-share,id=vm0,size=64M,mode=user "
+                      "-device virtio-mem-pci,id=vmem0,memdev=vm0,"
+                      "block-size=2M,requested-size=0 -pidfile %s", pidfile);
+    dev = memory_device(qts);
+    base = qdict_get_int(dev, "memaddr");
+
+    /* Duplicates and zero pages, merged */
+    write_dups(qts, base, D_PAGES);
+    qtest_memset(qts, base + D_PAGES * PAGE, 0, D_ZERO_PAGES * PAGE);
+    wait_figure(qts, "vm0", "pages-shared", false, D_PAGES);
+    wait_figure(qts, "vm0", "pages-zero", false, D_ZERO_PAGES);
+    g_assert_cmpint(maps_count(pidfile, "mem-share-store", true), >, 0);
+    /* One merged page written since: its copy still maps the store */
+    memset(page, 0x5a, PAGE);
+    qtest_memwrite(qts, base + 3 * PAGE, page, PAGE);
+
+    qtest_qmp_assert_success(qts, "{ 'execute': 'system_reset' }");
+    qtest_qmp_eventwait(qts, "RESET");
+    wait_figure(qts, "vm0", "pages-merged", true, 0);
+    after = query_id(qts, "vm0");
+    g_assert_cmpuint(figure(after, "pages-shared"), ==, 0);
+    g_assert_cmpuint(figure(after, "store-pages"), ==, 0);
+    g_assert_cmpuint(figure(after, "pages-zero"), ==, 0);
+    check_zero(qts, base, D_PAGES + D_ZERO_PAGES);
+    /* The unplugged pages map anonymous memory again, not the store */
+    g_assert_cmpint(maps_count(pidfile, "mem-share-store", true), ==, 0);
+
+    /* Still a working backend: what is written there merges again */
+    write_dups(qts, base, D_PAGES);
+    wait_figure(qts, "vm0", "pages-shared", false, D_PAGES);
+    check_dups(qts, base, D_PAGES, -1);
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
+/*
+ * A pc-dimm on a mode=user backend, plugged at run time: its RAM is
+ * scanned and merged; once unplugged (the guest's ACPI eject, done here
+ * through the memory hot-plug registers) the object can be deleted, and
+ * its scanner and store go with it.
+ */
+static void test_user_pc_dimm(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-dimm-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autoptr(QDict) dev = NULL;
+    QTestState *qts;
+    uint64_t base;
+    int tries;
+
+    qts = qtest_initf("-machine pc,memory-backend=m0 -m 128M,slots=2,"
+                      "maxmem=1G -object mem-share,id=m0,size=128M,mode=off "
+                      "-pidfile %s", pidfile);
+    qtest_qmp_assert_success(qts, "{ 'execute': 'object-add', 'arguments': "
+                             "{ 'qom-type': 'mem-share', 'id': 'd1', "
+                             "'size': %" PRIu64 ", 'mode': 'user' } }",
+                             (uint64_t)64 * MiB);
+    qtest_qmp_assert_success(qts, "{ 'execute': 'device_add', 'arguments': "
+                             "{ 'driver': 'pc-dimm', 'id': 'dimm1', "
+                             "'memdev': 'd1' } }");
+    dev = memory_device(qts);
+    base = qdict_get_int(dev, "addr");
+    g_assert_cmpint(qdict_get_int(dev, "slot"), ==, 0);
+
+    write_dups(qts, base, D_PAGES);
+    wait_figure(qts, "d1", "pages-shared", false, D_PAGES);
+    wait_figure(qts, "d1", "full-scans", false, 2);
+    check_dups(qts, base, D_PAGES, -1);
+    g_assert_cmpint(maps_count(pidfile, "mem-share-store", true), >, 0);
+
+    /* Unplug: the request, then the guest's eject of slot 0 */
+    qtest_qmp_assert_success(qts, "{ 'execute': 'device_del', 'arguments': "
+                             "{ 'id': 'dimm1' } }");
+    qtest_outl(qts, 0xa00, 0);          /* slot selector */
+    qtest_outl(qts, 0xa00 + 0x14, 8);   /* eject */
+    qtest_qmp_eventwait(qts, "DEVICE_DELETED");
+    qtest_qmp_assert_success(qts, "{ 'execute': 'object-del', 'arguments': "
+                             "{ 'id': 'd1' } }");
+    g_assert_null(query_id(qts, "d1"));
+    /* The RAM is freed after an RCU grace period, the store with it */
+    for (tries = 0; tries < 600; tries++) {
+        if (!maps_count(pidfile, "mem-share-store", false)) {
+            break;
+        }
+        g_usleep(50 * 1000);
+    }
+    g_assert_cmpint(maps_count(pidfile, "mem-share-store", false), ==, 0);
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -1159,6 +1418,9 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/user/group", test_user_group);
     qtest_add_func("/mem-share/user/background-snapshot",
                    test_user_background_snapshot);
+    qtest_add_func("/mem-share/user/pinning", test_user_pinning);
+    qtest_add_func("/mem-share/user/virtio-mem", test_user_virtio_mem);
+    qtest_add_func("/mem-share/user/pc-dimm", test_user_pc_dimm);
 
     return g_test_run();
 }

@@ -330,6 +330,44 @@ static void test_share(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/*
+ * A discard (balloon, virtio-mem) of pages that map the group's store:
+ * they read zeros, and their references go back to the broker.
+ */
+static void test_discard(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    size_t first = f->b.shared_at, n = 10;
+    MsProtoGroupStats gs0, gs;
+    MsScanStats sb0, sb;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    sb0 = stats(&f->b);
+    gs0 = group_stats(&f->a);
+    g_assert_cmpuint(sb0.group_pages, ==, NSHARED);
+    /* The start of a run of group pages, and the unique page before it */
+    g_assert_true(ms_scanner_discard(f->b.s, f->b.ram + (first - 1) * page,
+                                     n + 1, &err));
+    g_assert_no_error(err);
+    memset(f->b.expect + (first - 1) * page, 0, (n + 1) * page);
+    check_bytes(&f->b);
+    sb = stats(&f->b);
+    gs = group_stats(&f->a);
+    g_assert_cmpuint(sb.group_pages, ==, sb0.group_pages - n);
+    g_assert_cmpuint(gs.refs, ==, gs0.refs - n);
+    check_bytes(&f->a);
+    /* The next passes find them private and merge nothing back */
+    pass(&f->b);
+    pass(&f->b);
+    check_bytes(&f->b);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, sb0.group_pages - n);
+    g_assert_cmpuint(stats(&f->b).cow_breaks, ==, sb0.cow_breaks);
+}
+
 /* A broker that dies leaves the merged pages as they are */
 static void test_broker_dies(Fixture *f, gconstpointer data)
 {
@@ -430,5 +468,7 @@ int main(int argc, char **argv)
     g_test_add("/group/broker-dies", Fixture, NULL, setup, test_broker_dies,
                teardown);
     g_test_add("/group/rejoin", Fixture, NULL, setup, test_rejoin, teardown);
+    g_test_add("/group/discard", Fixture, NULL, setup, test_discard,
+               teardown);
     return g_test_run();
 }

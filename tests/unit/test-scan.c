@@ -650,22 +650,35 @@ static void test_discard(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
     size_t d = find_page(f, ID_DUP(3), 0), b = find_page(f, ID_BLOCK(9), 0);
-    MsScanStats st;
+    size_t zeros = 0, merged = 0;
+    MsScanStats st0, st;
 
     (void)data;
     if (f->skip) {
         return;
     }
     converge(f);
+    stats(f, &st0);
     /* A merged page written since: what MADV_DONTNEED would get wrong */
     pg(f, b)[1] ^= 1;
+    /* Part of runs: merged pages, zero holes or zero slots, unique pages */
     g_assert_true(ms_scanner_discard(f->s, pg(f, d - 16), 32, &err));
     g_assert_true(ms_scanner_discard(f->s, pg(f, b), 1, &err));
     g_assert_no_error(err);
     for (size_t i = d - 16; i < d + 16; i++) {
+        uint64_t id = content_id(f->npages, i);
+
+        zeros += id == ID_ZERO;
+        merged += id != ID_ZERO && id < ID_UNIQUE(0);
         memset(f->expect + i * page, 0, page);
     }
     memset(f->expect + b * page, 0, page);
+    /* Every discarded page gave its reference back */
+    stats(f, &st);
+    g_assert_cmpuint(zeros, >, 0);
+    g_assert_cmpuint(merged, >, 0);
+    g_assert_cmpuint(st.pages_merged, ==, st0.pages_merged - merged - 1);
+    g_assert_cmpuint(st.zero_holes, ==, st0.zero_holes - zeros);
     check_refs(f);
     check_content(f);
     converge(f);
@@ -954,6 +967,7 @@ int main(int argc, char **argv)
     ADD("/scan/discard", normal, test_discard);
     ADD("/scan/dirty-log", dirty_log, test_dirty_log);
     ADD("/scan/converge-dirty-log", dirty_log, test_converge);
+    ADD("/scan/discard-zero-slots", zero_slots, test_discard);
     ADD("/scan/writers", eager, test_writers);
     ADD("/scan/churn", normal, test_churn);
     ADD("/scan/throughput", big, test_throughput);

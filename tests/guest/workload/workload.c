@@ -20,6 +20,11 @@
  *   ms.virtio=1    as PID 1: load the virtio modules of the initramfs
  *                  (/lib/modules, see build.sh) before anything else, for
  *                  tests with virtio-blk, virtio-balloon or virtio-mem
+ *   ms.dupmib=N    after the fill, also fill N MiB of duplicates (see
+ *                  below) that a line starting with 'f' on the console
+ *                  frees again (munmap): the guest's free memory then
+ *                  holds pages with non-zero content that were merged,
+ *                  for balloon tests (default 0: none)
  *
  * Disk mode (tests/guest/test-dma; instead of the memory fill):
  *   ms.disk=1      read /dev/vda with O_DIRECT into page-aligned buffers,
@@ -60,6 +65,8 @@
  *   MS-WORKLOAD verify round=K pages=N bad=0
  *   MS-WORKLOAD rewrite round=K pages=R
  *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
+ *   MS-WORKLOAD dup filled pages=N period=64 (ms.dupmib)
+ *   MS-WORKLOAD dup freed pages=N (after 'f')
  *   MS-WORKLOAD done ok
  *   MS-WORKLOAD FAIL page=P cat=C gen=G word=W expected=0x.. got=0x.. bad=B pages=N
  * Disk mode:
@@ -100,8 +107,8 @@ static const char *cat_name[] = { "zero", "shared", "unique" };
 
 static struct {
     unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
-    unsigned long corrupt, virtio;
-} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0 };
+    unsigned long corrupt, virtio, dupmib;
+} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0, 0 };
 
 /* Disk mode (see the top comment) */
 static struct {
@@ -251,6 +258,7 @@ static int check_page(const uint64_t *p, uint64_t i, uint32_t gen,
 
 static int stdin_open = 1;
 static int stop_requested;
+static int free_requested;
 
 /* Sleep for `sec` seconds, watching stdin for a stop request ("q"). */
 static void sleep_watch(unsigned long sec)
@@ -286,6 +294,9 @@ static void sleep_watch(unsigned long sec)
                 if (buf[k] == 'q' && !stop_requested) {
                     stop_requested = 1;
                     say("MS-WORKLOAD stop requested");
+                }
+                if (buf[k] == 'f') {
+                    free_requested = 1;
                 }
             }
         }
@@ -485,6 +496,54 @@ static int disk_run(void)
     return ok;
 }
 
+/*
+ * Duplicates to free (ms.dupmib): page i holds the content of page
+ * i mod DUP_PERIOD, non-zero and unlike the main region's, so each run of
+ * DUP_PERIOD pages merges with the first.  Freed on request ('f'): the
+ * guest kernel keeps the bytes in its free pages, which a balloon then
+ * takes.
+ */
+#define DUP_PERIOD 64
+#define DUP_KEY 0x6475702d66726565ull   /* "dup-free" */
+
+static uint8_t *dup_mem;
+static uint64_t dup_pages;
+
+static void dup_fill(void)
+{
+    if (!P.dupmib) {
+        return;
+    }
+    dup_pages = (uint64_t)P.dupmib * (1024 * 1024 / PAGE);
+    dup_mem = mmap(NULL, dup_pages * PAGE, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (dup_mem == MAP_FAILED) {
+        say("MS-WORKLOAD FAIL cannot allocate %lu MiB of duplicates errno=%d",
+            P.dupmib, errno);
+        finish(0);
+    }
+    for (uint64_t i = 0; i < dup_pages; i++) {
+        uint64_t *p = (uint64_t *)(dup_mem + i * PAGE);
+        uint64_t st = mix64(DUP_KEY ^ (i % DUP_PERIOD)) | 1;
+
+        for (unsigned w = 0; w < WORDS; w++) {
+            p[w] = xs_next(&st);
+        }
+    }
+    say("MS-WORKLOAD dup filled pages=%llu period=%u",
+        (unsigned long long)dup_pages, DUP_PERIOD);
+}
+
+static void dup_free(void)
+{
+    if (!free_requested || !dup_mem) {
+        return;
+    }
+    munmap(dup_mem, dup_pages * PAGE);
+    dup_mem = NULL;
+    say("MS-WORKLOAD dup freed pages=%llu", (unsigned long long)dup_pages);
+}
+
 static void parse_token(const char *t)
 {
     static const struct { const char *name; unsigned long *v; } keys[] = {
@@ -495,6 +554,7 @@ static void parse_token(const char *t)
         { "ms.corrupt=", &P.corrupt }, { "ms.virtio=", &P.virtio },
         { "ms.disk=", &D.on }, { "ms.diskkib=", &D.kib },
         { "ms.diskjobs=", &D.jobs }, { "ms.diskreads=", &D.reads },
+        { "ms.dupmib=", &P.dupmib },
     };
     for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
         size_t l = strlen(keys[k].name);
@@ -635,9 +695,11 @@ int main(int argc, char **argv)
         mem[(P.corrupt - 1) * PAGE + 123] ^= 0x40;
         say("MS-WORKLOAD corrupted page=%lu", P.corrupt - 1);
     }
+    dup_fill();
 
     for (unsigned long round = 1; ; round++) {
         sleep_watch(P.interval);
+        dup_free();
         if (!verify(round, "")) {
             finish(0);
         }
