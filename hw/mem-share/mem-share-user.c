@@ -307,6 +307,65 @@ static void mem_share_user_unlock(MemShareUser *u)
     qemu_mutex_unlock(&u->lock);
 }
 
+static unsigned mem_share_region_flags(HostMemoryBackend *backend);
+
+/*
+ * A discard while no scanner runs.  Where an earlier mode=user left
+ * mappings of a store in the RAM (unmerged pages are private copies
+ * inside them), MADV_DONTNEED would bring back the store file's content
+ * at that offset: a freed slot of our own store reads zeros, but a
+ * group's slot holds whatever the broker put there since.  Such RAM gets
+ * fresh anonymous memory instead, with QEMU's advice again.
+ */
+static int mem_share_discard_plain(MemShareBackend *ms, void *host,
+                                   size_t length)
+{
+    HostMemoryBackend *backend = MEMORY_BACKEND(ms);
+    unsigned flags = mem_share_region_flags(backend);
+    static const struct {
+        unsigned flag;
+        int advice;
+    } advice[] = {
+        { MS_REGION_HUGEPAGE, QEMU_MADV_HUGEPAGE },
+        { MS_REGION_DONTFORK, QEMU_MADV_DONTFORK },
+        { MS_REGION_DONTDUMP, QEMU_MADV_DONTDUMP },
+        { MS_REGION_MERGEABLE, QEMU_MADV_MERGEABLE },
+    };
+
+    if (!ms->discard_remap) {
+        return qemu_madvise(host, length, QEMU_MADV_DONTNEED) ? -errno : 0;
+    }
+    if (qatomic_read(&ms->mode) == MEM_SHARE_MODE_KERNEL) {
+        flags |= MS_REGION_MERGEABLE;
+    }
+    if (mmap(host, length, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED |
+             (flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0),
+             -1, 0) == MAP_FAILED) {
+        return -errno;
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
+        if ((flags & advice[i].flag) &&
+            qemu_madvise(host, length, advice[i].advice)) {
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+/* Discards after mode=user stopped (see mem_share_discard_plain()) */
+static int mem_share_after_user_discard(RAMBlock *rb, void *host,
+                                        size_t length, void *opaque)
+{
+    MemShareBackend *ms = opaque;
+    QEMU_LOCK_GUARD(&mem_share_discard_lock);
+    int ret = mem_share_discard_plain(ms, host, length);
+
+    trace_mem_share_user_discard(
+        object_get_canonical_path_component(OBJECT(ms)), host, length, ret);
+    return ret;
+}
+
 /*
  * ram_block_discard_range() on our RAM, with the BQL held.  The scanner
  * thread may be in a batch: wait for its end, which needs no BQL.
@@ -323,7 +382,7 @@ static int mem_share_user_discard(RAMBlock *rb, void *host, size_t length,
 
     if (!u) {
         /* The scanner stopped since the caller found this handler */
-        ret = qemu_madvise(host, length, QEMU_MADV_DONTNEED) ? -errno : 0;
+        ret = mem_share_discard_plain(ms, host, length);
         trace_mem_share_user_discard(id, host, length, ret);
         return ret;
     }
@@ -430,6 +489,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
 
 bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
 {
+    MsScanStats st;
     MemShareUser *u = ms->user;
     g_autoptr(GError) gerr = NULL;
     bool ok;
@@ -457,8 +517,15 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     trace_mem_share_user_stop(object_get_canonical_path_component(OBJECT(ms)),
                               unmerge);
-    qemu_ram_set_discard_handler(MEMORY_BACKEND(ms)->mr.ram_block, NULL,
-                                 NULL);
+    ms_scanner_get_stats(u->scanner, &st);
+    /* The RAM keeps its store mappings, with private copies in them */
+    if (st.merges || st.group_hits || st.group_uploads ||
+        (st.zero_slots && st.zero_merges)) {
+        ms->discard_remap = true;
+    }
+    qemu_ram_set_discard_handler(MEMORY_BACKEND(ms)->mr.ram_block,
+                                 unmerge && ms->discard_remap ?
+                                 mem_share_after_user_discard : NULL, ms);
     /* A discard that found the handler before it was cleared is done */
     WITH_QEMU_LOCK_GUARD(&mem_share_discard_lock) {
         ms->user = NULL;
@@ -473,6 +540,21 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     qemu_mutex_destroy(&u->lock);
     g_free(u);
     return true;
+}
+
+/* The RAM goes away: no discard may call us any more */
+void mem_share_user_finalize(MemShareBackend *ms)
+{
+    HostMemoryBackend *backend = MEMORY_BACKEND(ms);
+
+    mem_share_user_stop(ms, false, &error_abort);
+    if (ms->discard_remap && host_memory_backend_mr_inited(backend)) {
+        qemu_ram_set_discard_handler(backend->mr.ram_block, NULL, NULL);
+        /* A discard that found the handler before it was cleared is done */
+        WITH_QEMU_LOCK_GUARD(&mem_share_discard_lock) {
+            ms->discard_remap = false;
+        }
+    }
 }
 
 void mem_share_user_scan_now(MemShareBackend *ms)

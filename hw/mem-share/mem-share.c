@@ -421,7 +421,7 @@ static void mem_share_instance_finalize(Object *obj)
     MemShareBackend *ms = MEM_SHARE(obj);
 
     /* The RAM goes away with the object: no need to unmerge it first */
-    mem_share_user_stop(ms, false, &error_abort);
+    mem_share_user_finalize(ms);
     mem_share_dma_cleanup(ms);
     g_free(ms->group);
     g_free(ms->broker);

@@ -1341,6 +1341,77 @@ static void test_user_virtio_mem(void)
     unlink(pidfile);
 }
 
+/* Pages of @id on its group's store */
+static uint64_t id_group_pages(QTestState *qts, const char *id)
+{
+    g_autoptr(QDict) info = query_id(qts, id);
+    QDict *g = qdict_get_qdict(qdict_get_qdict(info, "user"), "group");
+
+    g_assert(g);
+    return qdict_get_int(g, "pages");
+}
+
+/*
+ * After mode=user stopped, unmerged pages are private copies inside
+ * mappings of the group's store.  A later discard (here virtio-mem's
+ * unplug at reset, in mode=off) must leave zeros, not the content that
+ * the group's slot holds for the other member.
+ */
+static void test_user_discard_after_group(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("mem-share-dgroup-XXXXXX", NULL);
+    g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
+    g_autoptr(QDict) dev = NULL;
+    QTestState *a, *b;
+    uint64_t base;
+    GPid broker;
+
+    if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE) ||
+        !qtest_has_device("virtio-mem-pci")) {
+        g_test_skip("mem-share-broker or virtio-mem-pci not built");
+        return;
+    }
+    broker = start_broker(sock);
+    b = start_member("g1", sock);
+    a = qtest_initf("-machine pc,memory-backend=m0 -m 128M,maxmem=1G "
+                    "-object mem-share,id=m0,size=128M,mode=off "
+                    "-object mem-share,id=vm0,size=64M,mode=user,group=g1,"
+                    "broker=%s -device virtio-mem-pci,id=vmem0,memdev=vm0,"
+                    "block-size=2M,requested-size=0", sock);
+    dev = memory_device(a);
+    base = qdict_get_int(dev, "memaddr");
+    write_group_pages(b, 40 * MiB);
+    write_group_pages(a, base);
+    for (int tries = 0; id_group_pages(a, "vm0") < G_PAGES ||
+                        group_pages(b) < G_PAGES; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        qtest_qmp_assert_success(a, "{ 'execute': 'mem-share-scan-now', "
+                                 "'arguments': { 'id': 'vm0' } }");
+        scan_now(b);
+        g_usleep(50 * 1000);
+    }
+
+    /* Unmerged: private copies, the group's slots still b's */
+    qtest_qmp_assert_success(a, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': '/objects/vm0', 'property': 'mode',"
+                             " 'value': 'off' } }");
+    check_group_pages(a, base, -1);
+    g_assert_cmpuint(group_pages(b), ==, G_PAGES);
+
+    /* Discarded: zeros, not b's pages */
+    qtest_qmp_assert_success(a, "{ 'execute': 'system_reset' }");
+    qtest_qmp_eventwait(a, "RESET");
+    check_zero(a, base, G_PAGES);
+    check_group_pages(b, 40 * MiB, -1);
+
+    qtest_quit(a);
+    qtest_quit(b);
+    kill(broker, SIGTERM);
+    waitpid(broker, NULL, 0);
+    unlink(sock);
+    rmdir(dir);
+}
+
 /*
  * A pc-dimm on a mode=user backend, plugged at run time: its RAM is
  * scanned and merged; once unplugged (the guest's ACPI eject, done here
@@ -1420,6 +1491,8 @@ int main(int argc, char **argv)
                    test_user_background_snapshot);
     qtest_add_func("/mem-share/user/pinning", test_user_pinning);
     qtest_add_func("/mem-share/user/virtio-mem", test_user_virtio_mem);
+    qtest_add_func("/mem-share/user/discard-after-group",
+                   test_user_discard_after_group);
     qtest_add_func("/mem-share/user/pc-dimm", test_user_pc_dimm);
 
     return g_test_run();

@@ -39,6 +39,11 @@ struct MemShareBackend {
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
     bool migration_paused;      /* mode=user stopped for an incoming postcopy */
+    /*
+     * An earlier mode=user left store mappings in the RAM: discards map
+     * fresh anonymous memory (see mem-share-user.c)
+     */
+    bool discard_remap;
     /* Per page of the RAM: direct mappings for DMA (mem-share-dma.c) */
     uint32_t *dma_pins;
     size_t dma_npages;
@@ -54,6 +59,7 @@ void mem_share_stats_register(void);
 /* mode=user (mem-share-user.c) */
 bool mem_share_user_start(MemShareBackend *ms, Error **errp);
 bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
+void mem_share_user_finalize(MemShareBackend *ms);
 void mem_share_user_scan_now(MemShareBackend *ms);
 void mem_share_user_kick(MemShareBackend *ms);
 void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
