@@ -320,17 +320,8 @@ static unsigned mem_share_region_flags(HostMemoryBackend *backend);
 static int mem_share_discard_plain(MemShareBackend *ms, void *host,
                                    size_t length)
 {
-    HostMemoryBackend *backend = MEMORY_BACKEND(ms);
-    unsigned flags = mem_share_region_flags(backend);
-    static const struct {
-        unsigned flag;
-        int advice;
-    } advice[] = {
-        { MS_REGION_HUGEPAGE, QEMU_MADV_HUGEPAGE },
-        { MS_REGION_DONTFORK, QEMU_MADV_DONTFORK },
-        { MS_REGION_DONTDUMP, QEMU_MADV_DONTDUMP },
-        { MS_REGION_MERGEABLE, QEMU_MADV_MERGEABLE },
-    };
+    unsigned flags = mem_share_region_flags(MEMORY_BACKEND(ms));
+    g_autoptr(GError) gerr = NULL;
 
     if (!ms->discard_remap) {
         return qemu_madvise(host, length, QEMU_MADV_DONTNEED) ? -errno : 0;
@@ -338,37 +329,20 @@ static int mem_share_discard_plain(MemShareBackend *ms, void *host,
     if (qatomic_read(&ms->mode) == MEM_SHARE_MODE_KERNEL) {
         flags |= MS_REGION_MERGEABLE;
     }
-    if (mmap(host, length, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED |
-             (flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0),
-             -1, 0) == MAP_FAILED) {
-        return -errno;
-    }
-    for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
-        if ((flags & advice[i].flag) &&
-            qemu_madvise(host, length, advice[i].advice)) {
-            return -errno;
-        }
+    if (!ms_map_fresh_anon(host, length, flags, &gerr)) {
+        error_report("mem-share '%s': %s",
+                     object_get_canonical_path_component(OBJECT(ms)),
+                     gerr->message);
+        return -(gerr->code ?: EIO);
     }
     return 0;
 }
 
-/* Discards after mode=user stopped (see mem_share_discard_plain()) */
-static int mem_share_after_user_discard(RAMBlock *rb, void *host,
-                                        size_t length, void *opaque)
-{
-    MemShareBackend *ms = opaque;
-    QEMU_LOCK_GUARD(&mem_share_discard_lock);
-    int ret = mem_share_discard_plain(ms, host, length);
-
-    trace_mem_share_user_discard(
-        object_get_canonical_path_component(OBJECT(ms)), host, length, ret);
-    return ret;
-}
-
 /*
  * ram_block_discard_range() on our RAM, with the BQL held.  The scanner
- * thread may be in a batch: wait for its end, which needs no BQL.
+ * thread may be in a batch: wait for its end, which needs no BQL.  Once
+ * the scanner stopped (still installed if it left store mappings, see
+ * mem_share_discard_plain()), an ordinary discard.
  */
 static int mem_share_user_discard(RAMBlock *rb, void *host, size_t length,
                                   void *opaque)
@@ -381,7 +355,7 @@ static int mem_share_user_discard(RAMBlock *rb, void *host, size_t length,
     int ret = 0;
 
     if (!u) {
-        /* The scanner stopped since the caller found this handler */
+        /* Stopped, or since the caller found this handler */
         ret = mem_share_discard_plain(ms, host, length);
         trace_mem_share_user_discard(id, host, length, ret);
         return ret;
@@ -525,7 +499,7 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     qemu_ram_set_discard_handler(MEMORY_BACKEND(ms)->mr.ram_block,
                                  unmerge && ms->discard_remap ?
-                                 mem_share_after_user_discard : NULL, ms);
+                                 mem_share_user_discard : NULL, ms);
     /* A discard that found the handler before it was cleared is done */
     WITH_QEMU_LOCK_GUARD(&mem_share_discard_lock) {
         ms->user = NULL;

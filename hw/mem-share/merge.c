@@ -11,9 +11,10 @@
  * but userfaultfd gives the one thing the protocol needs: a way to make
  * writers wait while the page is compared and replaced.
  *
- *   1. Freeze: UFFDIO_WRITEPROTECT the run.  Writers (vCPU threads, device emulation,
- *      and KVM's or the kernel's faults on QEMU's behalf, since the
- *      descriptor is not UFFD_USER_MODE_ONLY) now sleep in the kernel.
+ *   1. Freeze: UFFDIO_WRITEPROTECT the run.  Writers (vCPU threads,
+ *      device emulation, and KVM's or the kernel's faults on QEMU's
+ *      behalf, since the descriptor is not UFFD_USER_MODE_ONLY) now
+ *      sleep in the kernel.
  *      Synchronous mode, not UFFD_FEATURE_WP_ASYNC: an asynchronous write
  *      between the compare and the replace would land in the old page and
  *      be lost.
@@ -898,8 +899,8 @@ bool ms_merger_use_pagemap_scan(MsMerger *m, bool use)
 /* ---- the operations ---- */
 
 /* Re-apply the region's advice to @run, mapped anew (ANON or store) */
-static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
-                         GError **errp)
+/* The madvise() calls that MS_REGION_* @flags stand for, on [@host, +@len) */
+static bool advise(void *host, size_t len, unsigned flags, GError **errp)
 {
     static const struct {
         unsigned flag;
@@ -913,6 +914,22 @@ static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
         { MS_REGION_MERGEABLE, MADV_MERGEABLE, "MADV_MERGEABLE" },
     };
 
+    for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
+        if ((flags & advice[i].flag) &&
+            madvise(host, len, advice[i].advice) < 0) {
+            g_set_error(errp, MS_ENGINE_ERROR, errno,
+                        "cannot re-apply %s to %zu pages at %p: %s",
+                        advice[i].name, len / getpagesize(), host,
+                        g_strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
+                         GError **errp)
+{
     unsigned flags = run->r->flags;
 
     (void)m;
@@ -920,17 +937,21 @@ static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
         /* See the top comment: no huge pages on the store */
         flags &= ~(MS_REGION_HUGEPAGE | MS_REGION_NOHUGEPAGE);
     }
-    for (size_t i = 0; i < G_N_ELEMENTS(advice); i++) {
-        if ((flags & advice[i].flag) &&
-            madvise(run->host, run->len, advice[i].advice) < 0) {
-            g_set_error(errp, MS_ENGINE_ERROR, errno,
-                        "cannot re-apply %s to %zu pages at %p: %s",
-                        advice[i].name, run->n, run->host,
-                        g_strerror(errno));
-            return false;
-        }
+    return advise(run->host, run->len, flags, errp);
+}
+
+bool ms_map_fresh_anon(void *host, size_t len, unsigned flags, GError **errp)
+{
+    if (mmap(host, len, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED |
+             (flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0),
+             -1, 0) == MAP_FAILED) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot map anonymous memory at %p+0x%zx: %s", host, len,
+                    g_strerror(errno));
+        return false;
     }
-    return true;
+    return advise(host, len, flags, errp);
 }
 
 /*

@@ -204,6 +204,14 @@ bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp);
 bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp);
 
 /*
+ * Map fresh anonymous memory over [@host, @host + @len), outside any
+ * merger, with the advice of MS_REGION_* @flags (a new mapping inherits
+ * none): zeros, whatever was mapped there.  For discards of RAM that a
+ * merger left with store mappings after it went away.
+ */
+bool ms_map_fresh_anon(void *host, size_t len, unsigned flags, GError **errp);
+
+/*
  * For each of the @n pages at @host, whether it still maps the store
  * (true) or is private: never merged, or a write copied it.  A merged
  * page not touched since the merge has no page table entry yet and still
