@@ -1298,9 +1298,7 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
     return candidate(s, i, h, errp);
 }
 
-void ms_scanner_set_dirty_log(MsScanner *s,
-                              void (*take)(void *opaque, size_t first,
-                                           size_t n, uint64_t *bits),
+void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
                               void *opaque)
 {
     s->cfg.dirty_take = take;

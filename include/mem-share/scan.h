@@ -12,7 +12,8 @@
  * and once a page's hash has stayed the same long enough merges it with
  * a hole or a zero slot (zero content), with a page already in the
  * store, or with an identical page seen earlier in the same pass.  It
- * owns the store and the merger of the region.  See hw/mem-share/scan.c for the algorithm.
+ * owns the store and the merger of the region.  See hw/mem-share/scan.c
+ * for the algorithm.
  *
  * Threads: one thread (the scanner thread) calls ms_scanner_step(),
  * ms_scanner_unmerge_all() and ms_scanner_free(), and everything that
@@ -45,6 +46,14 @@ typedef enum MsZeroMode {
 
 /* Zero slots by default: 2 MiB; a zero run costs a mapping per 2 MiB */
 #define MS_SCAN_ZERO_SLOTS 512
+
+/*
+ * A dirty log (see MsScanConfig.dirty_take): sets in @bits (bit k of
+ * word k / 64 for page first + k) the pages of [first, first + n) written
+ * since it last reported them, and forgets them; n <= 512.
+ */
+typedef void MsDirtyTakeFn(void *opaque, size_t first, size_t n,
+                           uint64_t *bits);
 
 typedef struct MsScanConfig {
     void *host;             /* the region: page aligned, private anonymous */
@@ -79,17 +88,15 @@ typedef struct MsScanConfig {
     MsBrokerClient *group;
     /*
      * Dirty tracking (optional, NULL: every visit hashes the page).
-     * dirty_take() sets in @bits (bit k of word k / 64 for page
-     * first + k) the pages of [first, first + n) that were written since
-     * it last reported them, and forgets them; n <= 512.  Called by the
-     * scanner thread once per chunk: it must not take the BQL.  A clean
+     * Called by the scanner thread once per chunk: it must not take the
+     * BQL.  A clean
      * page that was hashed before is not read again (its count of
      * unchanged scans goes on); every MS_SCAN_REHASH_EVERY full scans,
      * and after a copy-on-write break, pages are hashed whatever it says,
      * so a writer the log misses costs merges, never correctness (every
      * merge compares bytes anyway).
      */
-    void (*dirty_take)(void *opaque, size_t first, size_t n, uint64_t *bits);
+    MsDirtyTakeFn *dirty_take;
     void *dirty_opaque;
     /*
      * Per page of the region, the DMA mappings that cover it (see
@@ -103,9 +110,7 @@ typedef struct MsScanConfig {
  * Give the scanner a dirty log (see MsScanConfig.dirty_take) after
  * ms_scanner_new(), before the scanner thread first steps it.
  */
-void ms_scanner_set_dirty_log(MsScanner *s,
-                              void (*take)(void *opaque, size_t first,
-                                           size_t n, uint64_t *bits),
+void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
                               void *opaque);
 
 /* With dirty tracking, one full scan in this many hashes every page */
