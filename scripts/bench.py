@@ -21,10 +21,12 @@ samples every --interval seconds:
   host memory used   AnonPages+Shmem of /proc/meminfo minus a baseline taken
                      just before the guests start (primary figure)
   Pss                sum of Pss_Anon+Pss_Shmem of the QEMU processes (only our
-                     guests: immune to other processes on the host)
+                     guests: immune to other processes on the host), and of
+                     the mem-share-broker for a group
   RSS / RssAnon      per QEMU process, for reference
   dedup CPU          ksmd's utime+stime (KSM), scan-cpu-ns of query-mem-share
-                     summed over the guests (mode=user)
+                     summed over the guests (mode=user), plus the broker's
+                     utime+stime for a group
   interference       /sys/kernel/mm/ksm run/pages_to_scan/sleep_millisecs
                      against what this configuration expects, and other QEMU
                      processes on the host
@@ -110,7 +112,8 @@ CSV_FIELDS = ["config", "t", "t_launch", "phase", "host_used_mib", "saved_mib",
               "host_raw_mib",
               "pss_mib", "saved_pss_mib", "rss_mib", "rss_anon_mib", "rss_shmem_mib",
               "dedup_cpu_s", "qemu_cpu_s", "full_scans", "merged_pages", "zero_pages",
-              "user_bytes_saved_mib", "ksm_pages_sharing", "ksm_run",
+              "user_bytes_saved_mib", "broker_pss_mib", "broker_cpu_s", "kernel_mib",
+              "ksm_pages_sharing", "ksm_run",
               "ksm_pages_to_scan", "ksm_sleep_millisecs", "other_qemus",
               "other_qemu_mib", "interference"]
 
@@ -178,6 +181,14 @@ def meminfo_kb():
 def host_used_kb():
     m = meminfo_kb()
     return m["AnonPages"] + m["Shmem"]
+
+
+def kernel_kb():
+    """Kernel memory that deduplication costs and AnonPages+Shmem does not
+    show: page tables, and unreclaimable slab (KSM's rmap items and stable
+    nodes; the VMAs and maple-tree nodes of mem-share's mappings)."""
+    m = meminfo_kb()
+    return m["PageTables"] + m["SUnreclaim"]
 
 
 def smaps_rollup_kb(pid):
@@ -294,6 +305,8 @@ class Run:
         self.cfg = CONFIGS[name]
         self.args = args
         self.ref = ref              # the off run's final figures (dict) or None
+        self.broker_pid = None      # user-group: the broker, a cost of ours
+        self.base_kern = 0
         self.samples = []
         self.flags = []             # interference notes (deduplicated)
         self.filled = []
@@ -354,6 +367,15 @@ class Run:
                 uscans.append(e.get("full-scans", 0))
                 ucpu += e.get("scan-cpu-ns", 0)
                 ubytes += (e.get("user") or {}).get("bytes-saved", 0)
+        # The group's broker is part of mem-share's cost: its memory (the
+        # store's pages that no guest maps, its index) and its CPU (hashing
+        # uploads, lookups) count as the QEMUs' do.
+        bpss = bcpu = 0
+        if self.broker_pid:
+            r = smaps_rollup_kb(self.broker_pid)
+            bpss = r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)
+            pss += bpss
+            bcpu = proc_cpu_s(self.broker_pid)
         k = mg.ksm_sysfs()
         scans = min(uscans) if uscans else 0
         if self.cfg["mode"] == "kernel":
@@ -361,7 +383,7 @@ class Run:
             kc = mg.ksmd_cpu_ns()
             dcpu = (kc - ksm_cpu0) / 1e9 if kc is not None and ksm_cpu0 is not None else 0.0
         elif self.cfg["mode"] == "user":
-            dcpu = ucpu / 1e9
+            dcpu = ucpu / 1e9 + bcpu
         else:
             dcpu = 0.0
         # interference: host KSM settings and other QEMUs
@@ -393,6 +415,8 @@ class Run:
                  rss_anon_mib=anon / 1024, rss_shmem_mib=shmem / 1024,
                  dedup_cpu_s=dcpu, qemu_cpu_s=qcpu, full_scans=scans - scans0,
                  merged_pages=merged, zero_pages=zero, user_bytes_saved_mib=ubytes / MIB,
+                 broker_pss_mib=bpss / 1024, broker_cpu_s=bcpu,
+                 kernel_mib=(kernel_kb() - self.base_kern) / 1024,
                  ksm_pages_sharing=k.get("pages_sharing", 0), ksm_run=k.get("run"),
                  ksm_pages_to_scan=k.get("pages_to_scan"),
                  ksm_sleep_millisecs=k.get("sleep_millisecs"),
@@ -424,6 +448,7 @@ class Run:
         try:
             if cfg.get("group"):
                 broker, sock = mg.start_broker(log_dir)
+                self.broker_pid = broker.pid
                 backend_extra = "group=bench,broker=%s" % sock
                 say("  broker started (pid %d), group=bench" % broker.pid)
             sysctl.apply()
@@ -454,6 +479,7 @@ class Run:
             # baseline: median of 3 readings just before the guests start
             time.sleep(1.0)
             base = sorted(host_used_kb() for _ in range(3))[1]
+            self.base_kern = kernel_kb()
             others0 = sum(v for _, v in other_qemus(set()))
             ksm_cpu0 = mg.ksmd_cpu_ns() if cfg["mode"] == "kernel" else None
             scans0 = k0.get("full_scans", 0) if cfg["mode"] == "kernel" else 0
@@ -580,7 +606,8 @@ class Run:
                  filled=self.filled, flags=self.flags, ksm_settings=self.ksm_settings)
         for key in ("host_used_mib", "pss_mib", "rss_mib", "rss_anon_mib",
                     "rss_shmem_mib", "saved_mib", "saved_pss_mib",
-                    "user_bytes_saved_mib", "merged_pages", "zero_pages"):
+                    "user_bytes_saved_mib", "merged_pages", "zero_pages",
+                    "kernel_mib", "broker_pss_mib"):
             r[key] = mean(key)
         r["duration"] = post[-1]["t"]
         r["converged"] = self.stop_reason == "stable"
@@ -716,11 +743,22 @@ def make_report(runs, args, started, wall):
                "bad=0 (%s rounds)" % "+".join(str(x) for x in r["verify_rounds"])
                if r["verified"] else "FAILED"))
     add("")
+    off = next((r for r in [x.result for x in runs] if r["config"] == "off"), None)
+    add("kernel memory the figures above leave out (page tables + unreclaimable "
+        "slab: KSM's rmap items, the VMAs of mem-share's mappings), vs the off run:")
+    for r in [x.result for x in runs]:
+        if r["config"] == "off" or off is None:
+            continue
+        extra = r["kernel_mib"] - off["kernel_mib"]
+        add("  %-32s %+7.1f MiB  -> saved with it %7.1f MiB"
+            % (r["label"], extra, r["saved_mib"] - extra))
+    add("")
     add("used: host AnonPages+Shmem minus the baseline before launch (MiB, mean of the "
         "last %d samples); saved: vs the off run; savedPss: from the QEMU processes' "
-        "Pss; converge: s after both guests filled until the saving first reached 98%% "
+        "(and the broker's) Pss; converge: s after both guests filled until the saving first reached 98%% "
         "of its final value (n.c. = not converged within the cap); cpu@98%%: dedup CPU "
-        "s from launch to that point (ksmd for KSM, scan-cpu-ns for mode=user); "
+        "s from launch to that point (ksmd for KSM, scan-cpu-ns for mode=user, "
+        "plus the broker's CPU for a group); "
         "steady: dedup CPU %% of one CPU at the end; MiB/s = saved / converge s."
         % args.stable_n)
     for r in [x.result for x in runs]:

@@ -230,6 +230,31 @@ struct MsMerger {
     int64_t budget;
 };
 
+/*
+ * The VMAs every merger of the process adds: vm.max_map_count limits a
+ * process, not a merger, so two mem-share objects (boot RAM and a DIMM
+ * plugged later) spend one budget between them.  Each merger's own count
+ * is its statistic; the budget is checked against this sum.
+ */
+static int64_t process_vmas;
+
+static void count_vmas(MsMerger *m, int64_t delta)
+{
+    m->vmas += delta;
+    __atomic_add_fetch(&process_vmas, delta, __ATOMIC_RELAXED);
+}
+
+/*
+ * Would @cost more VMAs stay within @m's budget?  Two scanner threads may
+ * both pass before either adds its VMAs; the overshoot is one batch each,
+ * and the budget's headroom below vm.max_map_count is far larger.
+ */
+static bool within_budget(const MsMerger *m, int64_t cost)
+{
+    return __atomic_load_n(&process_vmas, __ATOMIC_RELAXED) + cost <=
+           m->budget;
+}
+
 /* A run of pages inside one region */
 typedef struct Run {
     Region *r;
@@ -645,7 +670,7 @@ static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
         r->forced[e] = left && right;
     }
     after = breaks(r, s, e);
-    m->vmas += after - before;
+    count_vmas(m, after - before);
     return after - before;
 }
 
@@ -688,6 +713,8 @@ void ms_merger_free(MsMerger *m)
     if (!m) {
         return;
     }
+    /* Whatever it still maps is no longer the engine's to count */
+    count_vmas(m, -m->vmas);
     if (m->uffd >= 0) {
         close(m->uffd);
     }
@@ -800,7 +827,7 @@ void ms_merger_remove_region(MsMerger *m, void *host)
 
             /* Its VMAs go away with the RAM, if they have not already */
             ioctl(m->uffd, UFFDIO_UNREGISTER, &range);
-            m->vmas -= breaks(r, 0, r->npages);
+            count_vmas(m, -(int64_t)breaks(r, 0, r->npages));
             g_ptr_array_remove_index_fast(m->regions, i);
             return;
         }
@@ -822,6 +849,11 @@ int64_t ms_merger_vmas(const MsMerger *m)
     return m->vmas;
 }
 
+int64_t ms_merger_process_vmas(void)
+{
+    return __atomic_load_n(&process_vmas, __ATOMIC_RELAXED);
+}
+
 int64_t ms_merger_default_budget(double share)
 {
     g_autofree char *text = NULL;
@@ -836,6 +868,8 @@ int64_t ms_merger_default_budget(double share)
             used += *p == '\n';
         }
     }
+    /* The mergers' own VMAs are in @used, but the budget counts them */
+    used = MAX(used - ms_merger_process_vmas(), 0);
     return MAX((int64_t)(max * share) - used, 0);
 }
 
@@ -1107,7 +1141,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
     anon_holes = first_slot == ANON && !run_maps_store(&run);
     delta = vma_delta(&run, first_slot, &peak);
     delta = anon_holes ? 0 : delta;
-    if (m->vmas + MAX(peak, delta) > m->budget) {
+    if (!within_budget(m, MAX(peak, delta))) {
         res->outcome = MS_MERGE_NO_BUDGET;
         return true;
     }
@@ -1217,7 +1251,7 @@ static bool batch_budget_ok(MsMerger *m, const BatchRun *b)
         return true;
     }
     delta = vma_delta(&b->run, b->slot, &peak);
-    return m->vmas + MAX(peak, delta) <= m->budget;
+    return within_budget(m, MAX(peak, delta));
 }
 
 /*

@@ -592,7 +592,7 @@ static void refused(MsScanner *s, const MsMergeResult *res, size_t n)
 {
     if (res->outcome == MS_MERGE_NO_BUDGET) {
         s->live.refused_budget += n;
-        s->blocked_vmas = ms_merger_vmas(s->m);
+        s->blocked_vmas = ms_merger_process_vmas();
     } else {
         /* Pinned pages count as changed in @res: count them apart */
         s->live.refused_changed += res->changed - res->pinned;
@@ -951,7 +951,8 @@ static bool flush_queue(MsScanner *s, GError **errp)
 /* New slots are pointless while the budget refuses their mappings */
 static bool slots_blocked(MsScanner *s)
 {
-    return s->blocked_vmas >= 0 && ms_merger_vmas(s->m) >= s->blocked_vmas;
+    return s->blocked_vmas >= 0 &&
+           ms_merger_process_vmas() >= s->blocked_vmas;
 }
 
 /* The slot after the one page @i - 1 maps, or MS_SLOT_NONE */

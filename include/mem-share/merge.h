@@ -119,16 +119,21 @@ bool ms_merger_replace_second_store(MsMerger *m, void *host, int fd,
                                     uint32_t *base, GError **errp);
 
 /*
- * VMAs the engine may add to the process, net.  A merge that would bring
- * ms_merger_vmas() above it, even for a moment, is refused with
- * MS_MERGE_NO_BUDGET: at vm.max_map_count the kernel fails even an
- * mmap(MAP_FIXED) that would lower the count.
+ * VMAs the engine may add to the process, net, all mergers together.  A
+ * merge that would bring ms_merger_process_vmas() above it, even for a
+ * moment, is refused with MS_MERGE_NO_BUDGET: at vm.max_map_count the
+ * kernel fails even an mmap(MAP_FIXED) that would lower the count.
  */
 void ms_merger_set_budget(MsMerger *m, int64_t budget);
 int64_t ms_merger_budget(const MsMerger *m);
-/* VMAs the engine's mappings currently add to the process, net. */
+/* VMAs this merger's mappings currently add to the process, net. */
 int64_t ms_merger_vmas(const MsMerger *m);
-/* vm.max_map_count times @share, minus what the process already uses. */
+/* The same, summed over every merger of the process. */
+int64_t ms_merger_process_vmas(void);
+/*
+ * vm.max_map_count times @share, minus what the process already uses
+ * besides the mergers' own VMAs.
+ */
 int64_t ms_merger_default_budget(double share);
 
 /*

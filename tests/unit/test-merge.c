@@ -624,6 +624,55 @@ static void test_budget(Fixture *f, gconstpointer data)
     g_assert_cmpint(ms_merger_default_budget(0.5), >, 1000);
 }
 
+/*
+ * vm.max_map_count limits the process: a second merger (a second
+ * mem-share object) spends the same budget, and gets it back when the
+ * first one's mappings go.
+ */
+static void test_budget_process(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    Fixture f2;
+    MsMergeResult res;
+    uint32_t slot, slot2;
+    int64_t base;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    setup(&f2, NULL);
+    g_assert_false(f2.skip);
+    base = ms_merger_process_vmas();
+    slot = publish_copy(f, 30, 1, MS_SLOT_NONE);
+    slot2 = publish_copy(&f2, 30, 1, MS_SLOT_NONE);
+    expect = g_memdup2(pg(&f2, 30), page);
+    ms_merger_set_budget(f->m, base + 2);
+    ms_merger_set_budget(f2.m, base + 2);
+
+    /* An isolated page costs two VMAs: the first merger spends them all */
+    g_assert_cmpint(merge(f, 30, 1, slot), ==, MS_MERGE_DONE);
+    g_assert_cmpint(ms_merger_process_vmas(), ==, base + 2);
+    g_assert_true(ms_merge_run(f2.m, pg(&f2, 30), 1, slot2, NULL, &res,
+                               &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_NO_BUDGET);
+    g_assert_cmpmem(pg(&f2, 30), page, expect, page);
+    g_assert_cmpint(ms_merger_vmas(f2.m), ==, 0);
+
+    /* Discarded, the page is anonymous again: the VMAs are free to spend */
+    g_assert_true(ms_merge_discard(f->m, pg(f, 30), 1, &err));
+    g_assert_no_error(err);
+    g_assert_cmpint(ms_merger_process_vmas(), ==, base);
+    g_assert_cmpint(merge(&f2, 30, 1, slot2), ==, MS_MERGE_DONE);
+    g_assert_cmpint(ms_merger_vmas(f2.m), ==, 2);
+    g_assert_cmpmem(pg(&f2, 30), page, expect, page);
+    g_assert_cmpint(ms_merger_process_vmas(), ==, base + 2);
+    g_assert_true(ms_merge_discard(f2.m, pg(&f2, 30), 1, &err));
+    teardown(&f2, NULL);
+    g_assert_cmpint(ms_merger_process_vmas(), ==, base);
+}
+
 static void test_errors(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
@@ -1083,6 +1132,7 @@ int main(int argc, char **argv)
     ADD("/merge/unmerge", test_unmerge);
     ADD("/merge/discard", test_discard);
     ADD("/merge/budget", test_budget);
+    ADD("/merge/budget-process", test_budget_process);
     ADD("/merge/errors", test_errors);
     ADD("/merge/writers", test_writers);
     ADD("/merge/runs", test_runs);
