@@ -317,6 +317,36 @@ static void test_wanted(Fixture *f, gconstpointer data)
                      MS_STATUS_NOT_FOUND);
 }
 
+/*
+ * The unstable table has an entry for each slot of the store and is
+ * emptied when half full (broker.c, "Meeting"): a pending meeting
+ * survives fewer misses than that, and a wipe only costs a meeting one
+ * more round.
+ */
+static void test_unstable_full(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g1", "vm-b");
+    g_autoptr(MsBrokerClient) x = join(f, "g1", "vm-x");
+    const uint64_t h = 0xfeedface;
+
+    (void)data;
+    g_assert_cmpuint(lookup(a, h).status, ==, MS_STATUS_NOT_FOUND);
+    for (uint64_t k = 1; k < NSLOTS / 2 - 1; k++) {
+        g_assert_cmpuint(lookup(x, h + k).status, ==, MS_STATUS_NOT_FOUND);
+    }
+    g_assert_cmpuint(lookup(b, h).status, ==, MS_STATUS_WANTED);
+
+    /* Past half full, the table starts again: the meeting waits a round */
+    g_assert_cmpuint(lookup(a, h + NSLOTS).status, ==, MS_STATUS_NOT_FOUND);
+    for (uint64_t k = 1; k <= NSLOTS / 2; k++) {
+        g_assert_cmpuint(lookup(x, h + NSLOTS + k).status, ==,
+                         MS_STATUS_NOT_FOUND);
+    }
+    g_assert_cmpuint(lookup(b, h + NSLOTS).status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(lookup(a, h + NSLOTS).status, ==, MS_STATUS_WANTED);
+}
+
 /* Releasing references frees the slot at zero, not before */
 static void test_release(Fixture *f, gconstpointer data)
 {
@@ -1195,6 +1225,7 @@ int main(int argc, char **argv)
     add("/broker/share", test_share);
     add("/broker/release", test_release);
     add("/broker/wanted", test_wanted);
+    add("/broker/unstable-full", test_unstable_full);
     add("/broker/groups", test_groups);
     add_args("/broker/group-uids", test_group_uids, locked_args);
     add_args("/broker/strict-groups", test_strict_groups, strict_args);

@@ -22,11 +22,18 @@
  *
  * Meeting.  A page two members have once each is in no store yet: each
  * looks it up and misses.  Like KSM's unstable tree, the group remembers
- * which member missed a hash first (a table reset when it reaches the
- * store's size, since stale entries only cost misses); when another
- * member misses the same hash, it is told MS_STATUS_WANTED and uploads
- * its page, and the first member finds the slot at its next lookup.  A
- * member's pages that nobody else has are never stored.
+ * which member missed a hash first; when another member misses the same
+ * hash, it is told MS_STATUS_WANTED and uploads its page, and the first
+ * member finds the slot at its next lookup.  A member's pages that
+ * nobody else has are never stored.  The unstable table is an array of
+ * 16-byte entries, open addressing with linear probing, one entry for
+ * each slot of the store (at most UNSTABLE_MAX): most misses are pages
+ * nobody else has, so a hash table of separately allocated entries grew
+ * to several times the size and paid two allocations a miss.  It is
+ * emptied when half full, as stale entries only cost misses; a member
+ * told WANTED leaves a tombstone.  Buckets come from a hash of the hash
+ * under a secret of the broker's, so that a member cannot pile its
+ * misses into one run of buckets.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
@@ -71,6 +78,18 @@ G_STATIC_ASSERT(MS_PROTO_SECRET_SIZE == MS_HASH_SECRET_SIZE);
 typedef struct Group Group;
 typedef struct Client Client;
 
+/* The unstable table's most entries (256 MiB), whatever the store's size */
+#define UNSTABLE_MAX (1u << 24)
+/* Its entries' @client: never a client's id (ids count from 1) */
+#define UNSTABLE_FREE 0
+#define UNSTABLE_GONE UINT64_MAX
+
+/* An entry of the unstable table: who missed @hash first */
+typedef struct Unstable {
+    uint64_t hash;
+    uint64_t client;
+} Unstable;
+
 struct MsBroker {
     MsBrokerConfig cfg;
     char *socket_path;
@@ -97,7 +116,10 @@ struct Group {
     uint32_t *holders;          /* per slot: clients holding a reference */
     uint64_t shared_slots;      /* slots with two holders or more */
     uint32_t nclients;
-    GHashTable *unstable;       /* group hash -> id of the member that missed */
+    Unstable *unstable;         /* see "Meeting" */
+    uint32_t unstable_mask;     /* its entries - 1 (a power of two) */
+    uint32_t unstable_used;     /* entries and tombstones */
+    MsHashKey unstable_key;     /* the broker's: picks the bucket */
     uint64_t lookups, hits, uploads, published, refused;
 };
 
@@ -176,9 +198,7 @@ static void group_free(Group *g)
     if (g->index) {
         g_hash_table_destroy(g->index);
     }
-    if (g->unstable) {
-        g_hash_table_destroy(g->unstable);
-    }
+    g_free(g->unstable);
     g_free(g->ghash);
     g_free(g->gnext);
     g_free(g->indexed);
@@ -195,12 +215,14 @@ static Group *group_new(MsBroker *b, const char *name, GError **errp)
     g->broker = b;
     g->name = g_strdup(name);
     g->store = ms_store_new(b->page_size, b->nslots, errp);
-    if (!g->store || !ms_hash_key_init(&g->key, errp)) {
+    if (!g->store || !ms_hash_key_init(&g->key, errp) ||
+        !ms_hash_key_init(&g->unstable_key, errp)) {
         return NULL;
     }
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
-    g->unstable = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free,
-                                        g_free);
+    g->unstable_mask = (1u << g_bit_storage(CLAMP(b->nslots, 64, UNSTABLE_MAX)
+                                            - 1)) - 1;
+    g->unstable = g_new0(Unstable, g->unstable_mask + 1ull);
     g->ghash = g_new0(uint64_t, b->nslots);
     g->gnext = g_new0(uint32_t, b->nslots);
     g->indexed = g_new0(uint8_t, b->nslots);
@@ -445,22 +467,53 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
 }
 
 /* A miss: is another member waiting for this hash?  See "Meeting" */
+/*
+ * The entry of @hash in the unstable table, or NULL and in @free where it
+ * would go.  The table is never more than half full: the probe ends.
+ */
+static Unstable *unstable_find(Group *g, uint64_t hash, Unstable **free)
+{
+    uint32_t i = ms_hash_page(&g->unstable_key, &hash, sizeof(hash)) &
+                 g->unstable_mask;
+
+    *free = NULL;
+    for (;; i = (i + 1) & g->unstable_mask) {
+        Unstable *u = &g->unstable[i];
+
+        if (u->client == UNSTABLE_FREE) {
+            *free = *free ? *free : u;
+            return NULL;
+        }
+        if (u->client == UNSTABLE_GONE) {
+            *free = *free ? *free : u;
+        } else if (u->hash == hash) {
+            return u;
+        }
+    }
+}
+
 static MsProtoStatus miss(Client *c, uint64_t hash)
 {
     Group *g = c->group;
-    uint64_t *first = g_hash_table_lookup(g->unstable, &hash);
+    Unstable *free, *u = unstable_find(g, hash, &free);
 
-    if (first && *first != c->id) {
-        g_hash_table_remove(g->unstable, &hash);
+    if (u) {
+        if (u->client == c->id) {
+            return MS_STATUS_NOT_FOUND;
+        }
+        u->client = UNSTABLE_GONE;
         return MS_STATUS_WANTED;
     }
-    if (!first) {
-        if (g_hash_table_size(g->unstable) >= g->broker->nslots) {
-            g_hash_table_remove_all(g->unstable);
+    if (free->client == UNSTABLE_FREE) {
+        if (g->unstable_used >= (g->unstable_mask + 1ull) / 2) {
+            memset(g->unstable, 0,
+                   (g->unstable_mask + 1ull) * sizeof(*g->unstable));
+            g->unstable_used = 0;
+            unstable_find(g, hash, &free);
         }
-        g_hash_table_insert(g->unstable, g_memdup2(&hash, sizeof(hash)),
-                            g_memdup2(&c->id, sizeof(c->id)));
+        g->unstable_used++;
     }
+    *free = (Unstable) { hash, c->id };
     return MS_STATUS_NOT_FOUND;
 }
 
