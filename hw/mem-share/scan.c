@@ -74,7 +74,15 @@
  * the local store's: merge.c maps them from the second store).  WANTED
  * means another member has the same page once: the page is uploaded and
  * merged onto the slot the broker returns.  Misses go on to the local
- * unstable tree, so duplicates inside the region stay local.  Writes
+ * unstable tree, so duplicates inside the region stay local.  A page
+ * the group missed is asked again less and less often while its hash
+ * stays the same (like KSM's smart_scan): at every second scan after one
+ * miss, every fourth after two, at most every 1 << GROUP_BACKOFF scans.
+ * Most misses are pages that no other member has, and each costs the
+ * broker a round trip and a second hash here.  A meeting is not lost:
+ * the first member's miss waits in the broker's unstable table, the
+ * second member uploads at once, and the first finds the slot at its
+ * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
  * that break a group page release its reference (one RELEASE per chunk).
  * When the broker goes away the group stops being used; pages that map
  * its store keep it alive and stay merged until written.
@@ -169,7 +177,11 @@ typedef struct PageState {
     uint32_t slot;          /* slot it maps and holds a reference on */
     uint8_t stable;         /* visits the hash stayed the same */
     uint8_t flags;
+    uint8_t gmiss;          /* group lookups of this hash that missed */
 } PageState;
+
+/* A page the group keeps missing is looked up every 1 << this scans */
+#define GROUP_BACKOFF 3
 
 /* Pages [first, first + n) to merge onto slots [slot, slot + n) */
 typedef struct Batch {
@@ -556,6 +568,7 @@ static bool observe(MsScanner *s, PageState *p, uint64_t h)
         p->hash = h;
         p->flags |= PG_KNOWN;
         p->stable = 0;
+        p->gmiss = 0;
     } else if (p->stable < UINT8_MAX) {
         p->stable++;
     }
@@ -816,6 +829,9 @@ static bool group_result(MsScanner *s, const GroupLook *l, uint64_t gh,
         g_array_append_val(s->grel, r.slot);
     } else if (r.status == MS_STATUS_WANTED) {
         return group_upload(s, l, gh, errp);
+    }
+    if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < UINT8_MAX) {
+        s->pg[l->page].gmiss++;
     }
     return add_unstable(s, l->page, l->hash, errp);
 }
@@ -1230,6 +1246,15 @@ static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp)
     return true;
 }
 
+/* Is page @i due for a group lookup this scan?  See "Groups" */
+static bool group_due(MsScanner *s, size_t i)
+{
+    unsigned shift = MIN(s->pg[i].gmiss, GROUP_BACKOFF);
+
+    /* Offset by the page: not all the misses of one scan come back at once */
+    return ((s->live.full_scans + i) & ((1u << shift) - 1)) == 0;
+}
+
 static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
 {
     const uint8_t *host = page_at(s, i);
@@ -1242,7 +1267,7 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
     if (slot != MS_SLOT_NONE) {
         return add_found(s, i, slot, errp);
     }
-    if (group_usable(s) && !s->in_group_flush) {
+    if (group_usable(s) && !s->in_group_flush && group_due(s, i)) {
         GroupLook l = { .page = i, .hash = h };
 
         g_array_append_val(s->glook, l);
@@ -1457,6 +1482,10 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     /* References of the old broker died with it */
     g_array_set_size(s->grel, 0);
     g_array_set_size(s->glook, 0);
+    /* Its misses too: ask the new one about every page at once */
+    for (size_t i = 0; i < s->npages; i++) {
+        s->pg[i].gmiss = 0;
+    }
     s->live.group_lost = 0;
     s->live.group_rejoins++;
     publish_stats(s);
