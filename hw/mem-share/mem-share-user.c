@@ -105,6 +105,7 @@ struct MemShareUser {
     uint64_t pass_work;         /* work counters then */
     unsigned backoff;           /* the limits are divided by 2^backoff */
     uint64_t refused_dma;       /* refused_dma at the last step */
+    bool budget_reported;       /* the operator was told the budget ran out */
 };
 
 static int64_t thread_cpu_ns(void)
@@ -173,6 +174,34 @@ static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u)
             st.refused_dma - u->refused_dma, st.refused_dma);
         u->refused_dma = st.refused_dma;
     }
+}
+
+/*
+ * The first merge the mapping budget refuses is worth one line on stderr:
+ * from then on scattered duplicates stay unmerged, and the fix is the
+ * host's, not QEMU's (see map-budget in docs/system/mem-share.rst).
+ */
+static void mem_share_report_budget(MemShareBackend *ms, MemShareUser *u)
+{
+    g_autofree char *text = NULL;
+    MsScanStats st;
+
+    if (u->budget_reported) {
+        return;
+    }
+    ms_scanner_get_stats(u->scanner, &st);
+    if (!st.refused_budget) {
+        return;
+    }
+    u->budget_reported = true;
+    g_file_get_contents("/proc/sys/vm/max_map_count", &text, NULL, NULL);
+    warn_report("mem-share '%s': the mapping budget (%" PRId64 " mappings, "
+                "map-budget=%u%% of vm.max_map_count=%s) is spent: pages "
+                "whose duplicates are scattered stay unmerged; raise "
+                "vm.max_map_count on the host to merge them",
+                object_get_canonical_path_component(OBJECT(ms)),
+                st.vma_budget, ms->map_budget,
+                text ? g_strstrip(text) : "?");
 }
 
 static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
@@ -261,6 +290,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
 
     mem_share_update_backoff(ms, u);
     mem_share_trace_dma(ms, u);
+    mem_share_report_budget(ms, u);
     mem_share_check_group(ms, u);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
