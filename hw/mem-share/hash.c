@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "mem-share/hash.h"
@@ -60,6 +61,11 @@ uint64_t ms_hash_page(const MsHashKey *key, const void *page, size_t page_size)
  * and leave at the first non-zero block: most non-zero pages differ from
  * zero in their first bytes.
  */
+size_t ms_host_page_size(void)
+{
+    return sysconf(_SC_PAGESIZE);
+}
+
 bool ms_page_is_zero(const void *page, size_t page_size)
 {
     const uint64_t *p = page;

@@ -691,7 +691,7 @@ MsMerger *ms_merger_new(GError **errp)
     g_autoptr(MsMerger) m = g_new0(MsMerger, 1);
 
     m->uffd = m->pagemap_fd = m->maps_fd = -1;
-    m->page_size = getpagesize();
+    m->page_size = ms_host_page_size();
     m->regions = g_ptr_array_new_with_free_func(region_free);
     m->budget = ms_merger_default_budget(0.5);
     if (!uffd_init(m, errp)) {
@@ -895,8 +895,9 @@ uint32_t ms_merger_slot_at(const MsMerger *m, const void *host)
 bool ms_read_fault_maps_zero_page(void)
 {
     static int answer = -1;
-    size_t ps = getpagesize();
+    size_t ps = ms_host_page_size();
     uint64_t e = 0;
+    /* volatile: the probe's read fault is the point, it must happen */
     volatile uint8_t *p;
     int fd;
 
@@ -953,7 +954,7 @@ static bool advise(void *host, size_t len, unsigned flags, GError **errp)
             madvise(host, len, advice[i].advice) < 0) {
             g_set_error(errp, MS_ENGINE_ERROR, errno,
                         "cannot re-apply %s to %zu pages at %p: %s",
-                        advice[i].name, len / getpagesize(), host,
+                        advice[i].name, len / ms_host_page_size(), host,
                         g_strerror(errno));
             return false;
         }
@@ -1456,8 +1457,7 @@ bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
         return false;
     }
     for (size_t i = 0; i < n; i++) {
-        /* volatile: the write access itself is the point (COW fault) */
-        volatile uint64_t *word;
+        uint8_t *page = run.host + i * m->page_size;
 
         if (run.r->label[run.first + i] == ANON) {
             continue;
@@ -1465,10 +1465,10 @@ bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
         /*
          * An atomic add of 0 is a write that changes nothing: it takes
          * the copy-on-write fault, and a concurrent guest write to the
-         * same word is neither lost nor torn.
+         * same word is neither lost nor torn.  volatile, because a
+         * compiler may turn an idempotent atomic add into a load.
          */
-        word = (volatile uint64_t *)(run.host + i * m->page_size);
-        __atomic_fetch_add(word, 0, __ATOMIC_RELAXED);
+        __atomic_fetch_add((volatile uint64_t *)page, 0, __ATOMIC_RELAXED);
     }
     return true;
 }

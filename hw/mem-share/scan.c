@@ -246,7 +246,7 @@ struct MsScanner {
 void ms_scan_config_init(MsScanConfig *cfg)
 {
     memset(cfg, 0, sizeof(*cfg));
-    cfg->page_size = getpagesize();
+    cfg->page_size = ms_host_page_size();
     cfg->stable_scans = 1;
     cfg->budget_share = 0.5;
 }
@@ -260,7 +260,7 @@ static uint8_t *page_at(const MsScanner *s, size_t i)
 
 static bool check_config(const MsScanConfig *cfg, GError **errp)
 {
-    long sys_page = getpagesize();
+    long sys_page = ms_host_page_size();
 
     if (!cfg->host || !cfg->npages || cfg->page_size != (size_t)sys_page ||
         (uintptr_t)cfg->host % sys_page || cfg->npages >= MS_SLOT_NONE) {

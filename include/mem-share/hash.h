@@ -37,6 +37,12 @@ bool ms_hash_key_init(MsHashKey *key, GError **errp);
 uint64_t ms_hash_page(const MsHashKey *key, const void *page, size_t page_size);
 
 /* True if the @page_size bytes at @page (8-byte aligned) are all zero. */
+/*
+ * The host's page size.  The engine is QEMU-free and cannot call
+ * qemu_real_host_page_size(): this is its one place that asks libc.
+ */
+size_t ms_host_page_size(void);
+
 bool ms_page_is_zero(const void *page, size_t page_size);
 
 #endif /* MEM_SHARE_HASH_H */

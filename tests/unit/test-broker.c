@@ -1220,7 +1220,7 @@ static void add(const char *name, void (*fn)(Fixture *, gconstpointer))
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = sysconf(_SC_PAGESIZE);
+    page = ms_host_page_size();
     signal(SIGPIPE, SIG_IGN);
     add("/broker/share", test_share);
     add("/broker/release", test_release);

@@ -31,6 +31,7 @@
 #include <glib.h>
 
 #include "mem-share/broker-client.h"
+#include "mem-share/hash.h"
 #include "mem-share/scan.h"
 
 #define NPAGES 1024
@@ -471,7 +472,7 @@ static void test_rejoin(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = getpagesize();
+    page = ms_host_page_size();
     signal(SIGPIPE, SIG_IGN);
     g_test_add("/group/share", Fixture, NULL, setup, test_share, teardown);
     g_test_add("/group/broker-dies", Fixture, NULL, setup, test_broker_dies,

@@ -1118,7 +1118,7 @@ static void test_two_stores(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = getpagesize();
+    page = ms_host_page_size();
 
 #define ADD(path, fn) \
     g_test_add(path, Fixture, NULL, setup, fn, teardown)

@@ -845,6 +845,7 @@ static void test_zero_read(Fixture *f, gconstpointer data)
     for (size_t i = 0; i < f->npages; i++) {
         if (content_id(f->npages, i) == ID_ZERO) {
             for (size_t k = 0; k < page; k += 64) {
+                /* volatile: each read must reach the page (read faults) */
                 sum += ((volatile uint8_t *)pg(f, i))[k];
             }
         }
@@ -947,7 +948,7 @@ static void test_throughput(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = getpagesize();
+    page = ms_host_page_size();
 
 #define ADD(path, params, fn) \
     g_test_add(path, Fixture, &params, setup, fn, teardown)

@@ -374,7 +374,7 @@ static void test_index_chain(void)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
-    page = getpagesize();
+    page = ms_host_page_size();
 
     g_test_add_func("/hash/keyed", test_hash_keyed);
     g_test_add_func("/hash/zero", test_page_is_zero);

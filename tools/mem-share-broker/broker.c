@@ -960,7 +960,7 @@ static bool open_socket(MsBroker *b, GError **errp)
 MsBroker *ms_broker_new(const MsBrokerConfig *cfg, GError **errp)
 {
     g_autoptr(MsBroker) b = g_new0(MsBroker, 1);
-    long ps = sysconf(_SC_PAGESIZE);
+    long ps = ms_host_page_size();
     uint64_t nslots = cfg->max_store / ps;
 
     b->cfg = *cfg;
