@@ -135,44 +135,38 @@ static int64_t mem_share_delay_ns(MemShareBackend *ms, uint64_t pages,
 }
 
 /* At the end of each full pass, slow down if it found little to do */
-static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u)
+static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
+                                     const MsScanStats *st)
 {
-    MsScanStats st;
     uint64_t work;
 
-    ms_scanner_get_stats(u->scanner, &st);
-    if (st.full_scans == u->pass_full_scans) {
+    if (st->full_scans == u->pass_full_scans) {
         return;
     }
     /* Changed hashes are work to come: candidates of the next pass */
-    work = st.merges + st.zero_merges + st.cow_breaks + st.hash_changes;
+    work = st->merges + st->zero_merges + st->cow_breaks + st->hash_changes;
     /* The first passes only learn hashes: their candidates come later */
-    if ((work - u->pass_work) * MEM_SHARE_QUIET < st.pages &&
-        st.full_scans > ms->stable_scans + 1) {
+    if ((work - u->pass_work) * MEM_SHARE_QUIET < st->pages &&
+        st->full_scans > ms->stable_scans + 1) {
         u->backoff = MIN(u->backoff + 1, MEM_SHARE_MAX_BACKOFF);
     } else {
         u->backoff = 0;
     }
     trace_mem_share_user_pass(object_get_canonical_path_component(OBJECT(ms)),
-                              st.full_scans, work - u->pass_work, u->backoff);
-    u->pass_full_scans = st.full_scans;
+                              st->full_scans, work - u->pass_work, u->backoff);
+    u->pass_full_scans = st->full_scans;
     u->pass_work = work;
 }
 
 /* Trace the merges refused for DMA since the last report */
-static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u)
+static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u,
+                                const MsScanStats *st)
 {
-    MsScanStats st;
-
-    if (!trace_event_get_state_backends(TRACE_MEM_SHARE_USER_DMA_BUSY)) {
-        return;
-    }
-    ms_scanner_get_stats(u->scanner, &st);
-    if (st.refused_dma != u->refused_dma) {
+    if (st->refused_dma != u->refused_dma) {
         trace_mem_share_user_dma_busy(
             object_get_canonical_path_component(OBJECT(ms)),
-            st.refused_dma - u->refused_dma, st.refused_dma);
-        u->refused_dma = st.refused_dma;
+            st->refused_dma - u->refused_dma, st->refused_dma);
+        u->refused_dma = st->refused_dma;
     }
 }
 
@@ -181,16 +175,12 @@ static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u)
  * from then on scattered duplicates stay unmerged, and the fix is the
  * host's, not QEMU's (see map-budget in docs/system/mem-share.rst).
  */
-static void mem_share_report_budget(MemShareBackend *ms, MemShareUser *u)
+static void mem_share_report_budget(MemShareBackend *ms, MemShareUser *u,
+                                    const MsScanStats *st)
 {
     g_autofree char *text = NULL;
-    MsScanStats st;
 
-    if (u->budget_reported) {
-        return;
-    }
-    ms_scanner_get_stats(u->scanner, &st);
-    if (!st.refused_budget) {
+    if (u->budget_reported || !st->refused_budget) {
         return;
     }
     u->budget_reported = true;
@@ -200,7 +190,7 @@ static void mem_share_report_budget(MemShareBackend *ms, MemShareUser *u)
                 "whose duplicates are scattered stay unmerged; raise "
                 "vm.max_map_count on the host to merge them",
                 object_get_canonical_path_component(OBJECT(ms)),
-                st.vma_budget, ms->map_budget,
+                st->vma_budget, ms->map_budget,
                 text ? g_strstrip(text) : "?");
 }
 
@@ -220,26 +210,22 @@ static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
  * Say once that the broker went away (sharing goes on inside the VM),
  * then try to join the group again every MEM_SHARE_REJOIN_NS.
  */
-static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u)
+static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
+                                  const MsScanStats *st)
 {
     const char *id = object_get_canonical_path_component(OBJECT(ms));
     g_autoptr(GError) gerr = NULL;
     MsBrokerClient *c;
     int64_t now;
-    MsScanStats st;
 
-    if (!u->client) {
-        return;
-    }
-    ms_scanner_get_stats(u->scanner, &st);
-    if (!st.group_lost) {
+    if (!u->client || !st->group_lost) {
         return;
     }
     if (!u->lost_reported) {
         warn_report("mem-share '%s': lost the broker of group '%s' (%s);"
                     " %" PRIu64 " pages merged with the group stay merged;"
                     " trying to join again every %d s", id, ms->group,
-                    ms->broker, st.group_pages,
+                    ms->broker, st->group_pages,
                     (int)(MEM_SHARE_REJOIN_NS / NANOSECONDS_PER_SECOND));
         u->lost_reported = true;
         u->rejoin_at = get_clock() + MEM_SHARE_REJOIN_NS;
@@ -268,6 +254,7 @@ static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u)
 
 static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
 {
+    MsScanStats st;
     g_autoptr(GError) gerr = NULL;
     int64_t wall = get_clock(), cpu = thread_cpu_ns(), delay;
     size_t scanned = 0;
@@ -288,10 +275,12 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     trace_mem_share_user_step(object_get_canonical_path_component(OBJECT(ms)),
                               scanned, wall, cpu);
 
-    mem_share_update_backoff(ms, u);
-    mem_share_trace_dma(ms, u);
-    mem_share_report_budget(ms, u);
-    mem_share_check_group(ms, u);
+    /* What the step did, for the pace and for the operator */
+    ms_scanner_get_stats(u->scanner, &st);
+    mem_share_update_backoff(ms, u, &st);
+    mem_share_trace_dma(ms, u, &st);
+    mem_share_report_budget(ms, u, &st);
+    mem_share_check_group(ms, u, &st);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
         return;
