@@ -1064,6 +1064,21 @@ static bool page_pinned(const Run *run, size_t i)
 }
 
 /*
+ * Whether page @i of the frozen @run must not merge onto @first_slot's
+ * content: mapped for DMA (counted in @res as pinned, and not compared,
+ * its content is in flight), or different.  After dma_fence().
+ */
+static bool page_refused(MsMerger *m, const Run *run, uint32_t first_slot,
+                         size_t i, MsMergeResult *res)
+{
+    if (page_pinned(run, i)) {
+        res->pinned++;
+        return true;
+    }
+    return page_differs(m, run, first_slot, i);
+}
+
+/*
  * The merge's barrier of the Dekker pattern (see "DMA"): the freeze's
  * write-protection, done by the ioctl that returned, before the reads of
  * the DMA counts.  The mapper's is after its increment.
@@ -1090,13 +1105,7 @@ static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
         size_t k = MIN(run->n - done, PAGEMAP_BATCH);
 
         for (size_t i = 0; i < k; i++) {
-            /* A pinned page is not compared: its content is in flight */
-            if (page_pinned(run, done + i)) {
-                differs[i] = true;
-                res->pinned++;
-            } else {
-                differs[i] = page_differs(m, run, first_slot, done + i);
-            }
+            differs[i] = page_refused(m, run, first_slot, done + i, res);
         }
         /* After the reads: a read may populate a page, which keeps the mark */
         if (!read_pagemap(m, run->host + done * m->page_size, k, entries,
@@ -1273,13 +1282,8 @@ static bool batch_check(MsMerger *m, BatchRun *b, size_t nb, GError **errp)
         size_t off = (b[k].run.host - lo) / m->page_size;
 
         for (size_t i = 0; i < b[k].run.n; i++) {
-            /* As check_frozen(): the DMA count first, then the compare */
-            if (page_pinned(&b[k].run, i)) {
-                differs[off + i] = true;
-                b[k].req->res.pinned++;
-            } else {
-                differs[off + i] = page_differs(m, &b[k].run, b[k].slot, i);
-            }
+            differs[off + i] = page_refused(m, &b[k].run, b[k].slot, i,
+                                            &b[k].req->res);
         }
     }
     /* After the reads: a read may populate a page, which keeps the mark */

@@ -1272,15 +1272,17 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
     if (slot != MS_SLOT_NONE) {
         return add_found(s, i, slot, errp);
     }
-    if (group_usable(s) && !s->in_group_flush &&
-        s->pg[i].stable < s->cfg.stable_scans + s->extra_scans + 1) {
-        return true;        /* one more stable scan first: see "Groups" */
-    }
-    if (group_usable(s) && !s->in_group_flush && group_due(s, i)) {
+    if (group_usable(s) && !s->in_group_flush) {
         GroupLook l = { .page = i, .hash = h };
 
-        g_array_append_val(s->glook, l);
-        return true;
+        /* One more stable scan first, then backed off: see "Groups" */
+        if (s->pg[i].stable < s->cfg.stable_scans + s->extra_scans + 1) {
+            return true;
+        }
+        if (group_due(s, i)) {
+            g_array_append_val(s->glook, l);
+            return true;
+        }
     }
     return add_unstable(s, i, h, errp);
 }
