@@ -57,19 +57,26 @@ static QDict *query_one(QTestState *qts)
     return info;
 }
 
-/* The VmFlags of the mapping that holds the guest RAM */
-static char *ram_vmflags(const char *pidfile)
+/* The content of /proc/PID/@file, PID (QEMU's) read from @pidfile */
+static char *proc_file(const char *pidfile, const char *file)
 {
     g_autofree char *pid = NULL;
     g_autofree char *path = NULL;
-    g_autofree char *smaps = NULL;
-    g_auto(GStrv) lines = NULL;
-    bool in_ram = false;
+    char *text = NULL;
 
     g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/smaps", atoi(pid));
-    g_assert(g_file_get_contents(path, &smaps, NULL, NULL));
-    lines = g_strsplit(smaps, "\n", -1);
+    path = g_strdup_printf("/proc/%d/%s", atoi(pid), file);
+    g_assert(g_file_get_contents(path, &text, NULL, NULL));
+    return text;
+}
+
+/* The VmFlags of the mapping that holds the guest RAM */
+static char *ram_vmflags(const char *pidfile)
+{
+    g_autofree char *smaps = proc_file(pidfile, "smaps");
+    g_auto(GStrv) lines = g_strsplit(smaps, "\n", -1);
+    bool in_ram = false;
+
     for (char **l = lines; *l; l++) {
         unsigned long start, end;
 
@@ -434,13 +441,8 @@ static uint64_t ksm_read(const char *knob)
 
 static uint64_t proc_merging_pages(const char *pidfile)
 {
-    g_autofree char *pid = NULL;
-    g_autofree char *path = NULL;
-    g_autofree char *text = NULL;
+    g_autofree char *text = proc_file(pidfile, "ksm_merging_pages");
 
-    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/ksm_merging_pages", atoi(pid));
-    g_assert(g_file_get_contents(path, &text, NULL, NULL));
     return g_ascii_strtoull(text, NULL, 10);
 }
 
@@ -573,17 +575,11 @@ static void fill_content(uint8_t *page, int content)
  */
 static uint64_t ram_anon_kb(const char *pidfile, unsigned long *start)
 {
-    g_autofree char *pid = NULL;
-    g_autofree char *path = NULL;
-    g_autofree char *smaps = NULL;
-    g_auto(GStrv) lines = NULL;
+    g_autofree char *smaps = proc_file(pidfile, "smaps");
+    g_auto(GStrv) lines = g_strsplit(smaps, "\n", -1);
     bool inside = false;
     uint64_t kb = 0;
 
-    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/smaps", atoi(pid));
-    g_assert(g_file_get_contents(path, &smaps, NULL, NULL));
-    lines = g_strsplit(smaps, "\n", -1);
     for (char **l = lines; *l; l++) {
         unsigned long s, e;
 
@@ -1217,16 +1213,10 @@ static QDict *memory_device(QTestState *qts)
  */
 static int maps_count(const char *pidfile, const char *what, bool private)
 {
-    g_autofree char *pid = NULL;
-    g_autofree char *path = NULL;
-    g_autofree char *maps = NULL;
-    g_auto(GStrv) lines = NULL;
+    g_autofree char *maps = proc_file(pidfile, "maps");
+    g_auto(GStrv) lines = g_strsplit(maps, "\n", -1);
     int n = 0;
 
-    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/maps", atoi(pid));
-    g_assert(g_file_get_contents(path, &maps, NULL, NULL));
-    lines = g_strsplit(maps, "\n", -1);
     for (char **l = lines; *l; l++) {
         char perms[8];
 
