@@ -466,7 +466,6 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
     return true;
 }
 
-/* A miss: is another member waiting for this hash?  See "Meeting" */
 /*
  * The entry of @hash in the unstable table, or NULL and in @free where it
  * would go.  The table is never more than half full: the probe ends.
@@ -492,6 +491,7 @@ static Unstable *unstable_find(Group *g, uint64_t hash, Unstable **free)
     }
 }
 
+/* A miss: is another member waiting for this hash?  See "Meeting" */
 static MsProtoStatus miss(Client *c, uint64_t hash)
 {
     Group *g = c->group;
