@@ -178,16 +178,16 @@ def meminfo_kb():
     return out
 
 
-def host_used_kb():
-    m = meminfo_kb()
+def host_used_kb(m=None):
+    m = m or meminfo_kb()
     return m["AnonPages"] + m["Shmem"]
 
 
-def kernel_kb():
+def kernel_kb(m=None):
     """Kernel memory that deduplication costs and AnonPages+Shmem does not
     show: page tables, and unreclaimable slab (KSM's rmap items and stable
     nodes; the VMAs and maple-tree nodes of mem-share's mappings)."""
-    m = meminfo_kb()
+    m = m or meminfo_kb()
     return m["PageTables"] + m["SUnreclaim"]
 
 
@@ -343,7 +343,8 @@ class Run:
     def sample(self, guests, t_launch, base_kb, ksm_cpu0, scans0, others0):
         a = self.args
         now = time.monotonic()
-        used_kb = host_used_kb() - base_kb
+        mem = meminfo_kb()
+        used_kb = host_used_kb(mem) - base_kb
         pss = rss = anon = shmem = 0
         qcpu = 0.0
         merged = zero = ucpu = ubytes = 0
@@ -416,7 +417,7 @@ class Run:
                  dedup_cpu_s=dcpu, qemu_cpu_s=qcpu, full_scans=scans - scans0,
                  merged_pages=merged, zero_pages=zero, user_bytes_saved_mib=ubytes / MIB,
                  broker_pss_mib=bpss / 1024, broker_cpu_s=bcpu,
-                 kernel_mib=(kernel_kb() - self.base_kern) / 1024,
+                 kernel_mib=(kernel_kb(mem) - self.base_kern) / 1024,
                  ksm_pages_sharing=k.get("pages_sharing", 0), ksm_run=k.get("run"),
                  ksm_pages_to_scan=k.get("pages_to_scan"),
                  ksm_sleep_millisecs=k.get("sleep_millisecs"),
