@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -90,19 +91,32 @@ static bool wait_fd(MsBrokerClient *c, short events, gint64 deadline,
     }
 }
 
-static bool send_all(MsBrokerClient *c, const GByteArray *buf,
-                     gint64 deadline, GError **errp)
+/* Send @buf, then @len bytes at @more (pages sent where they are) */
+static bool send_frame(MsBrokerClient *c, const GByteArray *buf,
+                       const void *more, size_t len, gint64 deadline,
+                       GError **errp)
 {
-    size_t done = 0;
+    size_t done = 0, total = buf->len + len;
 
-    while (done < buf->len) {
+    while (done < total) {
+        struct iovec iov[2];
+        struct msghdr mh = { .msg_iov = iov };
         ssize_t n;
 
+        if (done < buf->len) {
+            iov[mh.msg_iovlen++] = (struct iovec) {
+                buf->data + done, buf->len - done };
+        }
+        if (len) {
+            size_t off = done > buf->len ? done - buf->len : 0;
+
+            iov[mh.msg_iovlen++] = (struct iovec) {
+                (uint8_t *)more + off, len - off };
+        }
         if (!wait_fd(c, POLLOUT, deadline, errp)) {
             return false;
         }
-        n = send(c->fd, buf->data + done, buf->len - done,
-                 MSG_NOSIGNAL | MSG_DONTWAIT);
+        n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
             continue;
         }
@@ -223,9 +237,10 @@ static bool recv_reply(MsBrokerClient *c, uint32_t id, MsProtoType type,
 }
 
 /* One request, one reply */
-static bool call(MsBrokerClient *c, GByteArray *req, uint32_t id,
-                 MsProtoType reply, MsProtoMsg *msg, int *fd_out,
-                 GError **errp)
+/* Send @req (and @len bytes at @more) and wait for its @reply */
+static bool call_with(MsBrokerClient *c, GByteArray *req, const void *more,
+                      size_t len, uint32_t id, MsProtoType reply,
+                      MsProtoMsg *msg, int *fd_out, GError **errp)
 {
     gint64 deadline = g_get_monotonic_time() + c->timeout_ms * 1000LL;
 
@@ -234,8 +249,15 @@ static bool call(MsBrokerClient *c, GByteArray *req, uint32_t id,
                     "broker connection was lost earlier: reconnect");
         return false;
     }
-    return send_all(c, req, deadline, errp) &&
+    return send_frame(c, req, more, len, deadline, errp) &&
            recv_reply(c, id, reply, msg, fd_out, deadline, errp);
+}
+
+static bool call(MsBrokerClient *c, GByteArray *req, uint32_t id,
+                 MsProtoType reply, MsProtoMsg *msg, int *fd_out,
+                 GError **errp)
+{
+    return call_with(c, req, NULL, 0, id, reply, msg, fd_out, errp);
 }
 
 static bool check_joined(const MsBrokerClient *c, const char *what,
@@ -474,8 +496,10 @@ bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
             h[i] = hashes ? hashes[done + i]
                           : ms_broker_client_hash(c, p + i * ps);
         }
-        ms_proto_encode_upload(req, id, h, p, ps, n);
-        if (!call(c, req, id, MS_MSG_UPLOAD_REPLY, &msg, NULL, errp) ||
+        /* The pages go from where they are: no copy of up to 256 KiB */
+        ms_proto_encode_upload_head(req, id, h, ps, n);
+        if (!call_with(c, req, p, (size_t)n * ps, id, MS_MSG_UPLOAD_REPLY,
+                       &msg, NULL, errp) ||
             !take_results(c, &msg, n, results + done, errp)) {
             return false;
         }

@@ -575,9 +575,10 @@ static guint begin(GByteArray *out, uint32_t id, MsProtoType type)
     return start;
 }
 
-static void end(GByteArray *out, guint start)
+/* Set the length of the frame at @start: its bytes in @out and @more */
+static void end_with(GByteArray *out, guint start, uint32_t more)
 {
-    uint32_t len = out->len - start - MS_PROTO_HEADER_SIZE;
+    uint32_t len = out->len - start - MS_PROTO_HEADER_SIZE + more;
     uint8_t *p = out->data + start + 8;
 
     g_assert(len <= MS_PROTO_MAX_PAYLOAD);
@@ -585,6 +586,11 @@ static void end(GByteArray *out, guint start)
     p[1] = len >> 8;
     p[2] = len >> 16;
     p[3] = len >> 24;
+}
+
+static void end(GByteArray *out, guint start)
+{
+    end_with(out, start, 0);
 }
 
 void ms_proto_encode_hello(GByteArray *out, uint32_t id, const char *group,
@@ -633,9 +639,9 @@ void ms_proto_encode_lookup(GByteArray *out, uint32_t id,
     end(out, start);
 }
 
-void ms_proto_encode_upload(GByteArray *out, uint32_t id,
-                            const uint64_t *hashes, const void *pages,
-                            uint32_t page_size, uint32_t count)
+static void encode_upload(GByteArray *out, uint32_t id,
+                          const uint64_t *hashes, const void *pages,
+                          uint32_t page_size, uint32_t count)
 {
     guint start = begin(out, id, MS_MSG_UPLOAD);
 
@@ -646,8 +652,26 @@ void ms_proto_encode_upload(GByteArray *out, uint32_t id,
     for (uint32_t i = 0; i < count; i++) {
         put64(out, hashes[i]);
     }
-    g_byte_array_append(out, pages, (guint)count * page_size);
-    end(out, start);
+    if (pages) {
+        g_byte_array_append(out, pages, (guint)count * page_size);
+    }
+    /* Without @pages, the length counts the pages sent after the head */
+    end_with(out, start, pages ? 0 : count * page_size);
+}
+
+void ms_proto_encode_upload(GByteArray *out, uint32_t id,
+                            const uint64_t *hashes, const void *pages,
+                            uint32_t page_size, uint32_t count)
+{
+    g_assert(pages);
+    encode_upload(out, id, hashes, pages, page_size, count);
+}
+
+void ms_proto_encode_upload_head(GByteArray *out, uint32_t id,
+                                 const uint64_t *hashes, uint32_t page_size,
+                                 uint32_t count)
+{
+    encode_upload(out, id, hashes, NULL, page_size, count);
 }
 
 void ms_proto_encode_results(GByteArray *out, uint32_t id, MsProtoType type,

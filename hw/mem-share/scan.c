@@ -124,8 +124,15 @@
  * must prove stable again.  Refusals are counted by reason, per page and
  * attempt.
  *
- * Memory: 16 bytes per guest page, plus the unstable table (a GHashTable
- * entry per stable unmatched page, reset every pass).
+ * Memory: 16 bytes per guest page, plus the unstable table: an open
+ * addressing array of page numbers (4 bytes an entry, the key is the
+ * page's own hash in its PageState), at most half full, doubled when it
+ * gets there up to two entries per guest page, emptied (not shrunk) after
+ * every pass.  Its size settles at what a pass needs: no rehashing from
+ * scratch each pass, no malloc churn.  Transient buffers stay small too:
+ * glibc raises its mmap threshold to the largest block freed, and a
+ * multi-megabyte buffer freed once leaves malloc holding that much for
+ * good, memory the guest's savings pay for.
  *
  * Zero pages.  Most kernels map the shared zero page when a hole is
  * read, so a hole is the best zero merge: no memory, no VMA.  Some do
@@ -185,6 +192,9 @@ typedef struct PageState {
     uint8_t gmiss;          /* group lookups of this hash that missed */
 } PageState;
 
+/* The unstable table starts with this many entries */
+#define UNSTABLE_MIN 4096
+
 /* A page the group keeps missing is looked up every 1 << this scans */
 #define GROUP_BACKOFF 3
 
@@ -214,7 +224,10 @@ struct MsScanner {
     int pagemap_fd;
     PageState *pg;
     size_t cursor;
-    GHashTable *unstable;   /* hash -> page index + 1, this pass */
+    uint32_t *unstable;     /* this pass: page index + 1, 0 = free */
+    size_t unstable_mask;   /* its entries - 1 (a power of two) */
+    size_t unstable_used;
+    size_t unstable_max;    /* it grows up to this many entries */
     Batch zero, found, pair;
     Batch queue[CHUNK];     /* zero and found batches to merge at once */
     size_t queued;
@@ -364,8 +377,10 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].slot = MS_SLOT_NONE;
     }
-    /* g_direct_hash: the keyed hash is already uniform */
-    s->unstable = g_hash_table_new(g_direct_hash, g_direct_equal);
+    s->unstable_max = MAX(UNSTABLE_MIN,
+                          (size_t)1 << g_bit_storage(s->npages * 2 - 1));
+    s->unstable_mask = UNSTABLE_MIN - 1;
+    s->unstable = g_new0(uint32_t, UNSTABLE_MIN);
     slots = cfg->store_slots ? cfg->store_slots : (uint32_t)s->npages;
     s->zero_slots = cfg->zero_mode == MS_ZERO_SLOTS ||
                     (cfg->zero_mode == MS_ZERO_AUTO &&
@@ -412,9 +427,7 @@ void ms_scanner_free(MsScanner *s)
     if (s->grel) {
         g_array_free(s->grel, true);
     }
-    if (s->unstable) {
-        g_hash_table_destroy(s->unstable);
-    }
+    g_free(s->unstable);
     g_free(s->pg);
     g_mutex_clear(&s->lock);
     g_free(s);
@@ -803,11 +816,11 @@ static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp);
 static bool group_upload(MsScanner *s, const GroupLook *l, uint64_t gh,
                          GError **errp)
 {
-    g_autofree uint8_t *copy = g_memdup2(page_at(s, l->page), s->page_size);
     g_autoptr(GError) err = NULL;
     MsProtoResult r;
 
-    if (!ms_broker_client_upload(s->group, copy, &gh, 1, &r, &err)) {
+    if (!ms_broker_client_upload(s->group, page_at(s, l->page), &gh, 1, &r,
+                                 &err)) {
         group_lost(s, err);
         return add_unstable(s, l->page, l->hash, errp);
     }
@@ -1039,8 +1052,7 @@ static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
 static bool flush_pair_group(MsScanner *s, Batch *b, bool *lost,
                              GError **errp)
 {
-    size_t n = b->n, ps = s->page_size;
-    g_autofree uint8_t *buf = g_malloc(2 * n * ps);
+    size_t n = b->n;
     g_autofree uint64_t *gh = g_new(uint64_t, 2 * n);
     g_autofree MsProtoResult *res = g_new(MsProtoResult, 2 * n);
     g_autoptr(GError) err = NULL;
@@ -1049,10 +1061,17 @@ static bool flush_pair_group(MsScanner *s, Batch *b, bool *lost,
     for (size_t k = 0; k < 2 * n; k++) {
         size_t page = k < n ? b->first + k : b->partner + k - n;
 
-        memcpy(buf + k * ps, page_at(s, page), ps);
-        gh[k] = ms_broker_client_hash(s->group, buf + k * ps);
+        gh[k] = ms_broker_client_hash(s->group, page_at(s, page));
     }
-    *lost = !ms_broker_client_upload(s->group, buf, gh, 2 * n, res, &err);
+    /*
+     * Each side from guest memory, not from a copy: a copy of up to two
+     * chunks would leave malloc holding megabytes (see "Memory").  A page
+     * written meanwhile comes back BAD_HASH and is not merged.
+     */
+    *lost = !ms_broker_client_upload(s->group, page_at(s, b->first), gh, n,
+                                     res, &err) ||
+            !ms_broker_client_upload(s->group, page_at(s, b->partner),
+                                     gh + n, n, res + n, &err);
     if (*lost) {
         group_lost(s, err);
         return true;
@@ -1229,12 +1248,70 @@ static bool partner_ok(MsScanner *s, size_t q, uint64_t h,
 
 static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp);
 
+/*
+ * The unstable table's entry for @h, or the free entry where it would go.
+ * An entry's key is its page's hash now: one whose page changed since is
+ * found by no one (partner_ok() would refuse it anyway) and costs a probe.
+ */
+static uint32_t *unstable_find(MsScanner *s, uint64_t h)
+{
+    for (size_t k = h & s->unstable_mask;; k = (k + 1) & s->unstable_mask) {
+        uint32_t *e = &s->unstable[k];
+
+        if (!*e || s->pg[*e - 1].hash == h) {
+            return e;
+        }
+    }
+}
+
+/* Double the table, or say no if it is as large as it may be */
+static bool unstable_grow(MsScanner *s)
+{
+    size_t n = s->unstable_mask + 1;
+    uint32_t *old = s->unstable;
+
+    if (n * 2 > s->unstable_max) {
+        return false;
+    }
+    s->unstable = g_new0(uint32_t, n * 2);
+    s->unstable_mask = n * 2 - 1;
+    for (size_t k = 0; k < n; k++) {
+        if (old[k]) {
+            *unstable_find(s, s->pg[old[k] - 1].hash) = old[k];
+        }
+    }
+    g_free(old);
+    return true;
+}
+
+/* Remember page @i under @h for the rest of the pass (if there is room) */
+static void unstable_add(MsScanner *s, size_t i, uint64_t h)
+{
+    uint32_t *e = unstable_find(s, h);
+
+    if (!*e) {
+        if (s->unstable_used + 1 > (s->unstable_mask + 1) / 2) {
+            if (!unstable_grow(s)) {
+                return;     /* a miss: this page waits for the next pass */
+            }
+            e = unstable_find(s, h);
+        }
+        s->unstable_used++;
+    }
+    *e = i + 1;
+}
+
+static void unstable_clear(MsScanner *s)
+{
+    memset(s->unstable, 0, (s->unstable_mask + 1) * sizeof(*s->unstable));
+    s->unstable_used = 0;
+}
+
 /* The unstable tree: pair with an earlier page, or wait for a later one */
 static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp)
 {
-    gpointer key = (gpointer)(uintptr_t)h;
-    gpointer v = g_hash_table_lookup(s->unstable, key);
-    size_t q = v ? GPOINTER_TO_SIZE(v) - 1 : i;
+    uint32_t e = *unstable_find(s, h);
+    size_t q = e ? e - 1 : i;
 
     if (q != i && (s->pg[q].flags & PG_PENDING)) {
         /* Its slot is about to exist: merge, then find it in the store */
@@ -1247,7 +1324,7 @@ static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp)
         }
         return add_pair(s, i, q, errp);
     }
-    g_hash_table_replace(s->unstable, key, GSIZE_TO_POINTER(i + 1));
+    unstable_add(s, i, h);
     return true;
 }
 
@@ -1397,7 +1474,7 @@ static void end_full_scan(MsScanner *s)
 {
     adapt_to_churn(s);
     s->live.full_scans++;
-    g_hash_table_remove_all(s->unstable);
+    unstable_clear(s);
     s->blocked_vmas = -1;
 }
 
@@ -1556,7 +1633,7 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)
                     "%zu pages still map the store after unmerging", nshared);
         ok = false;
     }
-    g_hash_table_remove_all(s->unstable);
+    unstable_clear(s);
     group_release(s);
     publish_stats(s);
     return ok;

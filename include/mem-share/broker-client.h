@@ -100,7 +100,9 @@ bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
  * Give the broker @count pages (page_size bytes each, contiguous at
  * @pages) to store.  Each gets the slot of an identical page already
  * stored, or a new one, with one reference for the client.  @hashes may
- * be NULL: the client computes them.
+ * be NULL: the client computes them.  The pages are sent from @pages,
+ * not copied first: guest memory may be given, and a page written
+ * between hashing and sending comes back BAD_HASH.
  */
 bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
                              const uint64_t *hashes, uint32_t count,

@@ -217,6 +217,13 @@ void ms_proto_encode_lookup(GByteArray *out, uint32_t id,
 void ms_proto_encode_upload(GByteArray *out, uint32_t id,
                             const uint64_t *hashes, const void *pages,
                             uint32_t page_size, uint32_t count);
+/*
+ * An UPLOAD frame without its pages: the sender sends the @count pages
+ * right after it (from where they are, without copying them here)
+ */
+void ms_proto_encode_upload_head(GByteArray *out, uint32_t id,
+                                 const uint64_t *hashes, uint32_t page_size,
+                                 uint32_t count);
 void ms_proto_encode_results(GByteArray *out, uint32_t id, MsProtoType type,
                              const MsProtoResult *results, uint32_t count);
 void ms_proto_encode_release(GByteArray *out, uint32_t id,

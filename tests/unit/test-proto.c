@@ -205,6 +205,18 @@ static void test_upload(void)
     g_byte_array_set_size(f, 0);
     ms_proto_encode_upload(f, 4, h, pages, PAGE, 1);
     decode_only_whole(f);
+
+    /* A head followed by the pages is the same frame, byte for byte */
+    {
+        g_autoptr(GByteArray) whole = g_byte_array_new();
+
+        ms_proto_encode_upload(whole, 9, h, pages, PAGE, n);
+        g_byte_array_set_size(f, 0);
+        ms_proto_encode_upload_head(f, 9, h, PAGE, n);
+        g_assert_cmpuint(f->len, ==, whole->len - (size_t)n * PAGE);
+        g_byte_array_append(f, pages, n * PAGE);
+        g_assert_cmpmem(f->data, f->len, whole->data, whole->len);
+    }
 }
 
 static void test_results(void)

@@ -953,6 +953,8 @@ int main(int argc, char **argv)
 #define ADD(path, params, fn) \
     g_test_add(path, Fixture, &params, setup, fn, teardown)
     ADD("/scan/converge", normal, test_converge);
+    /* 16k pages: the unstable table doubles three times in a pass */
+    ADD("/scan/converge-big", big, test_converge);
     ADD("/scan/converge-eager", eager, test_converge);
     ADD("/scan/converge-thp", thp, test_converge);
     ADD("/scan/converge-zero-slots", zero_slots, test_converge);

@@ -26,14 +26,20 @@
  * hash, it is told MS_STATUS_WANTED and uploads its page, and the first
  * member finds the slot at its next lookup.  A member's pages that
  * nobody else has are never stored.  The unstable table is an array of
- * 16-byte entries, open addressing with linear probing, one entry for
+ * 8-byte entries, open addressing with linear probing, one entry for
  * each slot of the store (at most UNSTABLE_MAX): most misses are pages
  * nobody else has, so a hash table of separately allocated entries grew
  * to several times the size and paid two allocations a miss.  It is
  * emptied when half full, as stale entries only cost misses; a member
  * told WANTED leaves a tombstone.  Buckets come from a hash of the hash
  * under a secret of the broker's, so that a member cannot pile its
- * misses into one run of buckets.
+ * misses into one run of buckets; an entry keeps the upper half of that
+ * hash of the hash (the bucket is from the lower) and 32 bits of the
+ * client's id.  Both only decide who uploads:
+ * two hashes that share a bucket run and a tag (one lookup in 2^32)
+ * make a member upload a page nobody else has, and a client id that
+ * wrapped makes a member miss one meeting.  The bytes are compared
+ * before anyone maps anything, as always.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
@@ -78,16 +84,16 @@ G_STATIC_ASSERT(MS_PROTO_SECRET_SIZE == MS_HASH_SECRET_SIZE);
 typedef struct Group Group;
 typedef struct Client Client;
 
-/* The unstable table's most entries (256 MiB), whatever the store's size */
+/* The unstable table's most entries (128 MiB), whatever the store's size */
 #define UNSTABLE_MAX (1u << 24)
-/* Its entries' @client: never a client's id (ids count from 1) */
+/* Its entries' @client: never a client's unstable_id() */
 #define UNSTABLE_FREE 0
-#define UNSTABLE_GONE UINT64_MAX
+#define UNSTABLE_GONE UINT32_MAX
 
-/* An entry of the unstable table: who missed @hash first */
+/* An entry of the unstable table: who missed a hash first */
 typedef struct Unstable {
-    uint64_t hash;
-    uint64_t client;
+    uint32_t tag;               /* upper half of the bucket's hash */
+    uint32_t client;            /* unstable_id() of the client */
 } Unstable;
 
 struct MsBroker {
@@ -467,13 +473,13 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
 }
 
 /*
- * The entry of @hash in the unstable table, or NULL and in @free where it
- * would go.  The table is never more than half full: the probe ends.
+ * The entry of the hash keyed to @k in the unstable table, or NULL and in
+ * @free where it would go.  The table is never more than half full: the
+ * probe ends.
  */
-static Unstable *unstable_find(Group *g, uint64_t hash, Unstable **free)
+static Unstable *unstable_find(Group *g, uint64_t k, Unstable **free)
 {
-    uint32_t i = ms_hash_page(&g->unstable_key, &hash, sizeof(hash)) &
-                 g->unstable_mask;
+    uint32_t i = k & g->unstable_mask, tag = k >> 32;
 
     *free = NULL;
     for (;; i = (i + 1) & g->unstable_mask) {
@@ -485,20 +491,27 @@ static Unstable *unstable_find(Group *g, uint64_t hash, Unstable **free)
         }
         if (u->client == UNSTABLE_GONE) {
             *free = *free ? *free : u;
-        } else if (u->hash == hash) {
+        } else if (u->tag == tag) {
             return u;
         }
     }
+}
+
+/* @c's id in the unstable table: 1 .. UINT32_MAX - 1 */
+static uint32_t unstable_id(const Client *c)
+{
+    return c->id % (UINT32_MAX - 1) + 1;
 }
 
 /* A miss: is another member waiting for this hash?  See "Meeting" */
 static MsProtoStatus miss(Client *c, uint64_t hash)
 {
     Group *g = c->group;
-    Unstable *free, *u = unstable_find(g, hash, &free);
+    uint64_t k = ms_hash_page(&g->unstable_key, &hash, sizeof(hash));
+    Unstable *free, *u = unstable_find(g, k, &free);
 
     if (u) {
-        if (u->client == c->id) {
+        if (u->client == unstable_id(c)) {
             return MS_STATUS_NOT_FOUND;
         }
         u->client = UNSTABLE_GONE;
@@ -509,11 +522,11 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
             memset(g->unstable, 0,
                    (g->unstable_mask + 1ull) * sizeof(*g->unstable));
             g->unstable_used = 0;
-            unstable_find(g, hash, &free);
+            unstable_find(g, k, &free);
         }
         g->unstable_used++;
     }
-    *free = (Unstable) { hash, c->id };
+    *free = (Unstable) { k >> 32, unstable_id(c) };
     return MS_STATUS_NOT_FOUND;
 }
 
