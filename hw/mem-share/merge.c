@@ -933,7 +933,6 @@ bool ms_merger_use_pagemap_scan(MsMerger *m, bool use)
 
 /* ---- the operations ---- */
 
-/* Re-apply the region's advice to @run, mapped anew (ANON or store) */
 /* The madvise() calls that MS_REGION_* @flags stand for, on [@host, +@len) */
 static bool advise(void *host, size_t len, unsigned flags, GError **errp)
 {
@@ -962,6 +961,7 @@ static bool advise(void *host, size_t len, unsigned flags, GError **errp)
     return true;
 }
 
+/* Re-apply the region's advice to @run, mapped anew (ANON or store) */
 static bool apply_advice(MsMerger *m, const Run *run, uint32_t first_slot,
                          GError **errp)
 {
