@@ -236,8 +236,7 @@ static bool recv_reply(MsBrokerClient *c, uint32_t id, MsProtoType type,
     return true;
 }
 
-/* One request, one reply */
-/* Send @req (and @len bytes at @more) and wait for its @reply */
+/* One request, one reply: send @req (and @len bytes at @more), wait */
 static bool call_with(MsBrokerClient *c, GByteArray *req, const void *more,
                       size_t len, uint32_t id, MsProtoType reply,
                       MsProtoMsg *msg, int *fd_out, GError **errp)

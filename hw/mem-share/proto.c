@@ -639,9 +639,9 @@ void ms_proto_encode_lookup(GByteArray *out, uint32_t id,
     end(out, start);
 }
 
-static void encode_upload(GByteArray *out, uint32_t id,
-                          const uint64_t *hashes, const void *pages,
-                          uint32_t page_size, uint32_t count)
+void ms_proto_encode_upload_head(GByteArray *out, uint32_t id,
+                                 const uint64_t *hashes, uint32_t page_size,
+                                 uint32_t count)
 {
     guint start = begin(out, id, MS_MSG_UPLOAD);
 
@@ -652,26 +652,16 @@ static void encode_upload(GByteArray *out, uint32_t id,
     for (uint32_t i = 0; i < count; i++) {
         put64(out, hashes[i]);
     }
-    if (pages) {
-        g_byte_array_append(out, pages, (guint)count * page_size);
-    }
-    /* Without @pages, the length counts the pages sent after the head */
-    end_with(out, start, pages ? 0 : count * page_size);
+    /* The length counts the pages that follow the head */
+    end_with(out, start, count * page_size);
 }
 
 void ms_proto_encode_upload(GByteArray *out, uint32_t id,
                             const uint64_t *hashes, const void *pages,
                             uint32_t page_size, uint32_t count)
 {
-    g_assert(pages);
-    encode_upload(out, id, hashes, pages, page_size, count);
-}
-
-void ms_proto_encode_upload_head(GByteArray *out, uint32_t id,
-                                 const uint64_t *hashes, uint32_t page_size,
-                                 uint32_t count)
-{
-    encode_upload(out, id, hashes, NULL, page_size, count);
+    ms_proto_encode_upload_head(out, id, hashes, page_size, count);
+    g_byte_array_append(out, pages, (guint)count * page_size);
 }
 
 void ms_proto_encode_results(GByteArray *out, uint32_t id, MsProtoType type,

@@ -35,11 +35,11 @@
  * under a secret of the broker's, so that a member cannot pile its
  * misses into one run of buckets; an entry keeps the upper half of that
  * hash of the hash (the bucket is from the lower) and 32 bits of the
- * client's id.  Both only decide who uploads:
- * two hashes that share a bucket run and a tag (one lookup in 2^32)
- * make a member upload a page nobody else has, and a client id that
- * wrapped makes a member miss one meeting.  The bytes are compared
- * before anyone maps anything, as always.
+ * client's id.  Both only decide who uploads: two hashes that share a
+ * bucket run and a tag (one lookup in 2^32) make a member upload a page
+ * nobody else has, and a client id that wrapped makes a member miss one
+ * meeting.  The bytes are compared before anyone maps anything, as
+ * always.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
