@@ -80,32 +80,6 @@ CONFIGS = {
 ORDER = ["off", "ksm-default", "ksm-tuned", "user", "user-maps", "user-group"]
 
 
-class Sysctl:
-    """Set sysctls for one configuration; restore() puts the saved values
-    back (also from atexit, should the bench die in between)."""
-
-    def __init__(self, settings):
-        self.settings = settings or {}
-        self.saved = {}
-
-    @staticmethod
-    def path(name):
-        return "/proc/sys/" + name.replace(".", "/")
-
-    def apply(self):
-        import atexit  # pylint: disable=import-outside-toplevel
-        atexit.register(self.restore)
-        for name, value in self.settings.items():
-            with open(self.path(name)) as f:
-                self.saved[name] = int(f.read())
-            with open(self.path(name), "w") as f:
-                f.write("%d\n" % value)
-
-    def restore(self):
-        for name, value in list(self.saved.items()):
-            with open(self.path(name), "w") as f:
-                f.write("%d\n" % value)
-            del self.saved[name]
 KSM_WATCH = ("run", "pages_to_scan", "sleep_millisecs")
 
 CSV_FIELDS = ["config", "t", "t_launch", "phase", "host_used_mib", "saved_mib",
@@ -438,7 +412,7 @@ class Run:
         say("=== %s: %s, %d guests of %s, workload %d MiB (zero %d%%, shared %d%%)"
             % (self.name, cfg["label"], a.guests, a.mem, a.mib, a.zero, a.shared))
         ksm_ctx = mg.KsmSettings(**cfg["ksm"]) if cfg["ksm"] else None
-        sysctl = Sysctl(cfg.get("sysctl"))
+        sysctl = mg.Sysctl(cfg.get("sysctl"))
         guests = []
         broker = None
         backend_extra = ""

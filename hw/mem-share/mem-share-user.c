@@ -106,6 +106,8 @@ struct MemShareUser {
     unsigned backoff;           /* the limits are divided by 2^backoff */
     uint64_t refused_dma;       /* refused_dma at the last step */
     bool budget_reported;       /* the operator was told the budget ran out */
+    int64_t vma_budget;         /* the budget then */
+    uint64_t refused_budget;    /* refused_budget when the budget was set */
 };
 
 static int64_t thread_cpu_ns(void)
@@ -173,14 +175,26 @@ static void mem_share_trace_dma(MemShareBackend *ms, MemShareUser *u,
 /*
  * The first merge the mapping budget refuses is worth one line on stderr:
  * from then on scattered duplicates stay unmerged, and the fix is the
- * host's, not QEMU's (see map-budget in docs/system/mem-share.rst).
+ * host's, not QEMU's (see map-budget in docs/system/mem-share.rst).  The
+ * scanner makes the budget again when vm.max_map_count changes; a larger
+ * one that is spent in turn is worth another line.
  */
 static void mem_share_report_budget(MemShareBackend *ms, MemShareUser *u,
                                     const MsScanStats *st)
 {
     g_autofree char *text = NULL;
 
-    if (u->budget_reported || !st->refused_budget) {
+    if (st->vma_budget != u->vma_budget) {
+        trace_mem_share_user_budget(
+            object_get_canonical_path_component(OBJECT(ms)),
+            u->vma_budget, st->vma_budget, st->vmas);
+        if (st->vma_budget > u->vma_budget) {
+            u->budget_reported = false;
+        }
+        u->vma_budget = st->vma_budget;
+        u->refused_budget = st->refused_budget;
+    }
+    if (u->budget_reported || st->refused_budget == u->refused_budget) {
         return;
     }
     u->budget_reported = true;

@@ -854,15 +854,23 @@ int64_t ms_merger_process_vmas(void)
     return __atomic_load_n(&process_vmas, __ATOMIC_RELAXED);
 }
 
-int64_t ms_merger_default_budget(double share)
+int64_t ms_max_map_count(void)
 {
     g_autofree char *text = NULL;
-    int64_t max = 65530, used = 0;
+    int64_t max = 0;
 
     if (g_file_get_contents("/proc/sys/vm/max_map_count", &text, NULL, NULL)) {
         max = g_ascii_strtoll(text, NULL, 10);
     }
-    g_clear_pointer(&text, g_free);
+    /* The kernel's default, should the sysctl be unreadable */
+    return max > 0 ? max : 65530;
+}
+
+int64_t ms_merger_default_budget(double share)
+{
+    g_autofree char *text = NULL;
+    int64_t max = ms_max_map_count(), used = 0;
+
     if (g_file_get_contents("/proc/self/maps", &text, NULL, NULL)) {
         for (const char *p = text; *p; p++) {
             used += *p == '\n';

@@ -243,6 +243,7 @@ struct MsScanner {
     bool in_group_flush;
     bool zero_slots;        /* zero pages map zero slots, not holes */
     int64_t blocked_vmas;   /* no new slots while vmas >= this; -1: none */
+    int64_t map_limit;      /* vm.max_map_count the budget was made of */
     unsigned extra_scans;   /* asked on top of stable_scans, for churn */
     uint64_t pass_merges;   /* merges in this pass */
     uint64_t last_merges;   /* merges in the previous pass */
@@ -310,8 +311,13 @@ static bool setup_merger(MsScanner *s, GError **errp)
         !ms_merger_set_dma_pins(s->m, s->base, s->cfg.dma_pins, errp)) {
         return false;
     }
-    ms_merger_set_budget(s->m, s->cfg.vma_budget > 0 ? s->cfg.vma_budget :
-                         ms_merger_default_budget(s->cfg.budget_share));
+    if (s->cfg.vma_budget > 0) {
+        ms_merger_set_budget(s->m, s->cfg.vma_budget);
+    } else {
+        s->map_limit = ms_max_map_count();
+        ms_merger_set_budget(s->m,
+                             ms_merger_default_budget(s->cfg.budget_share));
+    }
     return true;
 }
 
@@ -1470,8 +1476,32 @@ static void adapt_to_churn(MsScanner *s)
     s->pass_merges = s->pass_breaks = 0;
 }
 
+/*
+ * A budget made of vm.max_map_count follows it: when the budget is spent,
+ * QEMU tells the operator to raise the limit, and a running VM should
+ * then merge what it had to leave, without a restart.  Reading the
+ * sysctl costs a few microseconds a pass; the budget, which reads
+ * /proc/self/maps, is made again only when the limit moved.  A lower
+ * limit lowers the budget: merges stop, merged pages stay.
+ */
+static void follow_map_limit(MsScanner *s)
+{
+    int64_t limit;
+
+    if (s->cfg.vma_budget > 0) {
+        return;
+    }
+    limit = ms_max_map_count();
+    if (limit != s->map_limit) {
+        s->map_limit = limit;
+        ms_merger_set_budget(s->m,
+                             ms_merger_default_budget(s->cfg.budget_share));
+    }
+}
+
 static void end_full_scan(MsScanner *s)
 {
+    follow_map_limit(s);
     adapt_to_churn(s);
     s->live.full_scans++;
     unstable_clear(s);

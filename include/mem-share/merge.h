@@ -130,6 +130,8 @@ int64_t ms_merger_budget(const MsMerger *m);
 int64_t ms_merger_vmas(const MsMerger *m);
 /* The same, summed over every merger of the process. */
 int64_t ms_merger_process_vmas(void);
+/* vm.max_map_count now (65530, the kernel's default, if unreadable) */
+int64_t ms_max_map_count(void);
 /*
  * vm.max_map_count times @share, minus what the process already uses
  * besides the mergers' own VMAs.

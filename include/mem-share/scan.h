@@ -68,7 +68,8 @@ typedef struct MsScanConfig {
     uint32_t store_slots;   /* store capacity; 0: one slot per page */
     /*
      * VMA budget: vma_budget if > 0, else ms_merger_default_budget()
-     * with budget_share of vm.max_map_count.
+     * with budget_share of vm.max_map_count, made again at the end of
+     * a full pass that finds the sysctl changed.
      */
     int64_t vma_budget;
     double budget_share;

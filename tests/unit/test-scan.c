@@ -18,6 +18,7 @@
  */
 
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -58,6 +59,7 @@ typedef struct Params {
     bool thp;               /* transparent huge pages, as QEMU asks */
     MsZeroMode zero;        /* zero holes or zero slots; AUTO: the host's */
     bool dirty;             /* a dirty log: the test marks what it writes */
+    bool from_limit;        /* a budget of a few VMAs, from the sysctl */
 } Params;
 
 static const Params normal = { .mib = 16, .stable_scans = 1 };
@@ -67,6 +69,9 @@ static const Params tiny_budget = { .mib = 16, .stable_scans = 1,
 static const Params tiny_budget_slots = { .mib = 16, .stable_scans = 1,
                                           .vma_budget = 6,
                                           .zero = MS_ZERO_SLOTS };
+static const Params limit_budget = { .mib = 16, .stable_scans = 1,
+                                     .from_limit = true,
+                                     .zero = MS_ZERO_HOLES };
 static const Params small_store = { .mib = 16, .stable_scans = 1,
                                     .store_slots = 64 };
 static const Params thp = { .mib = 16, .stable_scans = 1, .thp = true };
@@ -157,6 +162,33 @@ static void fill_ram(Fixture *f)
     memcpy(f->expect, f->ram, f->npages * page);
 }
 
+static int64_t maps_lines(void)
+{
+    g_autofree char *text = NULL;
+    int64_t n = 0;
+
+    g_assert_true(g_file_get_contents("/proc/self/maps", &text, NULL, NULL));
+    for (const char *p = text; *p; p++) {
+        n += *p == '\n';
+    }
+    return n;
+}
+
+/* procfs takes a plain write, not g_file_set_contents()'s rename */
+static bool set_max_map_count(int64_t value)
+{
+    g_autofree char *text = g_strdup_printf("%" PRId64 "\n", value);
+    int fd = open("/proc/sys/vm/max_map_count", O_WRONLY | O_CLOEXEC);
+    bool ok;
+
+    if (fd < 0) {
+        return false;
+    }
+    ok = write(fd, text, strlen(text)) == (ssize_t)strlen(text);
+    close(fd);
+    return ok;
+}
+
 /* The fake dirty log: what QEMU's DIRTY_MEMORY_MEMSHARE client does */
 static void dirty_take(void *opaque, size_t first, size_t n, uint64_t *bits)
 {
@@ -202,6 +234,10 @@ static void setup(Fixture *f, gconstpointer data)
     cfg.region_flags = p->thp ? MS_REGION_HUGEPAGE : MS_REGION_NOHUGEPAGE;
     cfg.stable_scans = p->stable_scans;
     cfg.vma_budget = p->vma_budget;
+    if (p->from_limit) {
+        /* What the process maps already, and a few VMAs on top */
+        cfg.budget_share = (maps_lines() + 32.0) / ms_max_map_count();
+    }
     cfg.store_slots = p->store_slots;
     cfg.zero_mode = p->zero;
     if (p->dirty) {
@@ -514,6 +550,56 @@ static void test_budget(Fixture *f, gconstpointer data)
 }
 
 /* A full store refuses new slots; everything stays exact */
+/*
+ * A budget made of vm.max_map_count follows the sysctl: raised, the next
+ * passes merge what the budget refused; lowered again, merging stops and
+ * every merged page stays.  The sysctl is the host's: the test needs
+ * root and puts the old value back before it asserts anything.
+ */
+static void test_budget_follows_limit(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    int64_t limit = ms_max_map_count();
+    MsScanStats before, raised, after;
+    bool set;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &before);
+    g_assert_cmpuint(before.refused_budget, >, 0);
+    g_assert_cmpint(before.vmas, <=, before.vma_budget);
+    if (!set_max_map_count(limit * 16)) {
+        g_test_skip("cannot write /proc/sys/vm/max_map_count (needs root)");
+        return;
+    }
+    /* The first pass sees the new limit at its end, the next ones use it */
+    for (unsigned n = 0; n < 4 && !err; n++) {
+        ms_scanner_step(f->s, f->npages, NULL, &err);
+    }
+    stats(f, &raised);
+    set = set_max_map_count(limit);
+    g_assert_true(set);
+    g_assert_no_error(err);
+    g_test_message("budget %" PRId64 " -> %" PRId64 ": %" PRIu64 " -> %"
+                   PRIu64 " pages merged", before.vma_budget,
+                   raised.vma_budget, before.pages_merged,
+                   raised.pages_merged);
+    g_assert_cmpint(raised.vma_budget, >, before.vma_budget * 8);
+    g_assert_cmpuint(raised.pages_merged, >, before.pages_merged);
+    g_assert_cmpint(raised.vmas, <=, raised.vma_budget);
+
+    pass(f);
+    pass(f);
+    stats(f, &after);
+    g_assert_cmpint(after.vma_budget, <, raised.vma_budget);
+    g_assert_cmpuint(after.pages_merged, ==, raised.pages_merged);
+    check_refs(f);
+    check_content(f);
+}
+
 static void test_store_full(Fixture *f, gconstpointer data)
 {
     MsScanStats st;
@@ -965,6 +1051,8 @@ int main(int argc, char **argv)
     ADD("/scan/unmerge-all", normal, test_unmerge_all);
     ADD("/scan/budget", tiny_budget, test_budget);
     ADD("/scan/budget-zero-slots", tiny_budget_slots, test_budget);
+    ADD("/scan/budget-follows-limit", limit_budget,
+        test_budget_follows_limit);
     ADD("/scan/store-full", small_store, test_store_full);
     ADD("/scan/volatile", normal, test_volatile);
     ADD("/scan/discard", normal, test_discard);

@@ -261,6 +261,47 @@ class KsmSettings:
         return False
 
 
+class Sysctl:
+    """Set host sysctls; restore() puts the saved values back (also from
+    atexit, should the caller die in between).  As a context manager it
+    applies on entry and restores on exit, exceptions included.
+
+        with Sysctl({"vm.max_map_count": 1048576}):
+            ...
+    """
+
+    def __init__(self, settings):
+        self.settings = settings or {}
+        self.saved = {}
+
+    @staticmethod
+    def path(name):
+        return "/proc/sys/" + name.replace(".", "/")
+
+    def apply(self):
+        import atexit  # pylint: disable=import-outside-toplevel
+        atexit.register(self.restore)
+        for name, value in self.settings.items():
+            if name not in self.saved:
+                self.saved[name] = read_int(self.path(name))
+            with open(self.path(name), "w") as f:
+                f.write("%d\n" % value)
+
+    def restore(self):
+        for name, value in list(self.saved.items()):
+            with open(self.path(name), "w") as f:
+                f.write("%d\n" % value)
+            del self.saved[name]
+
+    def __enter__(self):
+        self.apply()
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
 def proc_ksm_merging_pages(pid):
     return read_int("/proc/%d/ksm_merging_pages" % pid)
 
