@@ -58,7 +58,9 @@
  * sees copy-on-write breaks of a quarter or more of the pages the pass
  * before merged, it asks one more unchanged scan of every candidate (up
  * to MAX_EXTRA_SCANS more); when breaks fall under a sixteenth, it asks
- * one less.  A filling guest is merged once the filling stops; a quiet
+ * one less.  Breaks count the zero holes that writes filled as well as
+ * the store pages they copied: a filling guest mostly writes zero pages.
+ * A filling guest is merged once the filling stops; a quiet
  * one at the configured stable_scans.  A merged page that a write
  * copied counts its unchanged scans from zero again, even if the write
  * left the bytes as they were (a guest rewriting zeros): a write is
@@ -1406,10 +1408,16 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
         return true;        /* a hole (maybe ours), the zero page, swap */
     }
     if (p->flags & PG_ZERO) {
-        /* A write (or a read, on some kernels) filled our hole */
+        /*
+         * A write filled our hole (reads do not, or zero pages would map
+         * zero slots): a break like a store page's, for "Churn" too,
+         * since zero pages are most of what a filling guest breaks.
+         */
         p->flags &= ~PG_ZERO;
         p->flags |= PG_REHASH;
+        p->stable = 0;
         s->live.zero_holes--;
+        s->pass_breaks++;
     }
     h = visit_hash(s, i, p);
     if (!observe(s, p, h)) {

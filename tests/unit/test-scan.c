@@ -1001,6 +1001,40 @@ static void test_churn(Fixture *f, gconstpointer data)
     check_content(f);
 }
 
+/*
+ * Churn from zero pages: a guest filling memory writes the zero pages
+ * the scanner made holes, which is the same waste as writes into store
+ * pages and must ask the same extra scan.
+ */
+static void test_churn_zero(Fixture *f, gconstpointer data)
+{
+    MsScanStats st, before;
+    size_t written = 0;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &before);
+    g_assert_cmpuint(before.extra_scans, ==, 0);
+    g_assert_cmpuint(before.zero_holes, ==, f->zeros);
+    g_assert_cmpuint(f->zeros, >=, 64);
+    for (size_t i = 0; i < f->npages; i++) {
+        if (content_id(f->npages, i) == ID_ZERO) {
+            fill(pg(f, i), ID_UNIQUE(i));
+            fill(f->expect + i * page, ID_UNIQUE(i));
+            written++;
+        }
+    }
+    g_assert_cmpuint(written, ==, f->zeros);
+    pass(f);                /* sees the filled holes */
+    stats(f, &st);
+    g_assert_cmpuint(st.zero_holes, ==, 0);
+    g_assert_cmpuint(st.extra_scans, ==, 1);
+    check_content(f);
+}
+
 static void test_throughput(Fixture *f, gconstpointer data)
 {
     MsScanStats st;
@@ -1061,6 +1095,7 @@ int main(int argc, char **argv)
     ADD("/scan/discard-zero-slots", zero_slots, test_discard);
     ADD("/scan/writers", eager, test_writers);
     ADD("/scan/churn", normal, test_churn);
+    ADD("/scan/churn-zero", normal, test_churn_zero);
     ADD("/scan/throughput", big, test_throughput);
 
     return g_test_run();
