@@ -23,6 +23,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -91,28 +92,34 @@ static bool wait_fd(MsBrokerClient *c, short events, gint64 deadline,
     }
 }
 
-/* Send @buf, then @len bytes at @more (pages sent where they are) */
+/*
+ * Send @buf, then @npages pages of @ps bytes, the i-th at @pages[i]: sent
+ * from where they are (guest memory), neighbours in one iovec entry.
+ */
 static bool send_frame(MsBrokerClient *c, const GByteArray *buf,
-                       const void *more, size_t len, gint64 deadline,
-                       GError **errp)
+                       const void *const *pages, uint32_t npages, size_t ps,
+                       gint64 deadline, GError **errp)
 {
-    size_t done = 0, total = buf->len + len;
+    g_autofree struct iovec *iov = g_new(struct iovec, npages + 1);
+    size_t first = 0, cnt = 0;
 
-    while (done < total) {
-        struct iovec iov[2];
-        struct msghdr mh = { .msg_iov = iov };
+    iov[cnt++] = (struct iovec) { buf->data, buf->len };
+    for (uint32_t i = 0; i < npages; i++) {
+        struct iovec *last = &iov[cnt - 1];
+
+        if (cnt > 1 && (uint8_t *)last->iov_base + last->iov_len ==
+                       (const uint8_t *)pages[i]) {
+            last->iov_len += ps;
+        } else {
+            iov[cnt++] = (struct iovec) { (void *)pages[i], ps };
+        }
+    }
+    while (first < cnt) {
+        struct msghdr mh = {
+            .msg_iov = iov + first, .msg_iovlen = MIN(cnt - first, IOV_MAX),
+        };
         ssize_t n;
 
-        if (done < buf->len) {
-            iov[mh.msg_iovlen++] = (struct iovec) {
-                buf->data + done, buf->len - done };
-        }
-        if (len) {
-            size_t off = done > buf->len ? done - buf->len : 0;
-
-            iov[mh.msg_iovlen++] = (struct iovec) {
-                (uint8_t *)more + off, len - off };
-        }
         if (!wait_fd(c, POLLOUT, deadline, errp)) {
             return false;
         }
@@ -124,7 +131,14 @@ static bool send_frame(MsBrokerClient *c, const GByteArray *buf,
             return set_dead(c, errp, EPIPE, "broker connection lost: %s",
                             g_strerror(errno));
         }
-        done += n;
+        /* Step over what went: whole entries, then part of one */
+        while (first < cnt && (size_t)n >= iov[first].iov_len) {
+            n -= iov[first++].iov_len;
+        }
+        if (n) {
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + n;
+            iov[first].iov_len -= n;
+        }
     }
     return true;
 }
@@ -236,10 +250,11 @@ static bool recv_reply(MsBrokerClient *c, uint32_t id, MsProtoType type,
     return true;
 }
 
-/* One request, one reply: send @req (and @len bytes at @more), wait */
-static bool call_with(MsBrokerClient *c, GByteArray *req, const void *more,
-                      size_t len, uint32_t id, MsProtoType reply,
-                      MsProtoMsg *msg, int *fd_out, GError **errp)
+/* One request, one reply: send @req (and @npages pages), wait */
+static bool call_with(MsBrokerClient *c, GByteArray *req,
+                      const void *const *pages, uint32_t npages,
+                      uint32_t id, MsProtoType reply, MsProtoMsg *msg,
+                      int *fd_out, GError **errp)
 {
     gint64 deadline = g_get_monotonic_time() + c->timeout_ms * 1000LL;
 
@@ -248,7 +263,8 @@ static bool call_with(MsBrokerClient *c, GByteArray *req, const void *more,
                     "broker connection was lost earlier: reconnect");
         return false;
     }
-    return send_frame(c, req, more, len, deadline, errp) &&
+    return send_frame(c, req, pages, npages, c->params.page_size, deadline,
+                      errp) &&
            recv_reply(c, id, reply, msg, fd_out, deadline, errp);
 }
 
@@ -473,31 +489,28 @@ bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
     return true;
 }
 
-bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
-                             const uint64_t *hashes, uint32_t count,
-                             MsProtoResult *results, GError **errp)
+bool ms_broker_client_upload_pages(MsBrokerClient *c,
+                                   const void *const *pages,
+                                   const uint64_t *hashes, uint32_t count,
+                                   MsProtoResult *results, GError **errp)
 {
-    size_t ps;
-
     if (!check_joined(c, "upload pages", errp)) {
         return false;
     }
-    ps = c->params.page_size;
     for (uint32_t done = 0; done < count; ) {
         g_autoptr(GByteArray) req = g_byte_array_new();
         uint32_t n = MIN(count - done, c->params.max_upload);
-        const uint8_t *p = (const uint8_t *)pages + done * ps;
         g_autofree uint64_t *h = g_new(uint64_t, n);
         uint32_t id = c->next_id++;
         MsProtoMsg msg;
 
         for (uint32_t i = 0; i < n; i++) {
             h[i] = hashes ? hashes[done + i]
-                          : ms_broker_client_hash(c, p + i * ps);
+                          : ms_broker_client_hash(c, pages[done + i]);
         }
         /* The pages go from where they are: no copy of up to 256 KiB */
-        ms_proto_encode_upload_head(req, id, h, ps, n);
-        if (!call_with(c, req, p, (size_t)n * ps, id, MS_MSG_UPLOAD_REPLY,
+        ms_proto_encode_upload_head(req, id, h, c->params.page_size, n);
+        if (!call_with(c, req, pages + done, n, id, MS_MSG_UPLOAD_REPLY,
                        &msg, NULL, errp) ||
             !take_results(c, &msg, n, results + done, errp)) {
             return false;
@@ -505,6 +518,22 @@ bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
         done += n;
     }
     return true;
+}
+
+bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
+                             const uint64_t *hashes, uint32_t count,
+                             MsProtoResult *results, GError **errp)
+{
+    g_autofree const void **p = NULL;
+
+    if (!check_joined(c, "upload pages", errp)) {
+        return false;
+    }
+    p = g_new(const void *, count);
+    for (uint32_t i = 0; i < count; i++) {
+        p[i] = (const uint8_t *)pages + (size_t)i * c->params.page_size;
+    }
+    return ms_broker_client_upload_pages(c, p, hashes, count, results, errp);
 }
 
 bool ms_broker_client_release(MsBrokerClient *c, const uint32_t *slots,

@@ -75,7 +75,9 @@
  * it is merged like a found slot (the group's slots are numbered after
  * the local store's: merge.c maps them from the second store).  WANTED
  * means another member has the same page once: the page is uploaded and
- * merged onto the slot the broker returns.  Misses go on to the local
+ * merged onto the slot the broker returns (the WANTED pages of a lookup
+ * go in one UPLOAD: a round trip each cost the two sides more than the
+ * copies).  Misses go on to the local
  * unstable tree, so duplicates inside the region stay local.  A page
  * goes to the group one stable scan later than a local merge would
  * take it: what members share is mostly what their guests did alike at
@@ -820,30 +822,59 @@ static void add_group(MsScanner *s, size_t i, uint32_t gslot)
 
 static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp);
 
-/* WANTED: give the group our page, then merge onto its slot */
-static bool group_upload(MsScanner *s, const GroupLook *l, uint64_t gh,
-                         GError **errp)
+/*
+ * WANTED: give the group those pages of the lookup, all in one UPLOAD
+ * (one round trip, not one per page), and put each one's answer in
+ * @res, flagged in @uploaded.  If the broker is lost the answers stay
+ * what the lookup said, and group_result() sends the pages to the
+ * unstable tree.
+ */
+static void group_upload_wanted(MsScanner *s, GArray *look,
+                                const uint64_t *gh, MsProtoResult *res,
+                                bool *uploaded)
 {
+    g_autofree const void **pages = g_new(const void *, look->len);
+    g_autofree uint64_t *hashes = g_new(uint64_t, look->len);
+    g_autofree guint *which = g_new(guint, look->len);
+    g_autofree MsProtoResult *ur = NULL;
     g_autoptr(GError) err = NULL;
-    MsProtoResult r;
+    guint n = 0;
 
-    if (!ms_broker_client_upload(s->group, page_at(s, l->page), &gh, 1, &r,
-                                 &err)) {
-        group_lost(s, err);
-        return add_unstable(s, l->page, l->hash, errp);
+    for (guint k = 0; k < look->len; k++) {
+        if (res[k].status == MS_STATUS_WANTED) {
+            pages[n] = page_at(s, g_array_index(look, GroupLook, k).page);
+            hashes[n] = gh[k];
+            which[n++] = k;
+        }
     }
-    s->live.group_uploads++;
-    if (r.status != MS_STATUS_OK || r.slot >= s->gslots) {
+    if (!n) {
+        return;
+    }
+    ur = g_new(MsProtoResult, n);
+    if (!ms_broker_client_upload_pages(s->group, pages, hashes, n, ur,
+                                       &err)) {
+        group_lost(s, err);
+        return;
+    }
+    s->live.group_uploads += n;
+    for (guint j = 0; j < n; j++) {
+        res[which[j]] = ur[j];
+        uploaded[which[j]] = true;
+    }
+}
+
+static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
+                         bool uploaded, GError **errp)
+{
+    if (uploaded) {
+        /* Our own bytes, or bytes the broker found equal to them */
+        if (r.status == MS_STATUS_OK && r.slot < s->gslots) {
+            add_group(s, l->page, r.slot);
+            return true;
+        }
         /* Changed since hashed (BAD_HASH), full, or over quota */
         return add_unstable(s, l->page, l->hash, errp);
     }
-    add_group(s, l->page, r.slot);
-    return true;
-}
-
-static bool group_result(MsScanner *s, const GroupLook *l, uint64_t gh,
-                         MsProtoResult r, GError **errp)
-{
     if (r.status == MS_STATUS_OK && r.slot < s->gslots) {
         /* The hash only nominates: the bytes decide */
         if (!memcmp(page_at(s, l->page), s->gview +
@@ -853,8 +884,6 @@ static bool group_result(MsScanner *s, const GroupLook *l, uint64_t gh,
             return true;
         }
         g_array_append_val(s->grel, r.slot);
-    } else if (r.status == MS_STATUS_WANTED) {
-        return group_upload(s, l, gh, errp);
     }
     if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < UINT8_MAX) {
         s->pg[l->page].gmiss++;
@@ -868,6 +897,7 @@ static bool group_flush(MsScanner *s, GError **errp)
     g_autoptr(GArray) look = NULL;
     g_autofree uint64_t *gh = NULL;
     g_autofree MsProtoResult *res = NULL;
+    g_autofree bool *uploaded = NULL;
     g_autoptr(GError) err = NULL;
     bool ok = true;
 
@@ -879,6 +909,7 @@ static bool group_flush(MsScanner *s, GError **errp)
     s->glook = g_array_new(false, false, sizeof(GroupLook));
     gh = g_new(uint64_t, look->len);
     res = g_new(MsProtoResult, look->len);
+    uploaded = g_new0(bool, look->len);
     for (guint k = 0; k < look->len; k++) {
         gh[k] = ms_broker_client_hash(s->group, page_at(s,
                                       g_array_index(look, GroupLook, k).page));
@@ -892,11 +923,14 @@ static bool group_flush(MsScanner *s, GError **errp)
         }
     }
     s->live.group_lookups += look->len;
+    if (group_usable(s)) {
+        group_upload_wanted(s, look, gh, res, uploaded);
+    }
     /* What falls back to the unstable tree must not come back here */
     s->in_group_flush = true;
     for (guint k = 0; ok && k < look->len; k++) {
-        ok = group_result(s, &g_array_index(look, GroupLook, k), gh[k],
-                          res[k], errp);
+        ok = group_result(s, &g_array_index(look, GroupLook, k), res[k],
+                          uploaded[k], errp);
     }
     s->in_group_flush = false;
     return ok;

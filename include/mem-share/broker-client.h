@@ -109,6 +109,15 @@ bool ms_broker_client_upload(MsBrokerClient *c, const void *pages,
                              MsProtoResult *results, GError **errp);
 
 /*
+ * The same for pages that need not be neighbours: the i-th at @pages[i].
+ * One UPLOAD (one round trip) per max_upload pages, wherever they are.
+ */
+bool ms_broker_client_upload_pages(MsBrokerClient *c,
+                                   const void *const *pages,
+                                   const uint64_t *hashes, uint32_t count,
+                                   MsProtoResult *results, GError **errp);
+
+/*
  * Drop refs[i] references (1 each if @refs is NULL) to slots[i].  Releasing
  * a reference the client does not hold is a protocol violation: the
  * broker hangs up.  @released (may be NULL) gets how many were dropped.

@@ -1029,6 +1029,49 @@ static void test_hostile_release(Fixture *f, gconstpointer data)
     victim_free(&v);
 }
 
+/*
+ * Pages that are not neighbours go in one UPLOAD: scattered single pages
+ * and runs (sent as one iovec entry each), one content twice, and more
+ * bytes than a socket buffer holds, so that sendmsg() sends part of it.
+ */
+static void test_upload_pages(Fixture *f, gconstpointer data)
+{
+    enum { N = 60 };
+    g_autoptr(MsBrokerClient) c = join(f, "g1", "vm-a");
+    g_autofree uint8_t *buf = g_malloc(3 * N * page);
+    const void *pages[N];
+    MsProtoResult r[N];
+    g_autoptr(GError) err = NULL;
+    size_t pos = 0;
+    uint8_t *m;
+
+    (void)data;
+    for (int i = 0; i < N; i++) {
+        /* Runs of one, two and three neighbours, a hole after each run */
+        pos += (i % 6 == 0 || i % 6 == 1 || i % 6 == 3) ? 2 : 1;
+        pages[i] = buf + pos * page;
+        fill(buf + pos * page, 1000 + (i == N - 1 ? 5 : i));
+    }
+    g_assert_cmpuint(pos, <, 3 * N);
+    g_assert_cmpuint(N, <=, ms_broker_client_params(c)->max_upload);
+    g_assert_true(ms_broker_client_upload_pages(c, pages, NULL, N, r, &err));
+    g_assert_no_error(err);
+    m = map_store(c);
+    for (int i = 0; i < N; i++) {
+        g_assert_cmpuint(r[i].status, ==, MS_STATUS_OK);
+        g_assert_cmpmem(m + (size_t)r[i].slot * page, page, pages[i], page);
+    }
+    /* Page N - 1 has the content of page 5: one slot for both */
+    g_assert_cmpuint(r[N - 1].slot, ==, r[5].slot);
+    g_assert_cmpuint(stats(c).published, ==, N - 1);
+    munmap(m, NSLOTS * page);
+    for (int i = 0; i < N; i++) {
+        g_assert_true(ms_broker_client_release(c, &r[i].slot, NULL, 1, NULL,
+                                               &err));
+        g_assert_no_error(err);
+    }
+}
+
 /* Lies about hashes: refused entry by entry, nothing stored */
 static void test_hostile_hash(Fixture *f, gconstpointer data)
 {
@@ -1225,6 +1268,7 @@ int main(int argc, char **argv)
     add("/broker/share", test_share);
     add("/broker/release", test_release);
     add("/broker/wanted", test_wanted);
+    add("/broker/upload-pages", test_upload_pages);
     add("/broker/unstable-full", test_unstable_full);
     add("/broker/groups", test_groups);
     add_args("/broker/group-uids", test_group_uids, locked_args);
