@@ -88,13 +88,19 @@
  * stays the same (like KSM's smart_scan): at every second scan after one
  * miss, every fourth after two, at most every 1 << GROUP_BACKOFF scans.
  * Most misses are pages that no other member has, and each costs the
- * broker a round trip and a second hash here.  A meeting is not lost:
+ * broker a round trip.  A meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
  * that break a group page release its reference (one RELEASE per chunk).
  * When the broker goes away the group stops being used; pages that map
- * its store keep it alive and stay merged until written.
+ * its store keep it alive and stay merged until written.  A member's
+ * store hashes with the group's key (taken before anything is
+ * published), so the one hash of a visit is also the one LOOKUP and
+ * UPLOAD need: hashing is a fifth of what the scanner costs.  The key
+ * stays secret from guests either way; the members share it already.
+ * After joining a broker with another key, pages are hashed a second
+ * time for the group.
  *
  * Merges go in batches: consecutive candidates that map consecutive
  * slots are one run (one freeze, one mmap, one VMA), and the runs of a
@@ -242,6 +248,7 @@ struct MsScanner {
     uint32_t gslots;
     int gfd;                /* our own descriptor of the group's store */
     uint8_t *gview;         /* read-only view of it */
+    bool gkey_same;         /* our store hashes with the group's key */
     GArray *glook;          /* GroupLook: this chunk's pages to look up */
     GArray *grel;           /* uint32_t: group slots to give back */
     bool in_group_flush;
@@ -341,6 +348,8 @@ static bool setup_group(MsScanner *s, GError **errp)
                     bp->page_size, s->page_size);
         return false;
     }
+    /* Nothing is published yet: one hash for both stores (see "Groups") */
+    s->gkey_same = ms_store_set_key(s->store, &bp->key, NULL);
     s->gbase = ms_store_max_slots(s->store) + ms_store_zero_slots(s->store);
     s->gfirst = s->gbase;
     s->gslots = bp->nslots;
@@ -787,6 +796,12 @@ static bool group_usable(const MsScanner *s)
 }
 
 /* The statistics say so: the caller reports it, and may reconnect */
+/* The group's hash of page @i, whose hash in our store is @h */
+static uint64_t group_hash(const MsScanner *s, size_t i, uint64_t h)
+{
+    return s->gkey_same ? h : ms_broker_client_hash(s->group, page_at(s, i));
+}
+
 static void group_lost(MsScanner *s, const GError *err)
 {
     (void)err;
@@ -911,8 +926,9 @@ static bool group_flush(MsScanner *s, GError **errp)
     res = g_new(MsProtoResult, look->len);
     uploaded = g_new0(bool, look->len);
     for (guint k = 0; k < look->len; k++) {
-        gh[k] = ms_broker_client_hash(s->group, page_at(s,
-                                      g_array_index(look, GroupLook, k).page));
+        const GroupLook *l = &g_array_index(look, GroupLook, k);
+
+        gh[k] = group_hash(s, l->page, l->hash);
         res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
     }
     if (group_usable(s) &&
@@ -1103,7 +1119,8 @@ static bool flush_pair_group(MsScanner *s, Batch *b, bool *lost,
     for (size_t k = 0; k < 2 * n; k++) {
         size_t page = k < n ? b->first + k : b->partner + k - n;
 
-        gh[k] = ms_broker_client_hash(s->group, page_at(s, page));
+        /* The hash of its visit: one written since comes back BAD_HASH */
+        gh[k] = group_hash(s, page, s->pg[page].hash);
     }
     /*
      * Each side from guest memory, not from a copy: a copy of up to two
@@ -1639,6 +1656,8 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     s->gslots = bp->nslots;
     s->gbase = base;
     s->group = c;
+    /* A new broker has a new key: our store keeps the one it has */
+    s->gkey_same = ms_store_has_key(s->store, &bp->key);
     /* References of the old broker died with it */
     g_array_set_size(s->grel, 0);
     g_array_set_size(s->glook, 0);

@@ -250,6 +250,23 @@ uint64_t ms_store_hash(const MsStore *s, const void *page)
     return ms_hash_page(&s->key, page, s->page_size);
 }
 
+bool ms_store_set_key(MsStore *s, const MsHashKey *key, GError **errp)
+{
+    if (s->nr_published) {
+        g_set_error(errp, MS_ENGINE_ERROR, EBUSY,
+                    "cannot change the hash key of a store that holds %"
+                    PRIu64 " published pages", s->nr_published);
+        return false;
+    }
+    s->key = *key;
+    return true;
+}
+
+bool ms_store_has_key(const MsStore *s, const MsHashKey *key)
+{
+    return !memcmp(s->key.secret, key->secret, sizeof(key->secret));
+}
+
 static bool run_is_free(const MsStore *s, uint32_t first, uint32_t n)
 {
     if (first >= s->nslots || n > s->nslots - first) {

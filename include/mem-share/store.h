@@ -33,6 +33,7 @@
 #include <glib.h>
 
 #include "mem-share/error.h"
+#include "mem-share/hash.h"
 
 /* "No slot": also a valid "no preference" hint for ms_store_alloc_run() */
 #define MS_SLOT_NONE UINT32_MAX
@@ -101,6 +102,16 @@ const void *ms_store_view(const MsStore *store, uint32_t slot);
 
 /* Keyed hash of one page with this store's secret (see hash.h). */
 uint64_t ms_store_hash(const MsStore *store, const void *page);
+
+/*
+ * Key the store's hash with @key rather than its own random secret: a
+ * member of a group takes the group's, so that one hash serves both its
+ * store and the group's.  Only while nothing is published (the index's
+ * hashes would be wrong).
+ */
+bool ms_store_set_key(MsStore *store, const MsHashKey *key, GError **errp);
+/* True if the store's hash is keyed with @key */
+bool ms_store_has_key(const MsStore *store, const MsHashKey *key);
 
 /*
  * Reserve @n contiguous free slots and hold one reference on each; the

@@ -90,6 +90,36 @@ static void test_hash_keyed(void)
     g_assert_cmpuint(ms_store_hash(a, buf), !=, ms_store_hash(a, copy));
 }
 
+/* A group member's store takes the group's key, until it publishes */
+static void test_set_key(void)
+{
+    g_autoptr(MsStore) s = new_store(4);
+    g_autoptr(MsStore) other = new_store(4);
+    g_autoptr(GError) err = NULL;
+    g_autofree void *buf = g_malloc(page);
+    MsHashKey key;
+    uint32_t slot;
+
+    g_assert_true(ms_hash_key_init(&key, &err));
+    fill(buf, 9);
+    g_assert_false(ms_store_has_key(s, &key));
+    g_assert_true(ms_store_set_key(s, &key, &err));
+    g_assert_no_error(err);
+    g_assert_true(ms_store_has_key(s, &key));
+    g_assert_false(ms_store_has_key(other, &key));
+    g_assert_cmphex(ms_store_hash(s, buf), ==, ms_hash_page(&key, buf, page));
+
+    slot = alloc(s, MS_SLOT_NONE, 1);
+    g_assert_true(ms_store_publish(s, slot, buf, &err));
+    g_assert_no_error(err);
+    /* The index holds hashes of this key now: no other may replace it */
+    g_assert_false(ms_store_set_key(s, &key, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, EBUSY);
+    g_assert_true(ms_store_has_key(s, &key));
+    g_assert_cmpuint(ms_store_find(s, ms_hash_page(&key, buf, page), buf),
+                     ==, slot);
+}
+
 static void test_page_is_zero(void)
 {
     g_autofree uint8_t *buf = g_malloc0(page);
@@ -378,6 +408,7 @@ int main(int argc, char **argv)
 
     g_test_add_func("/hash/keyed", test_hash_keyed);
     g_test_add_func("/hash/zero", test_page_is_zero);
+    g_test_add_func("/store/set-key", test_set_key);
     g_test_add_func("/store/geometry", test_geometry);
     g_test_add_func("/store/alloc/runs", test_alloc_runs);
     g_test_add_func("/store/alloc/fragmented", test_alloc_fragmented);
