@@ -1524,27 +1524,54 @@ static bool scan_categories(MsMerger *m, const Run *run, uint64_t *cat,
 }
 
 /* The same categories from /proc/self/pagemap entries */
+static void categories_of(const uint64_t *pagemap, size_t n, uint64_t *cat)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t e = pagemap[i];
+
+        cat[i] = (e & PM_PRESENT ? PAGE_IS_PRESENT : 0) |
+                 (e & PM_SWAP ? PAGE_IS_SWAPPED : 0) |
+                 (e & PM_FILE ? PAGE_IS_FILE : 0);
+    }
+}
+
 static bool pagemap_categories(MsMerger *m, const Run *run, uint64_t *cat,
                                GError **errp)
 {
     if (!read_pagemap(m, run->host, run->n, cat, errp)) {
         return false;
     }
-    for (size_t i = 0; i < run->n; i++) {
-        uint64_t e = cat[i];
-
-        cat[i] = (e & PM_PRESENT ? PAGE_IS_PRESENT : 0) |
-                 (e & PM_SWAP ? PAGE_IS_SWAPPED : 0) |
-                 (e & PM_FILE ? PAGE_IS_FILE : 0);
-    }
+    categories_of(cat, run->n, cat);
     return true;
+}
+
+/* Which pages of @run still map the store, from their categories */
+static size_t classify_shared(const Run *run, const uint64_t *cat,
+                              bool *shared)
+{
+    size_t count = 0;
+
+    for (size_t i = 0; i < run->n; i++) {
+        /*
+         * In a store VMA: a file page is the store's; no entry at all
+         * means the next access maps the store's page.  A present or
+         * swapped anonymous page is a private copy.
+         */
+        bool in_store = run->r->label[run->first + i] != ANON;
+        bool private = cat[i] & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) &&
+                       !(cat[i] & PAGE_IS_FILE);
+
+        shared[i] = in_store && !private;
+        count += shared[i];
+    }
+    return count;
 }
 
 bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
                           bool *shared, size_t *nshared, GError **errp)
 {
     g_autofree uint64_t *cat = NULL;
-    size_t count = 0;
+    size_t count;
     Run run;
 
     if (!get_run(m, (void *)host, n, &run, errp)) {
@@ -1555,19 +1582,27 @@ bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
                             : !pagemap_categories(m, &run, cat, errp)) {
         return false;
     }
-    for (size_t i = 0; i < n; i++) {
-        /*
-         * In a store VMA: a file page is the store's; no entry at all
-         * means the next access maps the store's page.  A present or
-         * swapped anonymous page is a private copy.
-         */
-        bool in_store = run.r->label[run.first + i] != ANON;
-        bool private = cat[i] & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) &&
-                       !(cat[i] & PAGE_IS_FILE);
-
-        shared[i] = in_store && !private;
-        count += shared[i];
+    count = classify_shared(&run, cat, shared);
+    if (nshared) {
+        *nshared = count;
     }
+    return true;
+}
+
+bool ms_merge_test_shared_pagemap(MsMerger *m, const void *host, size_t n,
+                                  const uint64_t *pagemap, bool *shared,
+                                  size_t *nshared, GError **errp)
+{
+    g_autofree uint64_t *cat = NULL;
+    size_t count;
+    Run run;
+
+    if (!get_run(m, (void *)host, n, &run, errp)) {
+        return false;
+    }
+    cat = g_new(uint64_t, n);
+    categories_of(pagemap, n, cat);
+    count = classify_shared(&run, cat, shared);
     if (nshared) {
         *nshared = count;
     }

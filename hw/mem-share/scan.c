@@ -25,8 +25,9 @@
  * per such page), and flags.  A visit of a page:
  *
  *   1. Pages the scanner merged are asked ms_merge_test_shared() (once
- *      per chunk): one a write made private gives its reference back
- *      (a cow-break) and is an ordinary page again; one still shared
+ *      per chunk, from the pagemap entries of step 2: one read serves
+ *      both): one a write made private gives its reference back (a
+ *      cow-break) and is an ordinary page again; one still shared
  *      costs nothing more, it is not even read.  Pagemap bit 61 alone
  *      must not decide this: a merged page not touched since has no
  *      page table entry at all.
@@ -566,8 +567,9 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
     if (!merged) {
         return true;
     }
-    if (!ms_merge_test_shared(s->m, page_at(s, first), n, shared, NULL,
-                              errp)) {
+    /* From the chunk's pagemap entries scan_chunk() just read */
+    if (!ms_merge_test_shared_pagemap(s->m, page_at(s, first), n, s->pm,
+                                      shared, NULL, errp)) {
         return false;
     }
     for (size_t k = 0; k < n; k++) {

@@ -230,6 +230,15 @@ bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
                           bool *shared, size_t *nshared, GError **errp);
 
 /*
+ * The same from @pagemap, the /proc/self/pagemap entries of the @n pages
+ * read by the caller: a scanner that reads them for its own use anyway
+ * saves the second read.
+ */
+bool ms_merge_test_shared_pagemap(MsMerger *m, const void *host, size_t n,
+                                  const uint64_t *pagemap, bool *shared,
+                                  size_t *nshared, GError **errp);
+
+/*
  * Whether a read fault on never-written anonymous memory maps the shared
  * zero page here (probed once).  If not, a zero hole the guest reads
  * holds a page again: zero pages are better mapped onto zero slots.

@@ -247,6 +247,19 @@ static size_t shared_pages(Fixture *f, size_t i, size_t n, bool *shared)
         g_assert_cmpmem(shared, n * sizeof(bool), other, n * sizeof(bool));
         ms_merger_use_pagemap_scan(f->m, true);
     }
+    /* From pagemap entries read here: the scanner's way */
+    {
+        g_autofree uint64_t *pm = g_new(uint64_t, n);
+        int fd = open("/proc/self/pagemap", O_RDONLY);
+
+        g_assert_cmpint(fd, >=, 0);
+        g_assert_true(ms_pagemap_read(fd, pg(f, i), n, page, pm, &err));
+        close(fd);
+        g_assert_true(ms_merge_test_shared_pagemap(f->m, pg(f, i), n, pm,
+                                                   other, &count2, &err));
+        g_assert_cmpuint(count, ==, count2);
+        g_assert_cmpmem(shared, n * sizeof(bool), other, n * sizeof(bool));
+    }
     return count;
 }
 
