@@ -1567,8 +1567,13 @@ static size_t classify_shared(const Run *run, const uint64_t *cat,
     return count;
 }
 
-bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
-                          bool *shared, size_t *nshared, GError **errp)
+/*
+ * Which of the @n pages at @host still map the store: from the caller's
+ * /proc/self/pagemap entries if @pagemap is given, else read here.
+ */
+static bool test_shared(MsMerger *m, const void *host, size_t n,
+                        const uint64_t *pagemap, bool *shared,
+                        size_t *nshared, GError **errp)
 {
     g_autofree uint64_t *cat = NULL;
     size_t count;
@@ -1578,8 +1583,11 @@ bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
         return false;
     }
     cat = g_new(uint64_t, n);
-    if (m->use_pagemap_scan ? !scan_categories(m, &run, cat, errp)
-                            : !pagemap_categories(m, &run, cat, errp)) {
+    if (pagemap) {
+        categories_of(pagemap, n, cat);
+    } else if (m->use_pagemap_scan ? !scan_categories(m, &run, cat, errp)
+                                   : !pagemap_categories(m, &run, cat,
+                                                         errp)) {
         return false;
     }
     count = classify_shared(&run, cat, shared);
@@ -1589,22 +1597,16 @@ bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
     return true;
 }
 
+bool ms_merge_test_shared(MsMerger *m, const void *host, size_t n,
+                          bool *shared, size_t *nshared, GError **errp)
+{
+    return test_shared(m, host, n, NULL, shared, nshared, errp);
+}
+
 bool ms_merge_test_shared_pagemap(MsMerger *m, const void *host, size_t n,
                                   const uint64_t *pagemap, bool *shared,
                                   size_t *nshared, GError **errp)
 {
-    g_autofree uint64_t *cat = NULL;
-    size_t count;
-    Run run;
-
-    if (!get_run(m, (void *)host, n, &run, errp)) {
-        return false;
-    }
-    cat = g_new(uint64_t, n);
-    categories_of(pagemap, n, cat);
-    count = classify_shared(&run, cat, shared);
-    if (nshared) {
-        *nshared = count;
-    }
-    return true;
+    g_assert(pagemap);
+    return test_shared(m, host, n, pagemap, shared, nshared, errp);
 }

@@ -797,13 +797,13 @@ static bool group_usable(const MsScanner *s)
            ms_broker_client_alive(s->group);
 }
 
-/* The statistics say so: the caller reports it, and may reconnect */
 /* The group's hash of page @i, whose hash in our store is @h */
 static uint64_t group_hash(const MsScanner *s, size_t i, uint64_t h)
 {
     return s->gkey_same ? h : ms_broker_client_hash(s->group, page_at(s, i));
 }
 
+/* The statistics say so: the caller reports it, and may reconnect */
 static void group_lost(MsScanner *s, const GError *err)
 {
     (void)err;
