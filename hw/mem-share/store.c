@@ -18,7 +18,12 @@
  *    the owner writes, once, with pwrite() on its own descriptor; guests
  *    and the comparison view get a read-only descriptor
  *    (/proc/self/fd/N reopened O_RDONLY, on which the kernel refuses a
- *    writable MAP_SHARED).
+ *    writable MAP_SHARED).  A read-only descriptor alone is not enough
+ *    when it is handed to another process (the broker's members): a
+ *    memfd inode is created with mode 0777, so its holder could open
+ *    /proc/self/fd/N again, read-write.  Once the read-only descriptor
+ *    exists the inode's mode drops to 0, and seals forbid resizing it;
+ *    see open_memfd().
  *
  *  - A slot is released (fallocate PUNCH_HOLE) only when its exact
  *    reference count reaches zero: a guest that still maps it without
@@ -57,6 +62,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "mem-share/hash.h"
@@ -108,28 +114,68 @@ static size_t total_slots(const MsStore *s)
     return (size_t)s->nslots + s->nzero;
 }
 
+/*
+ * What the store's descriptors must carry once open_memfd() is done: a
+ * member that could shrink the memfd would make every guest page that
+ * maps a slot beyond the new end SIGBUS, one that could grow it would
+ * charge the group for memory.  F_SEAL_SEAL keeps anyone (a member can
+ * never add seals anyway, that needs a writable descriptor) from sealing
+ * the owner out.
+ *
+ * Not F_SEAL_WRITE, nor F_SEAL_FUTURE_WRITE: the owner still writes new
+ * slots with pwrite() and frees them by punching holes, which both
+ * forbid.  Writes are kept from members by their descriptor being
+ * read-only and by the inode's mode, 0: the kernel refuses to reopen
+ * /proc/self/fd/N for writing to anyone without CAP_DAC_OVERRIDE.
+ */
+#define STORE_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+
 static bool open_memfd(MsStore *s, GError **errp)
 {
     g_autofree char *path = NULL;
 
-    s->fd = memfd_create("mem-share-store", MFD_CLOEXEC);
+    s->fd = memfd_create("mem-share-store", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (s->fd < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
                     "cannot create the store memfd: %s", g_strerror(errno));
         return false;
     }
+    /* The only size it will ever have: F_SEAL_GROW | F_SEAL_SHRINK below */
     if (ftruncate(s->fd, (off_t)total_slots(s) * s->page_size) < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
                     "cannot size the store to %zu pages: %s", total_slots(s),
                     g_strerror(errno));
         return false;
     }
-    /* A read-only open file description: no one can write through it */
+    /*
+     * A read-only open file description: no one can write through it.
+     * Opened now, while the mode still lets the owner open the inode
+     * by path (a QEMU that is not root has no CAP_DAC_OVERRIDE).
+     */
     path = g_strdup_printf("/proc/self/fd/%d", s->fd);
     s->ro_fd = open(path, O_RDONLY | O_CLOEXEC);
     if (s->ro_fd < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
                     "cannot reopen the store read-only (%s): %s", path,
+                    g_strerror(errno));
+        return false;
+    }
+    /*
+     * Nobody opens the inode by path again, for reading or writing,
+     * unless it has CAP_DAC_OVERRIDE.  The owner's uid could chmod it
+     * back, but a process with the owner's uid (or root) can ptrace the
+     * owner and write its memory anyway: the mode protects the store
+     * from members running as other users.
+     */
+    if (fchmod(s->fd, 0) < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot restrict the store's mode to 0: %s",
+                    g_strerror(errno));
+        return false;
+    }
+    if (fcntl(s->fd, F_ADD_SEALS, STORE_SEALS) < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno,
+                    "cannot seal the store against resizing: %s",
                     g_strerror(errno));
         return false;
     }
@@ -142,6 +188,15 @@ static bool open_memfd(MsStore *s, GError **errp)
         return false;
     }
     return true;
+}
+
+bool ms_store_fd_sealed(int fd)
+{
+    int seals = fcntl(fd, F_GET_SEALS);
+
+    return seals >= 0 &&
+           (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) ==
+           (F_SEAL_SHRINK | F_SEAL_GROW);
 }
 
 MsStore *ms_store_new(size_t page_size, uint32_t max_slots, GError **errp)

@@ -84,9 +84,20 @@ bool ms_store_is_zero_slot(const MsStore *store, uint32_t slot);
 /*
  * A read-only descriptor of the memfd, owned by the store (dup() it to
  * keep it).  Guests map it MAP_PRIVATE with PROT_READ|PROT_WRITE: writes
- * then copy; MAP_SHARED with PROT_WRITE is refused by the kernel.
+ * then copy; MAP_SHARED with PROT_WRITE is refused by the kernel.  It is
+ * safe to hand to another process: the memfd's mode is 0 (it cannot be
+ * reopened by path without CAP_DAC_OVERRIDE) and it is sealed against
+ * resizing (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL).
  */
 int ms_store_ro_fd(const MsStore *store);
+
+/*
+ * True if @fd (any access mode: F_GET_SEALS works on a read-only
+ * descriptor) is sealed against shrinking and growing, as a store's
+ * descriptors are.  A member checks the descriptor a broker sends: an
+ * unsealed one could be resized under every guest that maps it.
+ */
+bool ms_store_fd_sealed(int fd);
 
 /* Offset of @slot in the memfd, for mmap(). */
 off_t ms_store_offset(const MsStore *store, uint32_t slot);

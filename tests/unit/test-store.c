@@ -294,6 +294,66 @@ static void test_publish_immutable(void)
     munmap(guest, page);
 }
 
+/*
+ * The descriptor guests get may go to other processes (a broker's
+ * members): it must not lead back to a writable or resizable memfd.
+ * Its mode is 0, so no one without CAP_DAC_OVERRIDE reopens it by path,
+ * and it is sealed against resizing, but not against the owner's writes
+ * and punches, which must keep working.  test-store-attack.c plays the
+ * hostile member as another uid.
+ */
+static void test_sealed(void)
+{
+    g_autoptr(MsStore) s = NULL;
+    g_autoptr(GError) err = NULL;
+    int fd, plain, seals, pipefd[2];
+    struct stat st;
+    uint32_t slot;
+
+    s = ms_store_new_with_zero(page, 8, 4, &err);
+    g_assert_no_error(err);
+    fd = ms_store_ro_fd(s);
+
+    g_assert_cmpint(fstat(fd, &st), ==, 0);
+    g_assert_cmpint(st.st_size, ==, 12 * page);
+    g_assert_cmpint(st.st_mode & 07777, ==, 0);
+    seals = fcntl(fd, F_GET_SEALS);
+    g_assert_cmpint(seals, ==, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    g_assert_true(ms_store_fd_sealed(fd));
+
+    /* The owner still publishes into the sealed store and punches it */
+    slot = alloc(s, MS_SLOT_NONE, 2);
+    publish(s, slot, 5);
+    publish(s, slot + 1, 6);
+    g_assert_true(slot_has_data(s, slot));
+    g_assert_true(ms_store_put(s, slot));
+    g_assert_false(slot_has_data(s, slot));
+    g_assert_true(slot_has_data(s, slot + 1));
+    /* The zero region reads as zeros and the size never changed */
+    g_assert_true(ms_page_is_zero(
+        ms_store_view(s, ms_store_zero_slot(s, 3)), page));
+    g_assert_cmpint(fstat(fd, &st), ==, 0);
+    g_assert_cmpint(st.st_size, ==, 12 * page);
+
+    /* An unsealed memfd, one sealed only half-way, not a memfd at all */
+    plain = memfd_create("plain", MFD_CLOEXEC);
+    g_assert_cmpint(plain, >=, 0);
+    g_assert_false(ms_store_fd_sealed(plain));
+    close(plain);
+    plain = memfd_create("half", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    g_assert_cmpint(plain, >=, 0);
+    g_assert_cmpint(fcntl(plain, F_ADD_SEALS, F_SEAL_SHRINK), ==, 0);
+    g_assert_false(ms_store_fd_sealed(plain));
+    g_assert_cmpint(fcntl(plain, F_ADD_SEALS, F_SEAL_GROW), ==, 0);
+    g_assert_true(ms_store_fd_sealed(plain));
+    close(plain);
+    g_assert_cmpint(pipe(pipefd), ==, 0);
+    g_assert_false(ms_store_fd_sealed(pipefd[0]));
+    close(pipefd[0]);
+    close(pipefd[1]);
+    g_assert_false(ms_store_fd_sealed(-1));
+}
+
 static void test_index(void)
 {
     g_autoptr(MsStore) s = new_store(8);
@@ -415,6 +475,7 @@ int main(int argc, char **argv)
     g_test_add_func("/store/alloc/wraps", test_alloc_wraps);
     g_test_add_func("/store/refcount-punch", test_refcount_punch);
     g_test_add_func("/store/publish-immutable", test_publish_immutable);
+    g_test_add_func("/store/sealed", test_sealed);
     g_test_add_func("/store/index", test_index);
     g_test_add_func("/store/index-chain", test_index_chain);
     g_test_add_func("/store/zero-slots", test_zero_slots);
