@@ -762,6 +762,9 @@ static void test_user_dirty_log(void)
     user = qdict_get_qdict(info, "user");
     g_assert_cmpstr(qdict_get_str(user, "dirty-tracking"), ==, "kvm");
     scans = qdict_get_int(info, "full-scans");
+    g_test_message("after the snapshot: full-scans %" PRIu64
+                   ", pages-merged %" PRIu64, scans,
+                   (uint64_t)qdict_get_int(info, "pages-merged"));
     qobject_unref(info);
 
     /* Nothing written: the unique pages are not read again */
@@ -1105,18 +1108,56 @@ static bool background_snapshot_set(QTestState *qts)
     return on;
 }
 
+/* query-migrate's status once it is no longer setup or active */
+static char *wait_migration_end(QTestState *qts)
+{
+    for (int tries = 0; tries < 1200; tries++) {
+        QDict *resp = qtest_qmp(qts, "{ 'execute': 'query-migrate' }");
+        QDict *ret = qdict_get_qdict(resp, "return");
+        const char *status = qdict_haskey(ret, "status") ?
+                             qdict_get_str(ret, "status") : "none";
+
+        if (strcmp(status, "setup") && strcmp(status, "active") &&
+            strcmp(status, "device")) {
+            char *end = g_strdup(status);
+
+            if (qdict_haskey(ret, "error-desc")) {
+                g_test_message("migration %s: %s", status,
+                               qdict_get_str(ret, "error-desc"));
+            }
+            qobject_unref(resp);
+            return end;
+        }
+        qobject_unref(resp);
+        g_usleep(50 * 1000);
+    }
+    g_error("the background snapshot did not end within 60 s");
+}
+
 /*
  * Background snapshot and mode=user both need the guest RAM's userfaultfd
  * write protection: mem-share lends it for the snapshot's duration, so
  * the capability's probe accepts RAM the scanner holds, without stopping
- * the scanner (it stops only when a snapshot starts).
+ * the scanner.  A snapshot stops the scanner while it runs; once it
+ * completes, the VM runs on, mode=user starts again, merges again and
+ * no merged page changed.
  */
 static void test_user_background_snapshot(void)
 {
-    QTestState *qts = start_vm("user", NULL);
+    g_autofree char *snap = g_strdup_printf("%s/mem-share-snapshot-%d.bin",
+                                            g_get_tmp_dir(), getpid());
+    g_autofree char *uri = g_strdup_printf("exec:cat > %s", snap);
     g_autofree char *err1 = NULL;
     g_autofree char *err2 = NULL;
-    QDict *info;
+    g_autofree char *status = NULL;
+    QTestState *qts = start_vm("off", NULL);
+    uint64_t merged, scans;
+    struct stat st;
+    QDict *info, *resp;
+
+    write_dups(qts, U_DUP_BASE, U_DUP_PAGES);
+    qom_set_mode(qts, "user");
+    qobject_unref(wait_user(qts, "pages-merged", U_DUP_PAGES));
 
     err1 = set_background_snapshot(qts, true);
     g_assert_null(err1);
@@ -1125,6 +1166,51 @@ static void test_user_background_snapshot(void)
     g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "user");
     g_assert(qdict_haskey(info, "user"));
     qobject_unref(info);
+
+    /* Take the snapshot of the running VM */
+    unlink(snap);
+    resp = qtest_qmp(qts, "{ 'execute': 'migrate', "
+                     "'arguments': { 'uri': %s } }", uri);
+    g_assert(qdict_haskey(resp, "return"));
+    qobject_unref(resp);
+    status = wait_migration_end(qts);
+    g_assert_cmpstr(status, ==, "completed");
+    g_assert_cmpint(stat(snap, &st), ==, 0);
+    /* The RAM's non-zero pages are in it: one page per content at least */
+    g_assert_cmpint(st.st_size, >, U_CONTENTS * PAGE);
+    g_test_message("snapshot: %lld bytes", (long long)st.st_size);
+    unlink(snap);
+
+    resp = qtest_qmp(qts, "{ 'execute': 'query-status' }");
+    g_assert_cmpstr(qdict_get_str(qdict_get_qdict(resp, "return"), "status"),
+                    ==, "running");
+    qobject_unref(resp);
+
+    /*
+     * mode=user runs again: its scanner completes full scans and merges
+     * every duplicate again, and no byte of the guest changed
+     */
+    for (int tries = 0; ; tries++) {
+        info = query_one(qts);
+        if (qdict_haskey(info, "user")) {
+            break;
+        }
+        qobject_unref(info);
+        g_assert_cmpint(tries, <, 1200);
+        g_usleep(50 * 1000);
+    }
+    g_assert_cmpstr(qdict_get_str(info, "mode"), ==, "user");
+    scans = qdict_get_int(info, "full-scans");
+    g_test_message("after the snapshot: full-scans %" PRIu64
+                   ", pages-merged %" PRIu64, scans,
+                   (uint64_t)qdict_get_int(info, "pages-merged"));
+    qobject_unref(info);
+    qobject_unref(wait_user(qts, "full-scans", scans + 2));
+    info = wait_user(qts, "pages-merged", U_DUP_PAGES);
+    merged = qdict_get_int(info, "pages-merged");
+    g_assert_cmpuint(merged, >=, U_DUP_PAGES);
+    qobject_unref(info);
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
 
     /* Switching modes with the capability set */
     qom_set_mode(qts, "off");
@@ -1135,6 +1221,7 @@ static void test_user_background_snapshot(void)
     err2 = set_background_snapshot(qts, false);
     g_assert_null(err2);
     g_assert(!background_snapshot_set(qts));
+    check_dups(qts, U_DUP_BASE, U_DUP_PAGES, -1);
     qtest_quit(qts);
 }
 
