@@ -7,6 +7,9 @@
  */
 
 #include "qemu/osdep.h"
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include "qemu/cutils.h"
 #include "qemu/units.h"
 #include "libqtest.h"
@@ -19,6 +22,66 @@
 #define RAM_SIZE        (128 * MiB)
 #define PAGE            4096
 #define KSM_DIR         "/sys/kernel/mm/ksm"
+
+/*
+ * Why QEMU, which runs with the test's credentials, cannot use mode=user
+ * here, or NULL if it can: mode=user needs userfaultfd with
+ * write-protection of anonymous memory, from the system call (root,
+ * CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1) or /dev/userfaultfd,
+ * as hw/mem-share/merge.c opens it.  run-tests counts skips whose reason
+ * names userfaultfd.
+ */
+static const char *uffd_missing(void)
+{
+    static char *why;
+    static bool probed;
+    struct uffdio_api api = { .api = UFFD_API };
+    int fd;
+
+    if (probed) {
+        return why;
+    }
+    probed = true;
+    fd = syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+#ifdef USERFAULTFD_IOC_NEW
+    if (fd < 0) {
+        int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+
+        if (dev >= 0) {
+            fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+            close(dev);
+        }
+    }
+#endif
+    if (fd < 0) {
+        why = g_strdup_printf("mode=user needs userfaultfd: not available "
+                              "(%s; needs root, CAP_SYS_PTRACE or access "
+                              "to /dev/userfaultfd)", g_strerror(errno));
+    } else if (ioctl(fd, UFFDIO_API, &api) < 0 ||
+               !(api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) {
+        why = g_strdup("mode=user needs userfaultfd write-protection of "
+                       "anonymous memory, which this kernel lacks");
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+    return why;
+}
+
+/* A test that runs mode=user: skipped, saying why, without userfaultfd */
+static void run_uffd_test(const void *fn)
+{
+    if (uffd_missing()) {
+        g_test_skip(uffd_missing());
+        return;
+    }
+    ((void (*)(void))fn)();
+}
+
+static void add_uffd_test(const char *path, void (*fn)(void))
+{
+    qtest_add_data_func(path, (const void *)fn, run_uffd_test);
+}
 
 /* Run QEMU outside qtest to see how it fails (or not) at start-up */
 static int run_qemu(const char *args, char **out, char **err)
@@ -1559,22 +1622,22 @@ int main(int argc, char **argv)
     qtest_add_func("/mem-share/query/off", test_query_off);
     qtest_add_func("/mem-share/query/kernel", test_query_kernel);
     qtest_add_func("/mem-share/mergeable-flag", test_mergeable_flag);
-    qtest_add_func("/mem-share/runtime-modes", test_runtime_modes);
+    add_uffd_test("/mem-share/runtime-modes", test_runtime_modes);
     qtest_add_func("/mem-share/numa-memdev", test_numa_memdev);
     qtest_add_func("/mem-share/query-stats", test_query_stats);
     qtest_add_func("/mem-share/hmp", test_hmp);
     qtest_add_func("/mem-share/ksm-merge", test_ksm_merge);
-    qtest_add_func("/mem-share/user/merge", test_user_merge);
-    qtest_add_func("/mem-share/user/scan-now", test_user_scan_now);
-    qtest_add_func("/mem-share/user/dirty-log", test_user_dirty_log);
-    qtest_add_func("/mem-share/user/group", test_user_group);
-    qtest_add_func("/mem-share/user/background-snapshot",
-                   test_user_background_snapshot);
-    qtest_add_func("/mem-share/user/pinning", test_user_pinning);
-    qtest_add_func("/mem-share/user/virtio-mem", test_user_virtio_mem);
-    qtest_add_func("/mem-share/user/discard-after-group",
-                   test_user_discard_after_group);
-    qtest_add_func("/mem-share/user/pc-dimm", test_user_pc_dimm);
+    add_uffd_test("/mem-share/user/merge", test_user_merge);
+    add_uffd_test("/mem-share/user/scan-now", test_user_scan_now);
+    add_uffd_test("/mem-share/user/dirty-log", test_user_dirty_log);
+    add_uffd_test("/mem-share/user/group", test_user_group);
+    add_uffd_test("/mem-share/user/background-snapshot",
+                  test_user_background_snapshot);
+    add_uffd_test("/mem-share/user/pinning", test_user_pinning);
+    add_uffd_test("/mem-share/user/virtio-mem", test_user_virtio_mem);
+    add_uffd_test("/mem-share/user/discard-after-group",
+                  test_user_discard_after_group);
+    add_uffd_test("/mem-share/user/pc-dimm", test_user_pc_dimm);
 
     return g_test_run();
 }
