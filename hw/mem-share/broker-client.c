@@ -5,17 +5,40 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * One request at a time: send a frame, wait for the frame that answers
- * it (same id, the matching reply type), decode it.  Every wait is a
- * poll() against one deadline per call, so a wedged broker costs the
- * caller at most its timeout.  The broker is trusted more than a guest,
- * but not blindly: its replies go through the same decoder as anything
- * else, a reply that does not match the request kills the connection,
- * and a descriptor arrives only with WELCOME (any other is closed).
+ * Requests go out in order and their replies come back in order, one
+ * frame each.  A call sends its request and waits for the reply until a
+ * deadline (the client's timeout), or until the owner's interrupt
+ * callback says someone needs the caller's locks.  Every wait is a
+ * poll() in slices of at most INTERRUPT_SLICE_MS.
  *
- * Any failure on the socket leaves the stream in an unknown state, so
- * the client is then dead: later calls fail at once and the caller
- * reconnects.
+ * A deadline is never proof that the broker is gone: a broker that a
+ * SIGSTOP, swap or a busy host holds up answers later, and it keeps
+ * every reference it handed out.  So a call that runs out of time leaves
+ * its request pending instead of killing the connection:
+ *
+ *  - a frame that could not be sent in full keeps its unsent bytes
+ *    (copied) and goes out before anything else;
+ *  - its reply is read whenever it comes, by a later call, as are the
+ *    replies of requests sent without waiting (RELEASE);
+ *  - a late LOOKUP or UPLOAD reply hands the client references its
+ *    caller never saw: they are released (a RELEASE queued right away).
+ *
+ * While a request that timed out is still unanswered the broker is
+ * "stalled": calls that wait fail at once (EAGAIN) after a look at the
+ * socket, so that the caller goes on without the group instead of
+ * paying a timeout per call.  Releases never wait at all: they are
+ * queued and sent as the socket takes them.
+ *
+ * Only a broken connection kills the client: end of file, a socket
+ * error, a reply that is not what the protocol says, an ERROR.  Then
+ * later calls fail at once (EPIPE) and the caller frees the client.  The
+ * references it held stay with the broker until this process exits (the
+ * broker watches it with a pidfd) or the broker itself goes: pages that
+ * still map slots of that store keep them.
+ *
+ * The broker is trusted more than a guest, but not blindly: its replies
+ * go through the same decoder as anything else, and a descriptor arrives
+ * only with WELCOME (any other is closed).
  */
 
 #ifndef _GNU_SOURCE
@@ -34,21 +57,47 @@
 #include <unistd.h>
 
 #include "mem-share/broker-client.h"
+#include "mem-share/store.h"
 
 #define DEFAULT_TIMEOUT_MS 5000
+/* A wait looks at the interrupt callback at least this often */
+#define INTERRUPT_SLICE_MS 10
 
 G_STATIC_ASSERT(MS_PROTO_SECRET_SIZE == MS_HASH_SECRET_SIZE);
+
+/* A request on the wire whose reply has not been read yet */
+typedef struct Pending {
+    uint32_t id;
+    MsProtoType reply;      /* the type its reply must have */
+} Pending;
 
 struct MsBrokerClient {
     int fd;
     int store_fd;
     bool dead;
     bool joined;
+    bool stalled;           /* a call timed out on a reply still due */
     int timeout_ms;
     uint32_t next_id;
     MsBrokerParams params;
-    GByteArray *frame;      /* the last reply received */
+    GByteArray *frame;      /* the reply being received, or the last one */
+    size_t frame_want;      /* its full size, once its header is in */
+    bool frame_taken;       /* the last one was decoded: start anew */
+    GByteArray *unsent;     /* bytes of frames that must go out first */
+    GArray *pending;        /* Pending, oldest first */
+    GArray *orphans;        /* uint32_t: slots of late replies, to release */
+    MsBrokerInterruptFn *interrupt;
+    void *interrupt_opaque;
+    uint64_t late_refs;     /* references late replies handed us */
 };
+
+/* How a wait ended, short of success */
+typedef enum WaitEnd {
+    WAIT_OK,
+    WAIT_TIMEOUT,           /* the deadline passed: the broker is slow */
+    WAIT_INTERRUPTED,       /* the owner needs us back */
+    WAIT_DEAD,              /* the connection is gone: errp is set */
+} WaitEnd;
 
 static bool set_dead(MsBrokerClient *c, GError **errp, int code,
                      const char *fmt, ...) G_GNUC_PRINTF(4, 5);
@@ -67,80 +116,100 @@ static bool set_dead(MsBrokerClient *c, GError **errp, int code,
     return false;
 }
 
-/* Wait for @events until @deadline (monotonic, us) */
-static bool wait_fd(MsBrokerClient *c, short events, gint64 deadline,
-                    GError **errp)
+/*
+ * Wait for @events until @deadline (monotonic, us; 0: just look), in
+ * slices, asking the interrupt callback between them.
+ */
+static WaitEnd wait_fd(MsBrokerClient *c, short events, gint64 deadline,
+                       GError **errp)
 {
     for (;;) {
         gint64 left = deadline - g_get_monotonic_time();
         struct pollfd pfd = { .fd = c->fd, .events = events };
-        int r;
+        int ms = left <= 0 ? 0 : (int)MIN(left / 1000 + 1,
+                                          INTERRUPT_SLICE_MS);
+        int r = poll(&pfd, 1, ms);
 
-        if (left <= 0) {
-            return set_dead(c, errp, ETIMEDOUT,
-                            "broker did not answer within %d ms",
-                            c->timeout_ms);
-        }
-        r = poll(&pfd, 1, (int)MIN(left / 1000 + 1, G_MAXINT));
         if (r > 0) {
-            return true;
+            return WAIT_OK;
         }
         if (r < 0 && errno != EINTR) {
-            return set_dead(c, errp, errno, "cannot poll the broker socket: %s",
-                            g_strerror(errno));
+            set_dead(c, errp, errno, "cannot poll the broker socket: %s",
+                     g_strerror(errno));
+            return WAIT_DEAD;
+        }
+        if (left <= 0) {
+            return WAIT_TIMEOUT;
+        }
+        if (c->interrupt && c->interrupt(c->interrupt_opaque)) {
+            return WAIT_INTERRUPTED;
         }
     }
 }
 
-/*
- * Send @buf, then @npages pages of @ps bytes, the i-th at @pages[i]: sent
- * from where they are (guest memory), neighbours in one iovec entry.
- */
-static bool send_frame(MsBrokerClient *c, const GByteArray *buf,
-                       const void *const *pages, uint32_t npages, size_t ps,
-                       gint64 deadline, GError **errp)
+/* Step @iov (@cnt entries, from *@first) over @n bytes that went out */
+static void iov_advance(struct iovec *iov, size_t cnt, size_t *first,
+                        size_t n)
 {
-    g_autofree struct iovec *iov = g_new(struct iovec, npages + 1);
-    size_t first = 0, cnt = 0;
-
-    iov[cnt++] = (struct iovec) { buf->data, buf->len };
-    for (uint32_t i = 0; i < npages; i++) {
-        struct iovec *last = &iov[cnt - 1];
-
-        if (cnt > 1 && (uint8_t *)last->iov_base + last->iov_len ==
-                       (const uint8_t *)pages[i]) {
-            last->iov_len += ps;
-        } else {
-            iov[cnt++] = (struct iovec) { (void *)pages[i], ps };
-        }
+    while (*first < cnt && n >= iov[*first].iov_len) {
+        n -= iov[(*first)++].iov_len;
     }
-    while (first < cnt) {
-        struct msghdr mh = {
-            .msg_iov = iov + first, .msg_iovlen = MIN(cnt - first, IOV_MAX),
-        };
-        ssize_t n;
+    if (n) {
+        iov[*first].iov_base = (uint8_t *)iov[*first].iov_base + n;
+        iov[*first].iov_len -= n;
+    }
+}
 
-        if (!wait_fd(c, POLLOUT, deadline, errp)) {
-            return false;
-        }
-        n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
+/*
+ * Send what @iov holds until @deadline.  Returns the wait's end; what
+ * did not go out is left in iov[*first..].
+ */
+static WaitEnd send_iov(MsBrokerClient *c, struct iovec *iov, size_t cnt,
+                        size_t *first, gint64 deadline, GError **errp)
+{
+    while (*first < cnt) {
+        struct msghdr mh = {
+            .msg_iov = iov + *first,
+            .msg_iovlen = MIN(cnt - *first, IOV_MAX),
+        };
+        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        WaitEnd w;
+
+        if (n >= 0) {
+            iov_advance(iov, cnt, first, n);
             continue;
         }
-        if (n < 0) {
-            return set_dead(c, errp, EPIPE, "broker connection lost: %s",
-                            g_strerror(errno));
+        if (errno == EINTR) {
+            continue;
         }
-        /* Step over what went: whole entries, then part of one */
-        while (first < cnt && (size_t)n >= iov[first].iov_len) {
-            n -= iov[first++].iov_len;
+        if (errno != EAGAIN) {
+            set_dead(c, errp, EPIPE, "broker connection lost: %s",
+                     g_strerror(errno));
+            return WAIT_DEAD;
         }
-        if (n) {
-            iov[first].iov_base = (uint8_t *)iov[first].iov_base + n;
-            iov[first].iov_len -= n;
+        w = wait_fd(c, POLLOUT, deadline, errp);
+        if (w != WAIT_OK) {
+            return w;
         }
     }
-    return true;
+    return WAIT_OK;
+}
+
+/* Send the bytes left over from earlier frames, until @deadline */
+static WaitEnd flush_unsent(MsBrokerClient *c, gint64 deadline,
+                            GError **errp)
+{
+    struct iovec iov = { c->unsent->data, c->unsent->len };
+    size_t first = 0;
+    WaitEnd w;
+
+    if (!c->unsent->len) {
+        return WAIT_OK;
+    }
+    w = send_iov(c, &iov, 1, &first, deadline, errp);
+    g_byte_array_remove_range(c->unsent, 0, c->unsent->len -
+                              (first ? 0 : iov.iov_len));
+    return w;
 }
 
 /* Keep a received descriptor only if we expect one and have none yet */
@@ -167,70 +236,84 @@ static void take_fds(struct msghdr *mh, int *fd_out)
     }
 }
 
-static bool recv_exact(MsBrokerClient *c, uint8_t *buf, size_t len,
-                       int *fd_out, gint64 deadline, GError **errp)
+/*
+ * Receive into c->frame until it holds one whole frame, or @deadline.
+ * What came so far stays there for the next call: a frame is never
+ * read twice nor lost.
+ */
+static WaitEnd recv_frame(MsBrokerClient *c, int *fd_out, gint64 deadline,
+                          GError **errp)
 {
-    size_t done = 0;
-
-    while (done < len) {
+    if (c->frame_taken) {
+        g_byte_array_set_size(c->frame, 0);
+        c->frame_want = 0;
+        c->frame_taken = false;
+    }
+    for (;;) {
+        size_t want = c->frame_want ? c->frame_want : MS_PROTO_HEADER_SIZE;
+        size_t have = c->frame->len;
         union {
             char buf[CMSG_SPACE(sizeof(int) * 4)];
             struct cmsghdr align;
         } ctl;
-        struct iovec iov = { buf + done, len - done };
+        struct iovec iov;
         struct msghdr mh = {
             .msg_iov = &iov, .msg_iovlen = 1,
             .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf),
         };
         ssize_t n;
 
-        if (!wait_fd(c, POLLIN, deadline, errp)) {
-            return false;
+        if (have == want && c->frame_want) {
+            return WAIT_OK;
         }
-        n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-        if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
+        if (have == want) {
+            g_autoptr(GError) err = NULL;
+            MsProtoHeader hdr;
+
+            if (!ms_proto_decode_header(c->frame->data, &hdr, &err)) {
+                set_dead(c, errp, EPROTO, "bad reply from the broker: %s",
+                         err->message);
+                return WAIT_DEAD;
+            }
+            c->frame_want = MS_PROTO_HEADER_SIZE + hdr.length;
             continue;
         }
-        if (n < 0) {
-            return set_dead(c, errp, EPIPE, "broker connection lost: %s",
-                            g_strerror(errno));
+        g_byte_array_set_size(c->frame, want);
+        iov = (struct iovec) { c->frame->data + have, want - have };
+        n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        g_byte_array_set_size(c->frame, have + MAX(n, 0));
+        if (n > 0) {
+            take_fds(&mh, fd_out);
+            continue;
         }
         if (n == 0) {
-            return set_dead(c, errp, EPIPE,
-                            "broker closed the connection");
+            set_dead(c, errp, EPIPE, "broker closed the connection");
+            return WAIT_DEAD;
         }
-        take_fds(&mh, fd_out);
-        done += n;
+        if (errno != EINTR && errno != EAGAIN) {
+            set_dead(c, errp, EPIPE, "broker connection lost: %s",
+                     g_strerror(errno));
+            return WAIT_DEAD;
+        }
+        if (errno == EAGAIN) {
+            WaitEnd w = wait_fd(c, POLLIN, deadline, errp);
+
+            if (w != WAIT_OK) {
+                return w;
+            }
+        }
     }
-    return true;
 }
 
-/*
- * Receive the reply to request @id, expected of type @type, into @msg
- * (which points into c->frame).  An ERROR from the broker becomes the
- * error; the broker hangs up after it.
- */
-static bool recv_reply(MsBrokerClient *c, uint32_t id, MsProtoType type,
-                       MsProtoMsg *msg, int *fd_out, gint64 deadline,
-                       GError **errp)
+/* The frame in c->frame answers the oldest pending request: decode it */
+static bool take_reply(MsBrokerClient *c, MsProtoMsg *msg, GError **errp)
 {
     g_autoptr(GError) err = NULL;
-    MsProtoHeader hdr;
+    Pending p = g_array_index(c->pending, Pending, 0);
 
-    g_byte_array_set_size(c->frame, MS_PROTO_HEADER_SIZE);
-    if (!recv_exact(c, c->frame->data, MS_PROTO_HEADER_SIZE, fd_out,
-                    deadline, errp)) {
-        return false;
-    }
-    if (!ms_proto_decode_header(c->frame->data, &hdr, &err)) {
-        return set_dead(c, errp, EPROTO, "bad reply from the broker: %s",
-                        err->message);
-    }
-    g_byte_array_set_size(c->frame, MS_PROTO_HEADER_SIZE + hdr.length);
-    if (!recv_exact(c, c->frame->data + MS_PROTO_HEADER_SIZE, hdr.length,
-                    fd_out, deadline, errp)) {
-        return false;
-    }
+    /* @msg points into the frame: it is emptied by the next receive */
+    c->frame_taken = true;
+    g_array_remove_index(c->pending, 0);
     if (!ms_proto_decode(c->frame->data, c->frame->len, msg, &err)) {
         return set_dead(c, errp, EPROTO, "bad reply from the broker: %s",
                         err->message);
@@ -238,34 +321,224 @@ static bool recv_reply(MsBrokerClient *c, uint32_t id, MsProtoType type,
     if (msg->type == MS_MSG_ERROR) {
         /* Each reply type follows its request's: name the request */
         return set_dead(c, errp, msg->error.code ? msg->error.code : EPROTO,
-                        "broker refused %s: %s", ms_proto_type_name(type - 1),
-                        msg->error.message);
+                        "broker refused %s: %s",
+                        ms_proto_type_name(p.reply - 1), msg->error.message);
     }
-    if (msg->type != type || msg->id != id) {
+    if (msg->type != p.reply || msg->id != p.id) {
         return set_dead(c, errp, EPROTO, "broker answered request %u with %s"
-                        " %u: %s %u expected", id,
+                        " %u: %s %u expected", p.id,
                         ms_proto_type_name(msg->type), msg->id,
-                        ms_proto_type_name(type), id);
+                        ms_proto_type_name(p.reply), p.id);
     }
     return true;
 }
 
-/* One request, one reply: send @req (and @npages pages), wait */
+/*
+ * A reply whose caller stopped waiting: the references it hands us are
+ * nobody's, give them back.  A slot outside the store is a broken
+ * broker.
+ */
+static bool take_late_reply(MsBrokerClient *c, const MsProtoMsg *msg,
+                            GError **errp)
+{
+    if (msg->type != MS_MSG_LOOKUP_REPLY && msg->type != MS_MSG_UPLOAD_REPLY) {
+        return true;
+    }
+    for (uint32_t i = 0; i < msg->results.count; i++) {
+        MsProtoResult r = ms_proto_result(msg, i);
+
+        if (r.status != MS_STATUS_OK) {
+            continue;
+        }
+        if (r.slot >= c->params.nslots) {
+            return set_dead(c, errp, EPROTO, "broker returned slot %u of a"
+                            " store of %u", r.slot, c->params.nslots);
+        }
+        g_array_append_val(c->orphans, r.slot);
+        c->late_refs++;
+    }
+    return true;
+}
+
+static void queue_release(MsBrokerClient *c, const uint32_t *slots,
+                          const uint32_t *refs, uint32_t count);
+
+/*
+ * Read the replies of the pending requests but the last @keep ones,
+ * until @deadline.  Late references are collected for release.
+ */
+static WaitEnd read_replies(MsBrokerClient *c, guint keep, gint64 deadline,
+                            GError **errp)
+{
+    WaitEnd w = WAIT_OK;
+
+    while (w == WAIT_OK && c->pending->len > keep) {
+        MsProtoMsg msg;
+
+        w = recv_frame(c, NULL, deadline, errp);
+        if (w == WAIT_OK && (!take_reply(c, &msg, errp) ||
+                             !take_late_reply(c, &msg, errp))) {
+            w = WAIT_DEAD;
+        }
+    }
+    return w;
+}
+
+/*
+ * Get level with the broker by @deadline: every byte sent, every reply
+ * read, and the references of late replies queued for release (whose
+ * replies are read by a later call).
+ */
+static WaitEnd catch_up(MsBrokerClient *c, gint64 deadline, GError **errp)
+{
+    WaitEnd w = flush_unsent(c, deadline, errp);
+
+    if (w == WAIT_OK) {
+        w = read_replies(c, 0, deadline, errp);
+    }
+    if (w != WAIT_OK) {
+        return w;
+    }
+    c->stalled = false;
+    if (c->orphans->len) {
+        g_autoptr(GArray) o = g_steal_pointer(&c->orphans);
+
+        c->orphans = g_array_new(false, false, sizeof(uint32_t));
+        queue_release(c, (uint32_t *)o->data, NULL, o->len);
+        w = flush_unsent(c, deadline, errp);
+    }
+    return w;
+}
+
+/* Say why a call gave up waiting; the connection stays */
+static bool gave_up(MsBrokerClient *c, WaitEnd w, uint32_t id, GError **errp)
+{
+    if (w == WAIT_DEAD) {
+        return false;
+    }
+    if (w == WAIT_INTERRUPTED) {
+        g_set_error(errp, MS_ENGINE_ERROR, EINTR, "interrupted while waiting"
+                    " for the broker's answer to request %u", id);
+        return false;
+    }
+    c->stalled = true;
+    g_set_error(errp, MS_ENGINE_ERROR, ETIMEDOUT, "broker did not answer"
+                " request %u within %d ms (it stays pending)", id,
+                c->timeout_ms);
+    return false;
+}
+
+/*
+ * Put a frame on the wire: @head, then @npages pages of @ps bytes, the
+ * i-th at @pages[i] (guest memory: neighbours in one iovec entry).  What
+ * the socket does not take by @deadline is copied to c->unsent, and the
+ * request is pending either way (its reply will come).  Returns the
+ * wait's end.
+ */
+static WaitEnd put_frame(MsBrokerClient *c, const GByteArray *head,
+                         const void *const *pages, uint32_t npages,
+                         size_t ps, uint32_t id, MsProtoType reply,
+                         gint64 deadline, GError **errp)
+{
+    g_autofree struct iovec *iov = g_new(struct iovec, npages + 1);
+    Pending p = { .id = id, .reply = reply };
+    size_t first = 0, cnt = 0;
+    WaitEnd w = WAIT_OK;
+
+    iov[cnt++] = (struct iovec) { head->data, head->len };
+    for (uint32_t i = 0; i < npages; i++) {
+        struct iovec *last = &iov[cnt - 1];
+
+        if (cnt > 1 && (uint8_t *)last->iov_base + last->iov_len ==
+                       (const uint8_t *)pages[i]) {
+            last->iov_len += ps;
+        } else {
+            iov[cnt++] = (struct iovec) { (void *)pages[i], ps };
+        }
+    }
+    g_array_append_val(c->pending, p);
+    /* Behind other frames' bytes: after them, in order */
+    if (!c->unsent->len) {
+        w = send_iov(c, iov, cnt, &first, deadline, errp);
+    }
+    if (w == WAIT_DEAD) {
+        return w;
+    }
+    for (; first < cnt; first++) {
+        g_byte_array_append(c->unsent, iov[first].iov_base,
+                            iov[first].iov_len);
+    }
+    return w;
+}
+
+/* A RELEASE that nobody waits for: its reply is read by a later call */
+static void queue_release(MsBrokerClient *c, const uint32_t *slots,
+                          const uint32_t *refs, uint32_t count)
+{
+    for (uint32_t done = 0; done < count; ) {
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        uint32_t n = MIN(count - done, c->params.max_release);
+        g_autofree uint32_t *ones = NULL;
+        uint32_t id = c->next_id++;
+        Pending p = { .id = id, .reply = MS_MSG_RELEASE_REPLY };
+
+        if (!refs) {
+            ones = g_new(uint32_t, n);
+            for (uint32_t i = 0; i < n; i++) {
+                ones[i] = 1;
+            }
+        }
+        ms_proto_encode_release(req, id, slots + done,
+                                refs ? refs + done : ones, n);
+        g_byte_array_append(c->unsent, req->data, req->len);
+        g_array_append_val(c->pending, p);
+        done += n;
+    }
+}
+
+/*
+ * One request, one reply: send @req (and @npages pages), wait for its
+ * reply into @msg.  Earlier replies are read on the way (catch_up()).
+ */
 static bool call_with(MsBrokerClient *c, GByteArray *req,
                       const void *const *pages, uint32_t npages,
                       uint32_t id, MsProtoType reply, MsProtoMsg *msg,
                       int *fd_out, GError **errp)
 {
     gint64 deadline = g_get_monotonic_time() + c->timeout_ms * 1000LL;
+    WaitEnd w;
 
     if (c->dead) {
         g_set_error(errp, MS_ENGINE_ERROR, EPIPE,
                     "broker connection was lost earlier: reconnect");
         return false;
     }
-    return send_frame(c, req, pages, npages, c->params.page_size, deadline,
-                      errp) &&
-           recv_reply(c, id, reply, msg, fd_out, deadline, errp);
+    /* A stalled broker gets a look, not another timeout */
+    w = catch_up(c, c->stalled ? 0 : deadline, errp);
+    if (w != WAIT_OK) {
+        if (w == WAIT_TIMEOUT && c->stalled) {
+            g_set_error(errp, MS_ENGINE_ERROR, EAGAIN, "broker has not"
+                        " answered an earlier request yet");
+            return false;
+        }
+        return gave_up(c, w, id, errp);
+    }
+    w = put_frame(c, req, pages, npages, c->params.page_size, id, reply,
+                  deadline, errp);
+    if (w == WAIT_OK) {
+        w = flush_unsent(c, deadline, errp);
+    }
+    /* Releases that catch_up() queued are answered first */
+    if (w == WAIT_OK) {
+        w = read_replies(c, 1, deadline, errp);
+    }
+    if (w == WAIT_OK) {
+        w = recv_frame(c, fd_out, deadline, errp);
+    }
+    if (w != WAIT_OK) {
+        return gave_up(c, w, id, errp);
+    }
+    return take_reply(c, msg, errp);
 }
 
 static bool call(MsBrokerClient *c, GByteArray *req, uint32_t id,
@@ -296,6 +569,9 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
     c->fd = c->store_fd = -1;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : DEFAULT_TIMEOUT_MS;
     c->frame = g_byte_array_new();
+    c->unsent = g_byte_array_new();
+    c->pending = g_array_new(false, false, sizeof(Pending));
+    c->orphans = g_array_new(false, false, sizeof(uint32_t));
     c->next_id = 1;
     if (strlen(path) >= sizeof(sa.sun_path)) {
         g_set_error(errp, MS_ENGINE_ERROR, ENAMETOOLONG,
@@ -328,8 +604,9 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
 
 /*
  * The descriptor must be what WELCOME says: a file of nslots pages, open
- * read-only (a writable one would let this process corrupt every
- * member's pages, and means the broker is not what it claims).
+ * read-only and sealed against resizing (a writable or resizable one
+ * would let a member corrupt every member's pages, and means the broker
+ * is not what it claims).
  */
 static bool check_store_fd(MsBrokerClient *c, const MsProtoMsg *msg,
                            GError **errp)
@@ -347,6 +624,11 @@ static bool check_store_fd(MsBrokerClient *c, const MsProtoMsg *msg,
     if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY) {
         return set_dead(c, errp, EPROTO, "broker sent a writable store"
                         " descriptor: only a read-only one is accepted");
+    }
+    if (!ms_store_fd_sealed(c->store_fd)) {
+        return set_dead(c, errp, EPROTO, "broker sent a store that is not"
+                        " sealed against resizing (F_SEAL_SHRINK and"
+                        " F_SEAL_GROW): a resize would fault every member");
     }
     return true;
 }
@@ -401,10 +683,18 @@ MsBrokerClient *ms_broker_client_connect(const char *path, const char *group,
         return NULL;
     }
     c = ms_broker_client_open(path, timeout_ms, errp);
+    /* A HELLO that timed out holds nothing yet: the client just goes */
     if (!c || !hello(c, group, name, errp)) {
         return NULL;
     }
     return g_steal_pointer(&c);
+}
+
+void ms_broker_client_set_interrupt(MsBrokerClient *c,
+                                    MsBrokerInterruptFn *fn, void *opaque)
+{
+    c->interrupt = fn;
+    c->interrupt_opaque = opaque;
 }
 
 void ms_broker_client_free(MsBrokerClient *c)
@@ -413,6 +703,10 @@ void ms_broker_client_free(MsBrokerClient *c)
         return;
     }
     if (c->fd >= 0) {
+        /* Releases still queued go if the socket takes them now */
+        if (!c->dead && c->unsent && c->unsent->len) {
+            flush_unsent(c, 0, NULL);
+        }
         close(c->fd);
     }
     if (c->store_fd >= 0) {
@@ -421,12 +715,31 @@ void ms_broker_client_free(MsBrokerClient *c)
     if (c->frame) {
         g_byte_array_unref(c->frame);
     }
+    if (c->unsent) {
+        g_byte_array_unref(c->unsent);
+    }
+    if (c->pending) {
+        g_array_free(c->pending, true);
+    }
+    if (c->orphans) {
+        g_array_free(c->orphans, true);
+    }
     g_free(c);
 }
 
 bool ms_broker_client_alive(const MsBrokerClient *c)
 {
     return !c->dead;
+}
+
+bool ms_broker_client_stalled(const MsBrokerClient *c)
+{
+    return c->stalled;
+}
+
+uint64_t ms_broker_client_late_refs(const MsBrokerClient *c)
+{
+    return c->late_refs;
 }
 
 const MsBrokerParams *ms_broker_client_params(const MsBrokerClient *c)
@@ -466,6 +779,18 @@ static bool take_results(MsBrokerClient *c, const MsProtoMsg *msg,
     return true;
 }
 
+/*
+ * The references of the batches before a failure are the caller's
+ * (@results says which): it releases them.  The entries after are
+ * NOT_FOUND, so that the caller's loop over the results stays simple.
+ */
+static void results_not_found(MsProtoResult *results, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        results[i] = (MsProtoResult) { UINT32_MAX, MS_STATUS_NOT_FOUND };
+    }
+}
+
 bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
                              uint32_t count, MsProtoResult *results,
                              GError **errp)
@@ -473,6 +798,7 @@ bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
     if (!check_joined(c, "look pages up", errp)) {
         return false;
     }
+    results_not_found(results, count);
     for (uint32_t done = 0; done < count; ) {
         g_autoptr(GByteArray) req = g_byte_array_new();
         uint32_t n = MIN(count - done, c->params.max_lookup);
@@ -497,6 +823,7 @@ bool ms_broker_client_upload_pages(MsBrokerClient *c,
     if (!check_joined(c, "upload pages", errp)) {
         return false;
     }
+    results_not_found(results, count);
     for (uint32_t done = 0; done < count; ) {
         g_autoptr(GByteArray) req = g_byte_array_new();
         uint32_t n = MIN(count - done, c->params.max_upload);
@@ -567,6 +894,27 @@ bool ms_broker_client_release(MsBrokerClient *c, const uint32_t *slots,
         *released = total;
     }
     return true;
+}
+
+bool ms_broker_client_release_nowait(MsBrokerClient *c,
+                                     const uint32_t *slots,
+                                     const uint32_t *refs, uint32_t count,
+                                     GError **errp)
+{
+    WaitEnd w;
+
+    if (!check_joined(c, "release slots", errp)) {
+        return false;
+    }
+    if (c->dead) {
+        g_set_error(errp, MS_ENGINE_ERROR, EPIPE,
+                    "broker connection was lost earlier: reconnect");
+        return false;
+    }
+    queue_release(c, slots, refs, count);
+    /* Send what the socket takes now, read the replies that are there */
+    w = catch_up(c, 0, errp);
+    return w != WAIT_DEAD;
 }
 
 bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,

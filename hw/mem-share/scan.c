@@ -93,9 +93,14 @@
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
- * that break a group page release its reference (one RELEASE per chunk).
- * When the broker goes away the group stops being used; pages that map
- * its store keep it alive and stay merged until written.  A member's
+ * that break a group page release its reference (one RELEASE per chunk,
+ * sent without waiting for its reply).  A broker that is slow to answer
+ * is not gone: a call that gives up waiting leaves its request pending
+ * (broker-client.c), the chunk goes on without the group, and every
+ * reference a reply handed out is used or released, never forgotten.
+ * When the connection breaks the group stops being used; pages that map
+ * its store keep it alive and stay merged until written, and their
+ * references stay with the broker until this process exits.  A member's
  * store hashes with the group's key (taken before anything is
  * published), so the one hash of a visit is also the one LOOKUP and
  * UPLOAD need: hashing is a fifth of what the scanner costs.  The key
@@ -803,14 +808,26 @@ static uint64_t group_hash(const MsScanner *s, size_t i, uint64_t h)
     return s->gkey_same ? h : ms_broker_client_hash(s->group, page_at(s, i));
 }
 
-/* The statistics say so: the caller reports it, and may reconnect */
-static void group_lost(MsScanner *s, const GError *err)
+/*
+ * A group call failed.  A broken connection is lost for good: the
+ * statistics say so, the caller reports it and may reconnect.  A call
+ * that only gave up waiting leaves the connection as it is.
+ */
+static void group_failed(MsScanner *s, const GError *err)
 {
     (void)err;
-    s->live.group_lost = 1;
+    if (ms_broker_client_alive(s->group)) {
+        s->live.group_waits++;
+    } else {
+        s->live.group_lost = 1;
+    }
 }
 
-/* Give back the references of group pages that left their slot */
+/*
+ * Give back the references of group pages that left their slot.  The
+ * client sends them without waiting for the reply.  On a connection that
+ * broke, the broker keeps them until this process exits.
+ */
 static void group_release(MsScanner *s)
 {
     g_autoptr(GError) err = NULL;
@@ -818,13 +835,23 @@ static void group_release(MsScanner *s)
     if (!s->grel || !s->grel->len) {
         return;
     }
-    /* A lost broker took our references with it */
     if (group_usable(s) &&
-        !ms_broker_client_release(s->group, (uint32_t *)s->grel->data,
-                                  NULL, s->grel->len, NULL, &err)) {
-        group_lost(s, err);
+        !ms_broker_client_release_nowait(s->group, (uint32_t *)s->grel->data,
+                                         NULL, s->grel->len, &err)) {
+        group_failed(s, err);
     }
     g_array_set_size(s->grel, 0);
+}
+
+/* References a failed call handed out anyway go back */
+static void group_give_back(MsScanner *s, const MsProtoResult *res,
+                            size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        if (res[k].status == MS_STATUS_OK) {
+            g_array_append_val(s->grel, res[k].slot);
+        }
+    }
 }
 
 /* Merge page @i onto group slot @gslot, whose reference it takes over */
@@ -842,9 +869,9 @@ static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp);
 /*
  * WANTED: give the group those pages of the lookup, all in one UPLOAD
  * (one round trip, not one per page), and put each one's answer in
- * @res, flagged in @uploaded.  If the broker is lost the answers stay
- * what the lookup said, and group_result() sends the pages to the
- * unstable tree.
+ * @res, flagged in @uploaded.  If the upload fails, the pages it did not
+ * store keep what the lookup said, and group_result() sends them to the
+ * unstable tree; those it stored (an earlier batch) are merged as usual.
  */
 static void group_upload_wanted(MsScanner *s, GArray *look,
                                 const uint64_t *gh, MsProtoResult *res,
@@ -856,6 +883,7 @@ static void group_upload_wanted(MsScanner *s, GArray *look,
     g_autofree MsProtoResult *ur = NULL;
     g_autoptr(GError) err = NULL;
     guint n = 0;
+    bool ok;
 
     for (guint k = 0; k < look->len; k++) {
         if (res[k].status == MS_STATUS_WANTED) {
@@ -868,17 +896,21 @@ static void group_upload_wanted(MsScanner *s, GArray *look,
         return;
     }
     ur = g_new(MsProtoResult, n);
-    if (!ms_broker_client_upload_pages(s->group, pages, hashes, n, ur,
-                                       &err)) {
-        group_lost(s, err);
-        return;
+    ok = ms_broker_client_upload_pages(s->group, pages, hashes, n, ur, &err);
+    if (!ok) {
+        group_failed(s, err);
     }
-    s->live.group_uploads += n;
     for (guint j = 0; j < n; j++) {
-        res[which[j]] = ur[j];
-        uploaded[which[j]] = true;
+        if (ok || ur[j].status == MS_STATUS_OK) {
+            res[which[j]] = ur[j];
+            uploaded[which[j]] = true;
+            s->live.group_uploads++;
+        }
     }
 }
+
+/* A lookup that was not answered: neither a miss nor a hit */
+#define GROUP_UNASKED 0xff
 
 static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
                          bool uploaded, GError **errp)
@@ -933,15 +965,19 @@ static bool group_flush(MsScanner *s, GError **errp)
         gh[k] = group_hash(s, l->page, l->hash);
         res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
     }
-    if (group_usable(s) &&
+    /* A failed lookup still hands out what earlier batches found */
+    if (!group_usable(s) ||
         !ms_broker_client_lookup(s->group, gh, look->len, res, &err)) {
-        group_lost(s, err);
-        for (guint k = 0; k < look->len; k++) {
-            res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
+        if (err) {
+            group_failed(s, err);
         }
-    }
-    s->live.group_lookups += look->len;
-    if (group_usable(s)) {
+        for (guint k = 0; k < look->len; k++) {
+            if (res[k].status == MS_STATUS_NOT_FOUND) {
+                res[k].status = GROUP_UNASKED;
+            }
+        }
+    } else {
+        s->live.group_lookups += look->len;
         group_upload_wanted(s, look, gh, res, uploaded);
     }
     /* What falls back to the unstable tree must not come back here */
@@ -949,6 +985,10 @@ static bool group_flush(MsScanner *s, GError **errp)
     for (guint k = 0; ok && k < look->len; k++) {
         ok = group_result(s, &g_array_index(look, GroupLook, k), res[k],
                           uploaded[k], errp);
+        /* After an error the rest are not merged: their slots go back */
+        if (!ok) {
+            group_give_back(s, res + k + 1, look->len - k - 1);
+        }
     }
     s->in_group_flush = false;
     return ok;
@@ -1129,12 +1169,17 @@ static bool flush_pair_group(MsScanner *s, Batch *b, bool *lost,
      * chunks would leave malloc holding megabytes (see "Memory").  A page
      * written meanwhile comes back BAD_HASH and is not merged.
      */
+    for (size_t k = 0; k < 2 * n; k++) {
+        res[k] = (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_NOT_FOUND };
+    }
     *lost = !ms_broker_client_upload(s->group, page_at(s, b->first), gh, n,
                                      res, &err) ||
             !ms_broker_client_upload(s->group, page_at(s, b->partner),
                                      gh + n, n, res + n, &err);
     if (*lost) {
-        group_lost(s, err);
+        /* The pair merges locally; what was stored goes back */
+        group_failed(s, err);
+        group_give_back(s, res, 2 * n);
         return true;
     }
     s->live.group_uploads += 2 * n;
@@ -1660,7 +1705,10 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     s->group = c;
     /* A new broker has a new key: our store keeps the one it has */
     s->gkey_same = ms_store_has_key(s->store, &bp->key);
-    /* References of the old broker died with it */
+    /*
+     * References of the old connection died with its broker, or stay
+     * with it until this process exits: never release them to this one
+     */
     g_array_set_size(s->grel, 0);
     g_array_set_size(s->glook, 0);
     /* Its misses too: ask the new one about every page at once */

@@ -16,16 +16,25 @@
  *
  * The broker writes the store, never the client.  A slot returned by a
  * lookup or an upload comes with one reference that the client owns
- * until it releases it or disconnects: the slot cannot be freed (nor
- * reused) meanwhile.  It may still hold another content than the
- * client's page (a hash collision, or a lying peer in the group): the
- * client must compare bytes before it maps a slot.
+ * until it releases it: the slot cannot be freed (nor reused)
+ * meanwhile, not even after the connection is lost, as long as this
+ * process lives (the broker watches it with a pidfd).  It may still hold
+ * another content than the client's page (a hash collision, or a lying
+ * peer in the group): the client must compare bytes before it maps a
+ * slot.
  *
- * When the broker dies or breaks the protocol, every call fails with an
- * error (code EPIPE, ETIMEDOUT or EPROTO) and the client is dead for good:
- * mappings of the store stay valid (they hold the memfd), the caller
- * frees the client and connects again later.  The references it held are
- * gone with the old broker; so is its store.
+ * A call that runs out of time (or is interrupted, see
+ * ms_broker_client_set_interrupt()) fails with ETIMEDOUT (or EINTR) and
+ * leaves its request pending: the connection stays, the reply is read
+ * later, and references a late reply hands out are released by the
+ * client itself.  While a timed-out request is unanswered, calls fail
+ * at once with EAGAIN: the caller goes on without the group for now.
+ * A timeout is never taken for a dead broker.
+ *
+ * When the connection breaks (end of file, an ERROR, a reply that breaks
+ * the protocol), every call fails with EPIPE or EPROTO and the client is
+ * dead for good: mappings of the store stay valid (they hold the memfd),
+ * the caller frees the client and may connect again later.
  *
  * Not thread-safe: one thread uses a client at a time.
  */
@@ -74,6 +83,21 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsBrokerClient, ms_broker_client_free)
 /* False once the connection is lost: free the client and reconnect. */
 bool ms_broker_client_alive(const MsBrokerClient *c);
 
+/* True while a request that timed out waits for its reply. */
+bool ms_broker_client_stalled(const MsBrokerClient *c);
+
+/* References that replies handed out after their call gave up waiting */
+uint64_t ms_broker_client_late_refs(const MsBrokerClient *c);
+
+/*
+ * Called between slices of every wait (at least every 10 ms): true makes
+ * the call give up now with EINTR, its request left pending.  For the
+ * owner of a lock that others need: they must not wait for the broker.
+ */
+typedef bool MsBrokerInterruptFn(void *opaque);
+void ms_broker_client_set_interrupt(MsBrokerClient *c,
+                                    MsBrokerInterruptFn *fn, void *opaque);
+
 /* The group's parameters, or NULL if the client joined none. */
 const MsBrokerParams *ms_broker_client_params(const MsBrokerClient *c);
 
@@ -90,7 +114,9 @@ uint64_t ms_broker_client_hash(const MsBrokerClient *c, const void *page);
 /*
  * Look up @count page hashes.  results[i] says, for hashes[i], which slot
  * holds a page with that hash (one reference taken for the client) or
- * why none was returned.
+ * why none was returned.  On failure too: the batches answered before it
+ * may hold OK entries (references the caller owns), the rest say
+ * NOT_FOUND.  The same goes for the uploads.
  */
 bool ms_broker_client_lookup(MsBrokerClient *c, const uint64_t *hashes,
                              uint32_t count, MsProtoResult *results,
@@ -125,6 +151,16 @@ bool ms_broker_client_upload_pages(MsBrokerClient *c,
 bool ms_broker_client_release(MsBrokerClient *c, const uint32_t *slots,
                               const uint32_t *refs, uint32_t count,
                               uint64_t *released, GError **errp);
+
+/*
+ * The same without waiting: the RELEASE is queued, sent as far as the
+ * socket takes it now and later, and its reply is read by a later call.
+ * Fails only if the connection is dead.
+ */
+bool ms_broker_client_release_nowait(MsBrokerClient *c,
+                                     const uint32_t *slots,
+                                     const uint32_t *refs, uint32_t count,
+                                     GError **errp);
 
 /* Statistics of the client's group, or of every group (see _open()). */
 bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,

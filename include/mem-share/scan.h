@@ -155,6 +155,7 @@ typedef struct MsScanStats {
     uint64_t group_hits;        /* of which the group had, same bytes */
     uint64_t group_uploads;     /* pages given to the group (WANTED) */
     uint64_t group_lost;        /* 1 while the broker connection is lost */
+    uint64_t group_waits;       /* group calls that gave up waiting */
     uint64_t group_rejoins;     /* ms_scanner_set_group() after a loss */
     int64_t vmas;               /* VMAs the merged mappings add, net */
     int64_t vma_budget;

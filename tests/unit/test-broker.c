@@ -14,11 +14,10 @@
  * a hole again), and the group statistics.
  *
  * Nothing waits on a timer where a reply can be awaited: a client sees
- * its own requests answered in order, and a client the broker hung up
- * on has already had its references dropped (the broker drops them
- * before it closes the socket).  Only a client killed by a signal leaves
- * when the broker notices, so that test polls the statistics until the
- * broker says the client left, within a generous deadline.
+ * its own requests answered in order.  References go only when their
+ * client releases them or its process exits (a connection that ends
+ * proves nothing): the tests that check this poll the statistics until
+ * the broker noticed the exit, within a generous deadline.
  */
 
 #ifndef _GNU_SOURCE
@@ -562,9 +561,9 @@ static void test_client_killed(Fixture *f, gconstpointer data)
 
     kill(child, SIGKILL);
     g_assert_cmpint(waitpid(child, NULL, 0), ==, child);
-    /* The broker notices the hang-up when it next polls */
+    /* The broker notices the exit when it next polls */
     deadline = g_get_monotonic_time() + DEADLINE_US;
-    while ((gs = stats(obs)).clients != 1) {
+    while ((gs = stats(obs)).clients != 1 || gs.refs) {
         g_assert_cmpint(g_get_monotonic_time(), <, deadline);
         g_usleep(1000);
     }
@@ -619,26 +618,138 @@ static void test_broker_killed(Fixture *f, gconstpointer data)
                      ==, MS_STATUS_NOT_FOUND);
 }
 
-/* A broker that stops answering costs a caller its timeout, no more */
+/* How long @fn took, in ms */
+#define ELAPSED_MS(fn) ({ \
+    gint64 t0_ = g_get_monotonic_time(); \
+    fn; \
+    (g_get_monotonic_time() - t0_) / 1000; \
+})
+
+/*
+ * Until a stalled client read its late replies, calls fail at once
+ * (EAGAIN): ask for statistics until they come
+ */
+static void caught_up(MsBrokerClient *c)
+{
+    gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+
+    for (;;) {
+        g_autoptr(GError) err = NULL;
+        g_autoptr(GArray) groups = NULL;
+
+        if (ms_broker_client_stats(c, &groups, &err)) {
+            return;
+        }
+        g_assert_error(err, MS_ENGINE_ERROR, EAGAIN);
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(1000);
+    }
+}
+
+static bool interrupt_now(void *opaque)
+{
+    return *(bool *)opaque;
+}
+
+/*
+ * A broker that stops answering (SIGSTOP) is not gone: a call costs its
+ * timeout once and leaves its request pending, later calls fail at once
+ * (EAGAIN) while it stays behind, an interrupt ends a wait within one
+ * slice, and when the broker answers again the late replies are read:
+ * the references a late LOOKUP handed out are released, nothing is lost
+ * and the connection goes on.
+ */
 static void test_timeout(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
     g_autoptr(MsBrokerClient) c = ms_broker_client_connect(f->path, "g1",
                                                            "vm", 200, &err);
+    g_autoptr(MsBrokerClient) c2 = join(f, "g1", "vm2");
+    g_autoptr(MsBrokerClient) c3 = NULL;
     g_autoptr(MsBrokerClient) late = NULL;
     g_autoptr(GArray) fds = g_array_new(FALSE, FALSE, sizeof(int));
     g_autoptr(GArray) groups = NULL;
+    g_autofree uint8_t *p = g_malloc(page);
+    g_autofree uint8_t *p2 = g_malloc(page);
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    bool interrupt = false;
+    MsProtoResult r;
+    uint32_t slot, slot2;
+    uint64_t h2;
+    uint64_t h;
+    gint64 ms;
 
     (void)data;
     g_assert_no_error(err);
+    c3 = ms_broker_client_connect(f->path, "g1", "vm3", 5000, &err);
+    g_assert_no_error(err);
+    ms_broker_client_set_interrupt(c3, interrupt_now, &interrupt);
+    fill(p, 11);
+    slot = upload(c, p);
+    h = ms_broker_client_hash(c, p);
+    fill(p2, 12);
+    slot2 = upload(c3, p2);
+
     g_assert_cmpint(kill(f->pid, SIGSTOP), ==, 0);
-    g_assert_false(ms_broker_client_stats(c, &groups, &err));
+    ms = ELAPSED_MS(g_assert_false(ms_broker_client_stats(c, &groups,
+                                                          &err)));
     g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
-    g_assert_false(ms_broker_client_alive(c));
+    g_assert_cmpint(ms, >=, 190);
+    g_assert_true(ms_broker_client_alive(c));
+    g_assert_true(ms_broker_client_stalled(c));
     g_clear_error(&err);
+    /* Behind: no second timeout */
+    ms = ELAPSED_MS(g_assert_false(ms_broker_client_lookup(c, &h, 1, &r,
+                                                           &err)));
+    g_assert_error(err, MS_ENGINE_ERROR, EAGAIN);
+    g_assert_cmpint(ms, <, 100);
+    g_assert_cmpuint(r.status, ==, MS_STATUS_NOT_FOUND);
+    g_clear_error(&err);
+    /* A release never waits */
+    ms = ELAPSED_MS(g_assert_true(ms_broker_client_release_nowait(
+                                      c, &slot, NULL, 1, &err)));
+    g_assert_no_error(err);
+    g_assert_cmpint(ms, <, 100);
+    /* An interrupt ends a wait of 5 s at once; the request stays pending */
+    interrupt = true;
+    ms = ELAPSED_MS(g_assert_false(ms_broker_client_stats(c3, &groups,
+                                                          &err)));
+    g_assert_error(err, MS_ENGINE_ERROR, EINTR);
+    g_assert_cmpint(ms, <, 100);
+    g_assert_true(ms_broker_client_alive(c3));
+    g_clear_error(&err);
+    interrupt = false;
+    /* A lookup that hits, answered after its caller gave up */
+    {
+        g_autoptr(MsBrokerClient) slow = NULL;
+
+        slow = ms_broker_client_connect(f->path, "g1", "slow", 200, &err);
+        g_assert_null(slow);
+        g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
+        g_clear_error(&err);
+    }
+    h2 = ms_broker_client_hash(c2, p2);
+    g_assert_false(ms_broker_client_lookup(c2, &h2, 1, &r, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
+    g_clear_error(&err);
+    g_assert_cmpint(kill(f->pid, SIGCONT), ==, 0);
+
+    /* Late replies read, the late reference released, all alive */
+    caught_up(c2);
+    g_assert_cmpuint(ms_broker_client_late_refs(c2), ==, 1);
+    caught_up(c);
+    g_assert_false(ms_broker_client_stalled(c));
+    caught_up(c3);
+    /* c released its upload, c2 its late lookup: c3's upload is left */
+    g_assert_cmpuint(stats(c).refs, ==, 1);
+    g_assert_cmpuint(stats(c2).slots_used, ==, 1);
+    g_assert_cmpuint(lookup(c2, h).status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_true(ms_broker_client_release(c3, &slot2, NULL, 1, NULL, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(stats(c).refs, ==, 0);
 
     /* Fill the listen backlog: then connect() itself has to wait */
+    g_assert_cmpint(kill(f->pid, SIGSTOP), ==, 0);
     g_strlcpy(sa.sun_path, f->path, sizeof(sa.sun_path));
     for (int i = 0; i < 1024; i++) {
         int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
@@ -660,6 +771,87 @@ static void test_timeout(Fixture *f, gconstpointer data)
         close(g_array_index(fds, int, i));
     }
     g_assert_cmpint(kill(f->pid, SIGCONT), ==, 0);
+}
+
+/*
+ * A connection that ends is no proof that its process stopped mapping
+ * the slots: the references stay ("parked") until the process exits,
+ * whether the client closed the connection, or broke the protocol and
+ * was hung up on.
+ */
+static void test_parked(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) obs = join(f, "g1", "observer");
+    int ready[2];
+    pid_t child;
+    char byte;
+    gint64 deadline;
+    MsProtoGroupStats gs;
+
+    (void)data;
+    g_assert_cmpint(pipe(ready), ==, 0);
+    child = fork();
+    g_assert_cmpint(child, >=, 0);
+    if (child == 0) {
+        MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", "quiet",
+                                                     0, NULL);
+        MsBrokerClient *bad = ms_broker_client_connect(f->path, "g1", "bad",
+                                                       0, NULL);
+        uint8_t *p = g_malloc(page * 3);
+        MsProtoResult r[3];
+        uint32_t twice[2];
+
+        for (int i = 0; i < 3; i++) {
+            fill(p + i * page, 200 + i);
+        }
+        if (!c || !bad || !ms_broker_client_upload(c, p, NULL, 3, r, NULL) ||
+            !ms_broker_client_upload(bad, p, NULL, 1, r, NULL)) {
+            _exit(1);
+        }
+        /* One client goes quietly, the other breaks the protocol */
+        ms_broker_client_free(c);
+        twice[0] = r[0].slot;
+        twice[1] = 2;
+        if (ms_broker_client_release(bad, twice, twice + 1, 1, NULL, NULL) ||
+            ms_broker_client_alive(bad) || write(ready[1], "r", 1) != 1) {
+            _exit(2);
+        }
+        pause();
+        _exit(0);
+    }
+    close(ready[1]);
+    g_assert_cmpint(read(ready[0], &byte, 1), ==, 1);
+    close(ready[0]);
+
+    /* Both connections are over; their 4 references stay */
+    deadline = g_get_monotonic_time() + DEADLINE_US;
+    while ((gs = stats(obs)).clients != 1) {
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(1000);
+    }
+    g_assert_cmpuint(gs.slots_used, ==, 3);
+    g_assert_cmpuint(gs.refs, ==, 4);
+    g_usleep(200 * 1000);
+    gs = stats(obs);
+    g_assert_cmpuint(gs.refs, ==, 4);
+    g_assert_true(slot_has_data(obs, 0) || slot_has_data(obs, 1));
+    {
+        g_autofree char *log = NULL;
+
+        g_assert_true(g_file_get_contents(f->log, &log, NULL, NULL));
+        g_assert_nonnull(strstr(log, "until process"));
+    }
+
+    kill(child, SIGKILL);
+    g_assert_cmpint(waitpid(child, NULL, 0), ==, child);
+    while ((gs = stats(obs)).refs) {
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(1000);
+    }
+    g_assert_cmpuint(gs.slots_used, ==, 0);
+    for (uint32_t s = 0; s < NSLOTS; s++) {
+        g_assert_false(slot_has_data(obs, s));
+    }
 }
 
 /* Hostile clients: raw frames */
@@ -788,6 +980,7 @@ typedef struct Victim {
     MsBrokerClient *c;
     uint8_t *page;
     uint32_t slot;
+    uint64_t hash;
     uint8_t *map;
     uint8_t *snapshot;
 } Victim;
@@ -1170,22 +1363,21 @@ static void test_hostile_flood(Fixture *f, gconstpointer data)
 
 /*
  * Valid requests with a few bytes changed, each on its own connection
- * (half of them members of the group): whatever the broker makes of
- * them, it answers or hangs up, and once each is gone the victim holds
+ * (half of them members of the group), from a child process: whatever
+ * the broker makes of them, it answers or hangs up, and once the child
+ * exited (the references a mutant got stay until then) the victim holds
  * the only reference and sees the same bytes.  --seed replays a run.
  */
-static void test_hostile_mutations(Fixture *f, gconstpointer data)
+static void mutants(Fixture *f, Victim *v, uint32_t seed)
 {
-    Victim v;
     g_autofree uint8_t *p = g_malloc(page);
+    GRand *rand = g_rand_new_with_seed(seed);
 
-    (void)data;
-    victim_init(f, &v);
     for (int round = 0; round < 200; round++) {
         g_autoptr(GByteArray) req = g_byte_array_new();
-        uint64_t h[2] = { ms_broker_client_hash(v.c, v.page), round };
-        uint32_t slots[2] = { v.slot, round }, refs[2] = { 1, 1 };
-        int kind = g_test_rand_int_range(0, 5);
+        uint64_t h[2] = { v->hash, round };
+        uint32_t slots[2] = { v->slot, round }, refs[2] = { 1, 1 };
+        int kind = g_rand_int_range(rand, 0, 5);
         int fd = round % 2 ? raw_join(f, "g1", NULL) : raw_connect(f);
 
         fill(p, 1000 + round);
@@ -1206,17 +1398,43 @@ static void test_hostile_mutations(Fixture *f, gconstpointer data)
             ms_proto_encode_stats(req, round);
             break;
         }
-        for (int n = g_test_rand_int_range(1, 4); n > 0; n--) {
+        for (int n = g_rand_int_range(rand, 1, 4); n > 0; n--) {
             /* mostly the header and the counts, where the checks are */
-            guint at = g_test_rand_int_range(0, MIN(req->len, 32));
+            guint at = g_rand_int_range(rand, 0, MIN(req->len, 32));
 
-            req->data[at] = g_test_rand_int();
+            req->data[at] = g_rand_int(rand);
         }
         if (send(fd, req->data, req->len, MSG_NOSIGNAL) < 0) {
             g_assert_cmpint(errno, ==, EPIPE);
         }
         shutdown(fd, SHUT_WR);
         expect_hangup(fd, 0);
+    }
+    g_rand_free(rand);
+}
+
+static void test_hostile_mutations(Fixture *f, gconstpointer data)
+{
+    gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
+    uint32_t seed = g_test_rand_int();
+    Victim v;
+    pid_t child;
+    int status;
+
+    (void)data;
+    victim_init(f, &v);
+    v.hash = ms_broker_client_hash(v.c, v.page);
+    child = fork();
+    g_assert_cmpint(child, >=, 0);
+    if (child == 0) {
+        mutants(f, &v, seed);
+        _exit(0);
+    }
+    g_assert_cmpint(waitpid(child, &status, 0), ==, child);
+    g_assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    while (stats(v.c).refs != 1) {
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(1000);
     }
     victim_check(&v);
     g_assert_cmpuint(stats(v.c).clients, ==, 1);
@@ -1278,6 +1496,7 @@ int main(int argc, char **argv)
     add("/broker/client-killed", test_client_killed);
     add("/broker/broker-killed", test_broker_killed);
     add("/broker/timeout", test_timeout);
+    add("/broker/parked", test_parked);
     add("/broker/hostile/bytes", test_hostile_bytes);
     add("/broker/hostile/order", test_hostile_order);
     add("/broker/hostile/release", test_hostile_release);

@@ -50,6 +50,7 @@ typedef struct Region {
 } Region;
 
 typedef struct Fixture {
+    int timeout_ms;         /* of the members' broker calls; 0: 5 s */
     char *dir;
     char *path;
     GPid pid;
@@ -115,7 +116,8 @@ static bool region_setup(Fixture *f, Region *r, const char *group,
         fill(r->ram + i * page, shared ? 1 + i - at : seed + i);
     }
     r->expect = g_memdup2(r->ram, NPAGES * page);
-    r->c = ms_broker_client_connect(f->path, group, name, 0, &err);
+    r->c = ms_broker_client_connect(f->path, group, name, f->timeout_ms,
+                                    &err);
     g_assert_no_error(err);
     ms_scan_config_init(&cfg);
     cfg.host = r->ram;
@@ -144,8 +146,8 @@ static void setup(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
 
-    (void)data;
     memset(f, 0, sizeof(*f));
+    f->timeout_ms = GPOINTER_TO_INT(data);
     f->dir = g_dir_make_tmp("test-group-XXXXXX", &err);
     g_assert_no_error(err);
     f->path = g_build_filename(f->dir, "broker.sock", NULL);
@@ -333,7 +335,8 @@ static void test_share(Fixture *f, gconstpointer data)
     /* B unmerges everything: its references all go back */
     g_assert_true(ms_scanner_unmerge_all(f->b.s, NULL));
     g_assert_cmpuint(stats(&f->b).group_pages, ==, 0);
-    gs = group_stats(&f->a);
+    /* Its releases went without waiting: B's next request follows them */
+    gs = group_stats(&f->b);
     g_assert_cmpuint(gs.refs, ==, NSHARED + 1);
     g_assert_cmpuint(gs.shared_slots, ==, 0);
     check_bytes(&f->a);
@@ -408,7 +411,8 @@ static void test_broker_dies(Fixture *f, gconstpointer data)
 static void rejoin(Fixture *f, Region *r, const char *name)
 {
     g_autoptr(GError) err = NULL;
-    MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", name, 0, &err);
+    MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", name,
+                                                 f->timeout_ms, &err);
 
     g_assert_no_error(err);
     g_assert_true(ms_scanner_set_group(r->s, c, &err));
@@ -469,6 +473,88 @@ static void test_rejoin(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/* A pass whose broker calls time out once, then fail at once */
+static gint64 timed_pass(Region *r)
+{
+    gint64 t0 = g_get_monotonic_time();
+
+    pass(r);
+    return (g_get_monotonic_time() - t0) / 1000;
+}
+
+/*
+ * The broker stops answering (SIGSTOP) past every timeout while both
+ * members write, break their sharing (RELEASEs), look pages up and
+ * upload new ones.  A timeout is not a lost broker: nothing is dropped,
+ * and when it answers again the group goes on.  Then the connection of
+ * A breaks and A joins again, as QEMU does after a lost connection:
+ * A's references stay with the broker while this process lives, so
+ * when B unmerges everything and stores new pages, no slot A maps is
+ * freed or reused.  (On 8af7614 a timeout killed the connection, the
+ * rejoin made the broker drop A's references, and B's unmerge punched
+ * A's slots: A's pages read zeros.)
+ */
+static void test_stall(Fixture *f, gconstpointer data)
+{
+    MsScanStats sa, sb;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
+
+    g_assert_cmpint(kill(f->pid, SIGSTOP), ==, 0);
+    /* Writes that break group pages: RELEASEs go while it is stopped */
+    for (size_t k = 0; k < 20; k++) {
+        set_page(&f->a, f->a.shared_at + k, 7000 + k);
+    }
+    /* Contents both have once: lookups, WANTED, uploads to come */
+    for (size_t k = 0; k < 16; k++) {
+        set_page(&f->a, 400 + k, 8000 + k);
+        set_page(&f->b, 900 + k, 8000 + k);
+    }
+    for (int n = 0; n < 6; n++) {
+        /* One timeout at most per pass: then calls fail at once */
+        g_assert_cmpint(timed_pass(&f->a), <, 3 * f->timeout_ms);
+        g_assert_cmpint(timed_pass(&f->b), <, 3 * f->timeout_ms);
+    }
+    sa = stats(&f->a);
+    sb = stats(&f->b);
+    g_assert_cmpuint(sa.group_lost, ==, 0);
+    g_assert_cmpuint(sb.group_lost, ==, 0);
+    g_assert_cmpuint(sa.group_waits + sb.group_waits, >, 0);
+    g_assert_cmpuint(sa.group_pages, ==, NSHARED - 20);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+    g_assert_cmpint(kill(f->pid, SIGCONT), ==, 0);
+
+    /* It answers again: the group goes on, the new pages meet */
+    converge(f);
+    sa = stats(&f->a);
+    g_assert_cmpuint(sa.group_lost, ==, 0);
+    g_assert_cmpuint(sa.group_pages, ==, NSHARED - 20 + 16);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED + 16);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+
+    /* A's connection breaks; A joins again as QEMU does */
+    rejoin(f, &f->a, "vm-a2");
+    /* B gives everything back and stores other pages in freed slots */
+    g_assert_true(ms_scanner_unmerge_all(f->b.s, NULL));
+    for (size_t k = 0; k < 64; k++) {
+        set_page(&f->b, 100 + k, 9000 + k % 32);
+    }
+    converge(f);
+    g_assert_cmpuint(stats(&f->b).group_pages, >, 0);
+    /* A still maps its old slots, which hold what A's guest wrote */
+    g_assert_cmpuint(stats(&f->a).group_pages, >=, NSHARED - 20 + 16);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -480,5 +566,7 @@ int main(int argc, char **argv)
     g_test_add("/group/rejoin", Fixture, NULL, setup, test_rejoin, teardown);
     g_test_add("/group/discard", Fixture, NULL, setup, test_discard,
                teardown);
+    g_test_add("/group/stall", Fixture, GINT_TO_POINTER(300), setup,
+               test_stall, teardown);
     return g_test_run();
 }

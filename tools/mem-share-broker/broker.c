@@ -15,10 +15,17 @@
  *
  * References.  Every slot a client is handed carries one store reference
  * for that client, recorded in the client's own slot -> count table.  A
- * client can only drop references its table holds, and when it goes away
- * (however it dies: the socket reports EOF) the broker drops all of them.
- * A slot is freed by ms_store_put() when its last reference goes, never
- * earlier: a guest that maps it must keep reading the same bytes.
+ * client can only drop references its table holds.  A slot is freed by
+ * ms_store_put() when its last reference goes, never earlier: a guest
+ * that maps it must keep reading the same bytes.  So a reference goes
+ * only when its client releases it, or when the client's process has
+ * exited.  A connection that ends (end of file, a protocol violation)
+ * proves nothing about the pages its process maps: a stopped QEMU, a
+ * client that gave up on a slow broker, a buggy one we hung up on may
+ * all still map the slots.  The broker takes a pidfd of the peer when it
+ * connects (SO_PEERPIDFD, else pidfd_open() of SO_PEERCRED's pid) and a
+ * client whose connection ended keeps its references, "parked", until
+ * that pidfd says the process exited.  No timeout ever drops one.
  *
  * Meeting.  A page two members have once each is in no store yet: each
  * looks it up and misses.  Like KSM's unstable tree, the group remembers
@@ -51,8 +58,8 @@
  *
  * Hostile clients.  Every byte is untrusted: frames are read to a cap
  * and decoded by proto.c, the order of messages is checked (HELLO first
- * and once), and any violation gets the client an ERROR and a hang-up,
- * which drops its references.  Memory per client is bounded: a client
+ * and once), and any violation gets the client an ERROR and a hang-up
+ * (its references stay parked until its process exits).  Memory per client is bounded: a client
  * has at most one frame being read and one reply being written, and the
  * broker reads its next request only once the last reply is gone (so a
  * client that floods requests without reading replies only fills its own
@@ -68,8 +75,10 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 #include <glib-unix.h>
@@ -83,6 +92,11 @@ G_STATIC_ASSERT(MS_PROTO_SECRET_SIZE == MS_HASH_SECRET_SIZE);
 
 typedef struct Group Group;
 typedef struct Client Client;
+
+/* Linux 6.5; older kernels say ENOPROTOOPT and we use pidfd_open() */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
 
 /* The unstable table's most entries (128 MiB), whatever the store's size */
 #define UNSTABLE_MAX (1u << 24)
@@ -105,8 +119,8 @@ struct MsBroker {
     uint32_t nslots;            /* per group store */
     GHashTable *group_uids;     /* name -> GArray of uid_t */
     GHashTable *groups;         /* name -> Group */
-    GList *clients;
-    uint32_t nclients;
+    GList *clients;             /* connected and parked */
+    uint32_t nclients;          /* connected */
     uint64_t next_client_id;
 };
 
@@ -121,7 +135,8 @@ struct Group {
     uint8_t *indexed;
     uint32_t *holders;          /* per slot: clients holding a reference */
     uint64_t shared_slots;      /* slots with two holders or more */
-    uint32_t nclients;
+    uint32_t nclients;          /* connected members */
+    uint32_t nparked;           /* members gone whose process lives */
     Unstable *unstable;         /* see "Meeting" */
     uint32_t unstable_mask;     /* its entries - 1 (a power of two) */
     uint32_t unstable_used;     /* entries and tombstones */
@@ -132,11 +147,14 @@ struct Group {
 struct Client {
     MsBroker *broker;
     uint64_t id;
-    int fd;
+    int fd;                     /* -1 once parked (see "References") */
     guint watch;
     GIOCondition cond;
     pid_t pid;
     uid_t uid;
+    int pidfd;                  /* the peer process, or -1 */
+    bool parked;                /* connection over, references kept */
+    guint pid_watch;            /* while parked: its exit */
     char *label;                /* for log lines: who this is */
     Group *group;               /* NULL until HELLO */
     GByteArray *in;             /* the frame being read */
@@ -285,13 +303,40 @@ static bool may_hold(Client *c, uint32_t slot)
 
 /* Clients */
 
+/* The group goes with its last member, connected or parked */
+static void group_leave(MsBroker *b, Group *g)
+{
+    if (g->nclients == 0 && g->nparked == 0 &&
+        !(b->group_uids && g_hash_table_contains(b->group_uids, g->name))) {
+        g_hash_table_remove(b->groups, g->name);
+    }
+}
+
+/* Close the connection of @c, if it has one */
+static void client_close(Client *c)
+{
+    if (c->watch) {
+        g_source_remove(c->watch);
+        c->watch = 0;
+    }
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+        c->broker->nclients--;
+        if (c->group) {
+            c->group->nclients--;
+        }
+    }
+}
+
+/* @c and its references go: it released them all, or its process exited */
 static void client_free(Client *c)
 {
     MsBroker *b = c->broker;
+    Group *g = c->group;
 
-    if (c->group) {
+    if (g) {
         GList *slots = g_hash_table_get_keys(c->held);
-        Group *g = c->group;
 
         for (GList *l = slots; l; l = l->next) {
             gpointer refs = g_hash_table_lookup(c->held, l->data);
@@ -300,23 +345,70 @@ static void client_free(Client *c)
         }
         g_list_free(slots);
         g_message("%s: left group %s", c->label, g->name);
-        if (--g->nclients == 0 &&
-            !(b->group_uids && g_hash_table_contains(b->group_uids,
-                                                      g->name))) {
-            g_hash_table_remove(b->groups, g->name);
-        }
     }
-    if (c->watch) {
-        g_source_remove(c->watch);
+    if (c->pid_watch) {
+        g_source_remove(c->pid_watch);
     }
-    close(c->fd);
+    if (c->parked) {
+        g->nparked--;
+    }
+    client_close(c);
+    if (c->pidfd >= 0) {
+        close(c->pidfd);
+    }
     b->clients = g_list_remove(b->clients, c);
-    b->nclients--;
     g_byte_array_unref(c->in);
     g_byte_array_unref(c->out);
     g_hash_table_destroy(c->held);
     g_free(c->label);
     g_free(c);
+    if (g) {
+        group_leave(b, g);
+    }
+}
+
+static gboolean client_exited(gint fd G_GNUC_UNUSED,
+                              GIOCondition cond G_GNUC_UNUSED,
+                              gpointer opaque)
+{
+    Client *c = opaque;
+
+    g_message("%s: process exited: dropping its %" PRIu64 " references",
+              c->label, c->refs);
+    c->pid_watch = 0;
+    client_free(c);
+    return G_SOURCE_REMOVE;
+}
+
+/* Has the process behind @c exited?  (Unknown: it may still map slots) */
+static bool client_process_exited(const Client *c)
+{
+    struct pollfd pfd = { .fd = c->pidfd, .events = POLLIN };
+
+    return c->pidfd >= 0 && poll(&pfd, 1, 0) == 1;
+}
+
+/*
+ * The connection of @c ended.  References it holds stay with it until
+ * its process exits (see "References"): the client is parked.
+ */
+static void client_gone(Client *c)
+{
+    client_close(c);
+    if (!c->group || !c->refs || client_process_exited(c)) {
+        client_free(c);
+        return;
+    }
+    c->parked = true;
+    c->group->nparked++;
+    if (c->pidfd < 0) {
+        g_warning("%s: cannot watch its process: its %" PRIu64 " references"
+                  " stay until the broker exits", c->label, c->refs);
+        return;
+    }
+    g_message("%s: keeping its %" PRIu64 " references until process %d"
+              " exits", c->label, c->refs, (int)c->pid);
+    c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, client_exited, c);
 }
 
 static bool client_fail(Client *c, int code, const char *fmt, ...)
@@ -827,7 +919,7 @@ static gboolean client_ready(gint fd, GIOCondition cond, gpointer opaque)
 
     if (!client_io(c, cond)) {
         c->watch = 0;       /* this source goes with the return value */
-        client_free(c);
+        client_gone(c);
         return G_SOURCE_REMOVE;
     }
     /* Writing a reply, or waiting for the next request */
@@ -838,6 +930,30 @@ static gboolean client_ready(gint fd, GIOCondition cond, gpointer opaque)
         return G_SOURCE_REMOVE;
     }
     return G_SOURCE_CONTINUE;
+}
+
+/*
+ * A pidfd of the process at the other end of @fd: exact with
+ * SO_PEERPIDFD (Linux 6.5); else of @pid, which is that process unless it
+ * exited and its pid was reused within the microseconds since accept().
+ */
+static int peer_pidfd(int fd, pid_t pid)
+{
+    socklen_t len = sizeof(int);
+    int pidfd = -1;
+
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0 &&
+        pidfd >= 0) {
+        return pidfd;
+    }
+    if (pid <= 0) {
+        return -1;
+    }
+    pidfd = syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        g_warning("cannot watch process %d: %s", (int)pid, g_strerror(errno));
+    }
+    return pidfd;
 }
 
 static void client_new(MsBroker *b, int fd)
@@ -856,6 +972,7 @@ static void client_new(MsBroker *b, int fd)
         c->pid = cred.pid;
         c->uid = cred.uid;
     }
+    c->pidfd = peer_pidfd(fd, c->pid);
     c->label = g_strdup_printf("client %" PRIu64 " (pid %d uid %u)", c->id,
                                (int)c->pid, (unsigned)c->uid);
     c->in = g_byte_array_new();
