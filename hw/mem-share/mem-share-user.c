@@ -25,12 +25,20 @@
  * at once more.
  *
  * Groups: with group= and broker=, the object joins the broker's group
- * when the scanner starts (creation fails if it cannot) and the scanner
- * also shares with the group's other members.  The broker connection is
- * the scanner thread's; if it fails, the object says so once, keeps what
- * it merged, shares inside itself only, and tries to join the group
- * again every 5 s (a new broker has a new store: pages on the old one
- * stay as they are until written).
+ * when the scanner first starts (creation fails if it cannot) and the
+ * scanner also shares with the group's other members.  The connection
+ * is kept from one mode=user run to the next (a mode switch, a migration
+ * or snapshot pause): a restart never waits for the broker.  While the
+ * scanner runs, the connection is the scanner thread's.  A broker that
+ * is slow to answer is not gone (broker-client.c): the thread waits at
+ * most its timeout once, then goes on without the group until the
+ * broker catches up, and any thread that needs the scanner's lock
+ * (discards, scan-now, a stop: the main loop among them) interrupts a
+ * wait within 10 ms.  If the connection breaks, the object says so once,
+ * keeps what it merged, shares inside itself only, and tries to join the
+ * group again every 5 s, without holding the scanner's lock while it
+ * connects (a new broker has a new store: pages on the old one stay as
+ * they are until written).
  *
  * Discards.  MADV_DONTNEED on a page that maps the store, or that was
  * merged and written since, brings back the store's content instead of
@@ -86,7 +94,7 @@ static void __attribute__((constructor)) mem_share_discard_lock_init(void)
 
 struct MemShareUser {
     MsScanner *scanner;
-    MsBrokerClient *client; /* the group's broker, or NULL */
+    MsBrokerClient *client; /* ms->broker_client, or NULL */
     MemShareDirty *dirty;   /* dirty-tracking=kvm: the dirty log */
     bool lost_reported;
     int64_t rejoin_at;      /* next attempt to join the group again */
@@ -220,9 +228,19 @@ static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
                                     timeout_ms, errp);
 }
 
+/* Somebody waits for the scanner's lock: broker calls give up waiting */
+static bool mem_share_user_interrupt(void *opaque)
+{
+    MemShareUser *u = opaque;
+
+    return qatomic_read(&u->waiters) > 0;
+}
+
 /*
- * Say once that the broker went away (sharing goes on inside the VM),
- * then try to join the group again every MEM_SHARE_REJOIN_NS.
+ * Say once that the broker connection broke (sharing goes on inside the
+ * VM), then try to join the group again every MEM_SHARE_REJOIN_NS.
+ * Connecting does not need the scanner: the lock is dropped meanwhile,
+ * so that discards and QMP never wait for a broker that does not answer.
  */
 static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
                                   const MsScanStats *st)
@@ -249,17 +267,24 @@ static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
         return;
     }
     u->rejoin_at = now + MEM_SHARE_REJOIN_NS;
+    qemu_mutex_unlock(&u->lock);
     c = mem_share_join(ms, MEM_SHARE_REJOIN_TIMEOUT_MS, &gerr);
+    qemu_mutex_lock(&u->lock);
     if (!c) {
         trace_mem_share_user_rejoin(id, false);
         return;
     }
-    if (!ms_scanner_set_group(u->scanner, c, &gerr)) {
+    if (u->stop || !ms_scanner_set_group(u->scanner, c, &gerr)) {
         ms_broker_client_free(c);
         return;
     }
+    /*
+     * The old connection is closed: the broker keeps its references
+     * until this process exits, as pages may still map their slots
+     */
     ms_broker_client_free(u->client);
-    u->client = c;
+    u->client = ms->broker_client = c;
+    ms_broker_client_set_interrupt(c, mem_share_user_interrupt, u);
     u->lost_reported = false;
     trace_mem_share_user_rejoin(id, true);
     info_report("mem-share '%s': joined group '%s' again at %s", id,
@@ -448,20 +473,25 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     cfg.dma_pins = ms->dma_pins;
 
     u = g_new0(MemShareUser, 1);
-    if (ms->group) {
-        u->client = mem_share_join(ms, 0, &gerr);
-        if (!u->client) {
+    if (ms->group && ms->broker_client &&
+        !ms_broker_client_alive(ms->broker_client)) {
+        /* Broken while stopped: what it held stays until we exit */
+        ms_broker_client_free(ms->broker_client);
+        ms->broker_client = NULL;
+    }
+    if (ms->group && !ms->broker_client) {
+        ms->broker_client = mem_share_join(ms, 0, &gerr);
+        if (!ms->broker_client) {
             error_setg(errp, "mode=user: cannot join group '%s' at broker %s:"
                        " %s", ms->group, ms->broker, gerr->message);
             g_free(u);
             return false;
         }
-        cfg.group = u->client;
     }
+    u->client = cfg.group = ms->broker_client;
     u->scanner = ms_scanner_new(&cfg, &gerr);
     if (!u->scanner) {
         error_setg(errp, "mode=user: %s", gerr->message);
-        ms_broker_client_free(u->client);
         g_free(u);
         return false;
     }
@@ -471,13 +501,15 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
                    " remaps guest pages behind the device's back; remove the"
                    " device or use mode=kernel");
         ms_scanner_free(u->scanner);
-        ms_broker_client_free(u->client);
         g_free(u);
         return false;
     }
     qemu_mutex_init(&u->lock);
     qemu_cond_init(&u->wakeup);
     qemu_cond_init(&u->waiters_done);
+    if (u->client) {
+        ms_broker_client_set_interrupt(u->client, mem_share_user_interrupt, u);
+    }
     ms->user = u;
     if (ms->dirty_tracking == MEM_SHARE_DIRTY_TRACKING_KVM) {
         u->dirty = mem_share_dirty_start(ms);
@@ -539,8 +571,15 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     ms_scanner_free(u->scanner);
     mem_share_dirty_stop(u->dirty);
-    /* Our pages' references go with the connection */
-    ms_broker_client_free(u->client);
+    /*
+     * The connection stays for the next run (its releases, sent without
+     * waiting, go as the broker reads them).  Without unmerging, the RAM
+     * is about to go: the references go when the connection is closed
+     * and this process exits.
+     */
+    if (u->client) {
+        ms_broker_client_set_interrupt(u->client, NULL, NULL);
+    }
     ram_block_discard_require(false);
     qemu_cond_destroy(&u->waiters_done);
     qemu_cond_destroy(&u->wakeup);
@@ -555,6 +594,8 @@ void mem_share_user_finalize(MemShareBackend *ms)
     HostMemoryBackend *backend = MEMORY_BACKEND(ms);
 
     mem_share_user_stop(ms, false, &error_abort);
+    ms_broker_client_free(ms->broker_client);
+    ms->broker_client = NULL;
     if (ms->discard_remap && host_memory_backend_mr_inited(backend)) {
         qemu_ram_set_discard_handler(backend->mr.ram_block, NULL, NULL);
         /* A discard that found the handler before it was cleared is done */
@@ -631,6 +672,8 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
         gi->hits = st.group_hits;
         gi->uploads = st.group_uploads;
         gi->rejoins = st.group_rejoins;
+        gi->waits = st.group_waits;
+        gi->stalled = st.group_stalled;
         ui->has_group = true;
         ui->group = gi;
     }

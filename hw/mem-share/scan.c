@@ -481,6 +481,8 @@ static void publish_stats(MsScanner *s)
     l->zero_slots = st.zero_slots;
     l->zero_held = st.zero_held;
     l->vmas = s->m ? ms_merger_vmas(s->m) : 0;
+    l->group_stalled = s->group && ms_broker_client_alive(s->group) &&
+                       ms_broker_client_stalled(s->group);
     l->vma_budget = s->m ? ms_merger_budget(s->m) : 0;
     /* Every used slot has a mapper between steps: merged >= slots */
     saved = l->pages_merged > l->slots_used ?

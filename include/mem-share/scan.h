@@ -156,6 +156,7 @@ typedef struct MsScanStats {
     uint64_t group_uploads;     /* pages given to the group (WANTED) */
     uint64_t group_lost;        /* 1 while the broker connection is lost */
     uint64_t group_waits;       /* group calls that gave up waiting */
+    uint64_t group_stalled;     /* 1 while one that timed out is unanswered */
     uint64_t group_rejoins;     /* ms_scanner_set_group() after a loss */
     int64_t vmas;               /* VMAs the merged mappings add, net */
     int64_t vma_budget;

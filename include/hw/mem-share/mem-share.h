@@ -38,6 +38,13 @@ struct MemShareBackend {
     char *group;                /* broker group to share with, or NULL */
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
+    /*
+     * The group's broker connection: kept from one mode=user run to the
+     * next, so that a restart neither waits for the broker nor leaves
+     * references behind a closed connection (MsBrokerClient in
+     * mem-share/broker-client.h)
+     */
+    struct MsBrokerClient *broker_client;
     bool migration_paused;      /* mode=user stopped for an incoming postcopy */
     /*
      * An earlier mode=user left store mappings in the RAM: discards map
