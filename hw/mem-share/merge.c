@@ -209,11 +209,12 @@ typedef struct Region {
     /*
      * The second store's slots are numbered from base2.  A second store
      * that was replaced (a broker that came back with a new store) keeps
-     * its numbers, [old base, base2), for the pages that still map it:
-     * they never join a page of another store.
+     * its numbers for the pages that still map it: they never join a
+     * page of another store.  Numbers no page uses any more are given to
+     * later stores, so that a VM that rejoins for years never runs out.
      */
     uint32_t base2;
-    GArray *starts;         /* uint32_t: first slot of each replaced store */
+    GArray *old;            /* StoreRange: replaced stores still mapped */
     const uint32_t *pins;   /* per page: DMA mappings (see "DMA"), or NULL */
 } Region;
 
@@ -255,6 +256,12 @@ static bool within_budget(const MsMerger *m, int64_t cost)
            m->budget;
 }
 
+/* The slot numbers of a replaced second store */
+typedef struct StoreRange {
+    uint32_t start;
+    uint32_t n;
+} StoreRange;
+
 /* A run of pages inside one region */
 typedef struct Run {
     Region *r;
@@ -270,8 +277,8 @@ static void region_free(gpointer p)
 
     g_free(r->label);
     g_free(r->forced);
-    if (r->starts) {
-        g_array_free(r->starts, true);
+    if (r->old) {
+        g_array_free(r->old, true);
     }
     g_free(r);
 }
@@ -551,8 +558,8 @@ static bool store_start(const Region *r, uint32_t slot)
     if (slot == r->store.nslots || slot == r->base2) {
         return true;
     }
-    for (guint i = 0; r->starts && i < r->starts->len; i++) {
-        if (g_array_index(r->starts, uint32_t, i) == slot) {
+    for (guint i = 0; r->old && i < r->old->len; i++) {
+        if (g_array_index(r->old, StoreRange, i).start == slot) {
             return true;
         }
     }
@@ -767,30 +774,79 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
     return true;
 }
 
+/* Does any page of @r map a slot of @range? */
+static bool range_mapped(const Region *r, StoreRange range)
+{
+    for (size_t i = 0; i < r->npages; i++) {
+        if (r->label[i] != ANON && r->label[i] >= range.start &&
+            r->label[i] - range.start < range.n) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Keep the replaced stores that pages still map; forget the others */
+static void prune_old_stores(Region *r)
+{
+    for (guint i = r->old->len; i-- > 0; ) {
+        if (!range_mapped(r, g_array_index(r->old, StoreRange, i))) {
+            g_array_remove_index_fast(r->old, i);
+        }
+    }
+}
+
+/*
+ * The lowest number from which @n slot numbers overlap neither the first
+ * store nor a replaced store still mapped, or MS_MERGE_ZERO if none
+ */
+static uint32_t free_numbers(const Region *r, uint32_t n)
+{
+    uint64_t base = r->store.nslots;
+    bool moved = true;
+
+    while (moved) {
+        moved = false;
+        for (guint i = 0; i < r->old->len; i++) {
+            StoreRange o = g_array_index(r->old, StoreRange, i);
+
+            if (base < (uint64_t)o.start + o.n && o.start < base + n) {
+                base = (uint64_t)o.start + o.n;
+                moved = true;
+            }
+        }
+    }
+    return base + n < MS_MERGE_ZERO ? base : MS_MERGE_ZERO;
+}
+
 bool ms_merger_replace_second_store(MsMerger *m, void *host, int fd,
                                     const void *view, uint32_t nslots,
                                     uint32_t *base, GError **errp)
 {
     Region *r = find_region(m, host);
-    uint64_t next;
+    StoreRange cur;
+    uint32_t next;
 
     if (!r || r->base != host) {
         g_set_error(errp, MS_ENGINE_ERROR, EINVAL,
                     "%p does not start a mem-share region", host);
         return false;
     }
-    next = (uint64_t)r->base2 + r->store.nslots2;
-    if (next + nslots >= MS_MERGE_ZERO) {
-        g_set_error(errp, MS_ENGINE_ERROR, ENOSPC,
-                    "no slot numbers left for another store of %u slots",
-                    nslots);
-        return false;
+    if (!r->old) {
+        r->old = g_array_new(false, false, sizeof(StoreRange));
     }
-    if (r->store.nslots2) {
-        if (!r->starts) {
-            r->starts = g_array_new(false, false, sizeof(uint32_t));
-        }
-        g_array_append_val(r->starts, r->base2);
+    cur = (StoreRange) { r->base2, r->store.nslots2 };
+    if (cur.n) {
+        g_array_append_val(r->old, cur);
+    }
+    prune_old_stores(r);
+    next = free_numbers(r, nslots);
+    if (next == MS_MERGE_ZERO) {
+        g_set_error(errp, MS_ENGINE_ERROR, ENOSPC,
+                    "no slot numbers left for another store of %u slots:"
+                    " %u replaced stores are still mapped", nslots,
+                    r->old->len);
+        return false;
     }
     r->base2 = next;
     r->store.fd2 = fd;
