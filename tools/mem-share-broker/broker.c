@@ -59,12 +59,14 @@
  * Hostile clients.  Every byte is untrusted: frames are read to a cap
  * and decoded by proto.c, the order of messages is checked (HELLO first
  * and once), and any violation gets the client an ERROR and a hang-up
- * (its references stay parked until its process exits).  Memory per client is bounded: a client
- * has at most one frame being read and one reply being written, and the
- * broker reads its next request only once the last reply is gone (so a
- * client that floods requests without reading replies only fills its own
- * socket buffers).  One request is served per wake-up, so a busy client
- * cannot starve the others.
+ * (its references stay parked until its process exits).  Memory per
+ * client is bounded: a client has at most one frame being read and one
+ * reply being written, and the broker reads its next request only once
+ * the last reply is gone (so a client that floods requests without
+ * reading replies only fills its own socket buffers).  One request is
+ * served per wake-up, so a busy client cannot starve the others.  A
+ * parked client costs its table until its process exits; the quota
+ * bounds it.
  *
  * Single-threaded: everything runs in the GLib main context.
  */
