@@ -65,8 +65,8 @@
  * the last reply is gone (so a client that floods requests without
  * reading replies only fills its own socket buffers).  One request is
  * served per wake-up, so a busy client cannot starve the others.  A
- * parked client costs its table until its process exits; the quota
- * bounds it.
+ * parked client costs its table until its process exits: the quota
+ * bounds it, and it counts against --max-clients.
  *
  * Single-threaded: everything runs in the GLib main context.
  */
@@ -123,6 +123,7 @@ struct MsBroker {
     GHashTable *groups;         /* name -> Group */
     GList *clients;             /* connected and parked */
     uint32_t nclients;          /* connected */
+    uint32_t nparked;           /* gone, their process alive */
     uint64_t next_client_id;
 };
 
@@ -353,6 +354,7 @@ static void client_free(Client *c)
     }
     if (c->parked) {
         g->nparked--;
+        b->nparked--;
     }
     client_close(c);
     if (c->pidfd >= 0) {
@@ -403,6 +405,7 @@ static void client_gone(Client *c)
     }
     c->parked = true;
     c->group->nparked++;
+    c->broker->nparked++;
     if (c->pidfd < 0) {
         g_warning("%s: cannot watch its process: its %" PRIu64 " references"
                   " stay until the broker exits", c->label, c->refs);
@@ -999,14 +1002,16 @@ static gboolean listen_ready(gint lfd, GIOCondition cond G_GNUC_UNUSED,
         }
         return G_SOURCE_CONTINUE;
     }
-    if (b->nclients >= b->cfg.max_clients) {
+    /* Parked clients count: they hold references and memory */
+    if (b->nclients + b->nparked >= b->cfg.max_clients) {
         struct ucred cred = { .pid = -1, .uid = -1 };
         socklen_t len = sizeof(cred);
 
         getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
-        g_warning("refusing a client (pid %d uid %u): %u clients connected,"
-                  " --max-clients allows %u", (int)cred.pid,
-                  (unsigned)cred.uid, b->nclients, b->cfg.max_clients);
+        g_warning("refusing a client (pid %d uid %u): %u clients connected"
+                  " and %u parked, --max-clients allows %u", (int)cred.pid,
+                  (unsigned)cred.uid, b->nclients, b->nparked,
+                  b->cfg.max_clients);
         close(fd);
         return G_SOURCE_CONTINUE;
     }
