@@ -1139,6 +1139,132 @@ static void test_user_group(void)
 }
 
 /* Set the background-snapshot capability; the error's text, or NULL */
+/* Run @cmd (QMP, must succeed); how long it took, in ms */
+static int64_t timed_qmp(QTestState *qts, const char *cmd)
+{
+    gint64 t0 = g_get_monotonic_time();
+
+    qtest_qmp_assert_success(qts, cmd);
+    return (g_get_monotonic_time() - t0) / 1000;
+}
+
+/*
+ * The broker stops answering (SIGSTOP) for longer than every client
+ * timeout while both members have work for it (pages to look up and
+ * upload, group pages written: releases).  QMP commands that need the
+ * scanner (mem-share-scan-now takes its lock) and a mode switch off and
+ * back to user (a stop, an unmerge, a start) never wait for the broker;
+ * the connection stays, the object counts the calls that gave up
+ * waiting, and once the
+ * broker runs again the pages meet and every page reads what was
+ * written.
+ */
+static void test_user_group_stall(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("mem-share-stall-XXXXXX", NULL);
+    g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    int64_t worst = 0, worst_mode = 0;
+    uint64_t waits = 0;
+    QTestState *a, *b;
+    uint64_t before;
+    gint64 until;
+    QDict *g;
+    GPid broker;
+
+    if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE)) {
+        g_test_skip("mem-share-broker not built");
+        return;
+    }
+    broker = start_broker(sock);
+    a = start_member("g1", sock);
+    b = start_member("g1", sock);
+    write_group_pages(a, 40 * MiB);
+    write_group_pages(b, 72 * MiB);
+    for (int tries = 0; group_pages(a) < G_PAGES ||
+                        group_pages(b) < G_PAGES; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        scan_now(b);
+        g_usleep(50 * 1000);
+    }
+    before = group_pages(a);
+
+    g_assert_cmpint(kill(broker, SIGSTOP), ==, 0);
+    fill_content(page, 7777);
+    qtest_memwrite(a, 40 * MiB + 5 * PAGE, page, PAGE);
+    for (int k = 0; k < 16; k++) {
+        fill_content(page, 6000 + k);
+        qtest_memwrite(a, 100 * MiB + k * PAGE, page, PAGE);
+        qtest_memwrite(b, 110 * MiB + k * PAGE, page, PAGE);
+    }
+    /* Past the client's 5 s timeout, asking all the time */
+    until = g_get_monotonic_time() + 7 * G_USEC_PER_SEC;
+    while (g_get_monotonic_time() < until) {
+        for (int i = 0; i < 10; i++) {
+            worst = MAX(worst, timed_qmp(a, "{ 'execute': "
+                        "'mem-share-scan-now', 'arguments': "
+                        "{ 'id': 'm0' } }"));
+            worst = MAX(worst, timed_qmp(b, "{ 'execute': "
+                        "'mem-share-scan-now', 'arguments': "
+                        "{ 'id': 'm0' } }"));
+            worst = MAX(worst, timed_qmp(a, "{ 'execute': "
+                        "'query-mem-share' }"));
+            g_usleep(20 * 1000);
+        }
+        g = group_info(b);
+        waits = qdict_get_int(g, "waits");
+        g_assert(qdict_get_bool(g, "connected"));
+        qobject_unref(g);
+    }
+    worst_mode = MAX(timed_qmp(b, "{ 'execute': 'qom-set', 'arguments': "
+                               "{ 'path': '/objects/m0', 'property': "
+                               "'mode', 'value': 'off' } }"),
+                     timed_qmp(b, "{ 'execute': 'qom-set', 'arguments': "
+                               "{ 'path': '/objects/m0', 'property': "
+                               "'mode', 'value': 'user' } }"));
+    g_test_message("worst QMP answer %" PRId64 " ms, mode switch %" PRId64
+                   " ms, while the broker was stopped", worst, worst_mode);
+    g_assert_cmpint(worst, <, 100);
+    /* A start and a stop, with an unmerge: never the broker's timeout */
+    g_assert_cmpint(worst_mode, <, 2000);
+    /* Gave up waiting (timed out, or let QMP in), connection kept */
+    g_assert_cmpuint(waits, >, 0);
+    check_group_pages(a, 40 * MiB, 5);
+    check_group_pages(b, 72 * MiB, -1);
+
+    g_assert_cmpint(kill(broker, SIGCONT), ==, 0);
+    for (int tries = 0; group_pages(a) < before - 1 + 16; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        scan_now(b);
+        g_usleep(50 * 1000);
+    }
+    g = group_info(a);
+    g_assert(qdict_get_bool(g, "connected"));
+    g_assert_cmpuint(qdict_get_int(g, "rejoins"), ==, 0);
+    g_assert_cmpuint(qdict_get_int(g, "waits"), >, 0);
+    qobject_unref(g);
+    check_group_pages(a, 40 * MiB, 5);
+    check_group_pages(b, 72 * MiB, -1);
+    for (int k = 0; k < 16; k++) {
+        g_autofree uint8_t *back = g_malloc(PAGE);
+
+        fill_content(page, 6000 + k);
+        qtest_memread(a, 100 * MiB + k * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+        qtest_memread(b, 110 * MiB + k * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+    kill(broker, SIGKILL);
+    waitpid(broker, NULL, 0);
+    g_spawn_close_pid(broker);
+    qtest_quit(a);
+    qtest_quit(b);
+    unlink(sock);
+    rmdir(dir);
+}
+
 static char *set_background_snapshot(QTestState *qts, bool on)
 {
     QDict *resp = qtest_qmp(qts, "{ 'execute': 'migrate-set-capabilities', "
@@ -1631,6 +1757,7 @@ int main(int argc, char **argv)
     add_uffd_test("/mem-share/user/scan-now", test_user_scan_now);
     add_uffd_test("/mem-share/user/dirty-log", test_user_dirty_log);
     add_uffd_test("/mem-share/user/group", test_user_group);
+    add_uffd_test("/mem-share/user/group-stall", test_user_group_stall);
     add_uffd_test("/mem-share/user/background-snapshot",
                   test_user_background_snapshot);
     add_uffd_test("/mem-share/user/pinning", test_user_pinning);
