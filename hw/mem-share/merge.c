@@ -53,7 +53,10 @@
  *
  * Zero pages become holes the same way, with MADV_DONTNEED on anonymous
  * pages; a page that maps the store gets fresh anonymous memory instead,
- * since MADV_DONTNEED there would bring the store content back.
+ * since MADV_DONTNEED there would bring the store content back.  The
+ * invariant: zero merges and discards never MADV_DONTNEED a page that is
+ * not private anonymous memory, and what the merger believes about a
+ * range comes from the real mappings (see "Labels from the mappings").
  *
  * DMA.  Write-protection stops writers that go through the page tables,
  * not a transfer that already holds the page: QEMU's zero-copy I/O
@@ -119,6 +122,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -196,6 +200,11 @@ struct procmap_query {
 #define PM_UFFD_WP      (1ULL << 57)
 
 #define ANON            UINT32_MAX  /* label of a page in an anonymous VMA */
+/*
+ * Label of a page in a VMA that maps a file the merger did not map (see
+ * "Labels from the mappings"): never a slot, joins only its own kind
+ */
+#define FOREIGN         (UINT32_MAX - 1)
 #define PAGEMAP_BATCH   512
 #define SCAN_VEC        64
 
@@ -568,8 +577,10 @@ static bool store_start(const Region *r, uint32_t slot)
 
 static bool joined(const Region *r, uint32_t a, uint32_t b)
 {
-    return a == ANON ? b == ANON :
-           b != ANON && b == a + 1 && !store_start(r, b);
+    if (a == ANON || a == FOREIGN || b == ANON || b == FOREIGN) {
+        return a == b;
+    }
+    return b == a + 1 && !store_start(r, b);
 }
 
 /* Is [@first, @first + @n) a valid run of slots of one store of @r? */
@@ -681,6 +692,7 @@ static int relabel(MsMerger *m, const Run *run, uint32_t first_slot)
     return after - before;
 }
 
+/* Does some page of @run map a file (a store, or FOREIGN)? */
 static bool run_maps_store(const Run *run)
 {
     for (size_t i = 0; i < run->n; i++) {
@@ -735,6 +747,55 @@ void ms_merger_free(MsMerger *m)
     g_free(m);
 }
 
+/*
+ * Labels from the mappings.  A region is not always fresh anonymous
+ * memory: a mode=user run that stopped leaves the VMAs it mapped from a
+ * store in place (the private copies of what it merged, and pages it
+ * never wrote, still map the file).  MADV_DONTNEED on such a page brings
+ * back the file's content at that offset: zeros for a freed slot of a
+ * local store, but whatever the broker put in a group's slot since.  So
+ * what the merger believes comes from /proc/self/maps: pages of a VMA
+ * that maps a file get the label FOREIGN, which makes zero merges and
+ * discards map fresh anonymous memory there, and every VMA start is a
+ * boundary in the model.
+ */
+static bool label_from_maps(MsMerger *m, Region *r, GError **errp)
+{
+    g_autofree char *text = NULL;
+    g_autoptr(GError) err = NULL;
+    uintptr_t lo = (uintptr_t)r->base, hi = lo + r->npages * m->page_size;
+    char *line, *next;
+
+    if (!g_file_get_contents("/proc/self/maps", &text, NULL, &err)) {
+        g_set_error(errp, MS_ENGINE_ERROR, EIO,
+                    "cannot learn the mappings of %p+%zu pages: %s",
+                    r->base, r->npages, err->message);
+        return false;
+    }
+    for (line = text; line && *line; line = next) {
+        unsigned long start, end, inode;
+        size_t first, last;
+
+        next = strchr(line, '\n');
+        if (next) {
+            *next++ = '\0';
+        }
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %lu", &start, &end,
+                   &inode) != 3 || end <= lo || start >= hi) {
+            continue;
+        }
+        first = (MAX(start, lo) - lo) / m->page_size;
+        last = (MIN(end, hi) - lo) / m->page_size;
+        if (start > lo) {
+            r->forced[first] = 1;
+        }
+        for (size_t i = first; inode && i < last; i++) {
+            r->label[i] = FOREIGN;
+        }
+    }
+    return true;
+}
+
 bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
                           unsigned flags, const MsMergeStore *store,
                           GError **errp)
@@ -770,6 +831,11 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
         r->label[i] = ANON;
     }
     r->base2 = store->nslots;
+    if (!label_from_maps(m, r, errp)) {
+        region_free(r);
+        return false;
+    }
+    count_vmas(m, breaks(r, 0, r->npages));
     g_ptr_array_add(m->regions, r);
     return true;
 }
@@ -941,10 +1007,13 @@ uint32_t ms_merger_slot_at(const MsMerger *m, const void *host)
 {
     const Region *r = find_region(m, host);
 
+    uint32_t label;
+
     if (!r) {
         return ANON;
     }
-    return r->label[((const uint8_t *)host - r->base) / m->page_size];
+    label = r->label[((const uint8_t *)host - r->base) / m->page_size];
+    return label == FOREIGN ? ANON : label;
 }
 
 /*
@@ -1613,7 +1682,8 @@ static size_t classify_shared(const Run *run, const uint64_t *cat,
          * means the next access maps the store's page.  A present or
          * swapped anonymous page is a private copy.
          */
-        bool in_store = run->r->label[run->first + i] != ANON;
+        uint32_t label = run->r->label[run->first + i];
+        bool in_store = label != ANON && label != FOREIGN;
         bool private = cat[i] & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) &&
                        !(cat[i] & PAGE_IS_FILE);
 

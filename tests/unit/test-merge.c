@@ -1130,6 +1130,134 @@ static void test_two_stores(Fixture *f, gconstpointer data)
     munmap(ram2, NPAGES * page);
 }
 
+/* ---- a merger over RAM an earlier one left store mappings in ---- */
+
+/* The second store of the restart test: a group's, written "by the broker" */
+#define GSLOTS 16
+
+static MsMerger *merger_with_group(Fixture *f, int gfd, const void *gview)
+{
+    g_autoptr(GError) err = NULL;
+    MsMergeStore ms = {
+        .fd = ms_store_ro_fd(f->store),
+        .view = ms_store_view(f->store, 0),
+        .nslots = NSLOTS,
+        .fd2 = gfd,
+        .view2 = gview,
+        .nslots2 = GSLOTS,
+    };
+    MsMerger *m = ms_merger_new(&err);
+
+    g_assert_no_error(err);
+    g_assert_true(ms_merger_add_region(m, f->ram, NPAGES,
+                                       MS_REGION_NOHUGEPAGE, &ms, &err));
+    g_assert_no_error(err);
+    return m;
+}
+
+static bool page_is_zero(const uint8_t *p)
+{
+    for (size_t i = 0; i < page; i++) {
+        if (p[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/*
+ * mode=user stops with an unmerge (merged pages become private copies
+ * inside the store's VMAs) and starts again with a new merger; the
+ * broker meanwhile gives the group's freed slots other contents.  The
+ * guest zeroes a page that was merged and the new merger makes it a
+ * hole; another is discarded (balloon): both must read zeros, not the
+ * slot's new content.  On 8af7614 the new merger took every page for
+ * anonymous memory, and MADV_DONTNEED brought the slots' content back.
+ */
+static void test_restart_labels(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = NULL;
+    g_autofree uint8_t *other = g_malloc(page);
+    MsMergeResult res;
+    MsMerger *m;
+    uint8_t *gview;
+    int gfd, ro;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    gfd = memfd_create("test-group-store", MFD_CLOEXEC);
+    g_assert_cmpint(gfd, >=, 0);
+    g_assert_cmpint(ftruncate(gfd, GSLOTS * page), ==, 0);
+    g_assert_cmpint(pwrite(gfd, pg(f, 3), page, 0), ==, (ssize_t)page);
+    g_assert_cmpint(pwrite(gfd, pg(f, 7), page, page), ==, (ssize_t)page);
+    path = g_strdup_printf("/proc/self/fd/%d", gfd);
+    ro = open(path, O_RDONLY | O_CLOEXEC);
+    g_assert_cmpint(ro, >=, 0);
+    gview = mmap(NULL, GSLOTS * page, PROT_READ, MAP_SHARED, ro, 0);
+    g_assert_true(gview != MAP_FAILED);
+    /* The fixture's merger gives the region to the first run's */
+    ms_merger_remove_region(f->m, f->ram);
+
+    m = merger_with_group(f, ro, gview);
+    g_assert_true(ms_merge_run(m, pg(f, 3), 1, NSLOTS, NULL, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_true(ms_merge_run(m, pg(f, 7), 1, NSLOTS + 1, NULL, &res, &err));
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_true(ms_unmerge(m, f->ram, NPAGES, &err));
+    ms_merger_remove_region(m, f->ram);
+    ms_merger_free(m);
+
+    /* The broker frees both slots and stores other pages there */
+    fill(other, 4242);
+    g_assert_cmpint(pwrite(gfd, other, page, 0), ==, (ssize_t)page);
+    g_assert_cmpint(pwrite(gfd, other, page, page), ==, (ssize_t)page);
+    g_assert_true(memcmp(pg(f, 3), gview, page) != 0);
+    m = merger_with_group(f, ro, gview);
+    g_assert_cmpuint(ms_merger_slot_at(m, pg(f, 3)), ==, MS_SLOT_NONE);
+    g_assert_false(ms_merger_vmas(m) == 0);
+
+    /* The guest zeroes page 3; the new run makes it a hole */
+    memset(pg(f, 3), 0, page);
+    g_assert_true(ms_merge_zero(m, pg(f, 3), 1, NULL, &res, &err));
+    g_assert_no_error(err);
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_DONE);
+    g_assert_true(page_is_zero(pg(f, 3)));
+    /* Page 7 is ballooned */
+    g_assert_true(ms_merge_discard(m, pg(f, 7), 1, &err));
+    g_assert_no_error(err);
+    g_assert_true(page_is_zero(pg(f, 7)));
+    /* Every other page holds what it held */
+    for (size_t i = 0; i < NPAGES; i++) {
+        g_autofree uint8_t *want = g_malloc(page);
+
+        if (i == 3 || i == 7) {
+            continue;
+        }
+        fill(want, 1000 + i);
+        g_assert_cmpmem(pg(f, i), page, want, page);
+    }
+    ms_merger_remove_region(m, f->ram);
+    ms_merger_free(m);
+
+    /* Back to the fixture's merger, for its teardown */
+    {
+        MsMergeStore ms = {
+            .fd = ms_store_ro_fd(f->store),
+            .view = ms_store_view(f->store, 0),
+            .nslots = NSLOTS,
+        };
+
+        g_assert_true(ms_merger_add_region(f->m, f->ram, NPAGES,
+                                           MS_REGION_NOHUGEPAGE, &ms, &err));
+    }
+    munmap(gview, GSLOTS * page);
+    close(ro);
+    close(gfd);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -1152,6 +1280,7 @@ int main(int argc, char **argv)
     ADD("/merge/writers", test_writers);
     ADD("/merge/runs", test_runs);
     ADD("/merge/two-stores", test_two_stores);
+    ADD("/merge/restart-labels", test_restart_labels);
     ADD("/merge/timing/isolated", test_timing);
     ADD("/merge/timing/runs", test_timing_runs);
     ADD("/merge/timing/zero", test_timing_zero);
