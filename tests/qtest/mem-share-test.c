@@ -1265,6 +1265,100 @@ static void test_user_group_stall(void)
     rmdir(dir);
 }
 
+static uint64_t zero_pages(QTestState *qts)
+{
+    QDict *info = query_one(qts);
+    uint64_t n = qdict_get_int(info, "pages-zero");
+
+    qobject_unref(info);
+    return n;
+}
+
+/*
+ * mode=user restarts in a group (off, then user: what a postcopy or
+ * snapshot pause does too) after the broker gave the group's freed slots
+ * other contents: the guest writes zeros and new contents into pages
+ * that were merged with the group, the new scanner makes the zeros
+ * holes, and every page reads what the guest wrote.  On 8af7614 the new
+ * scanner took those pages for anonymous memory, and its zero merges
+ * brought back what the broker had stored in the slot since.
+ */
+static void test_user_group_restart(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("mem-share-restart-XXXXXX", NULL);
+    g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autofree uint8_t *back = g_malloc(PAGE);
+    QTestState *a, *b;
+    GPid broker;
+
+    if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE)) {
+        g_test_skip("mem-share-broker not built");
+        return;
+    }
+    broker = start_broker(sock);
+    a = start_member("g1", sock);
+    b = start_member("g1", sock);
+    write_group_pages(a, 40 * MiB);
+    write_group_pages(b, 72 * MiB);
+    for (int tries = 0; group_pages(a) < G_PAGES ||
+                        group_pages(b) < G_PAGES; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        scan_now(b);
+        g_usleep(50 * 1000);
+    }
+    /* Both stop: every slot is freed */
+    qom_set_mode(a, "off");
+    qom_set_mode(b, "off");
+    check_group_pages(a, 40 * MiB, -1);
+    /* b stores other pages, twice each: in the freed slots */
+    qom_set_mode(b, "user");
+    for (int k = 0; k < G_PAGES; k++) {
+        fill_content(page, 9000 + k);
+        qtest_memwrite(b, 20 * MiB + (uint64_t)k * PAGE, page, PAGE);
+        qtest_memwrite(b, 24 * MiB + (uint64_t)k * PAGE, page, PAGE);
+    }
+    for (int tries = 0; group_pages(b) < 2 * G_PAGES; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(b);
+        g_usleep(50 * 1000);
+    }
+    /* a runs again; its guest writes zeros and new bytes where it shared */
+    qom_set_mode(a, "user");
+    memset(page, 0, PAGE);
+    for (int k = 0; k < G_PAGES / 2; k++) {
+        qtest_memwrite(a, 40 * MiB + (uint64_t)k * PAGE, page, PAGE);
+    }
+    for (int k = G_PAGES / 2; k < G_PAGES; k++) {
+        fill_content(page, 3000 + k);
+        qtest_memwrite(a, 40 * MiB + (uint64_t)k * PAGE, page, PAGE);
+    }
+    for (int tries = 0; zero_pages(a) < G_PAGES / 2; tries++) {
+        g_assert_cmpint(tries, <, 600);
+        scan_now(a);
+        g_usleep(50 * 1000);
+    }
+    check_zero(a, 40 * MiB, G_PAGES / 2);
+    for (int k = G_PAGES / 2; k < G_PAGES; k++) {
+        fill_content(page, 3000 + k);
+        qtest_memread(a, 40 * MiB + (uint64_t)k * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+    for (int k = 0; k < G_PAGES; k++) {
+        fill_content(page, 9000 + k);
+        qtest_memread(b, 20 * MiB + (uint64_t)k * PAGE, back, PAGE);
+        g_assert(memcmp(back, page, PAGE) == 0);
+    }
+    kill(broker, SIGKILL);
+    waitpid(broker, NULL, 0);
+    g_spawn_close_pid(broker);
+    qtest_quit(a);
+    qtest_quit(b);
+    unlink(sock);
+    rmdir(dir);
+}
+
 static char *set_background_snapshot(QTestState *qts, bool on)
 {
     QDict *resp = qtest_qmp(qts, "{ 'execute': 'migrate-set-capabilities', "
@@ -1758,6 +1852,7 @@ int main(int argc, char **argv)
     add_uffd_test("/mem-share/user/dirty-log", test_user_dirty_log);
     add_uffd_test("/mem-share/user/group", test_user_group);
     add_uffd_test("/mem-share/user/group-stall", test_user_group_stall);
+    add_uffd_test("/mem-share/user/group-restart", test_user_group_restart);
     add_uffd_test("/mem-share/user/background-snapshot",
                   test_user_background_snapshot);
     add_uffd_test("/mem-share/user/pinning", test_user_pinning);
