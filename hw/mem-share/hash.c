@@ -19,6 +19,9 @@
  */
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <unistd.h>
@@ -88,4 +91,17 @@ bool ms_page_is_zero(const void *page, size_t page_size)
         }
     }
     return true;
+}
+
+void ms_fatal(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("mem-share: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+    abort();
 }

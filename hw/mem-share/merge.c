@@ -35,6 +35,33 @@
  *      now on the new mapping, and takes a copy-on-write fault.  Nothing
  *      is lost.
  *
+ * Failed remaps.  The mmap() of step 4 can fail for want of resources
+ * (vm.max_map_count, RLIMIT_AS, the commit charge, a VMA allocation).
+ * Kernels before 6.12 (the mmap_region() rework) unmap the old range
+ * before some of these steps and return with a hole where the run was;
+ * newer ones put the old VMAs back, except when they had cleared the old
+ * page tables already, as before a file's mmap hook
+ * (vms_abort_munmap_vmas() "leaves a gap").  Woken over a hole, a writer
+ * would retry its fault on nothing, and QEMU die of SIGSEGV or KVM's
+ * EFAULT later, with no word about why.  Yet the content of a frozen run
+ * is known exactly: it was just compared equal to the slots (or to zero)
+ * and nobody wrote since, so it is what the remap was to map (and a
+ * discard was to leave zeros).  The invariant: a failed step of a merge
+ * leaves every page with exactly its content, or the process stops with
+ * an error that says why; it never carries on over a hole.  So after a
+ * failure, mincore() (ENOMEM where nothing is mapped) tells whether the
+ * run is intact; if not, that content is mapped back as anonymous memory
+ * before anyone is woken: zeros by an mmap() into the hole, store content
+ * copied into a temporary mapping first and moved into the hole in one
+ * step by mremap(), so that no thread sees it half filled.  It gets the
+ * region's advice, the registration of anonymous memory and the label
+ * ANON.  If even that fails, ms_fatal() stops the process, saying why.
+ * A failure for want of resources is then a refusal, MS_MERGE_NO_MEMORY,
+ * not an error: the scanner carries on and tries again later.  One window
+ * stays on the older kernels: a thread that touches the run between the
+ * failed mmap() and the restore, not asleep in the freeze already, faults
+ * on nothing.  Tests: test-merge's fault injection.
+ *
  * Registration.  The anonymous memory of a region is registered for
  * write-protection once, when the region is added, and every anonymous
  * VMA the engine creates later is registered too: a freeze of anonymous
@@ -238,6 +265,11 @@ struct MsMerger {
     GPtrArray *regions;
     int64_t vmas;
     int64_t budget;
+    /* ms_merger_inject_remap_failure(), for tests */
+    int inject_err;
+    bool inject_hole;
+    void (*inject_frozen)(void *opaque);
+    void *inject_opaque;
 };
 
 /*
@@ -1140,28 +1172,194 @@ static bool register_anon(MsMerger *m, const Run *run, GError **errp)
     return true;
 }
 
-/* mmap() the run from the store (@first_slot) or anonymous (ANON) */
-static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
+/*
+ * The content of slot @slot of @r's stores, or NULL for a zero slot
+ * (reading it through the view would fill it).
+ */
+static const uint8_t *slot_content(MsMerger *m, const Region *r,
+                                   uint32_t slot)
 {
-    int flags = MAP_PRIVATE | MAP_FIXED;
-    void *p;
+    const MsMergeStore *st = &r->store;
+
+    if (slot >= st->nslots - st->nzero && slot < st->nslots) {
+        return NULL;
+    }
+    if (slot >= st->nslots) {
+        return (const uint8_t *)st->view2 +
+               (size_t)(slot - r->base2) * m->page_size;
+    }
+    return (const uint8_t *)st->view + (size_t)slot * m->page_size;
+}
+
+/*
+ * Is every page of @run mapped?  mincore() fails with ENOMEM where
+ * nothing is; any other failure cannot tell, and counts as a hole:
+ * restoring known content is always right.
+ */
+static bool run_mapped(MsMerger *m, const Run *run)
+{
+    unsigned char vec[PAGEMAP_BATCH];
+
+    for (size_t done = 0; done < run->n; done += PAGEMAP_BATCH) {
+        size_t k = MIN(run->n - done, PAGEMAP_BATCH);
+
+        if (mincore(run->host + done * m->page_size, k * m->page_size,
+                    vec) < 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/*
+ * After @run was mapped anew as one anonymous VMA: label it ANON, and
+ * ask the kernel whether it joined its neighbours (a moved VMA keeps its
+ * own anon_vma, which the kernel does not join with theirs); without
+ * PROCMAP_QUERY, assume it did not.  Returns the change in VMAs.
+ */
+static int relabel_restored(MsMerger *m, const Run *run)
+{
+    Region *r = run->r;
+    size_t s = run->first, e = run->first + run->n;
+    int before = breaks(r, s, e), after;
+    uintptr_t vs = 0, ve = 0;
+    bool known = query_vma(m, run->host, &vs, &ve);
+
+    for (size_t i = 0; i < run->n; i++) {
+        r->label[s + i] = ANON;
+        r->forced[s + i] = false;
+    }
+    if (s > 0) {
+        r->forced[s] = !known || vs == (uintptr_t)run->host;
+    }
+    if (e < r->npages) {
+        r->forced[e] = !known || ve == (uintptr_t)run->host + run->len;
+    }
+    after = breaks(r, s, e);
+    count_vmas(m, after - before);
+    return after - before;
+}
+
+static void __attribute__((noreturn))
+restore_failed(const Run *run, const char *step, int err, int remap_err)
+{
+    ms_fatal("cannot restore guest memory at %p after a failed remap: "
+             "%s: %s (the remap of %zu pages failed with: %s)", run->host,
+             step, g_strerror(err), run->n, g_strerror(remap_err));
+}
+
+/*
+ * See "Failed remaps": map the content the remap of @run from
+ * @first_slot (ANON: zeros) was to map back over it, as anonymous memory
+ * of the region, before anyone is woken; stop the process if impossible.
+ */
+static void restore(MsMerger *m, const Run *run, uint32_t first_slot,
+                    int remap_err)
+{
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    g_autoptr(GError) err = NULL;
+    uint8_t *tmp;
 
     if (run->r->flags & MS_REGION_NORESERVE) {
         flags |= MAP_NORESERVE;
     }
     if (first_slot == ANON) {
+        /* Zeros need no filling: map them into the hole at once */
+        if (mmap(run->host, run->len, PROT_READ | PROT_WRITE,
+                 flags | MAP_FIXED, -1, 0) == MAP_FAILED) {
+            restore_failed(run, "mmap", errno, remap_err);
+        }
+    } else {
+        tmp = mmap(NULL, run->len, PROT_READ | PROT_WRITE, flags, -1, 0);
+        if (tmp == MAP_FAILED) {
+            restore_failed(run, "mmap of a temporary copy", errno,
+                           remap_err);
+        }
+        for (size_t i = 0; i < run->n; i++) {
+            const uint8_t *src = slot_content(m, run->r, first_slot + i);
+
+            if (src) {
+                memcpy(tmp + i * m->page_size, src, m->page_size);
+            }
+        }
+        if (mremap(tmp, run->len, run->len, MREMAP_MAYMOVE | MREMAP_FIXED,
+                   run->host) == MAP_FAILED) {
+            restore_failed(run, "mremap", errno, remap_err);
+        }
+    }
+    /*
+     * The content is right: missing advice or registration is no reason
+     * to stop (a later freeze of these pages fails, and says why)
+     */
+    if (!apply_advice(m, run, ANON, &err) || !register_anon(m, run, &err)) {
+        g_warning("mem-share: guest memory at %p restored after a failed "
+                  "remap, but: %s", run->host, err->message);
+    }
+    relabel_restored(m, run);
+}
+
+/* A remap that failed for want of resources: a refusal, not an error */
+static bool no_memory(int ret)
+{
+    return ret == -ENOMEM || ret == -EAGAIN;
+}
+
+/*
+ * mmap() the run from the store (@first_slot) or anonymous (ANON).  On
+ * failure, the run holds what it held, or the content it was to get,
+ * anonymous (see "Failed remaps"); returns -errno of the failure.
+ */
+static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
+{
+    int flags = MAP_PRIVATE | MAP_FIXED, err;
+    void *p;
+
+    if (m->inject_frozen) {
+        void (*frozen)(void *opaque) = m->inject_frozen;
+
+        m->inject_frozen = NULL;
+        frozen(m->inject_opaque);
+    }
+    if (m->inject_err) {
+        err = m->inject_err;
+        m->inject_err = 0;
+        if (m->inject_hole) {
+            munmap(run->host, run->len);
+        }
+        errno = err;
+        p = MAP_FAILED;
+    } else if (first_slot == ANON) {
+        flags |= run->r->flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0;
         p = mmap(run->host, run->len, PROT_READ | PROT_WRITE,
                  flags | MAP_ANONYMOUS, -1, 0);
     } else {
         const MsMergeStore *st = &run->r->store;
         bool second = first_slot >= st->nslots;
 
+        flags |= run->r->flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0;
         p = mmap(run->host, run->len, PROT_READ | PROT_WRITE, flags,
                  second ? st->fd2 : st->fd,
                  (off_t)(second ? first_slot - run->r->base2 : first_slot) *
                  m->page_size);
     }
-    return p == MAP_FAILED ? -errno : 0;
+    if (p != MAP_FAILED) {
+        return 0;
+    }
+    err = errno;
+    if (!run_mapped(m, run)) {
+        restore(m, run, first_slot, err);
+    }
+    return -err;
+}
+
+void ms_merger_inject_remap_failure(MsMerger *m, int err, bool hole,
+                                    void (*frozen)(void *opaque),
+                                    void *opaque)
+{
+    m->inject_err = err;
+    m->inject_hole = hole;
+    m->inject_frozen = frozen;
+    m->inject_opaque = opaque;
 }
 
 static bool page_differs(MsMerger *m, const Run *run, uint32_t first_slot,
@@ -1304,12 +1502,17 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
         ret = madvise(run.host, run.len, MADV_DONTNEED) < 0 ? -errno : 0;
         thaw(m, &run);
     } else {
+        /* On failure: as it was, or restored (see "Failed remaps") */
         ret = remap(m, &run, first_slot);
         if (ret < 0) {
             thaw(m, &run);
         } else {
             /* The new VMA is not registered: only the sleepers remain */
             uffd_wake(m, &run);
+        }
+        if (no_memory(ret)) {
+            res->outcome = MS_MERGE_NO_MEMORY;
+            return true;
         }
     }
     if (ret < 0) {
@@ -1456,8 +1659,13 @@ static int batch_replace(MsMerger *m, BatchRun *b, GError **errp)
         unfreeze(m, &b->run);
         b->frozen = false;
     } else {
+        /* As in merge_common(); still frozen, the caller thaws it */
         ret = remap(m, &b->run, b->slot);
         b->frozen = ret < 0;
+        if (no_memory(ret)) {
+            res->outcome = MS_MERGE_NO_MEMORY;
+            return 0;
+        }
     }
     if (ret < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, -ret,
@@ -1537,7 +1745,7 @@ bool ms_merge_runs(MsMerger *m, MsMergeReq *reqs, size_t nreq,
         unfreeze(m, &b[k].run);
         b[k].frozen = false;
     }
-    /* On an error, what is still frozen thaws as it is */
+    /* After an error or a refused remap, what is still frozen thaws */
     for (size_t k = 0; k < nb; k++) {
         if (b[k].frozen) {
             unfreeze(m, &b[k].run);

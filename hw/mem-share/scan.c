@@ -646,12 +646,18 @@ static bool do_merge(MsScanner *s, size_t first, size_t n, uint32_t slot,
     return ok;
 }
 
-/* Count a refusal; a budget refusal stops new slots for a while */
+/*
+ * Count a refusal; a budget refusal stops new slots for a while.  A
+ * remap the kernel refused (MS_MERGE_NO_MEMORY) left every page with its
+ * content: the pages are simply tried again on a later pass.
+ */
 static void refused(MsScanner *s, const MsMergeResult *res, size_t n)
 {
     if (res->outcome == MS_MERGE_NO_BUDGET) {
         s->live.refused_budget += n;
         s->blocked_vmas = ms_merger_process_vmas();
+    } else if (res->outcome == MS_MERGE_NO_MEMORY) {
+        s->live.refused_nomem += n;
     } else {
         /* Pinned pages count as changed in @res: count them apart */
         s->live.refused_changed += res->changed - res->pinned;

@@ -17,4 +17,14 @@
 #define MS_ENGINE_ERROR ms_engine_error_quark()
 GQuark ms_engine_error_quark(void);
 
+/*
+ * For the one kind of failure the engine must not report and carry on
+ * from: guest memory it can no longer restore (a hole where guest RAM
+ * was).  Prints "mem-share: " and the message on stderr, then abort()s:
+ * stopping the process with the reason beats letting the guest run on
+ * over memory that is gone.
+ */
+void ms_fatal(const char *fmt, ...)
+    __attribute__((noreturn)) G_GNUC_PRINTF(1, 2);
+
 #endif /* MEM_SHARE_ERROR_H */

@@ -62,6 +62,14 @@ typedef enum MsMergeOutcome {
     MS_MERGE_DONE,          /* every page of the run was replaced */
     MS_MERGE_CHANGED,       /* some page differed once frozen: nothing done */
     MS_MERGE_NO_BUDGET,     /* it would exceed the VMA budget: nothing done */
+    /*
+     * The kernel refused the new mapping for want of resources (ENOMEM,
+     * EAGAIN: vm.max_map_count, RLIMIT_AS, commit charge): every page
+     * keeps its content, which the engine restored if the failed mmap()
+     * left a hole; the pages may now be anonymous memory of their own
+     * VMA.  A refusal like NO_BUDGET, not an error: try again later.
+     */
+    MS_MERGE_NO_MEMORY,
     MS_MERGE_FAILED,        /* a system error came first: nothing done */
 } MsMergeOutcome;
 
@@ -154,7 +162,10 @@ uint32_t ms_merger_slot_at(const MsMerger *m, const void *host);
  * are the caller's: take them when the outcome is MS_MERGE_DONE.
  * If @changed is not NULL it receives, per page, whether it differed.
  * Returns false (nothing replaced, nothing left registered or frozen)
- * on a system error.
+ * on a system error.  Whatever fails, no page is ever left unmapped or
+ * with other bytes: a failed mmap() that left a hole is mapped back with
+ * the content, or the process stops saying why (ms_fatal(); see "Failed
+ * remaps" in merge.c).
  */
 bool ms_merge_run(MsMerger *m, void *host, size_t n, uint32_t first_slot,
                   bool *changed, MsMergeResult *res, GError **errp);
@@ -206,7 +217,9 @@ bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp);
  * Discard the @n pages at @host: afterwards they read as zeros.  For
  * QEMU's ram_block_discard_range() (balloon, virtio-mem, postcopy) in
  * place of MADV_DONTNEED, which on a merged page brings back the store
- * content.  Not budgeted (a discard must not fail), but counted.
+ * content.  Not budgeted (a discard must not fail), but counted.  If
+ * the kernel refuses the new mapping, the pages keep their content, or
+ * read as zeros if the failure left a hole (never a hole).
  */
 bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp);
 
@@ -247,5 +260,16 @@ bool ms_read_fault_maps_zero_page(void);
 
 /* Whether PAGEMAP_SCAN is used; switch it off (@use false) for tests. */
 bool ms_merger_use_pagemap_scan(MsMerger *m, bool use);
+
+/*
+ * For tests only: fault injection.  The next remap (the mmap() that
+ * replaces a run, frozen for a merge or not for a discard) first calls
+ * @frozen(@opaque) if it is not NULL, then, if @err is not 0, fails with
+ * errno @err instead of mapping, after unmapping the run first if @hole,
+ * as kernels before 6.12 may do when mmap_region() fails late.
+ */
+void ms_merger_inject_remap_failure(MsMerger *m, int err, bool hole,
+                                    void (*frozen)(void *opaque),
+                                    void *opaque);
 
 #endif /* MEM_SHARE_MERGE_H */

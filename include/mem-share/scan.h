@@ -150,6 +150,7 @@ typedef struct MsScanStats {
     uint64_t refused_changed;   /* merges refused: content changed */
     uint64_t refused_store_full;/* merges refused: no free store slot */
     uint64_t refused_dma;       /* merges refused: page mapped for DMA */
+    uint64_t refused_nomem;     /* merges refused: the kernel's mmap() */
     uint64_t group_pages;       /* now: pages that map the group's store */
     uint64_t group_lookups;     /* pages looked up in the group */
     uint64_t group_hits;        /* of which the group had, same bytes */
