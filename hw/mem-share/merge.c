@@ -1240,6 +1240,31 @@ static int relabel_restored(MsMerger *m, const Run *run)
     return after - before;
 }
 
+/*
+ * After a failed remap left @run mapped: the kernel may have split the
+ * VMAs at its edges before it failed (6.18 does when RLIMIT_AS refuses)
+ * and put the pieces back without joining them.  Learn the edges from
+ * the kernel (PROCMAP_QUERY; without it, assume split).  Not while a
+ * freeze keeps store parts registered: that splits them too.
+ */
+static void learn_edges(MsMerger *m, const Run *run)
+{
+    Region *r = run->r;
+    size_t s = run->first, e = run->first + run->n;
+    int before = breaks(r, s, e);
+    uintptr_t vs, ve;
+
+    if (s > 0) {
+        r->forced[s] = !query_vma(m, run->host, &vs, &ve) ||
+                       vs == (uintptr_t)run->host || r->forced[s];
+    }
+    if (e < r->npages) {
+        r->forced[e] = !query_vma(m, run->host + run->len - 1, &vs, &ve) ||
+                       ve == (uintptr_t)run->host + run->len || r->forced[e];
+    }
+    count_vmas(m, breaks(r, s, e) - before);
+}
+
 static void __attribute__((noreturn))
 restore_failed(const Run *run, const char *step, int err, int remap_err)
 {
@@ -1348,6 +1373,8 @@ static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
     err = errno;
     if (!run_mapped(m, run)) {
         restore(m, run, first_slot, err);
+    } else if (!run_maps_store(run)) {
+        learn_edges(m, run);
     }
     return -err;
 }
@@ -1506,6 +1533,10 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
         ret = remap(m, &run, first_slot);
         if (ret < 0) {
             thaw(m, &run);
+            if (run_maps_store(&run)) {
+                /* Intact, and unregistered now: see learn_edges() */
+                learn_edges(m, &run);
+            }
         } else {
             /* The new VMA is not registered: only the sleepers remain */
             uffd_wake(m, &run);
