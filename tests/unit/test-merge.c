@@ -23,9 +23,11 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <glib.h>
 
@@ -1258,6 +1260,476 @@ static void test_restart_labels(Fixture *f, gconstpointer data)
     close(gfd);
 }
 
+/* ---- failed remaps: fault injection (issue 15, item 5) ---- */
+
+/*
+ * A failed remap must leave every page with exactly its content, mapped
+ * (see "Failed remaps" in merge.c).  Each test checks every byte of the
+ * RAM afterwards, that all of it is mapped, and that a writer which went
+ * to sleep in the freeze lost nothing: the merger calls back while the
+ * run is frozen (ms_merger_inject_remap_failure()), the writer starts its
+ * write then and must still be asleep 20 ms later.
+ */
+
+#define FAIL_FIRST 20   /* the run under test: anonymous neighbours */
+#define FAIL_N 3
+#define FAIL_WORD 256   /* byte offset of the sleeper's word */
+
+typedef struct Sleeper {
+    pthread_t thread;
+    uint64_t *word;
+    uint64_t value;
+    int go;
+    int started;
+    int done;
+    bool slept;         /* still writing 20 ms after it started */
+} Sleeper;
+
+static void *sleeper_main(void *opaque)
+{
+    Sleeper *w = opaque;
+
+    while (!g_atomic_int_get(&w->go)) {
+        g_usleep(100);
+    }
+    g_atomic_int_set(&w->started, 1);
+    /* volatile: the store itself is the point, it must fault */
+    *(volatile uint64_t *)w->word = w->value;
+    g_atomic_int_set(&w->done, 1);
+    return NULL;
+}
+
+static void sleeper_start(Sleeper *w, uint64_t *word, uint64_t value)
+{
+    *w = (Sleeper) { .word = word, .value = value };
+    g_assert_cmpint(pthread_create(&w->thread, NULL, sleeper_main, w), ==,
+                    0);
+}
+
+/* Called by the merger with the run frozen: the write must sleep */
+static void sleeper_frozen(void *opaque)
+{
+    Sleeper *w = opaque;
+
+    g_atomic_int_set(&w->go, 1);
+    while (!g_atomic_int_get(&w->started)) {
+        g_usleep(100);
+    }
+    g_usleep(20000);
+    w->slept = !g_atomic_int_get(&w->done);
+}
+
+static void sleeper_join(Sleeper *w)
+{
+    pthread_join(w->thread, NULL);
+    g_assert_true(w->slept);
+    g_assert_true(g_atomic_int_get(&w->done));
+}
+
+/* Every page of the test's RAM is mapped (mincore(): ENOMEM if not) */
+static void assert_ram_mapped(Fixture *f)
+{
+    unsigned char vec[NPAGES];
+
+    g_assert_cmpint(mincore(f->ram, NPAGES * page, vec), ==, 0);
+}
+
+/* All of the RAM holds @expect, is mapped, frozen nowhere, modelled */
+static void assert_ram_intact(Fixture *f, const uint8_t *expect)
+{
+    assert_ram_mapped(f);
+    for (size_t i = 0; i < NPAGES; i++) {
+        if (memcmp(pg(f, i), expect + i * page, page)) {
+            g_error("page %zu changed", i);
+        }
+    }
+    assert_nothing_registered(f);
+    check_vmas(f);
+}
+
+typedef enum FailKind {
+    FAIL_MERGE,         /* anonymous pages onto new slots: ms_merge_run() */
+    FAIL_BATCH,         /* the same through ms_merge_runs() */
+    FAIL_REMERGE,       /* pages that map slots, onto other slots */
+    FAIL_ZERO_STORE,    /* zero pages that map the store: ms_merge_zero() */
+} FailKind;
+
+typedef struct FailCase {
+    FailKind kind;
+    bool hole;
+} FailCase;
+
+/* Attempt the merge of @kind on the run (set up by the caller) */
+static MsMergeOutcome fail_attempt(Fixture *f, FailKind kind, uint32_t slot)
+{
+    g_autoptr(GError) err = NULL;
+    MsMergeReq req = {
+        .host = pg(f, FAIL_FIRST), .n = FAIL_N, .first_slot = slot,
+    };
+    MsMergeResult res;
+
+    switch (kind) {
+    case FAIL_BATCH:
+        g_assert_true(ms_merge_runs(f->m, &req, 1, &err));
+        g_assert_no_error(err);
+        return req.res.outcome;
+    case FAIL_ZERO_STORE:
+        g_assert_true(ms_merge_zero(f->m, pg(f, FAIL_FIRST), FAIL_N, NULL,
+                                    &res, &err));
+        break;
+    default:
+        g_assert_true(ms_merge_run(f->m, pg(f, FAIL_FIRST), FAIL_N, slot,
+                                   NULL, &res, &err));
+        break;
+    }
+    g_assert_no_error(err);
+    return res.outcome;
+}
+
+static void test_remap_fail(Fixture *f, gconstpointer data)
+{
+    const FailCase *c = data;
+    g_autofree uint8_t *expect = NULL;
+    uint32_t old = MS_SLOT_NONE, slot;
+    uint64_t *word = (uint64_t *)(pg(f, FAIL_FIRST + 1) + FAIL_WORD);
+    Sleeper w;
+
+    if (f->skip) {
+        return;
+    }
+    if (c->kind == FAIL_ZERO_STORE) {
+        memset(pg(f, FAIL_FIRST), 0, FAIL_N * page);
+    }
+    if (c->kind == FAIL_REMERGE || c->kind == FAIL_ZERO_STORE) {
+        old = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+        g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, old), ==,
+                        MS_MERGE_DONE);
+    }
+    slot = c->kind == FAIL_ZERO_STORE ? MS_MERGE_ZERO
+         : publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+    expect = g_memdup2(f->ram, NPAGES * page);
+    sleeper_start(&w, word, 0x5eed5eed5eed5eedULL);
+    *(uint64_t *)(expect + (FAIL_FIRST + 1) * page + FAIL_WORD) = w.value;
+
+    ms_merger_inject_remap_failure(f->m, ENOMEM, c->hole, sleeper_frozen,
+                                   &w);
+    g_assert_cmpint(fail_attempt(f, c->kind, slot), ==, MS_MERGE_NO_MEMORY);
+    sleeper_join(&w);
+    assert_ram_intact(f, expect);
+    for (size_t k = 0; k < FAIL_N; k++) {
+        /* Intact: as before; restored: anonymous */
+        g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, FAIL_FIRST + k)), ==,
+                         c->hole || old == MS_SLOT_NONE ? MS_SLOT_NONE
+                                                        : old + k);
+    }
+
+    /* Nothing is left armed or broken: the same pages merge now */
+    slot = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+    g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, slot), ==, MS_MERGE_DONE);
+    assert_ram_intact(f, expect);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, FAIL_FIRST)), ==, slot);
+}
+
+/* A discard whose remap fails with a hole reads zeros, mapped */
+static void test_remap_fail_discard(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    uint32_t slot;
+    bool ok;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    slot = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+    g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, slot), ==, MS_MERGE_DONE);
+    expect = g_memdup2(f->ram, NPAGES * page);
+    memset(expect + FAIL_FIRST * page, 0, FAIL_N * page);
+    ms_merger_inject_remap_failure(f->m, ENOMEM, true, NULL, NULL);
+    ok = ms_merge_discard(f->m, pg(f, FAIL_FIRST), FAIL_N, &err);
+    g_test_message("discard over a hole: %s", ok ? "done" : err->message);
+    assert_ram_intact(f, expect);
+}
+
+/*
+ * Writers hammer pages while every remap fails (without a hole: over a
+ * hole, a thread that was not asleep in the freeze already would fault
+ * on nothing, on the old kernels too; the sleeper tests cover holes).
+ */
+static void test_remap_fail_writers(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GRand) rand = g_rand_new_with_seed(7);
+    g_autofree uint8_t *expect = NULL;
+    Writer w[NWRITERS];
+    int stop = false;
+    uint64_t nomem = 0, changed = 0, lost = 0, writes = 0, slow = 0;
+    gint64 end;
+    MsStoreStats st;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    expect = g_memdup2(f->ram, NPAGES * page);
+    for (unsigned i = 0; i < NWRITERS; i++) {
+        w[i] = (Writer) { .f = f, .id = i, .stop = &stop };
+        for (size_t p = 0; p < HAMMER_PAGES; p++) {
+            w[i].last[p] = *writer_word(f, p, i);
+        }
+        g_assert_cmpint(pthread_create(&w[i].thread, NULL, writer_main,
+                                       &w[i]), ==, 0);
+    }
+    end = g_get_monotonic_time() + G_USEC_PER_SEC;
+    for (unsigned pass = 0; g_get_monotonic_time() < end; pass++) {
+        g_autoptr(GError) err = NULL;
+        size_t p = g_rand_int_range(rand, 0, HAMMER_PAGES);
+        size_t n = g_rand_int_range(rand, 1, 5);
+        MsMergeReq req;
+        uint32_t first;
+
+        n = MIN(n, HAMMER_PAGES - p);
+        first = publish_copy(f, p, n, MS_SLOT_NONE);
+        req = (MsMergeReq) { .host = pg(f, p), .n = n, .first_slot = first };
+        ms_merger_inject_remap_failure(f->m, pass % 3 ? ENOMEM : EAGAIN,
+                                       false, NULL, NULL);
+        if (pass % 2) {
+            g_assert_true(ms_merge_runs(f->m, &req, 1, &err));
+        } else {
+            g_assert_true(ms_merge_run(f->m, req.host, n, first, NULL,
+                                       &req.res, &err));
+        }
+        g_assert_no_error(err);
+        g_assert_cmpint(req.res.outcome, !=, MS_MERGE_DONE);
+        nomem += req.res.outcome == MS_MERGE_NO_MEMORY;
+        changed += req.res.outcome == MS_MERGE_CHANGED;
+        for (size_t k = 0; k < n; k++) {
+            ms_store_put(f->store, first + k);
+        }
+    }
+    ms_merger_inject_remap_failure(f->m, 0, false, NULL, NULL);
+    g_atomic_int_set(&stop, true);
+    for (unsigned i = 0; i < NWRITERS; i++) {
+        pthread_join(w[i].thread, NULL);
+        lost += w[i].lost;
+        writes += w[i].writes;
+        slow += w[i].slow;
+        for (size_t p = 0; p < HAMMER_PAGES; p++) {
+            *(uint64_t *)(expect + p * page + 64 * (i + 1)) = w[i].last[p];
+        }
+    }
+    g_test_message("%" PRIu64 " remaps failed, %" PRIu64 " changed, %"
+                   PRIu64 " writes (%" PRIu64 " slow, %" PRIu64 " lost)",
+                   nomem, changed, writes, slow, lost);
+    g_assert_cmpuint(lost, ==, 0);
+    g_assert_cmpuint(nomem, >, 0);
+    assert_ram_intact(f, expect);
+    g_assert_cmpint(ms_merger_vmas(f->m), ==, 0);
+    ms_store_get_stats(f->store, &st);
+    g_assert_cmpuint(st.refs, ==, 0);
+}
+
+/*
+ * Real exhaustion: vm.max_map_count lowered to the process's map count
+ * while the run is frozen, so that the mmap() of an isolated page (+2
+ * VMAs) fails in the kernel.  The sysctl is global: it is lowered for
+ * the few syscalls of the failing remap only, and always put back (right
+ * after the merge, at exit, and on a fatal signal such as a failed
+ * assertion's SIGABRT).
+ */
+static int map_count_fd = -1;
+static char map_count_saved[32];
+static size_t map_count_saved_len;
+static volatile sig_atomic_t map_count_lowered;
+
+/* Async-signal-safe: called from the handlers too */
+static void map_count_restore(void)
+{
+    if (map_count_lowered) {
+        if (pwrite(map_count_fd, map_count_saved, map_count_saved_len, 0) !=
+            (ssize_t)map_count_saved_len) {
+            static const char msg[] = "test-merge: cannot restore "
+                                      "vm.max_map_count\n";
+
+            (void)!write(2, msg, sizeof(msg) - 1);
+        }
+        map_count_lowered = 0;
+    }
+}
+
+static void map_count_signal(int sig)
+{
+    map_count_restore();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* Open and save the sysctl, once; false if it cannot be written */
+static bool map_count_prepare(void)
+{
+    static const int sigs[] = { SIGABRT, SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+                                SIGINT, SIGTERM, SIGTRAP };
+    ssize_t len;
+
+    if (map_count_fd >= 0) {
+        return true;
+    }
+    map_count_fd = open("/proc/sys/vm/max_map_count", O_RDWR | O_CLOEXEC);
+    if (map_count_fd < 0) {
+        return false;
+    }
+    len = pread(map_count_fd, map_count_saved, sizeof(map_count_saved) - 1,
+                0);
+    g_assert_cmpint(len, >, 0);
+    map_count_saved_len = len;
+    atexit(map_count_restore);
+    for (size_t i = 0; i < G_N_ELEMENTS(sigs); i++) {
+        struct sigaction sa = { .sa_handler = map_count_signal };
+
+        sigaction(sigs[i], &sa, NULL);
+    }
+    return true;
+}
+
+/* VMAs of the process: /proc/self/maps lines, [vsyscall] is none */
+static int map_count(void)
+{
+    g_autofree char *text = NULL;
+    int count = 0;
+
+    g_assert_true(g_file_get_contents("/proc/self/maps", &text, NULL, NULL));
+    for (const char *p = text; *p; p++) {
+        count += *p == '\n';
+    }
+    return count - (strstr(text, "[vsyscall]") != NULL);
+}
+
+static void map_count_lower(void)
+{
+    g_autofree char *value = g_strdup_printf("%d\n", map_count());
+
+    map_count_lowered = 1;
+    g_assert_cmpint(pwrite(map_count_fd, value, strlen(value), 0), ==,
+                    (ssize_t)strlen(value));
+}
+
+static void exhaust_map_count(void *opaque)
+{
+    sleeper_frozen(opaque);
+    map_count_lower();
+}
+
+/* RLIMIT_AS one page below the address space in use, while frozen */
+static struct rlimit as_saved;
+
+static void exhaust_address_space(void *opaque)
+{
+    g_autofree char *text = NULL;
+    struct rlimit low;
+    const char *vm;
+
+    sleeper_frozen(opaque);
+    g_assert_true(g_file_get_contents("/proc/self/status", &text, NULL,
+                                      NULL));
+    vm = strstr(text, "VmSize:");
+    g_assert_nonnull(vm);
+    g_assert_cmpint(getrlimit(RLIMIT_AS, &as_saved), ==, 0);
+    low = as_saved;
+    low.rlim_cur = g_ascii_strtoull(vm + 7, NULL, 10) * 1024 - page;
+    g_assert_cmpint(setrlimit(RLIMIT_AS, &low), ==, 0);
+}
+
+static void test_remap_exhausted(Fixture *f, gconstpointer data)
+{
+    bool rlimit = GPOINTER_TO_INT(data);
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    uint64_t *word = (uint64_t *)(pg(f, FAIL_FIRST) + FAIL_WORD);
+    int64_t budget = ms_merger_budget(f->m);
+    MsMergeResult res;
+    uint32_t slot;
+    Sleeper w;
+    bool ok;
+
+    if (f->skip) {
+        return;
+    }
+    if (!rlimit && !map_count_prepare()) {
+        g_test_skip("cannot write /proc/sys/vm/max_map_count");
+        return;
+    }
+    /* The engine's own budget must not refuse first */
+    ms_merger_set_budget(f->m, G_MAXINT64 / 2);
+    slot = publish_copy(f, FAIL_FIRST, 1, MS_SLOT_NONE);
+    expect = g_memdup2(f->ram, NPAGES * page);
+    sleeper_start(&w, word, 0xfeedfacefeedfaceULL);
+    *(uint64_t *)(expect + FAIL_FIRST * page + FAIL_WORD) = w.value;
+    ms_merger_inject_remap_failure(f->m, 0, false, rlimit ?
+                                   exhaust_address_space : exhaust_map_count,
+                                   &w);
+    ok = ms_merge_run(f->m, pg(f, FAIL_FIRST), 1, slot, NULL, &res, &err);
+    /* Before anything else, assertions included */
+    if (rlimit) {
+        g_assert_cmpint(setrlimit(RLIMIT_AS, &as_saved), ==, 0);
+    } else {
+        map_count_restore();
+    }
+    g_assert_no_error(err);
+    g_assert_true(ok);
+    g_assert_cmpint(res.outcome, ==, MS_MERGE_NO_MEMORY);
+    sleeper_join(&w);
+    assert_ram_intact(f, expect);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, FAIL_FIRST)), ==,
+                     MS_SLOT_NONE);
+
+    /* With the limit back, the merge succeeds */
+    ms_store_put(f->store, slot);
+    slot = publish_copy(f, FAIL_FIRST, 1, MS_SLOT_NONE);
+    g_assert_cmpint(merge(f, FAIL_FIRST, 1, slot), ==, MS_MERGE_DONE);
+    g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, FAIL_FIRST)), ==, slot);
+    assert_ram_intact(f, expect);
+    ms_merger_set_budget(f->m, budget);
+}
+
+static void teardown_exhausted(Fixture *f, gconstpointer data)
+{
+    map_count_restore();
+    teardown(f, data);
+}
+
+static const FailCase fail_cases[] = {
+    { FAIL_MERGE, false }, { FAIL_MERGE, true },
+    { FAIL_BATCH, false }, { FAIL_BATCH, true },
+    { FAIL_REMERGE, false }, { FAIL_REMERGE, true },
+    { FAIL_ZERO_STORE, false }, { FAIL_ZERO_STORE, true },
+};
+
+static const char *const fail_kind_names[] = {
+    [FAIL_MERGE] = "merge", [FAIL_BATCH] = "batch",
+    [FAIL_REMERGE] = "remerge", [FAIL_ZERO_STORE] = "zero-store",
+};
+
+static void add_remap_fail_tests(void)
+{
+    for (size_t i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
+        g_autofree char *path = g_strdup_printf(
+            "/merge/remap-fail/%s/%s", fail_kind_names[fail_cases[i].kind],
+            fail_cases[i].hole ? "hole" : "intact");
+
+        g_test_add(path, Fixture, &fail_cases[i], setup, test_remap_fail,
+                   teardown);
+    }
+    g_test_add("/merge/remap-fail/discard-hole", Fixture, NULL, setup,
+               test_remap_fail_discard, teardown);
+    g_test_add("/merge/remap-fail/writers", Fixture, NULL, setup,
+               test_remap_fail_writers, teardown);
+    g_test_add("/merge/remap-fail/max-map-count", Fixture,
+               GINT_TO_POINTER(false), setup, test_remap_exhausted,
+               teardown_exhausted);
+    g_test_add("/merge/remap-fail/rlimit-as", Fixture, GINT_TO_POINTER(true),
+               setup, test_remap_exhausted, teardown);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -1284,6 +1756,8 @@ int main(int argc, char **argv)
     ADD("/merge/timing/isolated", test_timing);
     ADD("/merge/timing/runs", test_timing_runs);
     ADD("/merge/timing/zero", test_timing_zero);
+
+    add_remap_fail_tests();
 
     return g_test_run();
 }
