@@ -1628,7 +1628,9 @@ static void exhaust_address_space(void *opaque)
     struct rlimit low;
     const char *vm;
 
-    sleeper_frozen(opaque);
+    if (opaque) {
+        sleeper_frozen(opaque);
+    }
     g_assert_true(g_file_get_contents("/proc/self/status", &text, NULL,
                                       NULL));
     vm = strstr(text, "VmSize:");
@@ -1697,6 +1699,51 @@ static void teardown_exhausted(Fixture *f, gconstpointer data)
     teardown(f, data);
 }
 
+/*
+ * When even the restore fails (here: RLIMIT_AS below what the process
+ * maps once the hole is there, so no mapping can be made), the process
+ * stops and says why, instead of waking anyone over the hole.
+ */
+static void exhaust_after_hole(void *opaque)
+{
+    struct rlimit low = { .rlim_cur = 0, .rlim_max = 0 };
+
+    (void)opaque;
+    /* No core file for the abort() this test wants */
+    setrlimit(RLIMIT_CORE, &low);
+    exhaust_address_space(NULL);
+}
+
+static void test_remap_fail_fatal(Fixture *f, gconstpointer data)
+{
+    const FailCase *c = data;
+
+    if (f->skip) {
+        return;
+    }
+    if (g_test_subprocess()) {
+        uint32_t slot = c->kind == FAIL_ZERO_STORE ? MS_MERGE_ZERO :
+                        publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+
+        if (c->kind == FAIL_ZERO_STORE) {
+            memset(pg(f, FAIL_FIRST), 0, FAIL_N * page);
+            slot = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+            g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, slot), ==,
+                            MS_MERGE_DONE);
+            slot = MS_MERGE_ZERO;
+        }
+        ms_merger_inject_remap_failure(f->m, ENOMEM, true,
+                                       exhaust_after_hole, NULL);
+        fail_attempt(f, c->kind, slot);
+        g_error("the merge returned over a hole it could not restore");
+    }
+    g_test_trap_subprocess(NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+    g_test_trap_assert_failed();
+    g_test_trap_assert_stderr("*mem-share: cannot restore guest memory at "
+                              "0x* after a failed remap: *Cannot allocate "
+                              "memory*");
+}
+
 static const FailCase fail_cases[] = {
     { FAIL_MERGE, false }, { FAIL_MERGE, true },
     { FAIL_BATCH, false }, { FAIL_BATCH, true },
@@ -1728,6 +1775,11 @@ static void add_remap_fail_tests(void)
                teardown_exhausted);
     g_test_add("/merge/remap-fail/rlimit-as", Fixture, GINT_TO_POINTER(true),
                setup, test_remap_exhausted, teardown);
+    /* fail_cases[1] and [7]: a merge and a zero merge, over a hole */
+    g_test_add("/merge/remap-fail/fatal/merge", Fixture, &fail_cases[1],
+               setup, test_remap_fail_fatal, teardown);
+    g_test_add("/merge/remap-fail/fatal/zero-store", Fixture, &fail_cases[7],
+               setup, test_remap_fail_fatal, teardown);
 }
 
 int main(int argc, char **argv)
