@@ -681,6 +681,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->refused_budget = st.refused_budget;
     ui->refused_changed = st.refused_changed;
     ui->refused_store_full = st.refused_store_full;
+    ui->refused_nomem = st.refused_nomem;
     ui->refused_dma = st.refused_dma;
     ui->dma_mapped_pages = mem_share_dma_pages_mapped(ms);
     ui->bytes_saved = st.bytes_saved;
