@@ -516,6 +516,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     if (u->client) {
         ms_broker_client_set_interrupt(u->client, mem_share_user_interrupt, u);
     }
+    ms_scanner_set_yield(u->scanner, mem_share_user_interrupt, u);
     ms->user = u;
     if (ms->dirty_tracking == MEM_SHARE_DIRTY_TRACKING_KVM) {
         u->dirty = mem_share_dirty_start(ms);

@@ -269,6 +269,8 @@ struct MsScanner {
     uint64_t dirty[CHUNK / 64];  /* this chunk's pages the log saw written */
     size_t dirty_first;     /* the page of bit 0 of dirty[] */
     bool use_dirty;         /* trust dirty[] for this chunk */
+    MsScanYieldFn *yield;   /* ms_scanner_set_yield() */
+    void *yield_opaque;
     MsScanStats live;       /* the scanner thread's */
     GMutex lock;            /* protects snap */
     MsScanStats snap;
@@ -1532,6 +1534,12 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
     return candidate(s, i, h, errp);
 }
 
+void ms_scanner_set_yield(MsScanner *s, MsScanYieldFn *fn, void *opaque)
+{
+    s->yield = fn;
+    s->yield_opaque = opaque;
+}
+
 void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
                               void *opaque)
 {
@@ -1639,6 +1647,9 @@ bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
         if (s->cursor == s->npages) {
             s->cursor = 0;
             end_full_scan(s);
+        }
+        if (s->yield && s->yield(s->yield_opaque)) {
+            break;
         }
     }
     publish_stats(s);

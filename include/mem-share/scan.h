@@ -108,6 +108,14 @@ typedef struct MsScanConfig {
 } MsScanConfig;
 
 /*
+ * @fn is asked after every chunk of a step (512 pages): true ends the
+ * step there, so that another thread waiting for the caller's lock gets
+ * it within one chunk's work, not one step's.
+ */
+typedef bool MsScanYieldFn(void *opaque);
+void ms_scanner_set_yield(MsScanner *s, MsScanYieldFn *fn, void *opaque);
+
+/*
  * Give the scanner a dirty log (see MsScanConfig.dirty_take) after
  * ms_scanner_new(), before the scanner thread first steps it.
  */
