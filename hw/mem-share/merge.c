@@ -804,6 +804,10 @@ static bool label_from_maps(MsMerger *m, Region *r, GError **errp)
                     r->base, r->npages, err->message);
         return false;
     }
+    for (size_t i = 0; i < r->npages; i++) {
+        r->label[i] = ANON;
+        r->forced[i] = 0;
+    }
     for (line = text; line && *line; line = next) {
         unsigned long start, end, inode;
         size_t first, last;
@@ -826,6 +830,37 @@ static bool label_from_maps(MsMerger *m, Region *r, GError **errp)
         }
     }
     return true;
+}
+
+/*
+ * The registration of the whole region reached the VMAs that map a file
+ * too.  Like the store VMAs the merger maps, they must be registered only
+ * while frozen (see "Registration"): a thaw unregisters the frozen pages
+ * only, and would split such a VMA for good.  Returns whether there were
+ * any: unregistering may let the kernel join VMAs, so learn them again.
+ */
+static bool unregister_foreign(MsMerger *m, Region *r)
+{
+    Run all = { .r = r, .first = 0, .n = r->npages, .host = r->base,
+                .len = r->npages * m->page_size };
+
+    if (!run_maps_store(&all)) {
+        return false;
+    }
+    unregister_store_parts(m, &all);
+    return true;
+}
+
+/* Undo the registration of a region that could not be added */
+static void forget_new_region(MsMerger *m, Region *r)
+{
+    struct uffdio_range range = {
+        .start = (uintptr_t)r->base,
+        .len = r->npages * m->page_size,
+    };
+
+    ioctl(m->uffd, UFFDIO_UNREGISTER, &range);
+    region_free(r);
 }
 
 bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
@@ -859,12 +894,10 @@ bool ms_merger_add_region(MsMerger *m, void *host, size_t npages,
     r->store = *store;
     r->label = g_new(uint32_t, npages);
     r->forced = g_new0(uint8_t, npages);
-    for (size_t i = 0; i < npages; i++) {
-        r->label[i] = ANON;
-    }
     r->base2 = store->nslots;
-    if (!label_from_maps(m, r, errp)) {
-        region_free(r);
+    if (!label_from_maps(m, r, errp) ||
+        (unregister_foreign(m, r) && !label_from_maps(m, r, errp))) {
+        forget_new_region(m, r);
         return false;
     }
     count_vmas(m, breaks(r, 0, r->npages));
