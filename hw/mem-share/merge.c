@@ -83,7 +83,29 @@
  * since MADV_DONTNEED there would bring the store content back.  The
  * invariant: zero merges and discards never MADV_DONTNEED a page that is
  * not private anonymous memory, and what the merger believes about a
- * range comes from the real mappings (see "Labels from the mappings").
+ * range comes from the real mappings (see "Labels from the mappings"):
+ * a VMA that maps a file when the region is added (an earlier run's
+ * store mappings) is labelled FOREIGN, never a slot, treated like a store
+ * VMA by zero merges, discards, freezes and the VMA model, and, like
+ * them, registered only while frozen.
+ *
+ * Unmerging.  A copy-on-write fault makes a page private but leaves it
+ * in the store's VMA, where MADV_DONTNEED (anyone's: a later merger's, a
+ * balloon's) brings the store file's current content back: for a
+ * group's store, whatever the broker put in the slot since.  So an
+ * unmerge freezes each run of pages that map a file (whole VMAs, up to
+ * 2 MiB), copies it into a fresh anonymous mapping, checks that every
+ * page stayed frozen and none is mapped for DMA, and moves the copy over
+ * the run with mremap(MREMAP_FIXED): one step, so a writer either slept
+ * through it and retries on the copy after the wake, or comes after and
+ * finds the copy.  The moved VMA keeps its own anon_vma and page offset
+ * and never joins its anonymous neighbours: an unmerge leaves as many
+ * VMAs as the store mappings it replaces, or fewer (neighbouring store
+ * VMAs become one), and one more for a moment (the copy).  Where that
+ * cannot be done (no memory for the copy, a page mapped for DMA, a
+ * refused mremap that left the run intact) the pages take their
+ * copy-on-write faults as before; a mremap that left a hole gets the
+ * copy moved in again (see "Failed remaps").
  *
  * DMA.  Write-protection stops writers that go through the page tables,
  * not a transfer that already holds the page: QEMU's zero-copy I/O
@@ -1306,6 +1328,46 @@ restore_failed(const Run *run, const char *step, int err, int remap_err)
              step, g_strerror(err), run->n, g_strerror(remap_err));
 }
 
+/* MAP_* flags of anonymous memory of @r's kind */
+static int anon_map_flags(const Region *r)
+{
+    return MAP_PRIVATE | MAP_ANONYMOUS |
+           (r->flags & MS_REGION_NORESERVE ? MAP_NORESERVE : 0);
+}
+
+/*
+ * @run was just mapped anew as anonymous memory, not registered, by a
+ * move or into a hole: give it the region's advice and registration,
+ * and the label ANON.  The content is right: missing advice or
+ * registration is no reason to stop (a later freeze of these pages
+ * fails, and says why).
+ */
+static void adopt_anon(MsMerger *m, const Run *run, const char *what)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!apply_advice(m, run, ANON, &err) || !register_anon(m, run, &err)) {
+        g_warning("mem-share: guest memory at %p %s, but: %s", run->host,
+                  what, err->message);
+    }
+    relabel_restored(m, run);
+}
+
+/*
+ * Move @tmp, anonymous memory holding the content @run must have, over
+ * the hole a failed @run left, in one step: no thread sees it half
+ * filled.  Stops the process if impossible.
+ */
+static void restore_from(MsMerger *m, const Run *run, uint8_t *tmp,
+                         int remap_err)
+{
+    if (mremap(tmp, run->len, run->len, MREMAP_MAYMOVE | MREMAP_FIXED,
+               run->host) == MAP_FAILED) {
+        restore_failed(run, "mremap", errno, remap_err);
+    }
+    adopt_anon(m, run, "restored after a failed remap");
+}
+
 /*
  * See "Failed remaps": map the content the remap of @run from
  * @first_slot (ANON: zeros) was to map back over it, as anonymous memory
@@ -1314,46 +1376,30 @@ restore_failed(const Run *run, const char *step, int err, int remap_err)
 static void restore(MsMerger *m, const Run *run, uint32_t first_slot,
                     int remap_err)
 {
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-    g_autoptr(GError) err = NULL;
+    int flags = anon_map_flags(run->r);
     uint8_t *tmp;
 
-    if (run->r->flags & MS_REGION_NORESERVE) {
-        flags |= MAP_NORESERVE;
-    }
     if (first_slot == ANON) {
         /* Zeros need no filling: map them into the hole at once */
         if (mmap(run->host, run->len, PROT_READ | PROT_WRITE,
                  flags | MAP_FIXED, -1, 0) == MAP_FAILED) {
             restore_failed(run, "mmap", errno, remap_err);
         }
-    } else {
-        tmp = mmap(NULL, run->len, PROT_READ | PROT_WRITE, flags, -1, 0);
-        if (tmp == MAP_FAILED) {
-            restore_failed(run, "mmap of a temporary copy", errno,
-                           remap_err);
-        }
-        for (size_t i = 0; i < run->n; i++) {
-            const uint8_t *src = slot_content(m, run->r, first_slot + i);
+        adopt_anon(m, run, "restored after a failed remap");
+        return;
+    }
+    tmp = mmap(NULL, run->len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (tmp == MAP_FAILED) {
+        restore_failed(run, "mmap of a temporary copy", errno, remap_err);
+    }
+    for (size_t i = 0; i < run->n; i++) {
+        const uint8_t *src = slot_content(m, run->r, first_slot + i);
 
-            if (src) {
-                memcpy(tmp + i * m->page_size, src, m->page_size);
-            }
-        }
-        if (mremap(tmp, run->len, run->len, MREMAP_MAYMOVE | MREMAP_FIXED,
-                   run->host) == MAP_FAILED) {
-            restore_failed(run, "mremap", errno, remap_err);
+        if (src) {
+            memcpy(tmp + i * m->page_size, src, m->page_size);
         }
     }
-    /*
-     * The content is right: missing advice or registration is no reason
-     * to stop (a later freeze of these pages fails, and says why)
-     */
-    if (!apply_advice(m, run, ANON, &err) || !register_anon(m, run, &err)) {
-        g_warning("mem-share: guest memory at %p restored after a failed "
-                  "remap, but: %s", run->host, err->message);
-    }
-    relabel_restored(m, run);
+    restore_from(m, run, tmp, remap_err);
 }
 
 /* A remap that failed for want of resources: a refusal, not an error */
@@ -1367,10 +1413,13 @@ static bool no_memory(int ret)
  * failure, the run holds what it held, or the content it was to get,
  * anonymous (see "Failed remaps"); returns -errno of the failure.
  */
-static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
+/*
+ * ms_merger_inject_remap_failure(), for tests: the errno the remap of
+ * @run must fail with, after making a hole if asked, or 0
+ */
+static int injected_failure(MsMerger *m, const Run *run)
 {
-    int flags = MAP_PRIVATE | MAP_FIXED, err;
-    void *p;
+    int err = m->inject_err;
 
     if (m->inject_frozen) {
         void (*frozen)(void *opaque) = m->inject_frozen;
@@ -1378,12 +1427,21 @@ static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
         m->inject_frozen = NULL;
         frozen(m->inject_opaque);
     }
-    if (m->inject_err) {
-        err = m->inject_err;
+    if (err) {
         m->inject_err = 0;
         if (m->inject_hole) {
             munmap(run->host, run->len);
         }
+    }
+    return err;
+}
+
+static int remap(MsMerger *m, const Run *run, uint32_t first_slot)
+{
+    int flags = MAP_PRIVATE | MAP_FIXED, err = injected_failure(m, run);
+    void *p;
+
+    if (err) {
         errno = err;
         p = MAP_FAILED;
     } else if (first_slot == ANON) {
@@ -1858,26 +1916,145 @@ bool ms_merge_discard(MsMerger *m, void *host, size_t n, GError **errp)
     return ok;
 }
 
-bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
+/*
+ * Make the pages of @run that map a file private by taking their
+ * copy-on-write faults.  An atomic add of 0 is a write that changes
+ * nothing: a concurrent guest write to the same word is neither lost nor
+ * torn.  volatile, because a compiler may turn an idempotent atomic add
+ * into a load.  The store VMAs stay (see "Unmerging").
+ */
+static void unmerge_touch(MsMerger *m, const Run *run)
 {
-    Run run;
+    for (size_t i = 0; i < run->n; i++) {
+        if (run->r->label[run->first + i] != ANON) {
+            __atomic_fetch_add((volatile uint64_t *)(run->host +
+                                                     i * m->page_size),
+                               0, __ATOMIC_RELAXED);
+        }
+    }
+}
 
-    if (!get_run(m, host, n, &run, errp)) {
+/*
+ * May the frozen @run, whose content is copied, be replaced?  Not if a
+ * page is mapped for DMA (a transfer would land in the old page), nor if
+ * a page was not really frozen (a write may have come after its copy).
+ * Read after the copy: a read may populate a page, which keeps the mark.
+ */
+static bool unmerge_frozen(MsMerger *m, const Run *run)
+{
+    uint64_t entries[PAGEMAP_BATCH];
+
+    dma_fence();
+    for (size_t done = 0; done < run->n; done += PAGEMAP_BATCH) {
+        size_t k = MIN(run->n - done, PAGEMAP_BATCH);
+
+        if (!read_pagemap(m, run->host + done * m->page_size, k, entries,
+                          NULL)) {
+            return false;
+        }
+        for (size_t i = 0; i < k; i++) {
+            if (page_pinned(run, done + i) || !(entries[i] & PM_UFFD_WP)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/*
+ * Replace @run, whose pages all map a file, by anonymous memory with the
+ * same bytes (see "Unmerging").  False if it could not, the run as it was.
+ */
+static bool unmerge_anon(MsMerger *m, const Run *run)
+{
+    uint8_t *tmp = mmap(NULL, run->len, PROT_READ | PROT_WRITE,
+                        anon_map_flags(run->r), -1, 0);
+    int err;
+
+    if (tmp == MAP_FAILED) {
         return false;
     }
-    for (size_t i = 0; i < n; i++) {
-        uint8_t *page = run.host + i * m->page_size;
+    if (!freeze(m, run, NULL)) {
+        munmap(tmp, run->len);
+        return false;
+    }
+    memcpy(tmp, run->host, run->len);
+    if (!unmerge_frozen(m, run)) {
+        thaw(m, run);
+        munmap(tmp, run->len);
+        return false;
+    }
+    err = injected_failure(m, run);
+    if (!err && mremap(tmp, run->len, run->len,
+                       MREMAP_MAYMOVE | MREMAP_FIXED, run->host) !=
+        MAP_FAILED) {
+        /* The new VMA is not registered: only the sleepers remain */
+        uffd_wake(m, run);
+        adopt_anon(m, run, "unmerged");
+        return true;
+    }
+    err = err ? err : errno;
+    if (!run_mapped(m, run)) {
+        /* See "Failed remaps": @tmp holds the content, frozen since */
+        restore_from(m, run, tmp, err);
+        uffd_wake(m, run);
+        return true;
+    }
+    thaw(m, run);
+    learn_edges(m, run);
+    munmap(tmp, run->len);
+    return false;
+}
 
-        if (run.r->label[run.first + i] == ANON) {
+/*
+ * The end of the next piece of [@first, @end) of @r to unmerge at once:
+ * whole VMAs of the model (a piece becomes one VMA), all mapping a file,
+ * at most UNMERGE_MAX pages unless one VMA is longer.
+ */
+#define UNMERGE_MAX 512
+
+/* Does a VMA of the model start at page @i (> 0) of @r? */
+static bool vma_starts(const Region *r, size_t i)
+{
+    return r->forced[i] || !joined(r, r->label[i - 1], r->label[i]);
+}
+
+static size_t unmerge_piece(const Region *r, size_t first, size_t end)
+{
+    size_t cut = first, b;
+
+    for (b = first + 1; b < end && r->label[b] != ANON &&
+         b - first < UNMERGE_MAX; b++) {
+        cut = vma_starts(r, b) ? b : cut;
+    }
+    if (b == end || r->label[b] == ANON || vma_starts(r, b)) {
+        return b;
+    }
+    /* Mid-VMA at the limit: back to its start, if it is not the first */
+    return cut > first ? cut : b;
+}
+
+bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp)
+{
+    Run all, run;
+    size_t end, b;
+
+    if (!get_run(m, host, n, &all, errp)) {
+        return false;
+    }
+    end = all.first + n;
+    for (size_t a = all.first; a < end; a = b) {
+        if (all.r->label[a] == ANON) {
+            b = a + 1;
             continue;
         }
-        /*
-         * An atomic add of 0 is a write that changes nothing: it takes
-         * the copy-on-write fault, and a concurrent guest write to the
-         * same word is neither lost nor torn.  volatile, because a
-         * compiler may turn an idempotent atomic add into a load.
-         */
-        __atomic_fetch_add((volatile uint64_t *)page, 0, __ATOMIC_RELAXED);
+        b = unmerge_piece(all.r, a, end);
+        run = (Run) { .r = all.r, .first = a, .n = b - a,
+                      .host = all.r->base + a * m->page_size,
+                      .len = (b - a) * m->page_size };
+        if (!unmerge_anon(m, &run)) {
+            unmerge_touch(m, &run);
+        }
     }
     return true;
 }

@@ -207,9 +207,14 @@ bool ms_merge_runs(MsMerger *m, MsMergeReq *reqs, size_t nreq,
  */
 
 /*
- * Make the @n pages at @host private again, content unchanged: each page
- * that still maps the store takes its copy-on-write fault now.  The
- * mappings stay; the caller drops the slot references.
+ * Make the @n pages at @host private again, content unchanged: the pages
+ * that map a file (a store, or one found when the region was added)
+ * become anonymous memory, moved over them while they are frozen (see
+ * "Unmerging" in merge.c).  Where that cannot be done (a page mapped for
+ * DMA, the kernel refuses the mappings), each such page takes its
+ * copy-on-write fault instead and its store mapping stays.  Either way
+ * the caller drops the references of the pages ms_merge_test_shared()
+ * no longer reports shared.
  */
 bool ms_unmerge(MsMerger *m, void *host, size_t n, GError **errp);
 
@@ -263,7 +268,8 @@ bool ms_merger_use_pagemap_scan(MsMerger *m, bool use);
 
 /*
  * For tests only: fault injection.  The next remap (the mmap() that
- * replaces a run, frozen for a merge or not for a discard) first calls
+ * replaces a run, frozen for a merge or not for a discard, or the
+ * mremap() of anonymous memory over a frozen run to unmerge) first calls
  * @frozen(@opaque) if it is not NULL, then, if @err is not 0, fails with
  * errno @err instead of mapping, after unmapping the run first if @hole,
  * as kernels before 6.12 may do when mmap_region() fails late.

@@ -236,6 +236,14 @@ static void assert_nothing_registered(Fixture *f)
     }
 }
 
+/* Every page of the test's RAM is mapped (mincore(): ENOMEM if not) */
+static void assert_ram_mapped(Fixture *f)
+{
+    unsigned char vec[NPAGES];
+
+    g_assert_cmpint(mincore(f->ram, NPAGES * page, vec), ==, 0);
+}
+
 /* Pages of [i, i + n) that still map the store, checked both ways */
 static size_t shared_pages(Fixture *f, size_t i, size_t n, bool *shared)
 {
@@ -589,6 +597,100 @@ static void test_unmerge(Fixture *f, gconstpointer data)
     check_vmas(f);
 }
 
+/* VMAs in the test's RAM that map a file, from /proc/self/maps */
+static int ram_file_vmas(Fixture *f)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    uintptr_t lo = (uintptr_t)f->ram, hi = lo + NPAGES * page;
+    int count = 0;
+
+    g_assert_true(g_file_get_contents("/proc/self/maps", &text, NULL, NULL));
+    lines = g_strsplit(text, "\n", -1);
+    for (char **l = lines; *l && **l; l++) {
+        uint64_t start, end, inode;
+
+        g_assert_cmpint(sscanf(*l, "%" SCNx64 "-%" SCNx64 " %*s %*s %*s %"
+                               SCNu64, &start, &end, &inode), ==, 3);
+        count += start < hi && end > lo && inode;
+    }
+    return count;
+}
+
+/*
+ * An unmerge leaves anonymous memory, not private copies inside store
+ * VMAs that a later MADV_DONTNEED would fill with the store's content
+ * (see "Unmerging" in merge.c): every byte kept, no VMA maps the store,
+ * no more VMAs than before, the model right.  A page mapped for DMA
+ * keeps its VMA and only takes its copy-on-write fault.
+ */
+static void test_unmerge_anon(Fixture *f, gconstpointer data)
+{
+    static const struct { size_t first, n; } runs[] = {
+        { 2, 1 }, { 5, 1 }, { 10, 4 }, { 20, 2 }, { 22, 3 }, { 30, 1 },
+    };
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    g_autofree bool *shared = g_new(bool, NPAGES);
+    uint32_t pins[NPAGES] = { 0 }, slot[G_N_ELEMENTS(runs)];
+    int merged_vmas;
+    gint64 t0;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    g_assert_true(ms_merger_set_dma_pins(f->m, f->ram, pins, &err));
+    for (size_t k = 0; k < G_N_ELEMENTS(runs); k++) {
+        /* Runs 3 and 4 are neighbours: not on neighbouring slots */
+        slot[k] = publish_copy(f, runs[k].first, runs[k].n,
+                               k == 4 ? 500 : MS_SLOT_NONE);
+        g_assert_cmpint(merge(f, runs[k].first, runs[k].n, slot[k]), ==,
+                        MS_MERGE_DONE);
+    }
+    pg(f, 11)[7] = pg(f, 11)[7];    /* one private copy already */
+    expect = g_memdup2(f->ram, NPAGES * page);
+    merged_vmas = ram_vmas(f);
+    g_assert_cmpint(ram_file_vmas(f), ==, G_N_ELEMENTS(runs));
+    pins[30] = 1;
+
+    t0 = g_get_monotonic_time();
+    g_assert_true(ms_unmerge(f->m, f->ram, NPAGES, &err));
+    g_assert_no_error(err);
+    g_test_message("unmerge of %zu runs: %.1f us per run, VMAs %d -> %d",
+                   G_N_ELEMENTS(runs),
+                   (double)(g_get_monotonic_time() - t0) /
+                   G_N_ELEMENTS(runs), merged_vmas, ram_vmas(f));
+
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    assert_ram_mapped(f);
+    assert_nothing_registered(f);
+    check_vmas(f);
+    g_assert_cmpint(ram_vmas(f), <=, merged_vmas);
+    /* Only the pinned page still has its store VMA, with a private copy */
+    g_assert_cmpint(ram_file_vmas(f), ==, 1);
+    g_assert_cmpuint(shared_pages(f, 0, NPAGES, shared), ==, 0);
+    for (size_t i = 0; i < NPAGES; i++) {
+        g_assert_cmpuint(ms_merger_slot_at(f->m, pg(f, i)), ==,
+                         i == 30 ? slot[5] : MS_SLOT_NONE);
+    }
+
+    /* The slots can go; discards and zero merges then read zeros */
+    for (size_t k = 0; k < G_N_ELEMENTS(runs); k++) {
+        for (size_t i = 0; i < runs[k].n; i++) {
+            g_assert_true(ms_store_put(f->store, slot[k] + i));
+        }
+    }
+    g_assert_cmpmem(f->ram, NPAGES * page, expect, NPAGES * page);
+    g_assert_true(ms_merge_discard(f->m, pg(f, 11), 1, &err));
+    g_assert_true(ms_page_is_zero(pg(f, 11), page));
+    pins[30] = 0;
+    g_assert_true(ms_unmerge(f->m, pg(f, 30), 1, &err));
+    g_assert_cmpint(ram_file_vmas(f), ==, 0);
+    check_vmas(f);
+    g_assert_true(ms_merger_set_dma_pins(f->m, f->ram, NULL, &err));
+}
+
 static void test_discard(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
@@ -833,8 +935,35 @@ static void hammer_pass(Fixture *f, uint32_t *slot_of, GRand *rand,
     *(res.outcome == MS_MERGE_DONE ? done : refused) += 1;
 }
 
+/*
+ * Unmerge a few pages (see "Unmerging": anonymous memory moved over the
+ * runs, with the writers frozen) and drop the references of those that no
+ * longer map their slot
+ */
+static void hammer_unmerge(Fixture *f, uint32_t *slot_of, GRand *rand)
+{
+    g_autoptr(GError) err = NULL;
+    size_t p = g_rand_int_range(rand, 0, HAMMER_PAGES);
+    size_t n = g_rand_int_range(rand, 1, 8);
+    bool shared[8];
+
+    n = MIN(n, HAMMER_PAGES - p);
+    g_assert_true(ms_unmerge(f->m, pg(f, p), n, &err));
+    g_assert_true(ms_merge_test_shared(f->m, pg(f, p), n, shared, NULL,
+                                       &err));
+    for (size_t k = 0; k < n; k++) {
+        g_assert_false(shared[k]);
+        if (slot_of[p + k] != MS_SLOT_NONE) {
+            ms_store_put(f->store, slot_of[p + k]);
+            slot_of[p + k] = MS_SLOT_NONE;
+        }
+    }
+}
+
+/* @data: unmerge now and then too */
 static void test_writers(Fixture *f, gconstpointer data)
 {
+    bool unmerges = GPOINTER_TO_INT(data);
     g_autoptr(GRand) rand = g_rand_new_with_seed(42);
     g_autofree uint8_t *expect = NULL;
     uint32_t slot_of[HAMMER_PAGES];
@@ -861,8 +990,11 @@ static void test_writers(Fixture *f, gconstpointer data)
                                        &w[i]), ==, 0);
     }
     end = g_get_monotonic_time() + HAMMER_SECONDS * G_USEC_PER_SEC;
-    while (g_get_monotonic_time() < end) {
+    for (unsigned pass = 0; g_get_monotonic_time() < end; pass++) {
         hammer_pass(f, slot_of, rand, &done, &refused);
+        if (unmerges && pass % 4 == 3) {
+            hammer_unmerge(f, slot_of, rand);
+        }
     }
     g_atomic_int_set(&stop, true);
     for (unsigned i = 0; i < NWRITERS; i++) {
@@ -1394,14 +1526,6 @@ static void sleeper_join(Sleeper *w)
     g_assert_true(g_atomic_int_get(&w->done));
 }
 
-/* Every page of the test's RAM is mapped (mincore(): ENOMEM if not) */
-static void assert_ram_mapped(Fixture *f)
-{
-    unsigned char vec[NPAGES];
-
-    g_assert_cmpint(mincore(f->ram, NPAGES * page, vec), ==, 0);
-}
-
 /* All of the RAM holds @expect, is mapped, frozen nowhere, modelled */
 static void assert_ram_intact(Fixture *f, const uint8_t *expect)
 {
@@ -1517,6 +1641,51 @@ static void test_remap_fail_discard(Fixture *f, gconstpointer data)
     ms_merger_inject_remap_failure(f->m, ENOMEM, true, NULL, NULL);
     ok = ms_merge_discard(f->m, pg(f, FAIL_FIRST), FAIL_N, &err);
     g_test_message("discard over a hole: %s", ok ? "done" : err->message);
+    assert_ram_intact(f, expect);
+}
+
+/*
+ * The mremap() of an unmerge fails (see "Unmerging" in merge.c): intact,
+ * the pages take their copy-on-write faults in the store's VMAs; over a
+ * hole, the copy made while frozen is moved in.  Either way every byte is
+ * kept, the sleeper's write included, and no page maps its slot.
+ */
+static void test_unmerge_fail(Fixture *f, gconstpointer data)
+{
+    bool hole = GPOINTER_TO_INT(data);
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *expect = NULL;
+    uint64_t *word = (uint64_t *)(pg(f, FAIL_FIRST + 1) + FAIL_WORD);
+    bool shared[FAIL_N];
+    uint32_t slot;
+    Sleeper w;
+
+    if (f->skip) {
+        return;
+    }
+    slot = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+    g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, slot), ==, MS_MERGE_DONE);
+    expect = g_memdup2(f->ram, NPAGES * page);
+    sleeper_start(&w, word, 0x0123456789abcdefULL);
+    *(uint64_t *)(expect + (FAIL_FIRST + 1) * page + FAIL_WORD) = w.value;
+
+    ms_merger_inject_remap_failure(f->m, ENOMEM, hole, sleeper_frozen, &w);
+    g_assert_true(ms_unmerge(f->m, f->ram, NPAGES, &err));
+    g_assert_no_error(err);
+    sleeper_join(&w);
+    assert_ram_intact(f, expect);
+    g_assert_cmpuint(shared_pages(f, FAIL_FIRST, FAIL_N, shared), ==, 0);
+    g_assert_cmpint(ram_file_vmas(f), ==, hole ? 0 : 1);
+    for (size_t k = 0; k < FAIL_N; k++) {
+        g_assert_true(ms_store_put(f->store, slot + k));
+    }
+    assert_ram_intact(f, expect);
+
+    /* Nothing is left armed: the next unmerge leaves anonymous memory */
+    slot = publish_copy(f, FAIL_FIRST, FAIL_N, MS_SLOT_NONE);
+    g_assert_cmpint(merge(f, FAIL_FIRST, FAIL_N, slot), ==, MS_MERGE_DONE);
+    g_assert_true(ms_unmerge(f->m, f->ram, NPAGES, &err));
+    g_assert_cmpint(ram_file_vmas(f), ==, 0);
     assert_ram_intact(f, expect);
 }
 
@@ -1834,6 +2003,10 @@ static void add_remap_fail_tests(void)
         g_test_add(path, Fixture, &fail_cases[i], setup, test_remap_fail,
                    teardown);
     }
+    g_test_add("/merge/remap-fail/unmerge/intact", Fixture,
+               GINT_TO_POINTER(false), setup, test_unmerge_fail, teardown);
+    g_test_add("/merge/remap-fail/unmerge/hole", Fixture,
+               GINT_TO_POINTER(true), setup, test_unmerge_fail, teardown);
     g_test_add("/merge/remap-fail/discard-hole", Fixture, NULL, setup,
                test_remap_fail_discard, teardown);
     g_test_add("/merge/remap-fail/writers", Fixture, NULL, setup,
@@ -1865,11 +2038,14 @@ int main(int argc, char **argv)
     ADD("/merge/zero", test_zero);
     ADD("/merge/zero-unpopulated", test_zero_unpopulated);
     ADD("/merge/unmerge", test_unmerge);
+    ADD("/merge/unmerge-anon", test_unmerge_anon);
     ADD("/merge/discard", test_discard);
     ADD("/merge/budget", test_budget);
     ADD("/merge/budget-process", test_budget_process);
     ADD("/merge/errors", test_errors);
     ADD("/merge/writers", test_writers);
+    g_test_add("/merge/writers/unmerge", Fixture, GINT_TO_POINTER(true),
+               setup, test_writers, teardown);
     ADD("/merge/runs", test_runs);
     ADD("/merge/two-stores", test_two_stores);
     g_test_add("/merge/restart-labels", Fixture, GINT_TO_POINTER(false),
