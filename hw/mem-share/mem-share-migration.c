@@ -30,20 +30,6 @@
  * mode=user object stops its scanner and unmerges; they start again when
  * the migration state notifiers report the end of the snapshot.  While a
  * snapshot runs, mode=user refuses to start.
- *
- * Outgoing migration under TCG.  TCG marks a page dirty before the store
- * that writes it (notdirty_write(), then the store).  A store that hits
- * a run the scanner has frozen sleeps in the kernel between the two; if
- * the migration syncs the dirty log and sends the page meanwhile, the
- * store lands after the page was sent with no dirty bit left to send it
- * again: the destination keeps the old bytes (issue 15, item 8, shown by
- * tests/guest/repro-migrate-frozen-write).  KVM logs the write when the
- * fault is resolved, after the freeze, and is not affected.  So under
- * TCG, from the setup of an outgoing migration to its end, the scanners
- * are held between two batches (nothing frozen, pages stay merged), and
- * before the migration thread starts the vCPUs are paused and resumed
- * once: a store that slept on the last freeze has landed by then, and
- * the migration's first pass sends it.
  */
 
 #include "qemu/osdep.h"
@@ -53,9 +39,7 @@
 #include "qemu/timer.h"
 #include "qapi/error.h"
 #include "qom/object.h"
-#include "sysemu/cpus.h"
 #include "sysemu/runstate.h"
-#include "sysemu/tcg.h"
 #include "migration/migration.h"
 #include "migration/misc.h"
 #include "migration/postcopy-ram.h"
@@ -68,8 +52,6 @@
 /* Why objects are paused: a destination's postcopy, a source's snapshot */
 static bool mem_share_paused_postcopy;
 static bool mem_share_paused_snapshot;
-/* Scanners are held: an outgoing migration under TCG */
-static bool mem_share_held_outgoing;
 
 static NotifierWithReturn mem_share_postcopy_notifier;
 static VMChangeStateEntry *mem_share_vm_change;
@@ -226,52 +208,14 @@ static int mem_share_write_tracking_notify(NotifierWithReturn *n,
     }
 }
 
-static int mem_share_hold_one(Object *obj, void *opaque)
-{
-    MemShareBackend *ms = (MemShareBackend *)
-                          object_dynamic_cast(obj, TYPE_MEM_SHARE);
-
-    if (ms) {
-        mem_share_user_hold(ms, *(bool *)opaque);
-    }
-    return 0;
-}
-
-static void mem_share_hold_all(bool hold)
-{
-    mem_share_held_outgoing = hold;
-    object_child_foreach(object_get_objects_root(), mem_share_hold_one,
-                         &hold);
-    trace_mem_share_migration_hold(hold);
-}
-
-bool mem_share_migration_holds_scanners(void)
-{
-    return mem_share_held_outgoing;
-}
-
-/*
- * Main loop: an outgoing migration starts (before its thread does) or
- * ends (a background snapshot's end resumes what it paused)
- */
+/* Main loop: the end of an outgoing migration (a background snapshot) */
 static void mem_share_migration_state_changed(Notifier *n, void *data)
 {
     MigrationState *s = data;
-    bool ended = migration_has_finished(s) || migration_has_failed(s);
 
-    if (migration_in_setup(s) && tcg_enabled() && !mem_share_held_outgoing) {
-        mem_share_hold_all(true);
-        /* See "Outgoing migration under TCG": let sleeping stores land */
-        if (runstate_is_running()) {
-            pause_all_vcpus();
-            resume_all_vcpus();
-        }
-    }
-    if (mem_share_paused_snapshot && ended) {
+    if (mem_share_paused_snapshot &&
+        (migration_has_finished(s) || migration_has_failed(s))) {
         mem_share_migration_resume();
-    }
-    if (mem_share_held_outgoing && ended) {
-        mem_share_hold_all(false);
     }
 }
 

@@ -105,7 +105,6 @@ struct MemShareUser {
     unsigned waiters;       /* accessed with qatomic_* */
     QemuCond waiters_done;
     bool stop;
-    bool held;              /* merges wait: an outgoing migration (TCG) */
     uint64_t scan_now_pages; /* pages still to scan without pacing */
     bool error_reported;
     uint64_t cpu_ns;        /* accessed with qatomic_* */
@@ -338,10 +337,6 @@ static void *mem_share_user_thread(void *opaque)
 
     qemu_mutex_lock(&u->lock);
     while (!u->stop) {
-        if (u->held) {
-            qemu_cond_wait(&u->wakeup, &u->lock);
-            continue;
-        }
         mem_share_user_step(ms, u);
         /*
          * A step that does not sleep keeps the lock: let the BQL holders
@@ -512,7 +507,6 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     qemu_mutex_init(&u->lock);
     qemu_cond_init(&u->wakeup);
     qemu_cond_init(&u->waiters_done);
-    u->held = mem_share_migration_holds_scanners();
     if (u->client) {
         ms_broker_client_set_interrupt(u->client, mem_share_user_interrupt, u);
     }
@@ -622,23 +616,6 @@ void mem_share_user_scan_now(MemShareBackend *ms)
      */
     mem_share_user_lock(u);
     u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
-    qemu_cond_signal(&u->wakeup);
-    mem_share_user_unlock(u);
-}
-
-/*
- * Hold the scanner between two batches (no run of guest RAM is frozen
- * while it is held), or let it go on.  Returns once it is held.
- */
-void mem_share_user_hold(MemShareBackend *ms, bool hold)
-{
-    MemShareUser *u = ms->user;
-
-    if (!u) {
-        return;
-    }
-    mem_share_user_lock(u);
-    u->held = hold;
     qemu_cond_signal(&u->wakeup);
     mem_share_user_unlock(u);
 }

@@ -69,7 +69,6 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp);
 void mem_share_user_finalize(MemShareBackend *ms);
 void mem_share_user_scan_now(MemShareBackend *ms);
 void mem_share_user_kick(MemShareBackend *ms);
-void mem_share_user_hold(MemShareBackend *ms, bool hold);
 void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info);
 
 /* The scanner's dirty log, dirty-tracking=kvm (mem-share-dirty.c) */
@@ -86,6 +85,5 @@ uint64_t mem_share_dma_pages_mapped(MemShareBackend *ms);
 /* Migration (mem-share-migration.c) */
 void mem_share_migration_register(void);
 bool mem_share_migration_check_user(MemShareBackend *ms, Error **errp);
-bool mem_share_migration_holds_scanners(void);
 
 #endif /* HW_MEM_SHARE_H */
