@@ -1,6 +1,7 @@
 # mem-share build pipeline.
 #
-#   make            fetch Debian's qemu 7.2 source, overlay, patch, configure, build
+#   make            fetch Debian's qemu 10.0 source (and meson, seabios from
+#                   bookworm-backports), overlay, patch, configure, build
 #   make check      build, build the guest artifacts, run tests/run-tests
 #   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
 #   make demo       build everything and run scripts/demo.py
@@ -11,11 +12,14 @@
 # QEMU's own dependency tracking is ninja's: the 'qemu' step always runs ninja,
 # which does nothing when nothing changed.  Make tracks what ninja cannot see:
 # the unpacked source, the overlay files and the patch series.
-# V=1 shows the commands make runs.
+# V=1 shows the commands make runs.  B=DIR builds in DIR instead of build/
+# (the scripts get it as BUILD; tests/run-tests always looks in build/).
 
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3
 B := build
+# The scripts take their build directory from the environment.
+export BUILD := $(abspath $(B))
 SRC := $(B)/qemu-src
 STAMPS := $(B)/stamps
 GUEST := $(B)/guest
@@ -26,11 +30,11 @@ else
 Q := @
 endif
 
-# Overlay directories: mirror QEMU's tree (kept in sync with scripts/overlay.sh).
-OVERLAY_DIRS := $(wildcard accel backends hw include migration monitor qapi softmmu tests/qtest docs util)
-OVERLAY_FILES := $(if $(OVERLAY_DIRS),$(shell find $(OVERLAY_DIRS) \( -name __pycache__ -o -name '.*' \) -prune -o -type f ! -name '*~' ! -name '*.pyc' ! -name '*.orig' ! -name '*.rej' ! -name '*.swp' -print))
+# Overlay files: scripts/overlay.sh holds the list of directories (they mirror
+# QEMU 10.0's tree) and the filter; this asks it.
+OVERLAY_FILES := $(shell scripts/overlay.sh --list-files)
 # Directories too, so that removing or adding a file is noticed.
-OVERLAY_SUBDIRS := $(if $(OVERLAY_DIRS),$(shell find $(OVERLAY_DIRS) \( -name __pycache__ -o -name '.*' \) -prune -o -type d -print))
+OVERLAY_SUBDIRS := $(shell scripts/overlay.sh --list-dirs)
 PATCH_FILES := $(wildcard patches/qemu/series patches/qemu/*.patch patches/qemu/*.diff)
 
 .PHONY: all deps qemu engine check guest demo bench fuzz clean distclean
@@ -43,8 +47,11 @@ all: qemu engine
 deps:
 	$(Q)scripts/deps.sh
 
-$(SRC)/.mem-share-version: | deps
+# Runs again when fetch-qemu.sh changes (a new QEMU version, say): it does
+# nothing, with no network, when the unpacked source and tools are current.
+$(SRC)/.mem-share-version: scripts/fetch-qemu.sh | deps
 	$(Q)scripts/fetch-qemu.sh
+	$(Q)touch $@
 
 $(STAMPS)/overlay: $(SRC)/.mem-share-version $(OVERLAY_FILES) $(OVERLAY_SUBDIRS) $(PATCH_FILES) \
 		$(wildcard patches/qemu) scripts/overlay.sh scripts/fetch-qemu.sh | deps

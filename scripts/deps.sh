@@ -8,16 +8,19 @@ PACKAGES=(
     # toolchain and build system
     build-essential
     ninja-build
-    meson
+    meson           # the engine's build; QEMU 10.0 wants meson >= 1.5, which
+                    # scripts/fetch-qemu.sh takes from bookworm-backports
     pkg-config
     python3
+    python3-venv    # QEMU's configure sets up a venv (ensurepip without pip)
+    python3-distlib # its mkvenv matches versions and writes scripts with distlib
     dpkg-dev        # dpkg-source, to unpack Debian's qemu source package
     patch
     xz-utils
     git
     make
-    # QEMU build dependencies (the configure options we enable)
-    libglib2.0-dev
+    # QEMU 10.0 build dependencies (the configure options we enable)
+    libglib2.0-dev  # QEMU 10.0 wants glib >= 2.66; Debian 12 has 2.74
     libpixman-1-dev
     libfdt-dev
     zlib1g-dev
@@ -28,9 +31,12 @@ PACKAGES=(
     libselinux1-dev
     # mem-share engine
     libxxhash-dev
-    # firmware found through --firmwarepath at run time
+    # firmware found through --firmwarepath at run time: ipxe-qemu's ROMs;
+    # seabios >> 1.16.3 comes from bookworm-backports (build/tools/seabios),
+    # Debian 12's seabios is the fallback
     seabios
     ipxe-qemu
+    binutils        # ld, objcopy: the x86 option ROMs (gcc -m16, no multilib)
     # plots, fuzzing and sanitizers
     gnuplot-nox
     clang

@@ -1,6 +1,10 @@
 #!/bin/bash
 # Lay the project's files over build/qemu-src and apply patches/qemu/series.
 #
+#   scripts/overlay.sh               overlay and patch build/qemu-src
+#   scripts/overlay.sh --list-files  print the overlay files (the Makefile's
+#   scripts/overlay.sh --list-dirs   dependencies: this script holds the list)
+#
 # Overlay files are copied only when their content differs, so unchanged files
 # keep their mtime and ninja rebuilds only what depends on a changed file.
 #
@@ -20,22 +24,32 @@ STATE_NAME=.mem-share-overlay
 STATE=$SRC/$STATE_NAME
 PATCHDIR=patches/qemu
 SERIES=$PATCHDIR/series
-OVERLAY_DIRS=(accel backends hw include migration monitor qapi softmmu tests/qtest docs util)
+# Overlay directories: they mirror QEMU 10.0's tree (softmmu/ is system/ there).
+# The only copy of this list: the Makefile asks for it with --list-files/--list-dirs.
+OVERLAY_DIRS=(accel backends hw include migration monitor qapi system tests/qtest docs util)
 
 log() { echo "overlay: $*"; }
 die() { echo "overlay: error: $*" >&2; exit 1; }
 
-[[ -f $SRC/.mem-share-version ]] || die "no unpacked source in ${SRC#$ROOT/}; run scripts/fetch-qemu.sh"
-
 # Overlay files, relative to the repository, sorted.  Editor and build junk is skipped.
+# With the argument d: the directories instead (the Makefile notices a removed file).
 overlay_files() {
-    local dirs=() d
+    local type=${1:-f} dirs=() d
     for d in "${OVERLAY_DIRS[@]}"; do [[ -d $d ]] && dirs+=("$d"); done
     ((${#dirs[@]})) || return 0
-    find "${dirs[@]}" \( -name __pycache__ -o -name '.*' \) -prune -o -type f \
+    find "${dirs[@]}" \( -name __pycache__ -o -name '.*' \) -prune -o -type "$type" \
         ! -name '*~' ! -name '*.pyc' ! -name '*.orig' ! -name '*.rej' ! -name '*.swp' \
         -print | LC_ALL=C sort
 }
+
+case ${1:-} in
+--list-files) overlay_files f; exit 0 ;;
+--list-dirs) overlay_files d; exit 0 ;;
+"") ;;
+*) die "usage: $0 [--list-files | --list-dirs]" ;;
+esac
+
+[[ -f $SRC/.mem-share-version ]] || die "no unpacked source in ${SRC#$ROOT/}; run scripts/fetch-qemu.sh"
 
 # Patch file names from the series: one per line, '#' comments and blank lines ignored.
 series_patches() {
