@@ -6,7 +6,8 @@
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
  * QEMU's dirty memory has a client of mem-share's own,
- * DIRTY_MEMORY_MEMSHARE (patch 0013): vCPU writes reach it through the
+ * DIRTY_MEMORY_MEMSHARE (patch 0012; its bitmap is allocated when the
+ * first mem-share object turns it on): vCPU writes reach it through the
  * KVM dirty log (bitmap, with manual protect and clear, or the dirty
  * ring), TCG writes through TCG's not-dirty path, device emulation
  * through address_space_write() and address_space_unmap().  mem-share
@@ -108,7 +109,7 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)
     HostMemoryBackend *backend = MEMORY_BACKEND(ms);
     MemShareDirty *d = g_new0(MemShareDirty, 1);
 
-    assert(qemu_mutex_iothread_locked());
+    assert(bql_locked());
     d->ms = ms;
     d->mr = &backend->mr;
     d->page_size = qemu_real_host_page_size();
@@ -117,10 +118,15 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)
     /* Nothing is known yet: the first visit of every page hashes it */
     d->pending = bitmap_new(d->npages);
     bitmap_set(d->pending, 0, d->npages);
-    /* Our bits start clean: the next sync brings what was written since */
+    /* The first time, this allocates the client's bitmap (patch 0012) */
+    memory_region_set_log(d->mr, true, DIRTY_MEMORY_MEMSHARE);
+    /*
+     * Our bits start clean: the next sync brings what was written since.
+     * This also resets TCG's TLB for the RAM, so that TCG's next store to
+     * each page marks our client.
+     */
     g_free(memory_region_snapshot_and_clear_dirty(d->mr, 0, backend->size,
                                                   DIRTY_MEMORY_MEMSHARE));
-    memory_region_set_log(d->mr, true, DIRTY_MEMORY_MEMSHARE);
     d->timer = timer_new_ms(QEMU_CLOCK_REALTIME, mem_share_dirty_sync, d);
     timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
               MEM_SHARE_DIRTY_SYNC_MS);
@@ -133,7 +139,7 @@ void mem_share_dirty_stop(MemShareDirty *d)
     if (!d) {
         return;
     }
-    assert(qemu_mutex_iothread_locked());
+    assert(bql_locked());
     timer_free(d->timer);
     memory_region_set_log(d->mr, false, DIRTY_MEMORY_MEMSHARE);
     qemu_mutex_destroy(&d->lock);

@@ -40,6 +40,7 @@
 #include "qemu/osdep.h"
 #include "qemu/atomic.h"
 #include "exec/memory.h"
+#include "exec/ramblock.h"
 #include "hw/mem-share/mem-share.h"
 #include "trace.h"
 

@@ -39,8 +39,7 @@
 #include "qemu/timer.h"
 #include "qapi/error.h"
 #include "qom/object.h"
-#include "sysemu/runstate.h"
-#include "migration/migration.h"
+#include "system/runstate.h"
 #include "migration/misc.h"
 #include "migration/postcopy-ram.h"
 #include "hw/mem-share/mem-share.h"
@@ -136,7 +135,8 @@ static int mem_share_pause(const char *why, Error **errp)
                                 mem_share_pause_one, &p);
 }
 
-static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data)
+static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data,
+                                     Error **errp)
 {
     struct PostcopyNotifyData *pnd = data;
 
@@ -144,7 +144,7 @@ static int mem_share_postcopy_notify(NotifierWithReturn *n, void *data)
     case POSTCOPY_NOTIFY_INBOUND_ADVISE:
         /* The incoming coroutine, with the BQL */
         mem_share_paused_postcopy = true;
-        return mem_share_pause("postcopy", pnd->errp);
+        return mem_share_pause("postcopy", errp);
     case POSTCOPY_NOTIFY_INBOUND_END:
         /*
          * The listen thread, without the BQL, before it unregisters the
@@ -177,7 +177,7 @@ static void mem_share_vm_state_change(void *opaque, bool running,
 }
 
 static int mem_share_write_tracking_notify(NotifierWithReturn *n,
-                                           void *data)
+                                           void *data, Error **errp)
 {
     WriteTrackingNotifyData *wtd = data;
     MemShareBackend *ms;
@@ -193,14 +193,14 @@ static int mem_share_write_tracking_notify(NotifierWithReturn *n,
         return ms && ms->user ? 1 : 0;
     case WRITE_TRACKING_NOTIFY_RELEASE:
         /* The migration thread, before the RAM is populated and protected */
-        locked = qemu_mutex_iothread_locked();
+        locked = bql_locked();
         if (!locked) {
-            qemu_mutex_lock_iothread();
+            bql_lock();
         }
         mem_share_paused_snapshot = true;
-        ret = mem_share_pause("a background snapshot", wtd->errp);
+        ret = mem_share_pause("a background snapshot", errp);
         if (!locked) {
-            qemu_mutex_unlock_iothread();
+            bql_unlock();
         }
         return ret;
     default:
@@ -209,18 +209,19 @@ static int mem_share_write_tracking_notify(NotifierWithReturn *n,
 }
 
 /* Main loop: the end of an outgoing migration (a background snapshot) */
-static void mem_share_migration_state_changed(Notifier *n, void *data)
+static int mem_share_migration_event(NotifierWithReturn *n,
+                                     MigrationEvent *e, Error **errp)
 {
-    MigrationState *s = data;
-
     if (mem_share_paused_snapshot &&
-        (migration_has_finished(s) || migration_has_failed(s))) {
+        (e->type == MIG_EVENT_PRECOPY_DONE ||
+         e->type == MIG_EVENT_PRECOPY_FAILED)) {
         mem_share_migration_resume();
     }
+    return 0;
 }
 
 static NotifierWithReturn mem_share_write_tracking_notifier;
-static Notifier mem_share_migration_state;
+static NotifierWithReturn mem_share_migration_notifier;
 
 void mem_share_migration_register(void)
 {
@@ -233,18 +234,20 @@ void mem_share_migration_register(void)
     postcopy_add_notifier(&mem_share_postcopy_notifier);
     mem_share_write_tracking_notifier.notify = mem_share_write_tracking_notify;
     ram_write_tracking_add_notifier(&mem_share_write_tracking_notifier);
-    mem_share_migration_state.notify = mem_share_migration_state_changed;
-    add_migration_state_change_notifier(&mem_share_migration_state);
+    migration_add_notifier(&mem_share_migration_notifier,
+                           mem_share_migration_event);
     mem_share_vm_change =
         qemu_add_vm_change_state_handler(mem_share_vm_state_change, NULL);
 }
 
 bool mem_share_migration_check_user(MemShareBackend *ms, Error **errp)
 {
-    MigrationState *s = migrate_get_current();
-
-    if (migrate_background_snapshot() &&
-        migration_is_setup_or_active(s->state)) {
+    /*
+     * Objects of the command line are created before the migration
+     * object, when no migration can run yet: migration_is_running()
+     * does not need it, and comes first.
+     */
+    if (migration_is_running() && migration_in_bg_snapshot()) {
         error_setg(errp, "mode=user cannot start while a background snapshot"
                    " write-protects the guest RAM; it can once the snapshot"
                    " ended");

@@ -12,10 +12,10 @@
 #include "qapi/error.h"
 #include "qapi/qapi-commands-mem-share.h"
 #include "qapi/qapi-commands-stats.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "monitor/hmp.h"
 #include "monitor/monitor.h"
-#include "monitor/stats.h"
+#include "system/stats.h"
 #include "qom/object.h"
 #include "hw/mem-share/mem-share.h"
 #include "mem-share/ksm.h"
@@ -97,7 +97,6 @@ static void mem_share_fill_kernel(MemShareBackend *ms, MemShareInfo *info)
     info->full_scans = host.full_scans;
     info->cow_breaks = host.cow_ksm;
     info->scan_cpu_ns = ms_ksmd_cpu_ns("/proc");
-    info->has_kernel = true;
     info->kernel = k;
 }
 

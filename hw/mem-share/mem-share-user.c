@@ -67,8 +67,8 @@
 #include "qapi/error.h"
 #include "exec/memory.h"
 #include "exec/ramblock.h"
-#include "sysemu/sysemu.h"
-#include "sysemu/qtest.h"
+#include "system/system.h"
+#include "system/qtest.h"
 #include "hw/boards.h"
 #include "hw/mem-share/mem-share.h"
 #include "mem-share/scan.h"
@@ -676,9 +676,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
         gi->rejoins = st.group_rejoins;
         gi->waits = st.group_waits;
         gi->stalled = st.group_stalled;
-        ui->has_group = true;
         ui->group = gi;
     }
-    info->has_user = true;
     info->user = ui;
 }

@@ -29,6 +29,8 @@
 #include "qapi/qapi-visit-mem-share.h"
 #include "qapi/visitor.h"
 #include "qom/object_interfaces.h"
+#include "hw/qdev-core.h"
+#include "system/system.h"
 #include "hw/mem-share/mem-share.h"
 #include "mem-share/ksm.h"
 #include "mem-share/proto.h"
@@ -112,9 +114,8 @@ static bool mem_share_switch(MemShareBackend *ms, MemShareMode from,
     return true;
 }
 
-static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
+static bool mem_share_alloc(HostMemoryBackend *backend, Error **errp)
 {
-    ERRP_GUARD();
     MemShareBackend *ms = MEM_SHARE(backend);
     g_autofree char *name = NULL;
     uint32_t ram_flags;
@@ -122,21 +123,31 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
     if (!backend->size || backend->size % qemu_real_host_page_size()) {
         error_setg(errp, "size must be a non-zero multiple of the host page"
                    " size (%zu bytes)", qemu_real_host_page_size());
-        return;
+        return false;
     }
     if (backend->share) {
         error_setg(errp, "share=on is not supported: merged pages are mapped"
                    " copy-on-write, which needs private memory");
-        return;
+        return false;
+    }
+    if (backend->guest_memfd) {
+        error_setg(errp, "mem-share cannot back the RAM of a confidential"
+                   " guest: its private memory is a guest_memfd, which"
+                   " cannot be deduplicated (use memory-backend-ram)");
+        return false;
     }
 
     name = host_memory_backend_get_name(backend);
-    ram_flags = backend->reserve ? 0 : RAM_NORESERVE;
-    memory_region_init_ram_flags_nomigrate(&backend->mr, OBJECT(backend),
-                                           name, backend->size, ram_flags,
-                                           errp);
-    if (*errp) {
-        return;
+    /*
+     * Private even with -machine aux-ram-share=on, which would otherwise
+     * make the RAM a shared memfd
+     */
+    ram_flags = RAM_PRIVATE;
+    ram_flags |= backend->reserve ? 0 : RAM_NORESERVE;
+    if (!memory_region_init_ram_flags_nomigrate(&backend->mr, OBJECT(backend),
+                                                name, backend->size,
+                                                ram_flags, errp)) {
+        return false;
     }
     mem_share_dma_init(ms);
 
@@ -148,7 +159,7 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
      */
     if (!mem_share_set_mergeable(ms, ms->mode == MEM_SHARE_MODE_KERNEL,
                                  errp)) {
-        return;
+        return false;
     }
     if (ms->mode == MEM_SHARE_MODE_KERNEL) {
         mem_share_warn_ksm_stopped(ms);
@@ -157,6 +168,27 @@ static void mem_share_alloc(HostMemoryBackend *backend, Error **errp)
     mem_share_migration_register();
     trace_mem_share_alloc(mem_share_id(ms), MemShareMode_str(ms->mode),
                           backend->size);
+    return true;
+}
+
+/*
+ * Machine init done: the preallocation of an object created on the
+ * command line has finished, mode=user can start
+ */
+static void mem_share_start_deferred(Notifier *n, void *data)
+{
+    MemShareBackend *ms = container_of(n, MemShareBackend, start_notifier);
+    Error *err = NULL;
+
+    qemu_remove_machine_init_done_notifier(&ms->start_notifier);
+    ms->start_deferred = false;
+    trace_mem_share_start_deferred(mem_share_id(ms));
+    if (ms->mode == MEM_SHARE_MODE_USER && !ms->user &&
+        !mem_share_user_start(ms, &err)) {
+        error_prepend(&err, "mem-share '%s': ", mem_share_id(ms));
+        error_report_err(err);
+        exit(EXIT_FAILURE);
+    }
 }
 
 /*
@@ -179,9 +211,23 @@ static void mem_share_complete(UserCreatable *uc, Error **errp)
     if (*errp) {
         return;
     }
-    if (ms->mode == MEM_SHARE_MODE_USER) {
-        mem_share_user_start(ms, errp);
+    if (ms->mode != MEM_SHARE_MODE_USER) {
+        return;
     }
+    if (MEMORY_BACKEND(ms)->prealloc &&
+        !phase_check(PHASE_LATE_BACKENDS_CREATED)) {
+        /*
+         * The backends of the command line preallocate their RAM in the
+         * background, until they are all created: the scanner must not
+         * merge pages that are being populated.  Start it once the
+         * machine is ready.
+         */
+        ms->start_notifier.notify = mem_share_start_deferred;
+        qemu_add_machine_init_done_notifier(&ms->start_notifier);
+        ms->start_deferred = true;
+        return;
+    }
+    mem_share_user_start(ms, errp);
 }
 
 static int mem_share_get_mode(Object *obj, Error **errp)
@@ -420,6 +466,9 @@ static void mem_share_instance_finalize(Object *obj)
 {
     MemShareBackend *ms = MEM_SHARE(obj);
 
+    if (ms->start_deferred) {
+        qemu_remove_machine_init_done_notifier(&ms->start_notifier);
+    }
     /* The RAM goes away with the object: no need to unmerge it first */
     mem_share_user_finalize(ms);
     mem_share_dma_cleanup(ms);

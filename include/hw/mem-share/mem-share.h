@@ -9,7 +9,7 @@
 #ifndef HW_MEM_SHARE_H
 #define HW_MEM_SHARE_H
 
-#include "sysemu/hostmem.h"
+#include "system/hostmem.h"
 #include "qom/object_interfaces.h"
 #include "qapi/qapi-types-mem-share.h"
 
@@ -38,6 +38,9 @@ struct MemShareBackend {
     char *group;                /* broker group to share with, or NULL */
     char *broker;               /* the broker's socket */
     MemShareUser *user;         /* the scanner, while mode=user runs */
+    /* mode=user waits for machine init done (preallocation) */
+    Notifier start_notifier;
+    bool start_deferred;
     /*
      * The group's broker connection: kept from one mode=user run to the
      * next, so that a restart neither waits for the broker nor leaves
