@@ -269,7 +269,10 @@ fetch_tool() {
     while read -r v; do
         if dpkg --compare-versions "$v" "$op" "$min"; then version=$v; break; fi
     done < <(apt-cache "${apt_opts[@]}" madison "$pkg" 2>/dev/null | awk -F' [|] ' '$3 ~ / Packages$/ { print $2 }' | sort_versions)
-    [[ -n $version ]] || die "no $pkg $op $min in bookworm-backports (found: $(apt-cache "${apt_opts[@]}" madison "$pkg" 2>/dev/null | awk -F' [|] ' '{ print $2 }' | tr '\n' ' '))"
+    if [[ -z $version ]]; then
+        case $op in ge) op=">=" ;; gt) op=">>" ;; esac
+        die "no $pkg ($op $min) in bookworm-backports (binary versions there: $(apt-cache "${apt_opts[@]}" madison "$pkg" 2>/dev/null | awk -F' [|] ' '$3 ~ / Packages$/ { print $2 }' | sort -u | tr '\n' ' '))"
+    fi
     mkdir -p "$DL"
     deb=$(compgen -G "$DL/${pkg}_$(noepoch "$version")_*.deb" | head -1 || true)
     if [[ -z $deb ]]; then
