@@ -54,7 +54,7 @@ CONFIGURE_FLAGS=(
     --disable-install-blobs
     --disable-download
     --disable-containers
-    --firmwarepath=$FIRMWARE_PATH
+    "--firmwarepath=$FIRMWARE_PATH"
 )
 # Targets built; all required.  mem-share-test comes with the patch series
 # (QEMU 10.0 silently drops a qtest whose meson conditions are false, so its
