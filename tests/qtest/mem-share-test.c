@@ -1138,13 +1138,19 @@ static void test_user_group(void)
     rmdir(dir);
 }
 
-/* Set the background-snapshot capability; the error's text, or NULL */
-/* Run @cmd (QMP, must succeed); how long it took, in ms */
-static int64_t timed_qmp(QTestState *qts, const char *cmd)
+/* Run a QMP command (must succeed); how long it took, in ms */
+static int64_t G_GNUC_PRINTF(2, 3) timed_qmp(QTestState *qts,
+                                             const char *fmt, ...)
 {
     gint64 t0 = g_get_monotonic_time();
+    g_autoptr(QDict) resp = NULL;
+    va_list ap;
 
-    qtest_qmp_assert_success(qts, cmd);
+    va_start(ap, fmt);
+    resp = qtest_vqmp(qts, fmt, ap);
+    va_end(ap);
+    g_assert(resp);
+    g_assert(qdict_haskey(resp, "return"));
     return (g_get_monotonic_time() - t0) / 1000;
 }
 
@@ -1664,6 +1670,16 @@ static void test_user_virtio_mem(void)
     QTestState *qts;
     uint64_t base;
 
+    /*
+     * In QEMU 10.0 virtio-mem discards at reset only when memory is
+     * plugged, and plugging takes the guest's driver: the reset below
+     * discards nothing.  guest/test-virtio-mem covers unplugs; this
+     * test needs a virtio-mem driver in libqos to plug first.
+     */
+    g_test_skip("virtio-mem discards at reset only plugged memory, and a"
+                " qtest cannot plug");
+    return;
+
     if (!qtest_has_device("virtio-mem-pci")) {
         g_test_skip("no virtio-mem-pci in this QEMU");
         return;
@@ -1729,6 +1745,11 @@ static void test_user_discard_after_group(void)
     QTestState *a, *b;
     uint64_t base;
     GPid broker;
+
+    /* As in test_user_virtio_mem(): the reset discards nothing */
+    g_test_skip("virtio-mem discards at reset only plugged memory, and a"
+                " qtest cannot plug");
+    return;
 
     if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE) ||
         !qtest_has_device("virtio-mem-pci")) {
