@@ -12,7 +12,14 @@
 #include <sys/syscall.h>
 #include "qemu/cutils.h"
 #include "qemu/units.h"
+#include "qemu/bswap.h"
 #include "libqtest.h"
+#include "libqos/malloc-pc.h"
+#include "libqos/pci-pc.h"
+#include "libqos/virtio.h"
+#include "libqos/virtio-pci.h"
+#include "standard-headers/linux/virtio_config.h"
+#include "standard-headers/linux/virtio_mem.h"
 #include "qapi/error.h"
 #include "qobject/qdict.h"
 #include "qobject/qjson.h"
@@ -1582,6 +1589,79 @@ static QDict *memory_device(QTestState *qts)
     return data;
 }
 
+#define VIRTIO_PCI_VENDOR_ID        0x1af4           /* Red Hat/Qumranet */
+#define VIRTIO_MEM_PCI_DEVICE_ID    (0x1040 + 24)    /* VIRTIO_ID_MEM */
+#define VIRTIO_MEM_TIMEOUT_US       (10 * G_USEC_PER_SEC)
+
+static void find_virtio_mem(QPCIDevice *dev, int devfn, void *data)
+{
+    *(int *)data = devfn;
+    g_free(dev);
+}
+
+/*
+ * Plug @nb_blocks blocks at @addr of the only virtio-mem-pci device, the
+ * way the guest's driver would (the device discards at reset only what
+ * is plugged).  Returns the device's answer, VIRTIO_MEM_RESP_*.
+ */
+static uint16_t virtio_mem_plug(QTestState *qts, uint64_t addr,
+                                uint16_t nb_blocks)
+{
+    const uint64_t features = (1ULL << VIRTIO_F_VERSION_1) |
+                              (1ULL << VIRTIO_MEM_F_ACPI_PXM) |
+                              (1ULL << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) |
+                              (1ULL << VIRTIO_MEM_F_PERSISTENT_SUSPEND);
+    struct virtio_mem_req req = {
+        .type = cpu_to_le16(VIRTIO_MEM_REQ_PLUG),
+        .u.plug.addr = cpu_to_le64(addr),
+        .u.plug.nb_blocks = cpu_to_le16(nb_blocks),
+    };
+    QVirtioPCIDevice *vpci;
+    QPCIAddress pci_addr;
+    QGuestAllocator alloc;
+    QVirtQueue *vq;
+    QPCIBus *bus;
+    uint64_t req_addr, resp_addr;
+    uint32_t head;
+    uint16_t resp;
+    int devfn = -1;
+
+    pc_alloc_init(&alloc, qts, ALLOC_NO_FLAGS);
+    bus = qpci_new_pc(qts, &alloc);
+    qpci_device_foreach(bus, VIRTIO_PCI_VENDOR_ID,
+                        VIRTIO_MEM_PCI_DEVICE_ID, find_virtio_mem, &devfn);
+    g_assert_cmpint(devfn, >=, 0);
+    pci_addr.devfn = devfn;
+    vpci = virtio_pci_new(bus, &pci_addr);
+    g_assert(vpci);
+    qvirtio_pci_device_enable(vpci);
+    qvirtio_start_device(&vpci->vdev);
+    qvirtio_set_features(&vpci->vdev,
+                         qvirtio_get_features(&vpci->vdev) & features);
+    vq = qvirtqueue_setup(&vpci->vdev, &alloc, 0);
+    qvirtio_set_driver_ok(&vpci->vdev);
+
+    req_addr = guest_alloc(&alloc, sizeof(req));
+    resp_addr = guest_alloc(&alloc, sizeof(struct virtio_mem_resp));
+    qtest_memwrite(qts, req_addr, &req, sizeof(req));
+    head = qvirtqueue_add(qts, vq, req_addr, sizeof(req), false, true);
+    qvirtqueue_add(qts, vq, resp_addr, sizeof(struct virtio_mem_resp), true,
+                   false);
+    qvirtqueue_kick(qts, &vpci->vdev, vq, head);
+    qvirtio_wait_used_elem(qts, &vpci->vdev, vq, head, NULL,
+                           VIRTIO_MEM_TIMEOUT_US);
+    resp = le16_to_cpu(qtest_readw(qts, resp_addr));
+
+    guest_free(&alloc, req_addr);
+    guest_free(&alloc, resp_addr);
+    qvirtqueue_cleanup(vpci->vdev.bus, vq, &alloc);
+    qvirtio_pci_device_disable(vpci);
+    g_free(vpci);
+    qpci_free_pc(bus);
+    alloc_destroy(&alloc);
+    return resp;
+}
+
 /*
  * Lines of /proc/PID/maps (PID from @pidfile) that contain @what; with
  * @private, only private mappings: guest pages that map the store, not
@@ -1670,16 +1750,6 @@ static void test_user_virtio_mem(void)
     QTestState *qts;
     uint64_t base;
 
-    /*
-     * In QEMU 10.0 virtio-mem discards at reset only when memory is
-     * plugged, and plugging takes the guest's driver: the reset below
-     * discards nothing.  guest/test-virtio-mem covers unplugs; this
-     * test needs a virtio-mem driver in libqos to plug first.
-     */
-    g_test_skip("virtio-mem discards at reset only plugged memory, and a"
-                " qtest cannot plug");
-    return;
-
     if (!qtest_has_device("virtio-mem-pci")) {
         g_test_skip("no virtio-mem-pci in this QEMU");
         return;
@@ -1688,9 +1758,11 @@ static void test_user_virtio_mem(void)
                       "-object mem-share,id=m0,size=128M,mode=off "
                       "-object mem-share,id=vm0,size=64M,mode=user "
                       "-device virtio-mem-pci,id=vmem0,memdev=vm0,"
-                      "block-size=2M,requested-size=0 -pidfile %s", pidfile);
+                      "block-size=2M,requested-size=2M -pidfile %s", pidfile);
     dev = memory_device(qts);
     base = qdict_get_int(dev, "memaddr");
+    /* The reset discards all of the memory if some of it is plugged */
+    g_assert_cmpuint(virtio_mem_plug(qts, base, 1), ==, VIRTIO_MEM_RESP_ACK);
 
     /* Duplicates and zero pages, merged */
     write_dups(qts, base, D_PAGES);
@@ -1746,11 +1818,6 @@ static void test_user_discard_after_group(void)
     uint64_t base;
     GPid broker;
 
-    /* As in test_user_virtio_mem(): the reset discards nothing */
-    g_test_skip("virtio-mem discards at reset only plugged memory, and a"
-                " qtest cannot plug");
-    return;
-
     if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE) ||
         !qtest_has_device("virtio-mem-pci")) {
         g_test_skip("mem-share-broker or virtio-mem-pci not built");
@@ -1762,9 +1829,11 @@ static void test_user_discard_after_group(void)
                     "-object mem-share,id=m0,size=128M,mode=off "
                     "-object mem-share,id=vm0,size=64M,mode=user,group=g1,"
                     "broker=%s -device virtio-mem-pci,id=vmem0,memdev=vm0,"
-                    "block-size=2M,requested-size=0", sock);
+                    "block-size=2M,requested-size=2M", sock);
     dev = memory_device(a);
     base = qdict_get_int(dev, "memaddr");
+    /* As in test_user_virtio_mem(): the reset discards if some is plugged */
+    g_assert_cmpuint(virtio_mem_plug(a, base, 1), ==, VIRTIO_MEM_RESP_ACK);
     write_group_pages(b, 40 * MiB);
     write_group_pages(a, base);
     for (int tries = 0; id_group_pages(a, "vm0") < G_PAGES ||
