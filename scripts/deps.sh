@@ -2,6 +2,10 @@
 # Install the Debian packages the build and the tests need, if missing.
 # Prints nothing when everything is already installed.
 # The list lives here only: add a package on its own line.
+#
+#   scripts/deps.sh          the packages of `make` and `make check`
+#   scripts/deps.sh libvirt  those plus the ones libvirt 11.3 needs
+#                            (`make libvirt`, scripts/build-libvirt.sh)
 set -euo pipefail
 
 PACKAGES=(
@@ -42,6 +46,32 @@ PACKAGES=(
     clang
     libclang-rt-14-dev
 )
+
+# libvirt 11.3 (`make libvirt` only): what scripts/build-libvirt.sh's meson
+# options need beyond the list above.  glib, libselinux, numa, readline,
+# python3 and perl come with the list above or with Debian 12's base.
+LIBVIRT_PACKAGES=(
+    xsltproc        # required programs of libvirt's meson.build
+    libxml2-utils   # (xmllint)
+    libxml2-dev
+    libgnutls28-dev
+    libtirpc-dev    # XDR for the remote driver and the daemons' RPC
+    libjson-c-dev   # the QEMU driver's QMP and capabilities parsing
+    libnl-3-dev     # host network devices (the QEMU driver's interfaces)
+    libnl-route-3-dev
+    libacl1-dev     # with libselinux1-dev: the QEMU driver copies ACLs and
+    libselinux1-dev # SELinux labels into a domain's private /dev namespace
+    libcap-ng-dev   # capabilities of the QEMU processes
+    libudev-dev     # node device enumeration
+    libpciaccess-dev
+    libreadline-dev # virsh's interactive shell
+)
+
+case ${1:-} in
+"") ;;
+libvirt) PACKAGES+=("${LIBVIRT_PACKAGES[@]}") ;;
+*) echo "usage: $0 [libvirt]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${PACKAGES[@]}"; do
