@@ -6,6 +6,9 @@
 #   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
 #   make demo       build everything and run scripts/demo.py
 #   make fuzz       fuzz the broker protocol decoder (FUZZ_TIME=300 seconds)
+#   make libvirt    fetch Debian's libvirt 11.3 source, patch, build a minimal
+#                   libvirt (QEMU driver, virtqemud, virsh) in build/libvirt-build
+#                   (not part of all or check yet; see scripts/build-libvirt.sh)
 #   make clean      remove the QEMU and engine build directories
 #   make distclean  remove build/ entirely (the next make downloads the source again)
 #
@@ -37,7 +40,7 @@ OVERLAY_FILES := $(shell scripts/overlay.sh --list-files)
 OVERLAY_SUBDIRS := $(shell scripts/overlay.sh --list-dirs)
 PATCH_FILES := $(wildcard patches/qemu/series patches/qemu/*.patch patches/qemu/*.diff)
 
-.PHONY: all deps qemu engine check guest demo bench fuzz clean distclean
+.PHONY: all deps qemu engine check guest demo bench fuzz libvirt deps-libvirt clean distclean
 .DEFAULT_GOAL := all
 
 all: qemu engine
@@ -97,6 +100,23 @@ fuzz: | deps
 	$(Q)if [ -f scripts/fuzz.py ]; then $(PYTHON) scripts/fuzz.py; \
 	elif [ -x scripts/fuzz.sh ]; then scripts/fuzz.sh; \
 	else echo "fuzz: scripts/fuzz.sh is missing"; exit 1; fi
+
+# libvirt 11.3 (issue 17).  deps-libvirt installs libvirt's extra packages
+# as well; fetch-libvirt.sh re-unpacks (from build/dl, no network) when its
+# patch series changed, and ninja does the rest.
+LIBVIRT_SRC := $(B)/libvirt-src
+LIBVIRT_PATCH_FILES := $(wildcard patches/libvirt/series patches/libvirt/*.patch patches/libvirt/*.diff)
+
+deps-libvirt:
+	$(Q)scripts/deps.sh libvirt
+
+$(LIBVIRT_SRC)/.mem-share-version: scripts/fetch-libvirt.sh scripts/apt-private.sh $(LIBVIRT_PATCH_FILES) \
+		$(wildcard patches/libvirt) | deps-libvirt
+	$(Q)scripts/fetch-libvirt.sh
+	$(Q)touch $@
+
+libvirt: $(LIBVIRT_SRC)/.mem-share-version | deps-libvirt
+	$(Q)nice -n $(or $(NICE),0) scripts/build-libvirt.sh
 
 clean:
 	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64 \

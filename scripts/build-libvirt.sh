@@ -1,0 +1,185 @@
+#!/bin/bash
+# Configure (when needed) and build a minimal libvirt 11.3 in
+# build/libvirt-build from build/libvirt-src (scripts/fetch-libvirt.sh): the
+# QEMU driver with the modular daemons (virtqemud, and virtlogd, which the QEMU
+# driver logs through), the remote driver, virsh, virt-host-validate, and the
+# test programs make check will run.  Every other hypervisor driver, the
+# network, interface, secret, nwfilter and storage drivers, docs and
+# translations are off.
+#
+# Run from the build tree (as root; nothing is installed): libvirt's `run`
+# script sets the environment that makes the programs use the build tree's
+# modules and data, and the default prefix (/usr/local) keeps the sockets
+# apart from a system libvirt's:
+#
+#   build/libvirt-build/run build/libvirt-build/src/virtlogd --daemon
+#   build/libvirt-build/run build/libvirt-build/src/virtqemud --verbose &
+#   build/libvirt-build/run build/libvirt-build/tools/virsh -c qemu:///system version
+#   build/libvirt-build/run build/libvirt-build/tools/virt-host-validate qemu
+#
+# (virsh finds virtqemud's socket, /usr/local/var/run/libvirt/virtqemud-sock,
+# by itself; -c qemu:///system is the default URI for root.)  The QEMU binary
+# goes into the domain XML's <emulator>, e.g. build/qemu-system-x86_64.
+#
+# An operator installs into a prefix of choice from the same build tree:
+#
+#   meson configure build/libvirt-build -Dprefix=/opt/mem-share/libvirt
+#   ninja -C build/libvirt-build && meson install -C build/libvirt-build
+#
+# (or DESTDIR=/staging meson install ... for a package); this builds the
+# remaining default targets (the other tests) first.
+#
+# meson: Debian 12's (1.0.1; libvirt 11.3 wants >= 0.56), run with the
+# system's python.  meson setup runs once (in a fresh directory); again when
+# its options or the meson version change.  A changed source tree is ninja's
+# business (it reruns meson itself when a meson.build changed).
+#
+#   scripts/build-libvirt.sh            configure and build
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUILD=${BUILD:-$ROOT/build}
+SRC=$BUILD/libvirt-src
+LB=$BUILD/libvirt-build
+STAMPS=$BUILD/stamps
+export PATH=/usr/bin:/bin:$PATH
+
+MESON_OPTIONS=(
+    --buildtype=debugoptimized
+    -Dtests=enabled                 # the test programs below
+    -Dexpensive_tests=disabled
+    -Ddocs=disabled
+    -Dnls=disabled
+    -Dinit_script=none
+    # what we want
+    -Ddriver_qemu=enabled
+    -Ddriver_remote=enabled         # virsh talks to virtqemud through it
+    -Ddriver_libvirtd=enabled       # the daemon code: virtqemud, virtlogd (also libvirtd)
+    -Dhost_validate=enabled         # virt-host-validate
+    -Djson_c=enabled                # required by the QEMU driver
+    -Dselinux=enabled               # libselinux and libacl (no option: meson checks
+    -Dsecdriver_selinux=enabled     #   below) are both needed for the QEMU driver's
+    -Dattr=enabled                  #   private /dev namespace (qemu_namespace.c)
+    -Dcapng=enabled
+    -Dlibnl=enabled
+    -Dudev=enabled                  # the node device driver (host devices)
+    -Dpciaccess=enabled
+    -Dnumactl=enabled
+    -Dreadline=enabled              # virsh's shell
+    # other hypervisors
+    -Ddriver_bhyve=disabled
+    -Ddriver_ch=disabled
+    -Ddriver_esx=disabled
+    -Ddriver_hyperv=disabled
+    -Ddriver_libxl=disabled
+    -Ddriver_lxc=disabled
+    -Ddriver_openvz=disabled
+    -Ddriver_test=disabled
+    -Ddriver_vbox=disabled
+    -Ddriver_vmware=disabled
+    -Ddriver_vz=disabled
+    # other drivers: not needed by the QEMU driver to build or to run a domain
+    # whose disks are files and whose NICs are not <interface type='network'>
+    -Ddriver_network=disabled
+    -Ddriver_interface=disabled
+    -Ddriver_secrets=disabled
+    -Dstorage_dir=disabled
+    -Dstorage_disk=disabled
+    -Dstorage_fs=disabled
+    -Dstorage_gluster=disabled
+    -Dstorage_iscsi=disabled
+    -Dstorage_iscsi_direct=disabled
+    -Dstorage_lvm=disabled
+    -Dstorage_mpath=disabled
+    -Dstorage_rbd=disabled
+    -Dstorage_scsi=disabled
+    -Dstorage_vstorage=disabled
+    -Dstorage_zfs=disabled
+    # optional libraries and features we do not use
+    -Dapparmor=disabled
+    -Dsecdriver_apparmor=disabled
+    -Daudit=disabled
+    -Dbash_completion=disabled
+    -Dblkid=disabled
+    -Dcurl=disabled
+    -Ddtrace=disabled
+    -Dfirewalld=disabled
+    -Dfirewalld_zone=disabled
+    -Dfuse=disabled
+    -Dglusterfs=disabled
+    -Dlibiscsi=disabled
+    -Dlibpcap=disabled
+    -Dlibssh=disabled
+    -Dlibssh2=disabled
+    -Dlogin_shell=disabled
+    -Dnbdkit=disabled
+    -Dnetcf=disabled
+    -Dnss=disabled
+    -Dnumad=disabled
+    -Dpm_utils=disabled
+    -Dopenwsman=disabled
+    -Dpolkit=disabled
+    -Dsanlock=disabled
+    -Dsasl=disabled
+    -Dssh_proxy=disabled
+    -Dsysctl_config=disabled
+    -Duserfaultfd_sysctl=disabled
+    -Dwireshark_dissector=disabled
+)
+# Built targets, all required (besides the test mocks, found below).
+TARGETS=(
+    src/virtqemud
+    src/virtlogd
+    src/libvirt_driver_qemu.so
+    tools/virsh
+    tools/virt-host-validate
+    tests/qemuxmlconftest
+    tests/qemucapabilitiestest
+    tests/domaincapstest
+    tests/virschematest
+    tests/qemumonitorjsontest
+)
+# config.h symbols the build must have: mount namespaces need both ACL and
+# SELinux support compiled in (else qemuDomainNamespaceAvailable() says no,
+# silently, and domains share the host's /dev).
+REQUIRED_CONFIG=(WITH_QEMU WITH_REMOTE WITH_LIBVIRTD WITH_LIBACL WITH_SELINUX WITH_CAPNG WITH_JSON_C WITH_LIBNL)
+
+log() { echo "build-libvirt: $*"; }
+die() { echo "build-libvirt: error: $*" >&2; exit 1; }
+
+[[ -f $SRC/.mem-share-version ]] || die "no unpacked source in ${SRC#$ROOT/}; run scripts/fetch-libvirt.sh"
+mkdir -p "$STAMPS"
+
+meson_version=$(meson --version)
+want_stamp=$(printf '%s\n' "${MESON_OPTIONS[@]}" "meson $meson_version")
+if [[ ! -f $LB/build.ninja || ! -f $STAMPS/libvirt-configure || $(cat "$STAMPS/libvirt-configure") != "$want_stamp" ]]; then
+    log "meson setup (meson $meson_version; log: ${LB#$ROOT/}/setup.log)"
+    rm -rf "$LB" "$STAMPS/libvirt-configure"
+    mkdir -p "$LB"
+    if ! meson setup "${MESON_OPTIONS[@]}" "$LB" "$SRC" >"$BUILD/libvirt-setup.log" 2>&1 </dev/null; then
+        tail -40 "$BUILD/libvirt-setup.log" >&2
+        mv "$BUILD/libvirt-setup.log" "$LB/setup.log"
+        die "meson setup failed (log: ${LB#$ROOT/}/setup.log)"
+    fi
+    mv "$BUILD/libvirt-setup.log" "$LB/setup.log"
+    missing=()
+    for s in "${REQUIRED_CONFIG[@]}"; do
+        grep -q "^#define $s 1" "$LB/meson-config.h" || missing+=("$s")
+    done
+    ((${#missing[@]} == 0)) || die "configured without ${missing[*]} (see ${LB#$ROOT/}/setup.log)"
+    echo "$want_stamp" >"$STAMPS/libvirt-configure"
+fi
+
+# The mock libraries the tests LD_PRELOAD (no link dependency: ninja would
+# not build them for the tests alone).
+mapfile -t MOCKS < <(ninja -C "$LB" -t targets all 2>/dev/null | sed -n 's/^\(tests\/lib[^:]*\.so\): .*/\1/p' | LC_ALL=C sort -u)
+((${#MOCKS[@]})) || die "no test mock libraries in ${LB#$ROOT/}"
+known=$(ninja -C "$LB" -t targets all 2>/dev/null | sed 's/:.*//')
+missing=()
+for t in "${TARGETS[@]}"; do
+    grep -qxF "$t" <<<"$known" || missing+=("$t")
+done
+((${#missing[@]} == 0)) || die "no ninja target ${missing[*]} in ${LB#$ROOT/}"
+
+ninja -C "$LB" ${NINJA_JOBS:+-j "$NINJA_JOBS"} "${TARGETS[@]}" "${MOCKS[@]}"
