@@ -9,25 +9,33 @@
 #
 # Run from the build tree (as root; nothing is installed): libvirt's `run`
 # script sets the environment that makes the programs use the build tree's
-# modules and data, and the default prefix (/usr/local) keeps the sockets
-# apart from a system libvirt's:
+# modules and data (LIBVIRT_DIR_OVERRIDE); on a systemd host it also stops a
+# system libvirt's units for the time being.
 #
+#   mkdir -p /var/local/log/libvirt      # the daemons' logs with --daemon
 #   build/libvirt-build/run build/libvirt-build/src/virtlogd --daemon
-#   build/libvirt-build/run build/libvirt-build/src/virtqemud --verbose &
-#   build/libvirt-build/run build/libvirt-build/tools/virsh -c qemu:///system version
+#   build/libvirt-build/run build/libvirt-build/src/virtqemud --daemon
+#   build/libvirt-build/run build/libvirt-build/tools/virsh -c qemu:///system list --all
 #   build/libvirt-build/run build/libvirt-build/tools/virt-host-validate qemu
 #
-# (virsh finds virtqemud's socket, /usr/local/var/run/libvirt/virtqemud-sock,
-# by itself; -c qemu:///system is the default URI for root.)  The QEMU binary
-# goes into the domain XML's <emulator>, e.g. build/qemu-system-x86_64.
+# (without --daemon they log to stderr).  The prefix is /usr/local
+# (LIBVIRT_PREFIX=DIR changes it): configuration in /usr/local/etc/libvirt
+# (qemu.conf, virtqemud.conf; none needed), state in /var/local/lib/libvirt,
+# logs in /var/local/log/libvirt, sockets in /var/local/run/libvirt
+# (runstatedir is set to localstatedir/run, where virsh looks), all apart
+# from a system libvirt's.  The QEMU driver starts only if the user and
+# group libvirt-qemu exist (Debian's default QEMU user, resolved before
+# qemu.conf is read): useradd --system --no-create-home --user-group
+# libvirt-qemu.  QEMU is the domain XML's <emulator>, e.g.
+# build/qemu-system-x86_64 (virsh version reports no hypervisor version
+# while no qemu-system-x86_64 is in PATH).
 #
-# An operator installs into a prefix of choice from the same build tree:
+# An operator installs from the same build tree into the prefix:
 #
-#   meson configure build/libvirt-build -Dprefix=/opt/mem-share/libvirt
-#   ninja -C build/libvirt-build && meson install -C build/libvirt-build
+#   LIBVIRT_PREFIX=/opt/mem-share/libvirt make libvirt
+#   meson install -C build/libvirt-build       (DESTDIR=... for staging)
 #
-# (or DESTDIR=/staging meson install ... for a package); this builds the
-# remaining default targets (the other tests) first.
+# which also builds the remaining default targets (the other tests) first.
 #
 # meson: Debian 12's (1.0.1; libvirt 11.3 wants >= 0.56), run with the
 # system's python.  meson setup runs once (in a fresh directory); again when
@@ -44,9 +52,21 @@ SRC=$BUILD/libvirt-src
 LB=$BUILD/libvirt-build
 STAMPS=$BUILD/stamps
 export PATH=/usr/bin:/bin:$PATH
+PREFIX=${LIBVIRT_PREFIX:-/usr/local}
+case $PREFIX in
+/usr) LOCALSTATEDIR=/var ;;
+/usr/local) LOCALSTATEDIR=/var/local ;;
+*) LOCALSTATEDIR=$PREFIX/var ;;
+esac
 
 MESON_OPTIONS=(
     --buildtype=debugoptimized
+    "--prefix=$PREFIX"
+    "--localstatedir=$LOCALSTATEDIR"
+    # The daemons put their sockets in runstatedir (default /run), virsh
+    # looks in localstatedir/run: the same directory, and not a system
+    # libvirt's /run/libvirt.
+    "-Drunstatedir=$LOCALSTATEDIR/run"
     -Dtests=enabled                 # the test programs below
     -Dexpensive_tests=disabled
     -Ddocs=disabled
