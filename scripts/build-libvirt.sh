@@ -155,6 +155,7 @@ TARGETS=(
     tools/virsh
     tools/virt-host-validate
     tests/qemuxmlconftest
+    tests/genericxml2xmltest
     tests/qemucapabilitiestest
     tests/domaincapstest
     tests/virschematest
