@@ -760,6 +760,18 @@ class Guest:
         except Exception:  # pylint: disable=broad-except
             return ""
 
+    def qemu_log_now(self):
+        """QEMU's output so far, while it runs (qemu_log() has it only
+        after the shutdown)."""
+        path = getattr(self.vm, "_qemu_log_path", None)
+        if not path:
+            return ""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
     # -- console
     def wait_line(self, pattern, timeout, start=0, fail_pattern=None):
         """Wait until a console line (index >= start) matches pattern.
