@@ -1,15 +1,16 @@
 # mem-share build pipeline.
 #
 #   make            fetch Debian's qemu 10.0 source (and meson, seabios from
-#                   bookworm-backports), overlay, patch, configure, build
+#                   bookworm-backports), overlay, patch, configure, build;
+#                   the same for libvirt 11.3 (make libvirt)
 #   make check      build, build the guest artifacts, run tests/run-tests
 #   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
 #   make demo       build everything and run scripts/demo.py
 #   make fuzz       fuzz the broker protocol decoder (FUZZ_TIME=300 seconds)
 #   make libvirt    fetch Debian's libvirt 11.3 source, patch, build a minimal
-#                   libvirt (QEMU driver, virtqemud, virsh) in build/libvirt-build
-#                   (not part of all or check yet; see scripts/build-libvirt.sh)
-#   make clean      remove the QEMU and engine build directories
+#                   libvirt (QEMU driver, virtqemud, virsh, the test programs
+#                   make check runs) in build/libvirt-build (scripts/build-libvirt.sh)
+#   make clean      remove the QEMU, libvirt and engine build directories
 #   make distclean  remove build/ entirely (the next make downloads the source again)
 #
 # QEMU's own dependency tracking is ninja's: the 'qemu' step always runs ninja,
@@ -43,7 +44,7 @@ PATCH_FILES := $(wildcard patches/qemu/series patches/qemu/*.patch patches/qemu/
 .PHONY: all deps qemu engine check guest demo bench fuzz libvirt deps-libvirt clean distclean
 .DEFAULT_GOAL := all
 
-all: qemu engine
+all: qemu engine libvirt
 
 # Checks the Debian packages every time (quietly, a fraction of a second), so
 # a machine that lost a package gets it back.  Order-only: never forces rebuilds.
@@ -101,7 +102,7 @@ fuzz: | deps
 	elif [ -x scripts/fuzz.sh ]; then scripts/fuzz.sh; \
 	else echo "fuzz: scripts/fuzz.sh is missing"; exit 1; fi
 
-# libvirt 11.3 (issue 17).  deps-libvirt installs libvirt's extra packages
+# libvirt 11.3.  deps-libvirt installs libvirt's extra packages
 # as well; fetch-libvirt.sh re-unpacks (from build/dl, no network) when its
 # patch series changed, and ninja does the rest.
 LIBVIRT_SRC := $(B)/libvirt-src
@@ -120,6 +121,7 @@ libvirt: $(LIBVIRT_SRC)/.mem-share-version | deps-libvirt
 
 clean:
 	rm -rf $(B)/qemu-build $(B)/engine $(B)/engine-setup.log $(STAMPS)/configure $(B)/qemu-system-x86_64 \
+		$(B)/libvirt-build $(STAMPS)/libvirt-configure \
 		$(B)/mem-share-broker $(B)/fuzz
 
 distclean:
