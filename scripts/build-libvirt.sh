@@ -87,6 +87,8 @@ MESON_OPTIONS=(
     -Dpciaccess=enabled
     -Dnumactl=enabled
     -Dreadline=enabled              # virsh's shell
+    -Dapparmor=enabled              # Debian's security driver and virt-aa-helper
+    -Dsecdriver_apparmor=enabled    #   (inactive on a kernel without AppArmor)
     # other hypervisors
     -Ddriver_bhyve=disabled
     -Ddriver_ch=disabled
@@ -117,8 +119,6 @@ MESON_OPTIONS=(
     -Dstorage_vstorage=disabled
     -Dstorage_zfs=disabled
     # optional libraries and features we do not use
-    -Dapparmor=disabled
-    -Dsecdriver_apparmor=disabled
     -Daudit=disabled
     -Dbash_completion=disabled
     -Dblkid=disabled
@@ -154,6 +154,7 @@ TARGETS=(
     src/libvirt_driver_qemu.so
     tools/virsh
     tools/virt-host-validate
+    src/virt-aa-helper
     tests/qemuxmlconftest
     tests/genericxml2xmltest
     tests/qemucapabilitiestest
@@ -164,7 +165,8 @@ TARGETS=(
 # config.h symbols the build must have: mount namespaces need both ACL and
 # SELinux support compiled in (else qemuDomainNamespaceAvailable() says no,
 # silently, and domains share the host's /dev).
-REQUIRED_CONFIG=(WITH_QEMU WITH_REMOTE WITH_LIBVIRTD WITH_LIBACL WITH_SELINUX WITH_CAPNG WITH_JSON_C WITH_LIBNL)
+REQUIRED_CONFIG=(WITH_QEMU WITH_REMOTE WITH_LIBVIRTD WITH_LIBACL WITH_SELINUX WITH_CAPNG WITH_JSON_C WITH_LIBNL
+                 WITH_SECDRIVER_APPARMOR)
 
 log() { echo "build-libvirt: $*"; }
 die() { echo "build-libvirt: error: $*" >&2; exit 1; }

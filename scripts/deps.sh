@@ -65,6 +65,8 @@ LIBVIRT_PACKAGES=(
     libudev-dev     # node device enumeration
     libpciaccess-dev
     libreadline-dev # virsh's interactive shell
+    libapparmor-dev # virt-aa-helper, Debian's security driver (its test runs
+                    # here, without AppArmor in the kernel)
 )
 
 case ${1:-} in
