@@ -54,6 +54,7 @@ SYSCONFDIR = "/etc" if PREFIX == "/usr" else PREFIX + "/etc"
 LOCALSTATEDIR = {"/usr": "/var", "/usr/local": "/var/local"}.get(PREFIX, PREFIX + "/var")
 
 QEMU_USER = "libvirt-qemu"     # the build's default QEMU user and group (Debian)
+QEMU_GROUP = "libvirt-qemu"
 KVM_GROUP = "kvm"
 URI = "qemu:///system"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -131,7 +132,13 @@ class HostAccounts:
                       "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
                       QEMU_USER],
                      ["userdel", QEMU_USER], "created user %s" % QEMU_USER)
-        if QEMU_USER not in grp.getgrnam(KVM_GROUP).gr_mem:
+        try:
+            grp.getgrnam(QEMU_GROUP)
+        except KeyError:    # a user libvirt-qemu without its group
+            self._do(["groupadd", "--system", QEMU_GROUP],
+                     ["groupdel", QEMU_GROUP], "created group %s" % QEMU_GROUP)
+        kvm = grp.getgrnam(KVM_GROUP)
+        if QEMU_USER not in kvm.gr_mem and pwd.getpwnam(QEMU_USER).pw_gid != kvm.gr_gid:
             self._do(["gpasswd", "--add", QEMU_USER, KVM_GROUP],
                      ["gpasswd", "--delete", QEMU_USER, KVM_GROUP],
                      "added %s to group %s" % (QEMU_USER, KVM_GROUP))
@@ -158,10 +165,9 @@ class HostAccounts:
         return probs
 
 
-def ids(user=QEMU_USER):
-    """(uid, gid) of the QEMU user."""
-    pw = pwd.getpwnam(user)
-    return pw.pw_uid, pw.pw_gid
+def ids():
+    """(uid, gid) QEMU runs with: the QEMU user's and the QEMU group's."""
+    return pwd.getpwnam(QEMU_USER).pw_uid, grp.getgrnam(QEMU_GROUP).gr_gid
 
 
 # --------------------------------------------------------------------- daemons
