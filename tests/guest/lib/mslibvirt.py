@@ -2,8 +2,11 @@
 
 Python standard library only.
 
-The daemons (virtlogd, virtqemud) run as root from the build tree through
-libvirt's `run` script, as scripts/build-libvirt.sh describes, but in a
+The daemons (virtlogd, virtqemud) run as root from the build tree with the
+environment libvirt's `run` script gives them (scripts/build-libvirt.sh),
+set here rather than through `run`, which on a systemd host stops a system
+libvirt's units for the time being (a test must not touch the host's
+services, and needs not: nothing is shared with them), and in a
 mount namespace of their own: there a directory of the test is mounted
 over the build's sysconfdir (/usr/local/etc, so /usr/local/etc/libvirt
 holds the test's qemu.conf, virtqemud.conf and virtlogd.conf) and another
@@ -43,7 +46,6 @@ def _path_env(name, default):
 
 
 BUILD = _path_env("LIBVIRT_BUILD", "build/libvirt-build")
-RUN = os.path.join(BUILD, "run")
 VIRTQEMUD = os.path.join(BUILD, "src", "virtqemud")
 VIRTLOGD = os.path.join(BUILD, "src", "virtlogd")
 VIRSH = os.path.join(BUILD, "tools", "virsh")
@@ -67,7 +69,7 @@ class LibvirtError(Exception):
 def missing_prerequisites():
     """Human-readable problems with the libvirt build and the host tools."""
     probs = []
-    for f in (RUN, VIRTQEMUD, VIRTLOGD, VIRSH, QEMU_DRIVER):
+    for f in (VIRTQEMUD, VIRTLOGD, VIRSH, QEMU_DRIVER):
         if not os.path.isfile(f):
             probs.append("missing %s (run make libvirt)" % f)
     if os.geteuid() != 0:
@@ -91,6 +93,19 @@ def driver_knows(word):
             return word.encode() in f.read()
     except OSError:
         return False
+
+
+def build_env():
+    """The environment of libvirt's `run` script: the build tree's
+    libraries, programs, modules and data (LIBVIRT_DIR_OVERRIDE)."""
+    env = dict(os.environ)
+    for var, d in (("LD_LIBRARY_PATH", "src"), ("PKG_CONFIG_PATH", "src")):
+        env[var] = os.path.join(BUILD, d) + (":" + env[var] if env.get(var) else "")
+    env["PATH"] = "%s:%s:%s" % (os.path.join(BUILD, "src"), os.path.join(BUILD, "tools"),
+                                SYSTEM_PATH)
+    env["LIBVIRT_DIR_OVERRIDE"] = "1"
+    env["abs_builddir"] = env["abs_top_builddir"] = BUILD
+    return env
 
 
 def _run(argv, **kw):
@@ -264,17 +279,16 @@ class Libvirt:
         return ["nsenter", "--target", str(self.holder.pid), "--mount", "--"] + list(argv)
 
     def start_daemon(self, name, wait_for):
-        """Start a daemon (virtlogd, virtqemud) in the foreground under
-        `run`; its stdout/stderr go to log/libvirt/NAME.stderr; returns once
+        """Start a daemon (virtlogd, virtqemud) in the foreground (with
+        `run`'s environment); its stdout/stderr go to log/libvirt/NAME.stderr; returns once
         the socket wait_for (a namespace path) exists."""
         binary = {"virtlogd": VIRTLOGD, "virtqemud": VIRTQEMUD}[name]
         self.starts[name] = self.starts.get(name, 0) + 1
         out = open(os.path.join(self.log_dir, "%s.stderr" % name), "a")
         out.write("---- start %d\n" % self.starts[name])
         out.flush()
-        env = dict(os.environ, PATH=SYSTEM_PATH)
-        proc = subprocess.Popen(self.ns([RUN, binary]), stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, env=env, cwd="/")
+        proc = subprocess.Popen(self.ns([binary]), stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, env=build_env(), cwd="/")
         out.close()
         self.daemons[name] = proc
         sock = self.host_path(wait_for)
@@ -343,12 +357,11 @@ class Libvirt:
         """virsh -c qemu:///system ARGS in the namespace; CompletedProcess
         (stdout and stderr together in .stdout). Raises LibvirtError when it
         fails and check is true."""
-        argv = self.ns([RUN, VIRSH, "-c", URI] + list(args))
+        argv = self.ns([VIRSH, "-c", URI] + list(args))
         try:
             r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                input=input_text, universal_newlines=True,
-                               timeout=timeout, check=False,
-                               env=dict(os.environ, PATH=SYSTEM_PATH))
+                               timeout=timeout, check=False, env=build_env())
         except subprocess.TimeoutExpired as e:
             raise LibvirtError("virsh %s: no answer in %d s" % (" ".join(args), timeout)) from e
         if check and r.returncode != 0:
