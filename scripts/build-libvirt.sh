@@ -155,6 +155,7 @@ TARGETS=(
     tools/virsh
     tools/virt-host-validate
     src/virt-aa-helper
+    src/libvirt_iohelper            # virsh save, restore, dump
     tests/qemuxmlconftest
     tests/genericxml2xmltest
     tests/qemucapabilitiestest
