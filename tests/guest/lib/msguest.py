@@ -860,12 +860,13 @@ def emulated_mem_share(pid, obj_id):
 BROKER = os.path.join(ROOT, "build", "mem-share-broker")
 
 
-def start_broker(log_dir):
-    """Start mem-share-broker on log_dir/broker.sock (log in broker.log);
-    return (process, socket path) once it listens."""
+def start_broker(log_dir, extra_args=()):
+    """Start mem-share-broker on log_dir/broker.sock (log in broker.log),
+    with extra_args; return (process, socket path) once it listens."""
     sock = os.path.join(log_dir, "broker.sock")
     with open(os.path.join(log_dir, "broker.log"), "w") as log:
-        proc = subprocess.Popen([BROKER, "--socket", sock], stdout=log, stderr=log)
+        proc = subprocess.Popen([BROKER, "--socket", sock] + list(extra_args),
+                                stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -873,6 +874,24 @@ def start_broker(log_dir):
                              % proc.poll())
         time.sleep(0.01)
     return proc, sock
+
+
+def broker_stats(sock, broker=None):
+    """{group: {field: value}} from mem-share-broker --stats (the broker
+    binary BROKER unless given)."""
+    out = subprocess.run([broker or BROKER, "--stats", "--socket", sock], check=False,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=30).stdout
+    groups, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^group (\S+)", line)
+        if m:
+            cur = groups.setdefault(m.group(1), {})
+            continue
+        m = re.match(r"^\s+(\S+)\s+(\d+)$", line)
+        if m and cur is not None:
+            cur[m.group(1)] = int(m.group(2))
+    return groups
 
 
 def linux_guest_args(mem="256M", mode="kernel", cmdline="", machine="q35",
