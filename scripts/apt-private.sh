@@ -12,6 +12,8 @@
 #   write_sources   (re)write $APTDIR/sources.list
 #   apt_update      write_sources and apt-get update, once per run
 #   sort_versions   Debian versions on stdin, newest first
+#   source_versions PKG GLOB
+#                   versions of source package PKG matching GLOB, newest first
 
 apt_opts=(
     -o "Dir::Etc::SourceList=$APTDIR/sources.list"
@@ -127,4 +129,15 @@ sort_versions() {
         sorted=("${sorted[@]:0:i}" "$v" "${sorted[@]:i}")
     done
     ((${#sorted[@]} == 0)) || printf '%s\n' "${sorted[@]}"
+}
+
+# source_versions PKG GLOB: the versions of source package PKG the private
+# lists know that match GLOB, newest first.
+source_versions() {
+    local pkg=$1 glob=$2 v
+    apt-cache "${apt_opts[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Version: //p' |
+        while read -r v; do
+            # shellcheck disable=SC2053
+            [[ $v == $glob ]] && echo "$v"
+        done | sort_versions
 }

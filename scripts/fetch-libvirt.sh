@@ -53,7 +53,7 @@ PKG=libvirt
 log() { echo "fetch-libvirt: $*"; }
 die() { echo "fetch-libvirt: error: $*" >&2; exit 1; }
 
-# apt_opts, write_sources, apt_update, sort_versions
+# apt_opts, write_sources, apt_update, sort_versions, source_versions
 # shellcheck source=scripts/apt-private.sh
 . scripts/apt-private.sh
 
@@ -73,16 +73,6 @@ stamp_for() {
             sha256sum <"$PATCHDIR/$p"
         done
     } | sha256sum | cut -d' ' -f1
-}
-
-# Source versions matching VERSION_GLOB, newest first.
-libvirt_versions() {
-    local v
-    apt-cache "${apt_opts[@]}" showsrc "$PKG" 2>/dev/null | sed -n 's/^Version: //p' |
-        while read -r v; do
-            # shellcheck disable=SC2053
-            [[ $v == $VERSION_GLOB ]] && echo "$v"
-        done | sort_versions
 }
 
 # checksums VERSION: "sha256 size name" lines from the (Release-signed)
@@ -203,7 +193,7 @@ download() {
             return 0
         fi
         log "trying the next version" >&2
-    done < <(libvirt_versions)
+    done < <(source_versions "$PKG" "$VERSION_GLOB")
     ((${#tried[@]})) && die "no $PKG source version matching '$VERSION_GLOB' downloads completely (tried: ${tried[*]})"
     die "no $PKG source version matching '$VERSION_GLOB' in: $(grep '^deb-src' "$APTDIR/sources.list" | tr '\n' ';')"
 }

@@ -49,20 +49,10 @@ die() { echo "fetch-qemu: error: $*" >&2; exit 1; }
 # Debian version without epoch, as used in file names.
 noepoch() { echo "${1#*:}"; }
 
-# apt_opts, write_sources, apt_update, sort_versions: the private apt
+# apt_opts, write_sources, apt_update, sort_versions, source_versions: the private apt
 # configuration in $APTDIR (shared with scripts/fetch-libvirt.sh).
 # shellcheck source=scripts/apt-private.sh
 . scripts/apt-private.sh
-
-# Source versions matching VERSION_GLOB, newest first.
-qemu_versions() {
-    local v
-    apt-cache "${apt_opts[@]}" showsrc qemu 2>/dev/null | sed -n 's/^Version: //p' |
-        while read -r v; do
-            # shellcheck disable=SC2053
-            [[ $v == $VERSION_GLOB ]] && echo "$v"
-        done | sort_versions
-}
 
 # fetch_source VERSION: download qemu=VERSION into $DL.  Files reach $DL only
 # when apt fetched (and checked) all of them; the .dsc is moved last, so a .dsc
@@ -110,7 +100,7 @@ download() {
             return 0
         fi
         log "trying the next version"
-    done < <(qemu_versions)
+    done < <(source_versions qemu "$VERSION_GLOB")
     if ((${#tried[@]})); then
         die "no qemu source version matching '$VERSION_GLOB' downloads completely (tried: ${tried[*]})"
     fi
