@@ -183,6 +183,10 @@
 
 /* Churn: at most this many scans more than stable_scans */
 #define MAX_EXTRA_SCANS 8
+/* Churn: a page's wasted merges double its wait up to 1 << this passes */
+#define MAX_CHURN 7
+/* A page's age (passes) saturates here, far from PageState.since's wrap */
+#define AGE_MAX 0x4000
 /* Fewer breaks in a pass than this are noise, never churn */
 #define CHURN_MIN_BREAKS 64
 
@@ -197,15 +201,16 @@ enum {
     PG_VOLATILE = 1 << 2,   /* the hash changed at the last visit */
     PG_WAS_MERGED = 1 << 3, /* merged before: the next merge is a re-merge */
     PG_PENDING = 1 << 4,    /* in a batch not merged yet */
-    PG_REHASH = 1 << 5,     /* hash at the next visit, dirty or not */
+    PG_UNSTABLE = 1 << 5,   /* in the unstable table, under hash */
 };
 
 typedef struct PageState {
-    uint64_t hash;
+    uint64_t hash;          /* of the content, if PG_KNOWN */
     uint32_t slot;          /* slot it maps and holds a reference on */
-    uint8_t stable;         /* visits the hash stayed the same */
+    uint16_t since;         /* pass it was last written, or merged */
     uint8_t flags;
-    uint8_t gmiss;          /* group lookups of this hash that missed */
+    uint8_t gmiss : 4;      /* group lookups of this hash that missed */
+    uint8_t churn : 4;      /* its wasted merges, lately: see "Churn" */
 } PageState;
 
 /* The unstable table starts with this many entries */
@@ -213,6 +218,8 @@ typedef struct PageState {
 
 /* A page the group keeps missing is looked up every 1 << this scans */
 #define GROUP_BACKOFF 3
+/* With a dirty log: misses asked again every pass, before sweeps only */
+#define GROUP_RETRIES 3
 
 /* Pages [first, first + n) to merge onto slots [slot, slot + n) */
 typedef struct Batch {
@@ -240,7 +247,7 @@ struct MsScanner {
     int pagemap_fd;
     PageState *pg;
     size_t cursor;
-    uint32_t *unstable;     /* this pass: page index + 1, 0 = free */
+    uint32_t *unstable;     /* page index + 1, 0 = free */
     size_t unstable_mask;   /* its entries - 1 (a power of two) */
     size_t unstable_used;
     size_t unstable_max;    /* it grows up to this many entries */
@@ -265,10 +272,13 @@ struct MsScanner {
     uint64_t pass_merges;   /* merges in this pass */
     uint64_t last_merges;   /* merges in the previous pass */
     uint64_t pass_breaks;   /* copy-on-write breaks seen in this pass */
-    uint64_t pm[CHUNK];
+    uint64_t pm[CHUNK];     /* pagemap of the chunk's pages from pm_first */
+    size_t pm_first;
     uint64_t dirty[CHUNK / 64];  /* this chunk's pages the log saw written */
-    size_t dirty_first;     /* the page of bit 0 of dirty[] */
-    bool use_dirty;         /* trust dirty[] for this chunk */
+    uint64_t *todo;         /* pages to visit at the next pass, clean or not */
+    bool sweep;             /* this pass visits and hashes every page */
+    bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
+    uint64_t sweeps;        /* sweeps completed */
     MsScanYieldFn *yield;   /* ms_scanner_set_yield() */
     void *yield_opaque;
     MsScanStats live;       /* the scanner thread's */
@@ -401,6 +411,9 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     s->group = cfg->group;
     s->blocked_vmas = -1;
     s->pg = g_new0(PageState, s->npages);
+    /* A spare word: todo_bits() reads one past the last page's */
+    s->todo = g_new0(uint64_t, s->npages / 64 + 2);
+    s->sweep = !cfg->dirty_take;
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].slot = MS_SLOT_NONE;
     }
@@ -455,6 +468,7 @@ void ms_scanner_free(MsScanner *s)
         g_array_free(s->grel, true);
     }
     g_free(s->unstable);
+    g_free(s->todo);
     g_free(s->pg);
     g_mutex_clear(&s->lock);
     g_free(s);
@@ -560,15 +574,114 @@ static void drop_slot(MsScanner *s, PageState *p)
     p->slot = MS_SLOT_NONE;
 }
 
+/* ---- the life of a page ---- */
+
+static bool has_log(const MsScanner *s)
+{
+    return s->cfg.dirty_take != NULL;
+}
+
+static void todo_set(MsScanner *s, size_t i)
+{
+    s->todo[i / 64] |= 1ULL << (i % 64);
+}
+
+static void todo_clear(MsScanner *s, size_t i)
+{
+    s->todo[i / 64] &= ~(1ULL << (i % 64));
+}
+
+/* Passes since page @p was last written or merged */
+static unsigned age(const MsScanner *s, const PageState *p)
+{
+    return (uint16_t)(s->live.full_scans - p->since);
+}
+
+/*
+ * Passes a page must stay unwritten before it is merged: stable_scans,
+ * the region's churn allowance, and its own (see "Churn")
+ */
+static unsigned churn_wait(const PageState *p)
+{
+    return p->churn ? 1u << p->churn : 0;
+}
+
+static unsigned base_wait(const MsScanner *s)
+{
+    return s->cfg.stable_scans + s->extra_scans;
+}
+
+static unsigned wait_of(const MsScanner *s, const PageState *p)
+{
+    return base_wait(s) + churn_wait(p);
+}
+
+static void set_volatile(MsScanner *s, PageState *p, bool on)
+{
+    if (on && !(p->flags & PG_VOLATILE)) {
+        p->flags |= PG_VOLATILE;
+        s->live.pages_volatile++;
+    } else if (!on && (p->flags & PG_VOLATILE)) {
+        p->flags &= ~PG_VOLATILE;
+        s->live.pages_volatile--;
+    }
+}
+
+static void unstable_remove(MsScanner *s, size_t i);
+
+/*
+ * Page @i was written (a new hash, the log, a copy-on-write break):
+ * it must prove stable again, from now.  With a log, its hash is stale
+ * until the visit that finds it stable reads it again.
+ */
+static void written(MsScanner *s, size_t i)
+{
+    PageState *p = &s->pg[i];
+
+    unstable_remove(s, i);
+    p->since = s->live.full_scans;
+    p->gmiss = 0;
+    if (has_log(s)) {
+        p->flags &= ~PG_KNOWN;
+        todo_set(s, i);
+    }
+}
+
+/*
+ * A write broke the merge of page @i (a copy-on-write fault of a store
+ * page, or the fill of a zero hole).  A merge that did not outlive the
+ * wait that led to it cost more than it saved: wait twice as long before
+ * the next one.  One that lived twice its wait paid: wait half as long.
+ */
+static void broken(MsScanner *s, size_t i, bool store)
+{
+    PageState *p = &s->pg[i];
+    unsigned lived = age(s, p), wait = MAX(wait_of(s, p), 1);
+
+    if (lived <= wait) {
+        s->live.merges_wasted++;
+        if (p->churn < MAX_CHURN) {
+            p->churn++;
+        }
+    } else if (lived > 2 * wait && p->churn) {
+        p->churn--;
+    }
+    s->live.cow_breaks += store;
+    s->pass_breaks++;
+    written(s, i);
+}
+
 /*
  * Merged pages of [first, first + n) that a write made private give
- * their reference back and become ordinary pages.
+ * their reference back and become ordinary pages.  The chunk's pagemap
+ * entries from s->pm_first cover [first, first + n).
  */
 static bool settle_merged(MsScanner *s, size_t first, size_t n,
                           GError **errp)
 {
     bool shared[CHUNK];
     size_t merged = 0;
+    const uint64_t *pm = s->pm + (first - s->pm_first);
 
     for (size_t i = first; i < first + n; i++) {
         merged += s->pg[i].slot != MS_SLOT_NONE;
@@ -576,8 +689,7 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
     if (!merged) {
         return true;
     }
-    /* From the chunk's pagemap entries scan_chunk() just read */
-    if (!ms_merge_test_shared_pagemap(s->m, page_at(s, first), n, s->pm,
+    if (!ms_merge_test_shared_pagemap(s->m, page_at(s, first), n, pm,
                                       shared, NULL, errp)) {
         return false;
     }
@@ -587,40 +699,35 @@ static bool settle_merged(MsScanner *s, size_t first, size_t n,
         if (p->slot != MS_SLOT_NONE && !shared[k]) {
             drop_slot(s, p);
             /* Written, if with the same bytes: it must prove stable again */
-            p->stable = 0;
-            /* The log may not have seen the write yet */
-            p->flags |= PG_REHASH;
-            s->live.cow_breaks++;
-            s->pass_breaks++;
+            broken(s, first + k, true);
         }
     }
     return true;
 }
 
-/* Record the hash of a visit; true if the page is stable enough to merge */
-static bool observe(MsScanner *s, PageState *p, uint64_t h)
+/*
+ * Record the hash @h of a visit that read page @i.  A hash that changed
+ * is a write; so is the first one without a log.  With a log, a page
+ * without a known hash was written when the log said so, not now.
+ */
+static void observe(MsScanner *s, size_t i, uint64_t h)
 {
-    bool changed = (p->flags & PG_KNOWN) && p->hash != h;
+    PageState *p = &s->pg[i];
+    bool known = p->flags & PG_KNOWN;
 
-    if (changed) {
+    if (known && p->hash == h) {
+        set_volatile(s, p, false);
+        return;
+    }
+    if (known) {
         s->live.hash_changes++;
-        if (!(p->flags & PG_VOLATILE)) {
-            p->flags |= PG_VOLATILE;
-            s->live.pages_volatile++;
-        }
-    } else if (p->flags & PG_VOLATILE) {
-        p->flags &= ~PG_VOLATILE;
-        s->live.pages_volatile--;
+        set_volatile(s, p, true);
     }
-    if (!(p->flags & PG_KNOWN) || changed) {
-        p->hash = h;
-        p->flags |= PG_KNOWN;
-        p->stable = 0;
-        p->gmiss = 0;
-    } else if (p->stable < UINT8_MAX) {
-        p->stable++;
+    if (known || !has_log(s)) {
+        written(s, i);
     }
-    return p->stable >= s->cfg.stable_scans + s->extra_scans;
+    p->hash = h;
+    p->flags |= PG_KNOWN;
 }
 
 /* ---- merging a batch ---- */
@@ -711,7 +818,7 @@ static bool retry_unchanged(MsScanner *s, size_t first, size_t n,
     }
     for (size_t a = 0, b; a < n; a = b) {
         if (changed[a]) {
-            s->pg[first + a].stable = 0;
+            written(s, first + a);
             b = a + 1;
             continue;
         }
@@ -742,7 +849,10 @@ static void record_merge(MsScanner *s, size_t i, uint32_t slot)
     PageState *p = &s->pg[i];
     bool again = p->flags & PG_WAS_MERGED;
 
+    unstable_remove(s, i);
     p->flags |= PG_WAS_MERGED;
+    /* From now on its age is how long the merge lived: see broken() */
+    p->since = s->live.full_scans;
     s->pass_merges++;
     if (slot == MS_SLOT_NONE || ms_store_is_zero_slot(s->store, slot)) {
         p->flags |= PG_ZERO;
@@ -944,8 +1054,11 @@ static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
         }
         g_array_append_val(s->grel, r.slot);
     }
-    if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < UINT8_MAX) {
+    if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < 15) {
         s->pg[l->page].gmiss++;
+        if (s->pg[l->page].gmiss <= GROUP_RETRIES) {
+            todo_set(s, l->page);   /* see group_due() */
+        }
     }
     return add_unstable(s, l->page, l->hash, errp);
 }
@@ -1400,25 +1513,70 @@ static bool unstable_grow(MsScanner *s)
     return true;
 }
 
-/* Remember page @i under @h for the rest of the pass (if there is room) */
+/*
+ * Remember page @i under @h until it is written or merged (if there is
+ * room).  @h is its hash: the entry's key is read from its PageState.
+ */
 static void unstable_add(MsScanner *s, size_t i, uint64_t h)
 {
     uint32_t *e = unstable_find(s, h);
 
+    g_assert(s->pg[i].hash == h && (s->pg[i].flags & PG_KNOWN));
     if (!*e) {
         if (s->unstable_used + 1 > (s->unstable_mask + 1) / 2) {
             if (!unstable_grow(s)) {
-                return;     /* a miss: this page waits for the next pass */
+                return;     /* a miss: this page waits for the next sweep */
             }
             e = unstable_find(s, h);
         }
         s->unstable_used++;
+    } else {
+        /* Same hash: a page that changed, or a collision.  It goes. */
+        s->pg[*e - 1].flags &= ~PG_UNSTABLE;
     }
     *e = i + 1;
+    s->pg[i].flags |= PG_UNSTABLE;
+}
+
+/*
+ * Take page @i out of the table, before its hash changes or when it is
+ * merged: an entry whose key changed would be lost in the probe
+ * sequence.  Deletion shifts the entries after it back (linear probing
+ * needs no tombstones), so the table holds exactly the pages waiting in
+ * it and never needs rebuilding.
+ */
+static void unstable_remove(MsScanner *s, size_t i)
+{
+    size_t mask = s->unstable_mask, k, j;
+
+    if (!(s->pg[i].flags & PG_UNSTABLE)) {
+        return;
+    }
+    s->pg[i].flags &= ~PG_UNSTABLE;
+    for (k = s->pg[i].hash & mask; s->unstable[k] != i + 1;
+         k = (k + 1) & mask) {
+        g_assert(s->unstable[k]);
+    }
+    s->unstable_used--;
+    for (j = (k + 1) & mask; s->unstable[j]; j = (j + 1) & mask) {
+        size_t home = s->pg[s->unstable[j] - 1].hash & mask;
+
+        /* It may move back to k if k is no earlier than its home */
+        if (((j - home) & mask) >= ((j - k) & mask)) {
+            s->unstable[k] = s->unstable[j];
+            k = j;
+        }
+    }
+    s->unstable[k] = 0;
 }
 
 static void unstable_clear(MsScanner *s)
 {
+    for (size_t k = 0; k <= s->unstable_mask; k++) {
+        if (s->unstable[k]) {
+            s->pg[s->unstable[k] - 1].flags &= ~PG_UNSTABLE;
+        }
+    }
     memset(s->unstable, 0, (s->unstable_mask + 1) * sizeof(*s->unstable));
     s->unstable_used = 0;
 }
@@ -1447,10 +1605,18 @@ static bool add_unstable(MsScanner *s, size_t i, uint64_t h, GError **errp)
 /* Is page @i due for a group lookup this scan?  See "Groups" */
 static bool group_due(MsScanner *s, size_t i)
 {
-    unsigned shift = MIN(s->pg[i].gmiss, GROUP_BACKOFF);
+    unsigned miss = s->pg[i].gmiss, shift = MIN(miss, GROUP_BACKOFF);
+    uint64_t scans = s->live.full_scans;
 
+    if (has_log(s)) {
+        /* Between sweeps, only a page's first misses are asked again */
+        if (!s->sweep) {
+            return miss <= GROUP_RETRIES;
+        }
+        scans = s->sweeps;
+    }
     /* Offset by the page: not all the misses of one scan come back at once */
-    return ((s->live.full_scans + i) & ((1u << shift) - 1)) == 0;
+    return ((scans + i) & ((1u << shift) - 1)) == 0;
 }
 
 static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
@@ -1469,7 +1635,8 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
         GroupLook l = { .page = i, .hash = h };
 
         /* One more stable scan first, then backed off: see "Groups" */
-        if (s->pg[i].stable < s->cfg.stable_scans + s->extra_scans + 1) {
+        if (age(s, &s->pg[i]) < wait_of(s, &s->pg[i]) + 1) {
+            todo_set(s, i);
             return true;
         }
         if (group_due(s, i)) {
@@ -1483,37 +1650,22 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
 /* ---- scanning ---- */
 
 /*
- * The page's hash: the one of the last visit if the dirty log says
- * nobody wrote the page since (a write the log has not synced yet shows
- * at the next visit; a merge on a stale hash fails its byte compare).
+ * Visit page @i: @pm is its pagemap entry, @dirty whether the log saw
+ * it written since the last visit.  See "A visit of a page".
  */
-static uint64_t visit_hash(MsScanner *s, size_t i, PageState *p)
-{
-    if (s->use_dirty) {
-        size_t k = i - s->dirty_first;
-
-        if (s->dirty[k / 64] & (1ULL << (k % 64))) {
-            s->live.pages_dirty++;
-        } else if ((p->flags & PG_KNOWN) && !(p->flags & PG_REHASH)) {
-            s->live.hash_skips++;
-            return p->hash;
-        }
-    }
-    p->flags &= ~PG_REHASH;
-    return ms_store_hash(s->store, page_at(s, i));
-}
-
-static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
+static bool visit(MsScanner *s, size_t i, uint64_t pm, bool dirty,
+                  GError **errp)
 {
     PageState *p = &s->pg[i];
-    uint64_t h;
 
     s->live.pages_scanned++;
-    if (p->slot != MS_SLOT_NONE) {
-        return true;        /* still maps the store: nothing to gain */
-    }
-    if (!holds_private_memory(pm)) {
-        return true;        /* a hole (maybe ours), the zero page, swap */
+    if (p->slot != MS_SLOT_NONE || !holds_private_memory(pm)) {
+        /*
+         * Still maps the store; or a hole (maybe ours), the zero page,
+         * swap: nothing to gain until written
+         */
+        todo_clear(s, i);
+        return true;
     }
     if (p->flags & PG_ZERO) {
         /*
@@ -1522,16 +1674,44 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, GError **errp)
          * since zero pages are most of what a filling guest breaks.
          */
         p->flags &= ~PG_ZERO;
-        p->flags |= PG_REHASH;
-        p->stable = 0;
         s->live.zero_holes--;
-        s->pass_breaks++;
+        broken(s, i, false);
+    } else if (dirty) {
+        s->live.pages_dirty++;
+        set_volatile(s, p, true);
+        written(s, i);
+    } else if (has_log(s)) {
+        set_volatile(s, p, false);
     }
-    h = visit_hash(s, i, p);
-    if (!observe(s, p, h)) {
+    if (s->sweep) {
+        observe(s, i, ms_store_hash(s->store, page_at(s, i)));
+    }
+    if (age(s, p) > AGE_MAX) {
+        p->since = s->live.full_scans - AGE_MAX;
+    }
+    if (age(s, p) < wait_of(s, p)) {
+        s->live.churn_skips += age(s, p) >= base_wait(s);
+        todo_set(s, i);
         return true;
     }
-    return candidate(s, i, h, errp);
+    todo_clear(s, i);
+    if (!(p->flags & PG_KNOWN)) {
+        /* Stable since the log said it was written: read it once */
+        observe(s, i, ms_store_hash(s->store, page_at(s, i)));
+        s->live.candidates++;
+    } else if (!s->sweep) {
+        s->live.hash_skips++;
+    }
+    return candidate(s, i, p->hash, errp);
+}
+
+void ms_scanner_sweep(MsScanner *s)
+{
+    if (s->cursor == 0) {
+        s->sweep = true;        /* the next pass starts with the next step */
+    } else {
+        s->sweep_asked = true;
+    }
 }
 
 void ms_scanner_set_yield(MsScanner *s, MsScanYieldFn *fn, void *opaque)
@@ -1545,32 +1725,82 @@ void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
 {
     s->cfg.dirty_take = take;
     s->cfg.dirty_opaque = opaque;
+    s->sweep = !take;
 }
 
 /* This chunk's dirty bits, taken before its pages are read */
 static void take_dirty(MsScanner *s, size_t first, size_t n)
 {
-    s->use_dirty = false;
-    if (!s->cfg.dirty_take) {
-        return;
-    }
     memset(s->dirty, 0, sizeof(s->dirty));
-    s->dirty_first = first;
-    s->cfg.dirty_take(s->cfg.dirty_opaque, first, n, s->dirty);
-    s->use_dirty = s->live.full_scans % MS_SCAN_REHASH_EVERY != 0;
+    if (has_log(s)) {
+        s->cfg.dirty_take(s->cfg.dirty_opaque, first, n, s->dirty);
+    }
+}
+
+/* 64 bits of the todo map from page @first (the map has a spare word) */
+static uint64_t todo_bits(const MsScanner *s, size_t first)
+{
+    size_t w = first / 64, o = first % 64;
+    uint64_t v = s->todo[w] >> o;
+
+    return o ? v | s->todo[w + 1] << (64 - o) : v;
+}
+
+/*
+ * The pages of the chunk [first, first + n) to visit, in @work, and the
+ * span [*lo, *hi) they cover; false if none.  Without a log, and in a
+ * sweep, every page.  With a log, the pages it saw written and those
+ * waiting to prove stable: the rest were looked at before and nobody
+ * wrote them since, so they are not even read.
+ */
+static bool chunk_work(MsScanner *s, size_t first, size_t n,
+                       uint64_t *work, size_t *lo, size_t *hi)
+{
+    size_t words = (n + 63) / 64, visits = 0;
+    bool any = false;
+
+    for (size_t w = 0; w < words; w++) {
+        uint64_t valid = n - w * 64 >= 64 ? ~0ULL :
+                         (1ULL << (n - w * 64)) - 1;
+
+        work[w] = s->sweep ? valid :
+                  (s->dirty[w] | todo_bits(s, first + w * 64)) & valid;
+        visits += __builtin_popcountll(work[w]);
+        if (work[w]) {
+            *hi = w * 64 + 64 - __builtin_clzll(work[w]);
+            if (!any) {
+                *lo = w * 64 + __builtin_ctzll(work[w]);
+                any = true;
+            }
+        }
+    }
+    s->live.hash_skips += n - visits;
+    return any;
 }
 
 static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
 {
+    uint64_t work[CHUNK / 64];
+    size_t lo = 0, hi = 0;
+
     take_dirty(s, first, n);
-    if (!read_pagemap(s, first, n, errp) ||
-        !settle_merged(s, first, n, errp)) {
+    if (!chunk_work(s, first, n, work, &lo, &hi)) {
+        return true;
+    }
+    s->pm_first = first + lo;
+    if (!read_pagemap(s, first + lo, hi - lo, errp) ||
+        !settle_merged(s, first + lo, hi - lo, errp)) {
         return false;
     }
-    for (size_t k = 0; k < n; k++) {
-        if (!visit(s, first + k, s->pm[k], errp)) {
-            drop_batches(s);
-            return false;
+    for (size_t w = lo / 64; w < (hi + 63) / 64; w++) {
+        for (uint64_t bits = work[w]; bits; bits &= bits - 1) {
+            size_t k = w * 64 + __builtin_ctzll(bits);
+
+            if (!visit(s, first + k, s->pm[k - lo],
+                       s->dirty[w] & (1ULL << (k % 64)), errp)) {
+                drop_batches(s);
+                return false;
+            }
         }
     }
     if (!group_flush(s, errp) || !flush_all(s, errp)) {
@@ -1582,10 +1812,13 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
     return true;
 }
 
-/* Ask more stability while writes break what the last pass merged */
+/*
+ * Ask more stability while writes break what the last pass merged.
+ * Without a log only: with one, each page learns its own wait.
+ */
 static void adapt_to_churn(MsScanner *s)
 {
-    uint64_t breaks = s->pass_breaks;
+    uint64_t breaks = has_log(s) ? 0 : s->pass_breaks;
 
     if (breaks >= CHURN_MIN_BREAKS && breaks * 4 >= s->last_merges) {
         s->extra_scans = MIN(s->extra_scans + 1, MAX_EXTRA_SCANS);
@@ -1625,8 +1858,11 @@ static void end_full_scan(MsScanner *s)
 {
     follow_map_limit(s);
     adapt_to_churn(s);
+    s->sweeps += s->sweep;
     s->live.full_scans++;
-    unstable_clear(s);
+    s->sweep = !has_log(s) || s->sweep_asked ||
+               s->live.full_scans % MS_SCAN_SWEEP_EVERY == 0;
+    s->sweep_asked = false;
     s->blocked_vmas = -1;
 }
 
@@ -1647,6 +1883,7 @@ bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
         if (s->cursor == s->npages) {
             s->cursor = 0;
             end_full_scan(s);
+            break;          /* the caller paces passes */
         }
         if (s->yield && s->yield(s->yield_opaque)) {
             break;
@@ -1662,16 +1899,20 @@ bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
 /* ---- unmerging ---- */
 
 /* Start over with a private page: it must prove stable again */
-static void forget(MsScanner *s, PageState *p)
+static void forget(MsScanner *s, size_t i)
 {
+    PageState *p = &s->pg[i];
+
     if (p->flags & PG_ZERO) {
         s->live.zero_holes--;
     }
-    if (p->flags & PG_VOLATILE) {
-        s->live.pages_volatile--;
-    }
+    set_volatile(s, p, false);
+    unstable_remove(s, i);
     p->flags &= PG_WAS_MERGED;
-    p->stable = 0;
+    p->since = s->live.full_scans;
+    p->churn = 0;
+    p->gmiss = 0;
+    todo_set(s, i);
 }
 
 /* ---- a broker that came back ---- */
@@ -1734,6 +1975,7 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].gmiss = 0;
     }
+    ms_scanner_sweep(s);
     s->live.group_lost = 0;
     s->live.group_rejoins++;
     publish_stats(s);
@@ -1761,7 +2003,7 @@ bool ms_scanner_discard(MsScanner *s, void *host, size_t n, GError **errp)
         if (p->slot != MS_SLOT_NONE) {
             drop_slot(s, p);
         }
-        forget(s, p);
+        forget(s, i);
     }
     group_release(s);
     publish_stats(s);
@@ -1785,7 +2027,7 @@ bool ms_scanner_unmerge_all(MsScanner *s, GError **errp)
             drop_slot(s, p);
         }
         if (p->slot == MS_SLOT_NONE) {
-            forget(s, p);
+            forget(s, i);
         }
     }
     if (ok && nshared) {

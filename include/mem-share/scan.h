@@ -11,7 +11,7 @@
  * walks the region a chunk at a time, hashes populated private pages,
  * and once a page's hash has stayed the same long enough merges it with
  * a hole or a zero slot (zero content), with a page already in the
- * store, or with an identical page seen earlier in the same pass.  It
+ * store, or with an identical page seen earlier.  It
  * owns the store and the merger of the region.  See hw/mem-share/scan.c
  * for the algorithm.
  *
@@ -88,14 +88,14 @@ typedef struct MsScanConfig {
      */
     MsBrokerClient *group;
     /*
-     * Dirty tracking (optional, NULL: every visit hashes the page).
-     * Called by the scanner thread once per chunk: it must not take the
-     * BQL.  A clean
-     * page that was hashed before is not read again (its count of
-     * unchanged scans goes on); every MS_SCAN_REHASH_EVERY full scans,
-     * and after a copy-on-write break, pages are hashed whatever it says,
-     * so a writer the log misses costs merges, never correctness (every
-     * merge compares bytes anyway).
+     * Dirty tracking (optional, NULL: every pass reads and hashes every
+     * private page).  Called by the scanner thread once per chunk: it
+     * must not take the BQL.  With a log a pass visits only the pages it
+     * reports written and those still proving stable; a page is read
+     * once it stayed unwritten long enough.  Every MS_SCAN_SWEEP_EVERY
+     * passes (and after ms_scanner_sweep()) a sweep reads and hashes
+     * every page whatever the log says, so a writer the log misses costs
+     * merges, never correctness (every merge compares bytes anyway).
      */
     MsDirtyTakeFn *dirty_take;
     void *dirty_opaque;
@@ -122,8 +122,14 @@ void ms_scanner_set_yield(MsScanner *s, MsScanYieldFn *fn, void *opaque);
 void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
                               void *opaque);
 
-/* With dirty tracking, one full scan in this many hashes every page */
-#define MS_SCAN_REHASH_EVERY 16
+/* With dirty tracking, one pass in this many is a sweep */
+#define MS_SCAN_SWEEP_EVERY 256
+
+/*
+ * Make the next pass a sweep: every page is read and hashed, whatever
+ * the dirty log says (scan-now).  Scanner thread, or its lock held.
+ */
+void ms_scanner_sweep(MsScanner *s);
 
 /*
  * Statistics.  "now" figures describe the region at the end of the last
@@ -132,17 +138,24 @@ void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
 typedef struct MsScanStats {
     uint64_t pages;             /* region size, pages */
     uint64_t page_size;
-    uint64_t pages_scanned;     /* pages looked at */
+    uint64_t pages_scanned;     /* pages visited */
     uint64_t full_scans;        /* passes over the whole region completed */
     uint64_t pages_merged;      /* now: guest pages that map a store slot */
     uint64_t zero_holes;        /* now: zero pages merged (holes or slots) */
     uint64_t zero_slots;        /* zero slots of the store; 0: zero holes */
     uint64_t zero_held;         /* zero slots holding a page (reads filled) */
     uint64_t slots_used;        /* now: store slots in use */
-    uint64_t pages_volatile;    /* now: hash changed at the last visit */
+    /* now: written (hash changed, or dirty in the log) at the last visit */
+    uint64_t pages_volatile;
     uint64_t hash_changes;      /* visits that found a changed hash */
-    uint64_t pages_dirty;       /* visits the dirty log said to re-hash */
-    uint64_t hash_skips;        /* visits not hashed: clean in the log */
+    uint64_t pages_dirty;       /* visits of pages the dirty log saw written */
+    /* pages passed over, or visited without a hash: clean in the log */
+    uint64_t hash_skips;
+    uint64_t candidates;        /* pages found stable and read for a merge */
+    /* merges a write broke before they outlived their wait: see "Churn" */
+    uint64_t merges_wasted;
+    /* visits of stable pages held back by their own churn wait */
+    uint64_t churn_skips;
     uint64_t merges;            /* pages merged onto the store */
     /*
      * Zero pages merged (holes or zero slots).  Where holes are used on a
@@ -195,9 +208,10 @@ void ms_scanner_free(MsScanner *s);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsScanner, ms_scanner_free)
 
 /*
- * Scan up to @max_pages pages from the cursor (wrapping at the region's
- * end, which completes a full scan), merging what is ready; @scanned
- * (may be NULL) receives the number of pages looked at.  Returns false
+ * Scan up to @max_pages pages from the cursor, up to the region's end at
+ * most (which completes a full scan: the caller paces passes), merging
+ * what is ready; @scanned (may be NULL) receives the number of pages the
+ * cursor passed, visited or not (pages_scanned counts visits).  Returns false
  * on a system error (a failed mmap, pagemap read, ...); the state stays
  * consistent and the next step may try again.
  */

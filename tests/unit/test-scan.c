@@ -383,7 +383,13 @@ static void test_converge(Fixture *f, gconstpointer data)
                    after);
     check_converged(f);
     g_assert_cmpuint(st.full_scans, ==, passes);
-    g_assert_cmpuint(st.pages_scanned, ==, passes * f->npages);
+    if (f->dirty) {
+        /* Each page: written (all are, at first), stable, read once */
+        g_assert_cmpuint(st.pages_scanned, <=, 2 * f->npages);
+        g_assert_cmpuint(st.candidates, <=, f->npages);
+    } else {
+        g_assert_cmpuint(st.pages_scanned, ==, passes * f->npages);
+    }
     g_assert_cmpuint(st.cow_breaks, ==, 0);
     g_assert_cmpuint(st.remerges, ==, 0);
     want = (f->dup_pages - f->dup_contents + f->zeros) * page / 1024;
@@ -704,19 +710,30 @@ static void test_volatile(Fixture *f, gconstpointer data)
     g_assert_cmpuint(st.pages_volatile, ==, 0);
 }
 
+/* The first unique page after page @i */
+static size_t unique_after(Fixture *f, size_t i)
+{
+    while (++i < f->npages && content_id(f->npages, i) != ID_UNIQUE(i)) {
+        /* next */
+    }
+    g_assert_cmpuint(i, <, f->npages);
+    return i;
+}
+
 /*
- * With a dirty log, converged passes read no private page (they are all
- * clean), a page the log says was written is hashed again and merged
- * once it matches, and a write the log missed is found by the periodic
- * full re-hash, never merged on a stale hash.
+ * With a dirty log, converged passes visit no page at all (nothing was
+ * written, nothing waits), a page the log says was written is read
+ * again once it stayed unwritten for a pass and merged once it matches,
+ * and a write the log missed is found by a sweep (asked, or the periodic
+ * one), never merged on a stale hash.
  */
 static void test_dirty_log(Fixture *f, gconstpointer data)
 {
     size_t u1 = f->npages / 8 + 1, u2 = f->npages / 8 + 2;
+    size_t u3 = unique_after(f, u2);
     size_t d = find_page(f, ID_DUP(1), 0);
     uint32_t slot_d;
     MsScanStats st, st2;
-    size_t priv;
 
     (void)data;
     if (f->skip) {
@@ -727,17 +744,13 @@ static void test_dirty_log(Fixture *f, gconstpointer data)
     converge(f);
     check_converged(f);
     stats(f, &st);
-    /*
-     * Every page was dirty at first, read by the first scan (a full
-     * re-hash, which consumes the log); nothing was written since
-     */
-    g_assert_cmpuint(st.pages_dirty, ==, 0);
-    g_assert_cmpuint(st.hash_skips, >, 0);
-    priv = f->npages - f->dup_pages - f->zeros;
+    /* Every page was dirty at first; nothing was written since */
+    g_assert_cmpuint(st.pages_dirty, ==, f->npages);
     pass(f);
     stats(f, &st2);
-    g_assert_cmpuint(st2.hash_skips - st.hash_skips, ==, priv);
-    g_assert_cmpuint(st2.pages_dirty, ==, st.pages_dirty);
+    g_assert_cmpuint(st2.pages_scanned, ==, st.pages_scanned);
+    g_assert_cmpuint(st2.hash_skips - st.hash_skips, ==, f->npages);
+    g_assert_cmpuint(st2.candidates, ==, st.candidates);
 
     /* u1 becomes a copy of ID_DUP(1), and the log says so: merged */
     fill(pg(f, u1), ID_DUP(1));
@@ -749,26 +762,155 @@ static void test_dirty_log(Fixture *f, gconstpointer data)
     slot_d = ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, d));
     g_assert_cmpuint(slot_d, !=, MS_SLOT_NONE);
     stats(f, &st);
-    pass(f);
-    pass(f);
+    pass(f);                /* u1 written: not read yet */
     stats(f, &st2);
     g_assert_cmpuint(st2.pages_dirty, ==, st.pages_dirty + 1);
+    g_assert_cmpuint(st2.pages_scanned, ==, st.pages_scanned + 1);
+    g_assert_cmpuint(st2.candidates, ==, st.candidates);
+    pass(f);                /* stable for a pass: read and merged */
+    stats(f, &st2);
+    g_assert_cmpuint(st2.pages_scanned, ==, st.pages_scanned + 2);
+    g_assert_cmpuint(st2.candidates, ==, st.candidates + 1);
     g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u1)),
                      ==, slot_d);
     g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u2)),
                      ==, MS_SLOT_NONE);
     check_content(f);
     check_refs(f);
-    /* The full re-hash every MS_SCAN_REHASH_EVERY scans finds u2 */
-    stats(f, &st);
-    while (st.full_scans % MS_SCAN_REHASH_EVERY) {
-        pass(f);
-        stats(f, &st);
-    }
+
+    /* A sweep, asked, reads every page: it finds u2 and merges it next */
+    ms_scanner_sweep(f->s);
     pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_scanned - st2.pages_scanned, ==, f->npages);
     pass(f);
     g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u2)),
                      ==, slot_d);
+    check_content(f);
+    check_refs(f);
+
+    /* The periodic sweep, every MS_SCAN_SWEEP_EVERY passes, finds u3 */
+    fill(pg(f, u3), ID_DUP(1));
+    fill(f->expect + u3 * page, ID_DUP(1));
+    stats(f, &st);
+    while ((st.full_scans + 1) % MS_SCAN_SWEEP_EVERY) {
+        pass(f);
+        stats(f, &st);
+    }
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u3)),
+                     ==, MS_SLOT_NONE);
+    pass(f);                /* the pass before a sweep */
+    pass(f);                /* the sweep */
+    pass(f);
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u3)),
+                     ==, slot_d);
+    check_content(f);
+    check_refs(f);
+}
+
+/*
+ * With a dirty log the unstable table lasts: a unique page entered it
+ * once and is never visited again, yet a page written later with the
+ * same bytes finds it and both are merged.
+ */
+static void test_dirty_unstable(Fixture *f, gconstpointer data)
+{
+    size_t u = unique_after(f, f->npages / 8), v = unique_after(f, u);
+    MsScanStats st, st2;
+    uint32_t slot;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &st);
+    for (unsigned n = 0; n < 20; n++) {
+        pass(f);
+    }
+    stats(f, &st2);
+    g_assert_cmpuint(st2.pages_scanned, ==, st.pages_scanned);
+    fill(pg(f, v), ID_UNIQUE(u));
+    fill(f->expect + v * page, ID_UNIQUE(u));
+    mark_dirty(f, v);
+    pass(f);
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.pages_scanned - st2.pages_scanned, ==, 2);
+    slot = ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, u));
+    g_assert_cmpuint(slot, !=, MS_SLOT_NONE);
+    g_assert_cmpuint(ms_merger_slot_at(ms_scanner_merger(f->s), pg(f, v)),
+                     ==, slot);
+    check_content(f);
+    check_refs(f);
+}
+
+/* Rewrite (same bytes) every page of content @id, through the log */
+static size_t rewrite_dirty(Fixture *f, uint64_t id)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < f->npages; i++) {
+        if (content_id(f->npages, i) == id) {
+            memcpy(pg(f, i), f->expect + i * page, page);
+            mark_dirty(f, i);
+            n++;
+        }
+    }
+    return n;
+}
+
+/*
+ * Churn per page: pages rewritten every other pass are merged once,
+ * broken before the merge outlived its wait (wasted), and then left
+ * alone while the writes go on; once the writes stop they are merged
+ * after the longer wait, and a merge that lives long gives the page its
+ * short wait back.
+ */
+static void test_dirty_churn(Fixture *f, gconstpointer data)
+{
+    MsScanStats st0, st;
+    size_t m = 0;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    stats(f, &st0);
+    for (unsigned t = 0; t < 20; t++) {
+        if (t % 2 == 0) {
+            m = rewrite_dirty(f, ID_DUP(2));
+        }
+        pass(f);
+    }
+    g_assert_cmpuint(m, >=, 2);
+    stats(f, &st);
+    g_assert_cmpuint(st.cow_breaks - st0.cow_breaks, ==, 2 * m);
+    g_assert_cmpuint(st.merges - st0.merges, ==, m);
+    g_assert_cmpuint(st.merges_wasted - st0.merges_wasted, ==, m);
+    g_assert_cmpuint(st.churn_skips - st0.churn_skips, >=, 3 * m);
+    /* Quiet since the last write (the loop's last pass is one): merged
+     * once unwritten for 1 + 2 passes */
+    pass(f);
+    stats(f, &st0);
+    g_assert_cmpuint(st0.merges, ==, st.merges);
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.merges - st0.merges, ==, m);
+    check_content(f);
+    check_refs(f);
+    /* Lived long: one write, not wasted, and the wait is 1 again */
+    for (unsigned t = 0; t < 8; t++) {
+        pass(f);
+    }
+    rewrite_dirty(f, ID_DUP(2));
+    stats(f, &st0);
+    pass(f);
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.merges_wasted, ==, st0.merges_wasted);
+    g_assert_cmpuint(st.merges - st0.merges, ==, m);
     check_content(f);
     check_refs(f);
 }
@@ -1133,6 +1275,8 @@ int main(int argc, char **argv)
     ADD("/scan/discard", normal, test_discard);
     ADD("/scan/dirty-log", dirty_log, test_dirty_log);
     ADD("/scan/converge-dirty-log", dirty_log, test_converge);
+    ADD("/scan/dirty-unstable", dirty_log, test_dirty_unstable);
+    ADD("/scan/dirty-churn", dirty_log, test_dirty_churn);
     ADD("/scan/discard-zero-slots", zero_slots, test_discard);
     ADD("/scan/writers", eager, test_writers);
     ADD("/scan/churn", normal, test_churn);
