@@ -18,7 +18,9 @@
  * KVM), which the scanner thread must never take (see mem-share-user.c),
  * so a main-loop timer syncs every MEM_SHARE_DIRTY_SYNC_MS and ORs what
  * it found into a bitmap of the backend's pages; the scanner takes (and
- * clears) a chunk's bits before it reads the chunk's pages.  A write
+ * clears) a chunk's bits, a word at a time, before it reads the chunk's
+ * pages.  The main loop's CPU time for the sync is counted as the
+ * scanner's (scan-cpu-ns): it is what the log costs.  A write
  * between the last sync and the scanner's visit shows at the next visit;
  * meanwhile the scanner may count the page unchanged on its old hash,
  * which only costs a merge that fails its byte compare.  Correctness
@@ -50,7 +52,16 @@ struct MemShareDirty {
     QEMUTimer *timer;
     QemuMutex lock;             /* protects pending */
     unsigned long *pending;     /* written since the scanner last looked */
+    uint64_t cpu_ns;            /* spent syncing; accessed with qatomic_* */
 };
+
+static int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * NANOSECONDS_PER_SECOND + ts.tv_nsec;
+}
 
 /* Main loop, BQL held: move the log's news into pending */
 static void mem_share_dirty_sync(void *opaque)
@@ -58,7 +69,7 @@ static void mem_share_dirty_sync(void *opaque)
     MemShareDirty *d = opaque;
     g_autofree DirtyBitmapSnapshot *snap = NULL;
     uint64_t found = 0;
-    int64_t t0 = get_clock();
+    int64_t t0 = get_clock(), cpu0 = thread_cpu_ns();
 
     snap = memory_region_snapshot_and_clear_dirty(d->mr, 0,
                                                   d->npages * d->page_size,
@@ -81,6 +92,9 @@ static void mem_share_dirty_sync(void *opaque)
         }
     }
     qemu_mutex_unlock(&d->lock);
+    /* The log's cost is the scanner's: query-mem-share's scan-cpu-ns */
+    qatomic_set(&d->cpu_ns,
+                qatomic_read(&d->cpu_ns) + thread_cpu_ns() - cpu0);
     trace_mem_share_dirty_sync(
         object_get_canonical_path_component(OBJECT(d->ms)), found,
         get_clock() - t0);
@@ -96,12 +110,29 @@ void mem_share_dirty_take(void *opaque, size_t first, size_t n,
 
     assert(first + n <= d->npages);
     qemu_mutex_lock(&d->lock);
-    for (size_t k = 0; k < n; k++) {
-        if (test_and_clear_bit(first + k, d->pending)) {
-            bits[k / 64] |= 1ULL << (k % 64);
+    if (BITS_PER_LONG == 64 && first % 64 == 0) {
+        /* Whole words: the scanner's chunks start on one */
+        for (size_t k = 0; k < n; k += 64) {
+            unsigned long *w = &d->pending[BIT_WORD(first + k)];
+            unsigned long mask = n - k >= 64 ? ~0UL :
+                                 BITMAP_LAST_WORD_MASK(n - k);
+
+            bits[k / 64] |= *w & mask;
+            *w &= ~mask;
+        }
+    } else {
+        for (size_t k = 0; k < n; k++) {
+            if (test_and_clear_bit(first + k, d->pending)) {
+                bits[k / 64] |= 1ULL << (k % 64);
+            }
         }
     }
     qemu_mutex_unlock(&d->lock);
+}
+
+uint64_t mem_share_dirty_cpu_ns(MemShareDirty *d)
+{
+    return d ? qatomic_read(&d->cpu_ns) : 0;
 }
 
 MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)

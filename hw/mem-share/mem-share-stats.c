@@ -177,9 +177,13 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                            " bytes\n", u->store_pages, u->pages_shared,
                            u->pages_volatile, u->bytes_saved);
             monitor_printf(mon, "  dirty tracking %s: pages dirty %" PRIu64
-                           ", hashes skipped %" PRIu64 "\n",
+                           ", hashes skipped %" PRIu64 ", candidates %"
+                           PRIu64 "\n",
                            MemShareDirtyTracking_str(u->dirty_tracking),
-                           u->pages_dirty, u->hash_skips);
+                           u->pages_dirty, u->hash_skips, u->candidates);
+            monitor_printf(mon, "  churn: merges wasted %" PRIu64
+                           ", skips %" PRIu64 "\n", u->merges_wasted,
+                           u->churn_skips);
             monitor_printf(mon, "  merges %" PRIu64 ", zero merges %" PRIu64
                            ", remerges %" PRIu64 ", mappings %" PRIu64 "/%"
                            PRIu64 ", refused: budget %" PRIu64 ", changed %"

@@ -14,15 +14,31 @@
  * BQL while a thread that needs it sleeps on our freeze would deadlock.
  *
  * Pacing: after each batch the thread sleeps long enough that neither
- * the page rate (scan-rate, pages per second) nor the CPU share (max-cpu,
- * percent of one CPU, measured with the thread's own CPU clock) is
- * exceeded.  Once memory has converged, scanning at full rate only burns
- * CPU: after each full pass that found little to do (merges, zero holes,
- * copy-on-write breaks and changed pages together under 1/64 of the
- * pages) both limits
- * are halved, down to 1/32, and a pass that finds work restores them.
- * A scan-now request lifts the limits until every page has been looked
- * at once more.
+ * the page rate (scan-rate, pages visited per second) nor the CPU share
+ * (max-cpu, percent of one CPU, measured with the thread's own CPU clock
+ * and, with a dirty log, the main loop's syncs of it) is exceeded.
+ *
+ * With a dirty log (dirty-tracking=kvm, the default) a pass visits only
+ * what was written and what waits to prove stable, so its cost follows
+ * the guest's writes; what paces it is time: a pass starts at most every
+ * MEM_SHARE_PASS_MS, and a pass is also the unit of stability (a page
+ * must stay unwritten for whole passes, see scan.c), so it must span
+ * several syncs of the log.  A productive pass (merges, zero merges and
+ * pages found stable, together at least 1/64 of the pages it visited)
+ * keeps that period; each unproductive one doubles it, up to
+ * 2^MEM_SHARE_MAX_PASS_BACKOFF times: a merged, quiet guest costs almost
+ * nothing, a busy one is visited less often (each pass visits a page
+ * once however often it was written), and the next productive pass
+ * restores the pace.
+ *
+ * Without a log (dirty-tracking=hash) every pass reads every page, so
+ * the limits themselves back off: after each full pass that found little
+ * to do (merges, zero holes, copy-on-write breaks and changed pages
+ * together under 1/64 of the pages) both are halved, down to 1/32, and a
+ * pass that finds work restores them.
+ *
+ * A scan-now request makes the next pass a sweep (every page read,
+ * whatever the log says) and lifts the limits until it is done.
  *
  * Groups: with group= and broker=, the object joins the broker's group
  * when the scanner first starts (creation fails if it cannot) and the
@@ -80,6 +96,10 @@
 #define MEM_SHARE_QUIET     64
 /* Quiet passes halve the pace, at most this many times */
 #define MEM_SHARE_MAX_BACKOFF 5
+/* With a dirty log: a pass at most this often (at least 4 log syncs) */
+#define MEM_SHARE_PASS_MS   500
+/* ... and unproductive passes double that, at most this many times */
+#define MEM_SHARE_MAX_PASS_BACKOFF 3
 /* After losing the broker: try to join again this often, this long */
 #define MEM_SHARE_REJOIN_NS         (5 * NANOSECONDS_PER_SECOND)
 #define MEM_SHARE_REJOIN_TIMEOUT_MS 1000
@@ -108,10 +128,15 @@ struct MemShareUser {
     uint64_t scan_now_pages; /* pages still to scan without pacing */
     bool error_reported;
     uint64_t cpu_ns;        /* accessed with qatomic_* */
+    uint64_t log_cpu_ns;    /* the log's part of cpu_ns; qatomic_* */
     /* Back-off when converged */
     uint64_t pass_full_scans;   /* full scans when the current pass began */
     uint64_t pass_work;         /* work counters then */
-    unsigned backoff;           /* the limits are divided by 2^backoff */
+    uint64_t pass_visits;       /* pages_scanned then */
+    int64_t pass_start;         /* get_clock() when the current pass began */
+    uint64_t visits;            /* pages_scanned at the last step */
+    /* the limits (with a log: the pass period) divided (times) 2^backoff */
+    unsigned backoff;
     uint64_t refused_dma;       /* refused_dma at the last step */
     bool budget_reported;       /* the operator was told the budget ran out */
     int64_t vma_budget;         /* the budget then */
@@ -130,7 +155,8 @@ static int64_t thread_cpu_ns(void)
 static int64_t mem_share_delay_ns(MemShareBackend *ms, uint64_t pages,
                                   int64_t wall_ns, int64_t cpu_ns)
 {
-    unsigned backoff = ms->user->backoff;
+    /* With a log, quiet passes lengthen the pass instead */
+    unsigned backoff = ms->user->dirty ? 0 : ms->user->backoff;
     uint64_t rate = qatomic_read(&ms->scan_rate);
     uint32_t cpu = MAX(qatomic_read(&ms->max_cpu) >> backoff, 1);
     int64_t want = 0;
@@ -150,15 +176,29 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
 {
     uint64_t work;
 
+    uint64_t visits = st->pages_scanned - u->pass_visits;
+    bool quiet;
+
     if (st->full_scans == u->pass_full_scans) {
         return;
     }
-    /* Changed hashes are work to come: candidates of the next pass */
-    work = st->merges + st->zero_merges + st->cow_breaks + st->hash_changes;
+    if (u->dirty) {
+        /*
+         * Pages found stable are merges to come; copy-on-write breaks
+         * and writes are not: what churns is visited, not merged
+         */
+        work = st->merges + st->zero_merges + st->candidates;
+        quiet = (work - u->pass_work) * MEM_SHARE_QUIET <= visits;
+    } else {
+        /* Changed hashes are work to come: candidates of the next pass */
+        work = st->merges + st->zero_merges + st->cow_breaks +
+               st->hash_changes;
+        quiet = (work - u->pass_work) * MEM_SHARE_QUIET < st->pages;
+    }
     /* The first passes only learn hashes: their candidates come later */
-    if ((work - u->pass_work) * MEM_SHARE_QUIET < st->pages &&
-        st->full_scans > ms->stable_scans + 1) {
-        u->backoff = MIN(u->backoff + 1, MEM_SHARE_MAX_BACKOFF);
+    if (quiet && st->full_scans > ms->stable_scans + 1) {
+        u->backoff = MIN(u->backoff + 1, u->dirty ? MEM_SHARE_MAX_PASS_BACKOFF
+                                                  : MEM_SHARE_MAX_BACKOFF);
     } else {
         u->backoff = 0;
     }
@@ -166,6 +206,7 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
                               st->full_scans, work - u->pass_work, u->backoff);
     u->pass_full_scans = st->full_scans;
     u->pass_work = work;
+    u->pass_visits = st->pages_scanned;
 }
 
 /* Trace the merges refused for DMA since the last report */
@@ -296,7 +337,9 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     MsScanStats st;
     g_autoptr(GError) gerr = NULL;
     int64_t wall = get_clock(), cpu = thread_cpu_ns(), delay;
-    size_t scanned = 0;
+    uint64_t log_cpu;
+    size_t scanned = 0, visits;
+    bool pass_done;
 
     if (!ms_scanner_step(u->scanner, MEM_SHARE_BATCH, &scanned, &gerr)) {
         if (!u->error_reported) {
@@ -308,25 +351,40 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
         qemu_cond_timedwait(&u->wakeup, &u->lock, 1000);
         return;
     }
-    cpu = thread_cpu_ns() - cpu;
+    /* The log's syncs since the last step count against max-cpu too */
+    log_cpu = mem_share_dirty_cpu_ns(u->dirty);
+    cpu = thread_cpu_ns() - cpu + (log_cpu - qatomic_read(&u->log_cpu_ns));
+    qatomic_set(&u->log_cpu_ns, log_cpu);
     wall = get_clock() - wall;
     qatomic_set(&u->cpu_ns, qatomic_read(&u->cpu_ns) + cpu);
-    trace_mem_share_user_step(object_get_canonical_path_component(OBJECT(ms)),
-                              scanned, wall, cpu);
 
     /* What the step did, for the pace and for the operator */
     ms_scanner_get_stats(u->scanner, &st);
+    visits = st.pages_scanned - u->visits;
+    u->visits = st.pages_scanned;
+    pass_done = st.full_scans != u->pass_full_scans;
+    trace_mem_share_user_step(object_get_canonical_path_component(OBJECT(ms)),
+                              scanned, visits, wall, cpu);
     mem_share_update_backoff(ms, u, &st);
     mem_share_trace_dma(ms, u, &st);
     mem_share_report_budget(ms, u, &st);
     mem_share_check_group(ms, u, &st);
     if (u->scan_now_pages) {
         u->scan_now_pages -= MIN(u->scan_now_pages, scanned);
+        u->pass_start = get_clock();
         return;
     }
-    delay = mem_share_delay_ns(ms, scanned, wall, cpu);
+    delay = mem_share_delay_ns(ms, visits, wall, cpu);
+    if (u->dirty && pass_done) {
+        int64_t period = MEM_SHARE_PASS_MS * SCALE_MS << u->backoff;
+
+        delay = MAX(delay, u->pass_start + period - get_clock());
+    }
     if (delay >= SCALE_MS) {
         qemu_cond_timedwait(&u->wakeup, &u->lock, delay / SCALE_MS);
+    }
+    if (pass_done) {
+        u->pass_start = get_clock();
     }
 }
 
@@ -616,6 +674,7 @@ void mem_share_user_scan_now(MemShareBackend *ms)
      */
     mem_share_user_lock(u);
     u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
+    ms_scanner_sweep(u->scanner);
     qemu_cond_signal(&u->wakeup);
     mem_share_user_unlock(u);
 }
@@ -641,6 +700,9 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     info->pages_zero = st.zero_holes;
     info->cow_breaks = st.cow_breaks;
     info->scan_cpu_ns = qatomic_read(&u->cpu_ns);
+    /* With the log's syncs since the last step (their CPU is ours) */
+    info->scan_cpu_ns += mem_share_dirty_cpu_ns(u->dirty) -
+                         qatomic_read(&u->log_cpu_ns);
 
     ui->store_pages = st.slots_used;
     ui->pages_shared = st.pages_merged;
@@ -648,6 +710,9 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->dirty_tracking = ms->dirty_tracking;
     ui->pages_dirty = st.pages_dirty;
     ui->hash_skips = st.hash_skips;
+    ui->candidates = st.candidates;
+    ui->merges_wasted = st.merges_wasted;
+    ui->churn_skips = st.churn_skips;
     ui->merges = st.merges;
     ui->zero_merges = st.zero_merges;
     ui->zero_slots = st.zero_slots;

@@ -457,6 +457,7 @@ static void mem_share_instance_init(Object *obj)
 
     ms->mode = MEM_SHARE_MODE_OFF;
     ms->scan_rate = MEM_SHARE_DEFAULT_SCAN_RATE;
+    ms->dirty_tracking = MEM_SHARE_DIRTY_TRACKING_KVM;
     ms->max_cpu = MEM_SHARE_DEFAULT_MAX_CPU;
     ms->stable_scans = MEM_SHARE_DEFAULT_STABLE_SCANS;
     ms->map_budget = MEM_SHARE_DEFAULT_MAP_BUDGET;
@@ -524,11 +525,12 @@ static void mem_share_class_init(ObjectClass *oc, void *data)
                                    mem_share_get_dirty_tracking,
                                    mem_share_set_dirty_tracking);
     object_class_property_set_description(oc, "dirty-tracking",
-        "mode=user: how changed pages are found: hash (hash every page at"
-        " every visit) or kvm (QEMU's dirty log: the KVM dirty log for"
-        " vCPU writes, TCG's and device emulation's marking otherwise;"
-        " costs the guest small pages under KVM). Default: hash. Set at"
-        " creation only");
+        "mode=user: how changed pages are found: kvm (QEMU's dirty log:"
+        " the KVM dirty log for vCPU writes, TCG's and device emulation's"
+        " marking otherwise; a pass visits only what was written, so the"
+        " scanner's CPU follows the guest's writes; costs the guest small"
+        " pages under KVM) or hash (read and hash every page at every"
+        " pass, like kernel KSM). Default: kvm. Set at creation only");
     object_class_property_add_str(oc, "group", mem_share_get_group,
                                   mem_share_set_group);
     object_class_property_set_description(oc, "group",

@@ -6,23 +6,43 @@
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
  * The scanner decides what to merge; merge.c does the merging safely
- * and store.c keeps the shared copies.  Like Linux's mm/ksm.c it walks
- * its region page by page, over and over, and keeps two structures:
+ * and store.c keeps the shared copies.  Like Linux's mm/ksm.c it passes
+ * over its region again and again, and keeps two structures:
  *
  *  - the stable tree: the store's index (store.c).  Published slots are
  *    immutable, so a hash found there, confirmed byte for byte, names a
  *    page the candidate can map at once.
- *  - the unstable tree: a hash table of this pass only (hash -> guest
- *    page).  Its entries are guest pages that may change at any moment,
- *    so a hit is checked by comparing the two guest pages before a slot
- *    is allocated, and the table is emptied after every full scan, as
- *    KSM rebuilds its unstable tree, since stale entries only cost
- *    misses.
+ *  - the unstable tree: a hash table (hash -> guest page) of the pages
+ *    found stable that matched nothing yet.  Its entries are guest pages
+ *    that may change at any moment, so a hit is checked by comparing the
+ *    two guest pages before a slot is allocated.  Unlike KSM's, it is
+ *    not rebuilt every pass: a page leaves it when it is written (the
+ *    log says so, or its hash changed) or merged, by deletion with
+ *    backward shift, so it holds exactly the pages waiting in it.
+ *
+ * Dirty log.  ksmd must read every page at every pass to learn what
+ * changed; QEMU knows which pages were written (mem-share-dirty.c), and
+ * with that log (cfg.dirty_take) a pass costs what the guest wrote, not
+ * what it owns.  Per page the scanner knows the pass that last saw it
+ * written (or merged it), so a page's age in passes says whether it
+ * proved stable; no visit is needed to count.  A pass takes a chunk's
+ * dirty bits, ORs them with the chunk's "todo" bits (pages still
+ * proving stable, or due for a group lookup) and, a 64-page word at a
+ * time, passes over everything else: no pagemap read, no hash, no table
+ * lookup.  A written page is not read either: it is marked (age 0) and
+ * read once, when its age reaches its wait; then it is a candidate.
+ * Every MS_SCAN_SWEEP_EVERY passes, after ms_scanner_sweep() and
+ * without a log, a sweep visits and hashes every page, as every pass
+ * did before the log: a write the log missed (a kernel vhost backend
+ * writes behind it) shows as a changed hash, merged pages it broke as
+ * private ones.  Correctness never depends on the log: every merge
+ * compares the frozen page.
  *
  * Per guest page the scanner keeps 16 bytes (KSM's rmap_item is 64):
- * the hash seen at the last visit, how many visits it stayed the same,
- * the store slot the page maps (the scanner holds one store reference
- * per such page), and flags.  A visit of a page:
+ * the hash seen at the last read, the pass it was last written or
+ * merged (16 bits, ages saturate at AGE_MAX), the store slot the page
+ * maps (the scanner holds one store reference per such page), flags, and
+ * two 4-bit counters: group misses and churn.  A visit of a page:
  *
  *   1. Pages the scanner merged are asked ms_merge_test_shared() (once
  *      per chunk, from the pagemap entries of step 2: one read serves
@@ -36,11 +56,11 @@
  *      zero page and swapped-out pages have nothing to give and are not
  *      read (reading a swapped page would swap it in).  That is also
  *      how a zero hole the scanner made is known to still be one.
- *   3. Hash the page with the store's keyed hash.  A changed hash makes
- *      the page volatile and restarts its count; a page is a candidate
- *      once its hash held for stable_scans visits after the first.
- *      (Dirty logging would avoid the hashing; the hash is the
- *      fallback the design names and is needed for the lookup anyway.)
+ *   3. A page the log says was written restarts its age (and leaves the
+ *      unstable tree).  In a sweep, or without a log, hash the page with
+ *      the store's keyed hash: a changed hash is a write too.  A page is
+ *      a candidate once its age reaches its wait (stable_scans, plus its
+ *      churn wait); with a log it is hashed then, once.
  *   4. A candidate that reads as zeros becomes a hole (ms_merge_zero):
  *      no slot and no VMA; or, where a read of a hole would fill it
  *      with a page again, it maps a zero slot (see below).  Else the
@@ -50,22 +70,25 @@
  *      fresh slot gets the content and both pages are merged onto it.
  *      Else the page enters the unstable tree.
  *
- * Churn.  A guest that fills memory it just allocated shows zero pages
- * (zeroed by its kernel, or MAP_POPULATE) that stay zero for a few
- * passes, then get written: merging them is wasted work twice, once for
- * the merge and once for the copy-on-write fault, and the page comes back
- * to be merged again.  KSM is shielded by its slowness; a fast scanner is
- * not.  So the scanner watches what writes do to its merges: when a pass
- * sees copy-on-write breaks of a quarter or more of the pages the pass
- * before merged, it asks one more unchanged scan of every candidate (up
- * to MAX_EXTRA_SCANS more); when breaks fall under a sixteenth, it asks
- * one less.  Breaks count the zero holes that writes filled as well as
- * the store pages they copied: a filling guest mostly writes zero pages.
- * A filling guest is merged once the filling stops; a quiet
- * one at the configured stable_scans.  A merged page that a write
- * copied counts its unchanged scans from zero again, even if the write
- * left the bytes as they were (a guest rewriting zeros): a write is
- * what makes a page volatile, not only a new hash.
+ * Churn.  A merge that a write breaks soon is wasted twice: the merge
+ * and the copy-on-write fault (with their TLB shootdowns, most of what
+ * either costs), and the page comes back to be merged again.  KSM is
+ * shielded by its slowness; a fast scanner is not.  So each page learns
+ * it (broken()): a merge broken before it lasted as long as the wait
+ * that led to it doubles the page's own wait (1 << churn passes more,
+ * up to 1 << MAX_CHURN), and one that lasted twice its wait halves it.
+ * Pages rewritten every fraction of a second stop being merged (visits
+ * that hold them back count as churn_skips), pages stable for minutes
+ * always are.  A zero hole a write filled is a break like a store
+ * page's: a filling guest mostly writes zero pages.  A merged page a
+ * write copied is written, even if the bytes stayed the same (a guest
+ * rewriting zeros): a write, not only a new hash, makes a page volatile.
+ * Without a log, breaks cannot be told from reads' refills page by
+ * page soon enough, and the region as a whole adapts as well: when a
+ * pass sees copy-on-write breaks of a quarter or more of the pages the
+ * pass before merged, it asks one more unchanged scan of every
+ * candidate (up to MAX_EXTRA_SCANS more); when breaks fall under a
+ * sixteenth, it asks one less.
  *
  * Groups.  With a broker client (cfg.group) the region also shares with
  * the other members of its group: a candidate that neither the local
@@ -89,7 +112,12 @@
  * stays the same (like KSM's smart_scan): at every second scan after one
  * miss, every fourth after two, at most every 1 << GROUP_BACKOFF scans.
  * Most misses are pages that no other member has, and each costs the
- * broker a round trip.  A meeting is not lost:
+ * broker a round trip.  With a log, where pages are not visited once
+ * they settled, a miss is asked again at each of the next GROUP_RETRIES
+ * passes (members that wrote the same page at about the same time meet
+ * at once) and then only in sweeps, backed off the same way (counting
+ * sweeps): what a group costs follows what is new in it, not the
+ * members' RAM.  A meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
@@ -140,12 +168,12 @@
  * must prove stable again.  Refusals are counted by reason, per page and
  * attempt.
  *
- * Memory: 16 bytes per guest page, plus the unstable table: an open
- * addressing array of page numbers (4 bytes an entry, the key is the
- * page's own hash in its PageState), at most half full, doubled when it
- * gets there up to two entries per guest page, emptied (not shrunk) after
- * every pass.  Its size settles at what a pass needs: no rehashing from
- * scratch each pass, no malloc churn.  Transient buffers stay small too:
+ * Memory: 16 bytes per guest page, a bit per page of todo map, plus the
+ * unstable table: an open addressing array of page numbers (4 bytes an
+ * entry, the key is the page's own hash in its PageState, which is
+ * why a page leaves the table before its hash changes), at most half
+ * full, doubled when it gets there up to two entries per guest page.
+ * Transient buffers stay small too:
  * glibc raises its mmap threshold to the largest block freed, and a
  * multi-megabyte buffer freed once leaves malloc holding that much for
  * good, memory the guest's savings pay for.
@@ -209,8 +237,8 @@ typedef struct PageState {
     uint32_t slot;          /* slot it maps and holds a reference on */
     uint16_t since;         /* pass it was last written, or merged */
     uint8_t flags;
-    uint8_t gmiss : 4;      /* group lookups of this hash that missed */
-    uint8_t churn : 4;      /* its wasted merges, lately: see "Churn" */
+    uint8_t gmiss:4;      /* group lookups of this hash that missed */
+    uint8_t churn:4;      /* its wasted merges, lately: see "Churn" */
 } PageState;
 
 /* The unstable table starts with this many entries */
