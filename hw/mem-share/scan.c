@@ -163,7 +163,10 @@
  * against a budget two VMAs lower, because freezing part of a VMA splits
  * it for a moment and a zero hole needs that headroom.  A full store
  * gives a pair run the longest run of slots it has, halving down to one,
- * then refuses.  Pages mapped for DMA (cfg.dma_pins) are refused by the
+ * then refuses.  With a log, refused pages are not visited again until
+ * the next sweep, and a changed vm.max_map_count (the operator's answer
+ * to a spent budget) makes the next pass one.  Pages mapped for DMA
+ * (cfg.dma_pins) are refused by the
  * merger once frozen (see "DMA" in merge.c) and, like changed pages,
  * must prove stable again.  Refusals are counted by reason, per page and
  * attempt.
@@ -1876,6 +1879,13 @@ static void follow_map_limit(MsScanner *s)
     }
     limit = ms_max_map_count();
     if (limit != s->map_limit) {
+        /*
+         * With a log, the pages the old budget refused are not visited
+         * again until a sweep: make the next pass one
+         */
+        if (s->map_limit > 0 && s->live.refused_budget) {
+            s->sweep_asked = true;
+        }
         s->map_limit = limit;
         ms_merger_set_budget(s->m,
                              ms_merger_default_budget(s->cfg.budget_share));
