@@ -123,18 +123,19 @@ if ! download; then
     stamp=$(printf 'inputs %s\n%s\n' "$inputs" "$pkgs")
     n=$(wc -l <<<"$pkgs")
 fi
-# Keep the current versions only.
+# The .debs of the resolved versions (apt names them NAME_VERSION_ARCH.deb,
+# with an epoch's colon as %3a); older ones go.
 debs=()
+declare -A current=()
+while IFS='=' read -r p v; do
+    set -- "$DL/cache/archives/${p}_${v//:/%3a}_"*.deb
+    [[ $# -eq 1 && -f $1 ]] || die "no single .deb of $p $v in $DL/cache/archives"
+    debs+=("$1")
+    current[$1]=1
+done <<<"$pkgs"
 for deb in "$DL"/cache/archives/*.deb; do
-    p=$(dpkg-deb -f "$deb" Package)
-    v=$(dpkg-deb -f "$deb" Version)
-    if grep -qx "$p=$v" <<<"$pkgs"; then
-        debs+=("$deb")
-    else
-        rm -f "$deb"
-    fi
+    [[ -n ${current[$deb]:-} ]] || rm -f "$deb"
 done
-((${#debs[@]} == n)) || die "expected $n packages in $DL/cache/archives, found ${#debs[@]}"
 
 ROOT=$OUT/fleet-root
 rm -rf "$ROOT"
