@@ -13,6 +13,9 @@
 #   OUTDIR/initramfs.cpio.gz   /init = workload, /dev/console, /proc, /dev,
 #                              /lib/modules/*.ko (loaded with ms.virtio=1)
 #   OUTDIR/tiny.elf            32-bit multiboot test guest
+#   OUTDIR/fleet.cpio.gz       the fleet guest: a minimal Debian 12 root with
+#                              python3, sqlite3 and perl services and its
+#                              manifest (fleet/mkimage.sh; .debs in dl/fleet)
 #
 # Idempotent: each artifact is rebuilt only when missing or older than its
 # inputs; the kernel is fetched again only when the package changes.
@@ -206,6 +209,14 @@ build_tiny() {
     fi
 }
 
+# ---------------------------------------------------------------- fleet
+build_fleet() {
+    # fleet/mkimage.sh decides itself what is out of date (its inputs, the
+    # versions apt resolves); it runs the guest with build/guest/vmlinuz.
+    "$SRC/fleet/mkimage.sh" "$OUT"
+}
+
 fetch_kernel
 build_workload
 build_tiny
+build_fleet

@@ -930,3 +930,42 @@ def log_directory(prefix, tap=None):
 
 def errno_name(e):
     return errno.errorcode.get(e, str(e))
+
+
+# --------------------------------------------------------------------- fleet
+
+# The fleet guest (tests/guest/fleet/, built by build.sh): a minimal Debian
+# 12 root with python3, perl and sqlite3 services, unpacked from the
+# initramfs into the guest's memory.
+FLEET_IMAGE = os.path.join(GUEST_DIR, "fleet.cpio.gz")
+# The root takes about 150 MiB once unpacked (its 50 MiB archive too until
+# the kernel has unpacked it), the three programs 3 x ms.fleet.mib MiB and
+# about as much again for their own overheads (sqlite's page cache holds
+# the whole database, the database itself is on a tmpfs), the kernel some
+# 40 MiB: 512 MiB leaves room for ms.fleet.mib up to about 32.
+FLEET_MEM = "512M"
+FLEET_FILLED_RX = r"^MS-FLEET filled "
+FLEET_VERIFY_RX = r"^MS-FLEET verify (ok|bad=(\d+) failed=(\S+))"
+FLEET_FAIL_RX = r"^MS-FLEET FAIL"
+
+
+def fleet_guest_args(mem=FLEET_MEM, mode="kernel", cmdline="", backend_extra="",
+                     machine="q35"):
+    """QEMU arguments of a fleet guest (its init reads ms.fleet.* from
+    cmdline, see tests/guest/fleet/init)."""
+    return (backend_args(mode, mem, extra=backend_extra) +
+            ["-m", mem,
+             "-machine", "%s,memory-backend=m0,mem-merge=off" % machine,
+             "-kernel", VMLINUZ, "-initrd", FLEET_IMAGE,
+             "-append", "console=ttyS0 quiet panic=-1 " + cmdline,
+             "-no-reboot"])
+
+
+def proc_pss_kb(pid):
+    """Pss of PID in kB (/proc/PID/smaps_rollup): its private pages plus its
+    share of the pages it maps with other processes."""
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise GuestError("no Pss in /proc/%d/smaps_rollup" % pid)
