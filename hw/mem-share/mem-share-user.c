@@ -376,7 +376,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     }
     delay = mem_share_delay_ns(ms, visits, wall, cpu);
     if (u->dirty && pass_done) {
-        int64_t period = MEM_SHARE_PASS_MS * SCALE_MS << u->backoff;
+        int64_t period = (int64_t)MEM_SHARE_PASS_MS * SCALE_MS << u->backoff;
 
         delay = MAX(delay, u->pass_start + period - get_clock());
     }

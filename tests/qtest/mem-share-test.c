@@ -863,6 +863,38 @@ static void test_user_dirty_log(void)
     qtest_quit(qts);
 }
 
+/*
+ * With the dirty log (the default), a quiet guest costs passes paced in
+ * time, not spinning ones: at most one every 0.5 s, and none of them
+ * reads a page, since nothing was written.
+ */
+static void test_user_pacing(void)
+{
+    QTestState *qts = start_vm("user", NULL);
+    QDict *info, *user;
+    uint64_t scans, visited, skips;
+
+    info = wait_user(qts, "full-scans", 4);
+    user = qdict_get_qdict(info, "user");
+    g_assert_cmpstr(qdict_get_str(user, "dirty-tracking"), ==, "kvm");
+    scans = qdict_get_int(info, "full-scans");
+    visited = qdict_get_int(info, "pages-scanned");
+    skips = qdict_get_int(user, "hash-skips");
+    qobject_unref(info);
+    g_usleep(5 * G_USEC_PER_SEC);
+    info = query_one(qts);
+    user = qdict_get_qdict(info, "user");
+    g_test_message("5 s: %" PRIu64 " passes, %" PRIu64 " pages visited",
+                   qdict_get_int(info, "full-scans") - scans,
+                   qdict_get_int(info, "pages-scanned") - visited);
+    g_assert_cmpuint(qdict_get_int(info, "full-scans"), >, scans);
+    g_assert_cmpuint(qdict_get_int(info, "full-scans"), <=, scans + 12);
+    g_assert_cmpuint(qdict_get_int(info, "pages-scanned"), ==, visited);
+    g_assert_cmpuint(qdict_get_int(user, "hash-skips"), >, skips);
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
 /* A scanner slowed to a crawl still scans everything on request */
 static void test_user_scan_now(void)
 {
@@ -1940,6 +1972,7 @@ int main(int argc, char **argv)
     add_uffd_test("/mem-share/user/merge", test_user_merge);
     add_uffd_test("/mem-share/user/scan-now", test_user_scan_now);
     add_uffd_test("/mem-share/user/dirty-log", test_user_dirty_log);
+    add_uffd_test("/mem-share/user/pacing", test_user_pacing);
     add_uffd_test("/mem-share/user/group", test_user_group);
     add_uffd_test("/mem-share/user/group-stall", test_user_group_stall);
     add_uffd_test("/mem-share/user/group-restart", test_user_group_restart);
