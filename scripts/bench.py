@@ -824,6 +824,12 @@ class Run:
                         t98 = max(0.0, s["t"])
                         break
             r[out] = t98
+        # The host figure moves with everything else on the host: when its
+        # final saving is not positive, the Pss curve (ours only) tells
+        r["t98_from"] = "host"
+        if r["t98"] is None and r["t98_pss"] is not None:
+            r["t98"] = r["t98_pss"]
+            r["t98_from"] = "Pss"
         # dedup CPU: from the configuration's start to the 98% point, and at the end
         r["cpu_total"] = self.samples[-1]["dedup_cpu_s"]
         r["cpu_t98"] = None
@@ -933,6 +939,11 @@ def user_targets(u, d, t, args, add):
     return targets
 
 
+def conv_saved(r):
+    """The saving whose curve gave the convergence time (MiB)."""
+    return r["saved_pss_mib"] if r.get("t98_from") == "Pss" else r["saved_mib"]
+
+
 def verify_text(r):
     if not r["verified"]:
         return "FAILED"
@@ -980,11 +991,11 @@ def count_report(runs, args, add):
         if r["config"] == "off":
             conv = "-"
         elif r["converged"]:
-            conv = fmt(r["t98"], "%.0f")
+            conv = fmt(r["t98"], "%.0f") + ("p" if r["t98_from"] == "Pss" else "")
         else:
             conv = "n.c. @%.0f" % (r["duration"] - (r["steady_s"] if r["steady_window"]
                                                      else 0))
-        thr = (r["saved_mib"] / max(r["t98"], args.interval)
+        thr = (conv_saved(r) / max(r["t98"], args.interval)
                if r["converged"] and r["t98"] is not None else None)
         add("%-32s %8.0f %8.0f %8.0f %6s %8.0f %15s %9s %9s %8s %7s%% %9s %s"
             % (r["label"], r["host_used_mib"], r["saved_mib"], r["saved_pss_mib"],
@@ -1028,9 +1039,9 @@ def count_report(runs, args, add):
     for r in [x.result for x in runs]:
         if r["config"] == "off":
             continue
-        wthr = (r["saved_mib"] / max(r["t98"], args.interval)
+        wthr = (conv_saved(r) / max(r["t98"], args.interval)
                 if r["converged"] and r["t98"] is not None else None)
-        percpu = r["saved_mib"] / r["cpu_t98"] if r["cpu_t98"] else None
+        percpu = conv_saved(r) / r["cpu_t98"] if r["cpu_t98"] else None
         extra = ""
         if r["config"].startswith("user"):
             extra = "; counters: bytes-saved %.0f MiB / scan cpu %.1f s = %s MiB/cpu-s" % (
@@ -1107,9 +1118,10 @@ def make_report(by_n, args, started, wall):
         "steady window, else the last %d samples); saved: vs the off run of the same "
         "guest count; savedPss: from the QEMU processes' (and the broker's) Pss; "
         "converge: s after all guests filled until the saving first reached 98%% of its "
-        "final value (n.c. = not converged within the cap); cpu@98%%: dedup CPU s from "
-        "launch to that point (ksmd for KSM, scan-cpu-ns for mode=user, plus the "
-        "broker's CPU for a group); cpu win: dedup CPU s in the steady window; "
+        "final value (n.c. = not converged within the cap; p: of the Pss saving, the "
+        "host figure's being <= 0); cpu@98%%: dedup CPU s from launch to that point "
+        "(ksmd for KSM, scan-cpu-ns for mode=user, plus the broker's CPU for a group); "
+        "cpu win: dedup CPU s in the steady window; "
         "steady: that as %% of one CPU; MiB/s = saved / converge s." % args.stable_n)
     if len(counts) > 1:
         add("")
