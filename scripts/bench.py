@@ -869,6 +869,11 @@ def plural(n, word):
     return "%d %s%s" % (n, word, "" if n == 1 else "s")
 
 
+def disturbed(*runs):
+    """A note for a comparison of runs of which one was flagged."""
+    return "; interference flagged" if any(r["flags"] for r in runs) else ""
+
+
 def user_targets(u, d, t, args, add):
     """The issue's targets for one mode=user run @u against default (@d) and
     tuned (@t) KSM at the same guest count; prints the comparison through
@@ -885,7 +890,7 @@ def user_targets(u, d, t, args, add):
         for key, what in (("saved_mib", "host figure"), ("saved_pss_mib", "Pss")):
             ok = u[key] >= t[key] - 0.01 * abs(t[key])
             targets.append((cfg + ": saved >= tuned KSM's (%s, 1%% band)" % what, ok,
-                            "%.0f vs %.0f MiB" % (u[key], t[key])))
+                            "%.0f vs %.0f MiB%s" % (u[key], t[key], disturbed(u, t))))
     else:
         targets.append((cfg + ": saved >= tuned KSM's", None, "ksm-tuned not run"))
     if d:
@@ -917,8 +922,9 @@ def user_targets(u, d, t, args, add):
                 % (u["cpu_steady_s"], u["steady_s"], u["cpu_steady_pct"],
                    d["cpu_steady_s"], d["steady_s"], d["cpu_steady_pct"]))
             targets.append((name, u["cpu_steady_pct"] < d["cpu_steady_pct"],
-                            "%.1f%% vs %.1f%% of a CPU" % (u["cpu_steady_pct"],
-                                                           d["cpu_steady_pct"])))
+                            "%.1f%% vs %.1f%% of a CPU%s" % (u["cpu_steady_pct"],
+                                                             d["cpu_steady_pct"],
+                                                             disturbed(u, d))))
         else:
             targets.append((name, None, "no steady window (--steady 0)"))
     else:
@@ -937,6 +943,17 @@ def user_targets(u, d, t, args, add):
                     "bad=0 in %s" % plural(u["guests"], "guest") if u["verified"]
                     else "FAILED: %s" % [f for f in u["verify_fail"] if f][:1]))
     return targets
+
+
+def flat(d, prefix=""):
+    """[(key, value)] of a query-mem-share dict, nested ones as a.b, sorted."""
+    out = []
+    for k, v in sorted(d.items()):
+        if isinstance(v, dict):
+            out += flat(v, prefix + k + ".")
+        else:
+            out.append((prefix + k, v))
+    return out
 
 
 def conv_saved(r):
@@ -1064,7 +1081,7 @@ def count_report(runs, args, add):
                 % (gname, e.get("pages-merged", 0), e.get("pages-zero", 0),
                    e.get("full-scans", 0), e.get("cow-breaks", 0),
                    " " + churn if churn else "",
-                   " ".join("%s=%s" % kv for kv in sorted(us.items()))))
+                   " ".join("%s=%s" % kv for kv in flat(us) if kv[0] not in CHURN_KEYS)))
         if any(u.get(k) is not None for k in ("churn_skips", "merges_wasted")):
             add("  all guests: churn-skips %s, merges-wasted %s; in the steady window "
                 "+%s and +%s"
@@ -1128,8 +1145,8 @@ def make_report(by_n, args, started, wall):
         scaling_report(by_n, add)
     if targets:
         add("")
-        add("targets (issue; evaluated at %s guests):"
-            % " and ".join(str(n) for n, _ in targets))
+        add("targets (issue; evaluated with %s):"
+            % " and ".join(plural(n, "guest") for n, _ in targets))
         for n, tn in targets:
             for name, ok, why in tn:
                 add("  %-9s  %-58s %s  (%s)"
