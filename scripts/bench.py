@@ -807,6 +807,8 @@ class Run:
                     "kernel_mib", "broker_pss_mib"):
             r[key] = mean(key)
         r["duration"] = post[-1]["t"]
+        # when the run converged or reached its cap (the steady window's start)
+        r["t_stop"] = win[0]["t"] if win else r["duration"]
         r["converged"] = self.stop_reason == "stable"
         if self.other_pids:
             note = ("other QEMU processes ran meanwhile (%d; their Pss swung by up to "
@@ -905,9 +907,9 @@ def user_targets(u, d, t, args, add):
                 sp = d["t98"] / ut
                 spt = "%.1fx" % sp
             else:
-                sp = d["duration"] / ut     # lower bound
+                sp = d["t_stop"] / ut       # lower bound
                 spt = ">= %.1fx (default KSM not converged within %.0f s)" % (
-                    sp, d["duration"])
+                    sp, d["t_stop"])
             add("  convergence speed-up vs default KSM: %s (%.0f s vs %s; user "
                 "time floored at the %g s sample interval)"
                 % (spt, u["t98"], fmt(d["t98"], "%.0f s") if d["converged"]
@@ -1010,8 +1012,7 @@ def count_report(runs, args, add):
         elif r["converged"]:
             conv = fmt(r["t98"], "%.0f") + ("p" if r["t98_from"] == "Pss" else "")
         else:
-            conv = "n.c. @%.0f" % (r["duration"] - (r["steady_s"] if r["steady_window"]
-                                                     else 0))
+            conv = "n.c. @%.0f" % r["t_stop"]
         thr = (conv_saved(r) / max(r["t98"], args.interval)
                if r["converged"] and r["t98"] is not None else None)
         add("%-32s %8.0f %8.0f %8.0f %6s %8.0f %15s %9s %9s %8s %7s%% %9s %s"
@@ -1040,8 +1041,8 @@ def count_report(runs, args, add):
     for r in [x.result for x in runs]:
         if not r["converged"] and r["config"] != "off":
             add("%s: NOT CONVERGED within the %.0f s cap: saving reached %.0f MiB%s"
-                % (r["label"], r["duration"] - (r["steady_s"] if r["steady_window"] else 0),
-                   r["saved_mib"], " (%.0f%% of ideal)" % (100 * r["saved_mib"] / r["ideal_mib"])
+                % (r["label"], r["t_stop"], r["saved_mib"],
+                   " (%.0f%% of ideal)" % (100 * r["saved_mib"] / r["ideal_mib"])
                    if r["ideal_mib"] else ""))
         if r["flags"]:
             add("%s: INTERFERENCE: %s" % (r["label"], "; ".join(r["flags"])))
