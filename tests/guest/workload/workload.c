@@ -26,6 +26,24 @@
  *                  holds pages with non-zero content that were merged,
  *                  for balloon tests (default 0: none)
  *
+ * Busy mode (a guest that keeps writing after the fill; off by default):
+ *   ms.busy=P      each tick, rewrite P percent of the filled pages, chosen
+ *                  anew each tick (a pure function of seed, tick and page);
+ *                  half of those writes store identical bytes (every word
+ *                  read and stored back), half change the page (its next
+ *                  generation, under the same category rules as the fill)
+ *   ms.hz=N        ticks per second (default 4); a tick that comes due while
+ *                  the previous one still runs is skipped (counted: missed)
+ *   ms.flip=N      pages altered and restored per second: each one is
+ *                  changed (every word XORed with a key of the page) and put
+ *                  back ms.flipms later (default 0: none)
+ *   ms.flipms=N    milliseconds a flipped page stays altered (default 300)
+ * Verification stays exact: the workload keeps each page's generation and
+ * whether it is altered right now, and a verify round checks the pages in
+ * chunks between ticks (writes go on while it runs) against their state at
+ * that moment.  The page ms.corrupt damaged is left alone by busy writes
+ * and flips, so the verifier still finds it.
+ *
  * Disk mode (tests/guest/test-dma; instead of the memory fill):
  *   ms.disk=1      read /dev/vda with O_DIRECT into page-aligned buffers,
  *                  again and again, and verify every byte of every read
@@ -66,6 +84,14 @@
  *   MS-WORKLOAD rewrite round=K pages=R
  *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
  *   MS-WORKLOAD dup filled pages=N period=64 (ms.dupmib)
+ *   MS-WORKLOAD busy start busy=P hz=N flip=N flipms=N pages=N
+ *     (ms.busy or ms.flip: after the fill)
+ *   MS-WORKLOAD busy round=K ms=E ticks=T missed=M writes=W identical=I
+ *     changed=C flips=F restored=R pending=Q verify-altered=A
+ *     (after each round's first verify, also a failed one: counters since
+ *     the fill, E ms after it; pending: pages altered right now;
+ *     verify-altered: pages this round's verify found altered by a flip,
+ *     as expected)
  *   MS-WORKLOAD dup freed pages=N (after 'f')
  *   MS-WORKLOAD done ok
  *   MS-WORKLOAD FAIL page=P cat=C gen=G word=W expected=0x.. got=0x.. bad=B pages=N
@@ -108,7 +134,8 @@ static const char *cat_name[] = { "zero", "shared", "unique" };
 static struct {
     unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
     unsigned long corrupt, virtio, dupmib;
-} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0, 0 };
+    unsigned long busy, hz, flip, flipms;
+} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0, 0, 0, 4, 0, 300 };
 
 /* Disk mode (see the top comment) */
 static struct {
@@ -230,16 +257,19 @@ static uint64_t fill_page(uint64_t *p, uint64_t i, uint32_t gen)
     return fp;
 }
 
-/* Returns -1 if the page is intact, else the index of the first bad word. */
+/*
+ * Returns -1 if the page is intact, else the index of the first bad word.
+ * @x: XORed into every expected word (a page altered by a flip), else 0.
+ */
 static int check_page(const uint64_t *p, uint64_t i, uint32_t gen,
-                      uint64_t *expected)
+                      uint64_t x, uint64_t *expected)
 {
     int cat = page_cat(i, gen);
 
     if (cat == CAT_ZERO) {
         for (unsigned w = 0; w < WORDS; w++) {
-            if (p[w]) {
-                *expected = 0;
+            if (p[w] != x) {
+                *expected = x;
                 return w;
             }
         }
@@ -247,7 +277,7 @@ static int check_page(const uint64_t *p, uint64_t i, uint32_t gen,
     }
     uint64_t s = page_key(i, gen, cat);
     for (unsigned w = 0; w < WORDS; w++) {
-        uint64_t e = xs_next(&s);
+        uint64_t e = xs_next(&s) ^ x;
         if (p[w] != e) {
             *expected = e;
             return w;
@@ -260,46 +290,56 @@ static int stdin_open = 1;
 static int stop_requested;
 static int free_requested;
 
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Wait up to `ms` milliseconds for console input and act on it. */
+static void watch_stdin(long ms)
+{
+    if (!stdin_open) {
+        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+        nanosleep(&ts, NULL);
+        return;
+    }
+    struct pollfd pfd = { .fd = 0, .events = POLLIN };
+    int r = poll(&pfd, 1, ms);
+    if (r < 0 && errno != EINTR) {
+        stdin_open = 0;
+    } else if (r > 0) {
+        char buf[256];
+        ssize_t n = read(0, buf, sizeof(buf));
+        if (n <= 0 || (pfd.revents & (POLLERR | POLLNVAL))) {
+            stdin_open = 0;     /* EOF or no usable stdin */
+            return;
+        }
+        for (ssize_t k = 0; k < n; k++) {
+            if (buf[k] == 'q' && !stop_requested) {
+                stop_requested = 1;
+                say("MS-WORKLOAD stop requested");
+            }
+            if (buf[k] == 'f') {
+                free_requested = 1;
+            }
+        }
+    }
+}
+
 /* Sleep for `sec` seconds, watching stdin for a stop request ("q"). */
 static void sleep_watch(unsigned long sec)
 {
-    struct timespec now, end;
+    int64_t end = now_ns() + (int64_t)sec * 1000000000;
 
-    clock_gettime(CLOCK_MONOTONIC, &end);
-    end.tv_sec += sec;
     for (;;) {
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long ms = (end.tv_sec - now.tv_sec) * 1000 +
-                  (end.tv_nsec - now.tv_nsec) / 1000000;
+        long ms = (end - now_ns()) / 1000000;
         if (ms <= 0) {
             return;
         }
-        if (!stdin_open) {
-            struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
-            nanosleep(&ts, NULL);
-            continue;
-        }
-        struct pollfd pfd = { .fd = 0, .events = POLLIN };
-        int r = poll(&pfd, 1, ms);
-        if (r < 0 && errno != EINTR) {
-            stdin_open = 0;
-        } else if (r > 0) {
-            char buf[256];
-            ssize_t n = read(0, buf, sizeof(buf));
-            if (n <= 0 || (pfd.revents & (POLLERR | POLLNVAL))) {
-                stdin_open = 0;     /* EOF or no usable stdin */
-                continue;
-            }
-            for (ssize_t k = 0; k < n; k++) {
-                if (buf[k] == 'q' && !stop_requested) {
-                    stop_requested = 1;
-                    say("MS-WORKLOAD stop requested");
-                }
-                if (buf[k] == 'f') {
-                    free_requested = 1;
-                }
-            }
-        }
+        watch_stdin(ms);
     }
 }
 
@@ -307,14 +347,236 @@ static uint8_t *mem;
 static uint32_t *gen;
 static uint64_t npages;
 
+/* ---- busy mode (ms.busy, ms.hz, ms.flip; see the top comment) ---- */
+
+#define BUSY_KEY 0x627573792d777269ull     /* "busy-wri" */
+#define FLIP_KEY 0x666c69702d706167ull     /* "flip-pag" */
+#define VERIFY_CHUNK 64                     /* pages verified between ticks */
+
+struct flip {
+    uint64_t page;
+    int64_t due;                /* now_ns() when it is put back */
+};
+
+static struct {
+    int on;
+    int64_t t0, next_tick, period;
+    uint64_t ticks, missed, writes, identical, changed, flips, restored;
+    uint64_t altered_seen;      /* this round's verify: pages found altered */
+    uint64_t skip;              /* the page ms.corrupt damaged */
+    uint8_t *altered;           /* per page: 1 while a flip holds it */
+    struct flip *q;             /* flips to put back, oldest first */
+    unsigned long qcap, qhead, qlen;
+} B = { .skip = UINT64_MAX };
+
+static inline uint64_t *page_ptr(uint64_t i)
+{
+    return (uint64_t *)(mem + i * PAGE);
+}
+
+static inline int page_altered(uint64_t i)
+{
+    return B.altered && B.altered[i];
+}
+
+/* What a flip XORs into every word of page i (never 0). */
+static inline uint64_t flip_key(uint64_t i)
+{
+    return mix64(FLIP_KEY ^ (P.seed << 40) ^ i) | 1;
+}
+
+static void xor_page(uint64_t i, uint64_t x)
+{
+    uint64_t *p = page_ptr(i);
+
+    for (unsigned w = 0; w < WORDS; w++) {
+        p[w] ^= x;
+    }
+}
+
+/* The next generation of page i (an altered page stays altered). */
+static void next_generation(uint64_t i)
+{
+    gen[i]++;
+    fill_page(page_ptr(i), i, gen[i]);
+    if (page_altered(i)) {
+        xor_page(i, flip_key(i));
+    }
+}
+
+/* Store the bytes page i holds back into it, word by word. */
+static void store_same(uint64_t i)
+{
+    volatile uint64_t *p = page_ptr(i);
+
+    for (unsigned w = 0; w < WORDS; w++) {
+        p[w] = p[w];
+    }
+}
+
+static void flip_restore_oldest(void)
+{
+    struct flip *f = &B.q[B.qhead];
+
+    xor_page(f->page, flip_key(f->page));
+    B.altered[f->page] = 0;
+    B.qhead = (B.qhead + 1) % B.qcap;
+    B.qlen--;
+    B.restored++;
+}
+
+static void flip_start(int64_t now)
+{
+    uint64_t i = mix64(FLIP_KEY ^ (P.seed << 48) ^ B.flips) % npages;
+
+    B.flips++;
+    for (uint64_t n = 0; i == B.skip || B.altered[i]; n++) {
+        if (n == npages) {
+            return;
+        }
+        i = (i + 1) % npages;
+    }
+    if (B.qlen == B.qcap) {
+        flip_restore_oldest();      /* not expected: qcap has room */
+    }
+    xor_page(i, flip_key(i));
+    B.altered[i] = 1;
+    B.q[(B.qhead + B.qlen) % B.qcap] = (struct flip){
+        i, now + (int64_t)P.flipms * 1000000 };
+    B.qlen++;
+}
+
+static void busy_tick(int64_t now)
+{
+    uint64_t tk = mix64(BUSY_KEY ^ (P.seed << 40) ^ B.ticks);
+
+    B.ticks++;
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t r = mix64(tk ^ i);
+
+        if (r % 100 >= P.busy || i == B.skip) {
+            continue;
+        }
+        if (r >> 63) {
+            next_generation(i);
+            B.changed++;
+        } else {
+            store_same(i);
+            B.identical++;
+        }
+        B.writes++;
+    }
+    /* ms.flip per second since the fill, started at the ticks */
+    uint64_t due = (uint64_t)((now - B.t0) / 1000000) * P.flip / 1000;
+    while (B.flips < due) {
+        flip_start(now);
+    }
+}
+
+/* Runs what is due (flips to put back, a tick); returns when the next
+ * thing is due. */
+static int64_t busy_poll(void)
+{
+    int64_t now = now_ns();
+
+    while (B.qlen && B.q[B.qhead].due <= now) {
+        flip_restore_oldest();
+    }
+    if (now >= B.next_tick) {
+        busy_tick(now);
+        B.next_tick += B.period;
+        now = now_ns();
+        while (B.next_tick <= now) {
+            B.next_tick += B.period;
+            B.missed++;
+        }
+    }
+    if (B.qlen && B.q[B.qhead].due < B.next_tick) {
+        return B.q[B.qhead].due;
+    }
+    return B.next_tick;
+}
+
+/* Keep writing for `sec` seconds, watching stdin for a stop request. */
+static void busy_run(unsigned long sec)
+{
+    int64_t end = now_ns() + (int64_t)sec * 1000000000;
+
+    for (;;) {
+        int64_t next = busy_poll(), now = now_ns();
+
+        if (now >= end) {
+            return;
+        }
+        if (next > end) {
+            next = end;
+        }
+        watch_stdin(next > now ? (next - now + 999999) / 1000000 : 0);
+    }
+}
+
+static int busy_setup(void)
+{
+    B.on = P.busy || P.flip;
+    if (!B.on) {
+        return 1;
+    }
+    B.qcap = P.flip * (P.flipms / 1000 + 2) + 1;
+    if (!P.hz || P.hz > 1000 || P.busy > 100 || B.qcap >= npages / 2) {
+        say("MS-WORKLOAD FAIL bad parameters");
+        return 0;
+    }
+    B.altered = calloc(npages, 1);
+    B.q = calloc(B.qcap, sizeof(*B.q));
+    if (!B.altered || !B.q) {
+        say("MS-WORKLOAD FAIL cannot allocate the busy state");
+        return 0;
+    }
+    if (P.corrupt && P.corrupt <= npages) {
+        B.skip = P.corrupt - 1;
+    }
+    B.period = 1000000000 / P.hz;
+    B.t0 = B.next_tick = now_ns();
+    say("MS-WORKLOAD busy start busy=%lu hz=%lu flip=%lu flipms=%lu pages=%llu",
+        P.busy, P.hz, P.flip, P.flipms, (unsigned long long)npages);
+    return 1;
+}
+
+static void busy_report(unsigned long round)
+{
+    if (!B.on) {
+        return;
+    }
+    say("MS-WORKLOAD busy round=%lu ms=%llu ticks=%llu missed=%llu "
+        "writes=%llu identical=%llu changed=%llu flips=%llu restored=%llu "
+        "pending=%lu verify-altered=%llu", round,
+        (unsigned long long)((now_ns() - B.t0) / 1000000),
+        (unsigned long long)B.ticks, (unsigned long long)B.missed,
+        (unsigned long long)B.writes, (unsigned long long)B.identical,
+        (unsigned long long)B.changed, (unsigned long long)B.flips,
+        (unsigned long long)B.restored, B.qlen,
+        (unsigned long long)B.altered_seen);
+}
+
+/* In busy mode the writes go on while the pages are checked: each page is
+ * checked against its generation and flip state of that moment. */
 static int verify(unsigned long round, const char *suffix)
 {
     uint64_t bad = 0;
 
+    B.altered_seen = 0;
     for (uint64_t i = 0; i < npages; i++) {
-        uint64_t *p = (uint64_t *)(mem + i * PAGE);
-        uint64_t e;
-        int w = check_page(p, i, gen[i], &e);
+        uint64_t *p = page_ptr(i);
+        uint64_t e, x = 0;
+
+        if (B.on && i % VERIFY_CHUNK == 0) {
+            busy_poll();
+        }
+        if (page_altered(i)) {
+            x = flip_key(i);
+            B.altered_seen++;
+        }
+        int w = check_page(p, i, gen[i], x, &e);
 
         if (w >= 0) {
             if (!bad) {
@@ -344,8 +606,7 @@ static void rewrite(unsigned long round)
     for (uint64_t i = 0; i < npages; i++) {
         uint64_t r = mix64(SEL_KEY ^ (P.seed << 48) ^ ((uint64_t)round << 32) ^ i);
         if (r % 100 < P.rewrite) {
-            gen[i]++;
-            fill_page((uint64_t *)(mem + i * PAGE), i, gen[i]);
+            next_generation(i);
             n++;
         }
     }
@@ -554,7 +815,9 @@ static void parse_token(const char *t)
         { "ms.corrupt=", &P.corrupt }, { "ms.virtio=", &P.virtio },
         { "ms.disk=", &D.on }, { "ms.diskkib=", &D.kib },
         { "ms.diskjobs=", &D.jobs }, { "ms.diskreads=", &D.reads },
-        { "ms.dupmib=", &P.dupmib },
+        { "ms.dupmib=", &P.dupmib }, { "ms.busy=", &P.busy },
+        { "ms.hz=", &P.hz }, { "ms.flip=", &P.flip },
+        { "ms.flipms=", &P.flipms },
     };
     for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
         size_t l = strlen(keys[k].name);
@@ -696,11 +959,20 @@ int main(int argc, char **argv)
         say("MS-WORKLOAD corrupted page=%lu", P.corrupt - 1);
     }
     dup_fill();
+    if (!busy_setup()) {
+        finish(0);
+    }
 
     for (unsigned long round = 1; ; round++) {
-        sleep_watch(P.interval);
+        if (B.on) {
+            busy_run(P.interval);
+        } else {
+            sleep_watch(P.interval);
+        }
         dup_free();
-        if (!verify(round, "")) {
+        int ok = verify(round, "");
+        busy_report(round);
+        if (!ok) {
             finish(0);
         }
         if (P.rewrite) {
