@@ -232,14 +232,16 @@ class BusyWorkload(TestWorkload):
 
     def cmdline(self, mib, seed):
         a = self.args
-        return (super().cmdline(mib, seed) + " ms.busy=%d ms.hz=%d ms.flip=%d"
-                % (a.busy, a.hz, a.flip))
+        return (super().cmdline(mib, seed) + " ms.busy=%d ms.hz=%d ms.flip=%d ms.hot=%d"
+                % (a.busy, a.hz, a.flip, 0 if a.random_busy else 1))
 
     def describe(self, mib):
         a = self.args
-        return ("%s; after the fill %d%% of the pages rewritten per tick at %d ticks/s "
-                "(half identical, half changed), %d pages/s flipped"
-                % (super().describe(mib), a.busy, a.hz, a.flip))
+        return ("%s; after the fill %d%% of the pages (%s) rewritten per tick at %d "
+                "ticks/s (half identical, half changed), %d pages/s flipped"
+                % (super().describe(mib), a.busy,
+                   "chosen anew each tick" if a.random_busy else "the same working set",
+                   a.hz, a.flip))
 
     def activity(self, g):
         m = None
@@ -254,7 +256,47 @@ class BusyWorkload(TestWorkload):
                     changed=changed, flips=flips)
 
 
-WORKLOADS = {w.name: w for w in (BusyWorkload, IdleWorkload)}
+class FleetWorkload(Workload):
+    """Guests that boot a real Debian 12 userland (tests/guest/fleet):
+    python3, perl and sqlite3 services stay resident; at the end every
+    root file is checked against the image's manifest and each program
+    checks its data."""
+    name = "fleet"
+    mem = mg.FLEET_MEM
+    mib = 16                    # MiB of data per program
+    FILLED = (r"MS-FLEET filled seed=(\d+) mib=(\d+) shared=(\d+) files=(\d+) "
+              r"root-kib=(\d+)")
+    FAIL = mg.FLEET_FAIL_RX
+
+    def guest_args(self, mem, mib, mode, index, backend_extra):
+        return mg.fleet_guest_args(mem, mode, "ms.fleet.seed=%d ms.fleet.mib=%d"
+                                   % (index, mib), backend_extra=backend_extra)
+
+    def describe(self, mib):
+        return ("fleet: Debian 12 userland in the initramfs, python3, perl and "
+                "sqlite3 resident with %d MiB of data each; files and data "
+                "verified at the end" % mib)
+
+    def finish(self, guests):
+        marks = {g.name: len(g.lines) for g in guests}
+        for g in guests:
+            g.send("q\n")
+        out = []
+        for g in guests:
+            problems = []
+            try:
+                _, m = g.wait_line(mg.FLEET_VERIFY_RX, 300, start=marks[g.name],
+                                   fail_pattern=mg.FLEET_FAIL_RX)
+                if m.group(1) != "ok":
+                    problems.append(m.group(0))
+                g.wait_exit(60)
+            except mg.GuestError as e:
+                problems.append(str(e))
+            out.append((0 if problems else 1, problems))
+        return out
+
+
+WORKLOADS = {w.name: w for w in (BusyWorkload, IdleWorkload, FleetWorkload)}
 
 
 def parse_args():
@@ -285,6 +327,9 @@ def parse_args():
                     "(default %(default)s)")
     ap.add_argument("--hz", type=int, default=4,
                     help="busy workload: ticks a second (default %(default)s)")
+    ap.add_argument("--random-busy", action="store_true",
+                    help="busy workload: the pages rewritten are chosen anew each "
+                    "tick (every page churns), not one working set of --busy %%")
     ap.add_argument("--flip", type=int, default=4,
                     help="busy workload: pages a second altered and put back "
                     "(default %(default)s)")

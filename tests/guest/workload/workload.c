@@ -32,6 +32,10 @@
  *                  half of those writes store identical bytes (every word
  *                  read and stored back), half change the page (its next
  *                  generation, under the same category rules as the fill)
+ *   ms.hot=1       the busy pages are the same every tick: a working set of
+ *                  ms.busy percent of the pages (a pure function of seed
+ *                  and page), every one of them rewritten at every tick;
+ *                  the rest stays as filled (default 0: chosen anew)
  *   ms.hz=N        ticks per second (default 4); a tick that comes due while
  *                  the previous one still runs is skipped (counted: missed)
  *   ms.flip=N      pages altered and restored per second: each one is
@@ -84,7 +88,7 @@
  *   MS-WORKLOAD rewrite round=K pages=R
  *   MS-WORKLOAD verify round=K pages=N bad=0 after=rewrite
  *   MS-WORKLOAD dup filled pages=N period=64 (ms.dupmib)
- *   MS-WORKLOAD busy start busy=P hz=N flip=N flipms=N pages=N
+ *   MS-WORKLOAD busy start busy=P hz=N flip=N flipms=N pages=N hot=0|1
  *     (ms.busy or ms.flip: after the fill)
  *   MS-WORKLOAD busy round=K ms=E ticks=T missed=M writes=W identical=I
  *     changed=C flips=F restored=R pending=Q verify-altered=A
@@ -134,8 +138,8 @@ static const char *cat_name[] = { "zero", "shared", "unique" };
 static struct {
     unsigned long mib, seed, zero, shared, rounds, rewrite, interval, idle;
     unsigned long corrupt, virtio, dupmib;
-    unsigned long busy, hz, flip, flipms;
-} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0, 0, 0, 4, 0, 300 };
+    unsigned long busy, hz, flip, flipms, hot;
+} P = { 64, 1, 25, 50, 3, 0, 2, 0, 0, 0, 0, 0, 4, 0, 300, 0 };
 
 /* Disk mode (see the top comment) */
 static struct {
@@ -453,8 +457,10 @@ static void busy_tick(int64_t now)
     B.ticks++;
     for (uint64_t i = 0; i < npages; i++) {
         uint64_t r = mix64(tk ^ i);
+        /* The working set (ms.hot) is chosen by the page alone */
+        uint64_t sel = P.hot ? mix64(BUSY_KEY ^ (P.seed << 40) ^ ~i) : r;
 
-        if (r % 100 >= P.busy || i == B.skip) {
+        if (sel % 100 >= P.busy || i == B.skip) {
             continue;
         }
         if (r >> 63) {
@@ -537,8 +543,9 @@ static int busy_setup(void)
     }
     B.period = 1000000000 / P.hz;
     B.t0 = B.next_tick = now_ns();
-    say("MS-WORKLOAD busy start busy=%lu hz=%lu flip=%lu flipms=%lu pages=%llu",
-        P.busy, P.hz, P.flip, P.flipms, (unsigned long long)npages);
+    say("MS-WORKLOAD busy start busy=%lu hz=%lu flip=%lu flipms=%lu pages=%llu"
+        " hot=%lu", P.busy, P.hz, P.flip, P.flipms, (unsigned long long)npages,
+        P.hot);
     return 1;
 }
 
@@ -817,7 +824,7 @@ static void parse_token(const char *t)
         { "ms.diskjobs=", &D.jobs }, { "ms.diskreads=", &D.reads },
         { "ms.dupmib=", &P.dupmib }, { "ms.busy=", &P.busy },
         { "ms.hz=", &P.hz }, { "ms.flip=", &P.flip },
-        { "ms.flipms=", &P.flipms },
+        { "ms.flipms=", &P.flipms }, { "ms.hot=", &P.hot },
     };
     for (unsigned k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
         size_t l = strlen(keys[k].name);
