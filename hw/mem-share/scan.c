@@ -113,11 +113,11 @@
  * miss, every fourth after two, at most every 1 << GROUP_BACKOFF scans.
  * Most misses are pages that no other member has, and each costs the
  * broker a round trip.  With a log, where pages are not visited once
- * they settled, a miss is asked again at each of the next GROUP_RETRIES
- * passes (members that wrote the same page at about the same time meet
- * at once) and then only in sweeps, backed off the same way (counting
- * sweeps): what a group costs follows what is new in it, not the
- * members' RAM.  A meeting is not lost:
+ * they settled, a miss is asked again 1, 2, 4, ... passes after the
+ * first lookup, GROUP_RETRIES times (members that wrote the same page
+ * within a couple of minutes meet without waiting for a sweep), then
+ * only in sweeps, backed off the same way (counting sweeps): what a
+ * group costs follows what is new in it, not the members' RAM.  A meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
@@ -249,8 +249,8 @@ typedef struct PageState {
 
 /* A page the group keeps missing is looked up every 1 << this scans */
 #define GROUP_BACKOFF 3
-/* With a dirty log: misses asked again every pass, before sweeps only */
-#define GROUP_RETRIES 3
+/* With a dirty log: a miss is asked again this many times between sweeps */
+#define GROUP_RETRIES 8
 
 /* Pages [first, first + n) to merge onto slots [slot, slot + n) */
 typedef struct Batch {
@@ -1640,9 +1640,10 @@ static bool group_due(MsScanner *s, size_t i)
     uint64_t scans = s->live.full_scans;
 
     if (has_log(s)) {
-        /* Between sweeps, only a page's first misses are asked again */
+        /* Between sweeps: 1, 2, 4, ... passes after the first lookup */
         if (!s->sweep) {
-            return miss <= GROUP_RETRIES;
+            return miss <= GROUP_RETRIES &&
+                   age(s, &s->pg[i]) >= wait_of(s, &s->pg[i]) + (1u << miss);
         }
         scans = s->sweeps;
     }
@@ -1673,6 +1674,9 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
         if (group_due(s, i)) {
             g_array_append_val(s->glook, l);
             return true;
+        }
+        if (has_log(s) && !s->sweep && s->pg[i].gmiss <= GROUP_RETRIES) {
+            todo_set(s, i);     /* for its next retry, see group_due() */
         }
     }
     return add_unstable(s, i, h, errp);
