@@ -117,7 +117,8 @@
  * first lookup, GROUP_RETRIES times (members that wrote the same page
  * within a couple of minutes meet without waiting for a sweep), then
  * only in sweeps, backed off the same way (counting sweeps): what a
- * group costs follows what is new in it, not the members' RAM.  A meeting is not lost:
+ * group costs follows what is new in it, not the members' RAM.  A
+ * meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
