@@ -895,12 +895,13 @@ def broker_stats(sock, broker=None):
 
 
 def linux_guest_args(mem="256M", mode="kernel", cmdline="", machine="q35",
-                     backend_extra=""):
-    """QEMU arguments of a Linux guest running the workload as PID 1."""
+                     backend_extra="", initrd=None):
+    """QEMU arguments of a Linux guest running the workload as PID 1 (or
+    what @initrd holds: default INITRAMFS)."""
     return (backend_args(mode, mem, extra=backend_extra) +
             ["-m", mem,
              "-machine", "%s,memory-backend=m0,mem-merge=off" % machine,
-             "-kernel", VMLINUZ, "-initrd", INITRAMFS,
+             "-kernel", VMLINUZ, "-initrd", initrd or INITRAMFS,
              "-append", "console=ttyS0 quiet panic=-1 " + cmdline,
              "-no-reboot"])
 
@@ -953,12 +954,8 @@ def fleet_guest_args(mem=FLEET_MEM, mode="kernel", cmdline="", backend_extra="",
                      machine="q35"):
     """QEMU arguments of a fleet guest (its init reads ms.fleet.* from
     cmdline, see tests/guest/fleet/init)."""
-    return (backend_args(mode, mem, extra=backend_extra) +
-            ["-m", mem,
-             "-machine", "%s,memory-backend=m0,mem-merge=off" % machine,
-             "-kernel", VMLINUZ, "-initrd", FLEET_IMAGE,
-             "-append", "console=ttyS0 quiet panic=-1 " + cmdline,
-             "-no-reboot"])
+    return linux_guest_args(mem, mode, cmdline, machine, backend_extra,
+                            initrd=FLEET_IMAGE)
 
 
 def proc_pss_kb(pid):
