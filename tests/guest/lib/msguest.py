@@ -812,6 +812,15 @@ class Guest:
         with self._cond:
             return self.lines[-n:]
 
+    def console_text(self):
+        """Everything the console printed, the unfinished last line too:
+        a migration's destination continues the source's line where the
+        switch-over cut it, so a test that follows one guest across QEMUs
+        joins their console_text()s before it splits lines."""
+        with self._cond:
+            return "".join(l + "\n" for l in self.lines) + \
+                self._partial.decode("utf-8", "replace")
+
     # -- QMP
     def qmp(self, cmd, **args):
         """Run a QMP command; return its 'return' value or raise GuestError."""

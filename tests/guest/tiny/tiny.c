@@ -18,6 +18,12 @@
  *              each pass; "TINY stop requested"), then "TINY done": for
  *              writers racing merges
  *   checks=N   read-back checks after each write (default 1)
+ *   stride=N   pass p > 1 rewrites only the pages n with n % N == p % N
+ *              (default 1: every page, every pass); a page then keeps its
+ *              content for N - 1 passes, long enough for a scanner that
+ *              waits until a written page is stable.  Pass 1 writes all
+ *              pages.  N must not be a multiple of 4 (pattern=mixed would
+ *              rewrite one kind of page only)
  *   seed=N     seed of the unique content (default 1)
  *   corrupt=1  self-test of the checker: flip one word after the first
  *              write, so pass 1 must report FAIL (default 0)
@@ -141,8 +147,8 @@ enum { PAT_MIXED, PAT_DUP, PAT_UNIQUE, PAT_ZERO };
 static const char *const pat_name[] = { "mixed", "dup", "unique", "zero" };
 
 static struct {
-    uint32_t base, mib, kib, passes, checks, seed, corrupt, pattern;
-} P = { 16, 16, 0, 3, 1, 1, 0, PAT_MIXED };
+    uint32_t base, mib, kib, passes, checks, seed, corrupt, pattern, stride;
+} P = { 16, 16, 0, 3, 1, 1, 0, PAT_MIXED, 1 };
 
 static int streq_prefix(const char *s, const char *p)
 {
@@ -169,7 +175,7 @@ static void parse_cmdline(const char *s)
         { "base=", &P.base }, { "mib=", &P.mib }, { "kib=", &P.kib },
         { "passes=", &P.passes },
         { "checks=", &P.checks }, { "seed=", &P.seed },
-        { "corrupt=", &P.corrupt },
+        { "corrupt=", &P.corrupt }, { "stride=", &P.stride },
     };
     while (*s) {
         while (*s == ' ') {
@@ -231,6 +237,14 @@ static inline uint32_t expected(uint32_t a, uint32_t p)
     }
 }
 
+/* The pass that last wrote the page at a, pass p being written or done */
+static inline uint32_t written_in(uint32_t a, uint32_t p)
+{
+    uint32_t back = (p + P.stride - (a / PAGE) % P.stride) % P.stride;
+
+    return back >= p ? 1 : p - back;
+}
+
 void tiny_main(uint32_t magic, struct multiboot_info *mbi)
 {
     uint32_t mem_upper_kib = 0;
@@ -265,6 +279,8 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
     putdec(P.passes);
     puts_(" checks=");
     putdec(P.checks);
+    puts_(" stride=");
+    putdec(P.stride);
     puts_(" pattern=");
     puts_(pat_name[P.pattern]);
     puts_(" mem_upper_kib=");
@@ -272,6 +288,10 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
     puts_("\n");
     /* The region must lie in RAM above the kernel image (at 1 MiB) and
      * below the end of RAM reported by the boot loader. */
+    if (P.stride == 0 || P.stride % 4 == 0) {
+        puts_("TINY FAIL stride must be at least 1 and not a multiple of 4\n");
+        qemu_exit(0);
+    }
     if (P.base < 4 || kib == 0 || kib % 4 || kib > (4000u << 10) ||
         P.base + (kib >> 10) + 1 > 4000 ||
         (mem_upper_kib && end > (1u << 20) + (mem_upper_kib << 10))) {
@@ -282,9 +302,14 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
     int all_ok = 1;
     for (uint32_t p = 1; !P.passes || p <= P.passes; p++) {
         volatile uint32_t *w;
-        for (uint32_t a = start; a < end; a += 4) {
-            w = (volatile uint32_t *)a;
-            *w = expected(a, p);
+        for (uint32_t pg = start; pg < end; pg += PAGE) {
+            if (written_in(pg, p) != p) {
+                continue;
+            }
+            for (uint32_t a = pg; a < pg + PAGE; a += 4) {
+                w = (volatile uint32_t *)a;
+                *w = expected(a, p);
+            }
         }
         if (P.corrupt && p == 1) {
             w = (volatile uint32_t *)(start + PAGE * 3 + 40);
@@ -295,9 +320,13 @@ void tiny_main(uint32_t magic, struct multiboot_info *mbi)
         }
         for (uint32_t c = 1; c <= P.checks; c++) {
             uint32_t sum = 0, bad = 0, bad_addr = 0, bad_exp = 0, bad_got = 0;
+            uint32_t wp = 0;
             for (uint32_t a = start; a < end; a += 4) {
                 uint32_t got = *(volatile uint32_t *)a;
-                uint32_t e = expected(a, p);
+                if (a % PAGE == 0) {
+                    wp = written_in(a, p);
+                }
+                uint32_t e = expected(a, wp);
                 sum += got;
                 if (got != e) {
                     if (!bad) {
