@@ -38,7 +38,9 @@
  * pass that finds work restores them.
  *
  * A scan-now request makes the next pass a sweep (every page read,
- * whatever the log says) and lifts the limits until it is done.
+ * whatever the log says) and lifts the limits until it is done.  It
+ * takes no lock: the thread picks it up before its next step, so the
+ * monitor never waits for a step in progress.
  *
  * Groups: with group= and broker=, the object joins the broker's group
  * when the scanner first starts (creation fails if it cannot) and the
@@ -49,7 +51,7 @@
  * is slow to answer is not gone (broker-client.c): the thread waits at
  * most its timeout once, then goes on without the group until the
  * broker catches up, and any thread that needs the scanner's lock
- * (discards, scan-now, a stop: the main loop among them) interrupts a
+ * (discards, a stop: the main loop among them) interrupts a
  * wait within 10 ms.  If the connection breaks, the object says so once,
  * keeps what it merged, shares inside itself only, and tries to join the
  * group again every 5 s, without holding the scanner's lock while it
@@ -120,11 +122,18 @@ struct MemShareUser {
     int64_t rejoin_at;      /* next attempt to join the group again */
     QemuThread thread;
     QemuMutex lock;         /* serialises the scanner and the fields below */
-    QemuCond wakeup;
+    /*
+     * Posted to end the thread's sleep early.  A semaphore, not a
+     * condition: a post needs no lock, so asking (scan-now, a new pace)
+     * never waits for a step, and a post made before the thread sleeps
+     * is not lost.
+     */
+    QemuSemaphore wakeup;
     /* Threads waiting for the lock; the scanner thread lets them go first */
     unsigned waiters;       /* accessed with qatomic_* */
     QemuCond waiters_done;
     bool stop;
+    bool scan_now_asked;     /* qatomic_*: taken by the next step */
     uint64_t scan_now_pages; /* pages still to scan without pacing */
     bool error_reported;
     uint64_t cpu_ns;        /* accessed with qatomic_* */
@@ -332,6 +341,18 @@ static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
                 ms->group, ms->broker);
 }
 
+/* Sleep timeout_ms or until woken, without the lock */
+static void mem_share_user_sleep(MemShareUser *u, int timeout_ms)
+{
+    qemu_mutex_unlock(&u->lock);
+    qemu_sem_timedwait(&u->wakeup, timeout_ms);
+    /* Many posts are one wake-up: do not let them cut later sleeps short */
+    while (qemu_sem_timedwait(&u->wakeup, 0) == 0) {
+        continue;
+    }
+    qemu_mutex_lock(&u->lock);
+}
+
 static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
 {
     MsScanStats st;
@@ -341,6 +362,11 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     size_t scanned = 0, visits;
     bool pass_done;
 
+    if (qatomic_xchg(&u->scan_now_asked, false)) {
+        u->scan_now_pages = MEMORY_BACKEND(ms)->size /
+                            qemu_real_host_page_size();
+        ms_scanner_sweep(u->scanner);
+    }
     if (!ms_scanner_step(u->scanner, MEM_SHARE_BATCH, &scanned, &gerr)) {
         if (!u->error_reported) {
             error_report("mem-share '%s': scanning failed: %s; retrying",
@@ -348,7 +374,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
                          gerr->message);
             u->error_reported = true;
         }
-        qemu_cond_timedwait(&u->wakeup, &u->lock, 1000);
+        mem_share_user_sleep(u, 1000);
         return;
     }
     /* The log's syncs since the last step count against max-cpu too */
@@ -381,7 +407,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
         delay = MAX(delay, u->pass_start + period - get_clock());
     }
     if (delay >= SCALE_MS) {
-        qemu_cond_timedwait(&u->wakeup, &u->lock, delay / SCALE_MS);
+        mem_share_user_sleep(u, delay / SCALE_MS);
     }
     if (pass_done) {
         u->pass_start = get_clock();
@@ -398,7 +424,7 @@ static void *mem_share_user_thread(void *opaque)
         mem_share_user_step(ms, u);
         /*
          * A step that does not sleep keeps the lock: let the BQL holders
-         * waiting for it (discards, scan-now) have it first.
+         * waiting for it (discards, a stop) have it first.
          */
         while (qatomic_read(&u->waiters)) {
             qemu_cond_wait(&u->waiters_done, &u->lock);
@@ -563,7 +589,7 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
         return false;
     }
     qemu_mutex_init(&u->lock);
-    qemu_cond_init(&u->wakeup);
+    qemu_sem_init(&u->wakeup, 0);
     qemu_cond_init(&u->waiters_done);
     if (u->client) {
         ms_broker_client_set_interrupt(u->client, mem_share_user_interrupt, u);
@@ -597,7 +623,7 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     mem_share_user_lock(u);
     u->stop = true;
-    qemu_cond_signal(&u->wakeup);
+    qemu_sem_post(&u->wakeup);
     mem_share_user_unlock(u);
     qemu_thread_join(&u->thread);
 
@@ -641,7 +667,7 @@ bool mem_share_user_stop(MemShareBackend *ms, bool unmerge, Error **errp)
     }
     ram_block_discard_require(false);
     qemu_cond_destroy(&u->waiters_done);
-    qemu_cond_destroy(&u->wakeup);
+    qemu_sem_destroy(&u->wakeup);
     qemu_mutex_destroy(&u->lock);
     g_free(u);
     return true;
@@ -669,21 +695,19 @@ void mem_share_user_scan_now(MemShareBackend *ms)
     MemShareUser *u = ms->user;
 
     /*
-     * The thread reads the count under the lock: this may wait for the
-     * batch in progress, which is short (MEM_SHARE_BATCH pages).
+     * The thread takes the request before its next step: the monitor
+     * never waits for a step in progress, however slow (a busy host, a
+     * broker that does not answer).
      */
-    mem_share_user_lock(u);
-    u->scan_now_pages = MEMORY_BACKEND(ms)->size / qemu_real_host_page_size();
-    ms_scanner_sweep(u->scanner);
-    qemu_cond_signal(&u->wakeup);
-    mem_share_user_unlock(u);
+    qatomic_set(&u->scan_now_asked, true);
+    qemu_sem_post(&u->wakeup);
 }
 
 /* Wake the thread so that a new scan-rate or max-cpu applies now */
 void mem_share_user_kick(MemShareBackend *ms)
 {
     if (ms->user) {
-        qemu_cond_signal(&ms->user->wakeup);
+        qemu_sem_post(&ms->user->wakeup);
     }
 }
 
