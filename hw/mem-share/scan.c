@@ -113,12 +113,14 @@
  * miss, every fourth after two, at most every 1 << GROUP_BACKOFF scans.
  * Most misses are pages that no other member has, and each costs the
  * broker a round trip.  With a log, where pages are not visited once
- * they settled, a miss is asked again 1, 2, 4, ... passes after the
- * first lookup, GROUP_RETRIES times (members that wrote the same page
- * within a couple of minutes meet without waiting for a sweep), then
- * only in sweeps, backed off the same way (counting sweeps): what a
- * group costs follows what is new in it, not the members' RAM.  A
- * meeting is not lost:
+ * they settled, a miss is asked again when the page is 2, 4, 8, ...
+ * passes older than its wait, GROUP_RETRIES times (members that wrote
+ * the same page within a couple of minutes meet without waiting for a
+ * sweep), then only in sweeps, backed off the same way (counting
+ * sweeps).  Between retries the page is not visited at all: a wheel of
+ * per-pass lists (retry_in()) puts it back among the pages to visit in
+ * the pass its retry is due.  What a group costs follows what is new in
+ * it, not the members' RAM.  A meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
@@ -252,6 +254,8 @@ typedef struct PageState {
 #define GROUP_BACKOFF 3
 /* With a dirty log: a miss is asked again this many times between sweeps */
 #define GROUP_RETRIES 8
+/* Passes the retry wheel looks ahead: more than the longest retry delay */
+#define RETRY_WHEEL 512
 
 /* Pages [first, first + n) to merge onto slots [slot, slot + n) */
 typedef struct Batch {
@@ -308,6 +312,8 @@ struct MsScanner {
     size_t pm_first;
     uint64_t dirty[CHUNK / 64];  /* this chunk's pages the log saw written */
     uint64_t *todo;         /* pages to visit at the next pass, clean or not */
+    /* uint32_t page indexes to visit at pass p, in [p % RETRY_WHEEL] */
+    GArray *retry[RETRY_WHEEL];
     bool sweep;             /* this pass visits and hashes every page */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
     uint64_t sweeps;        /* sweeps completed */
@@ -499,6 +505,11 @@ void ms_scanner_free(MsScanner *s)
     if (s->grel) {
         g_array_free(s->grel, true);
     }
+    for (size_t k = 0; k < RETRY_WHEEL; k++) {
+        if (s->retry[k]) {
+            g_array_free(s->retry[k], true);
+        }
+    }
     g_free(s->unstable);
     g_free(s->todo);
     g_free(s->pg);
@@ -630,6 +641,39 @@ static unsigned age(const MsScanner *s, const PageState *p)
 }
 
 /*
+ * Visit page @i again @delay passes from now, not before: the next
+ * group lookup of a miss (group_due()).  Keeping the page in the todo
+ * map instead would visit it at every pass in between (a pagemap read,
+ * a zero test and two table lookups each), tens of thousands of pages
+ * a pass for minutes after a guest filled its memory.
+ */
+static void retry_in(MsScanner *s, size_t i, unsigned delay)
+{
+    GArray **a;
+    uint32_t v = i;
+
+    delay = MIN(MAX(delay, 1u), RETRY_WHEEL - 1);
+    a = &s->retry[(s->live.full_scans + delay) % RETRY_WHEEL];
+    if (!*a) {
+        *a = g_array_new(false, false, sizeof(uint32_t));
+    }
+    g_array_append_val(*a, v);
+}
+
+/* A pass begins: the retries due in it join the pages to visit */
+static void retries_due(MsScanner *s)
+{
+    GArray *a = s->retry[s->live.full_scans % RETRY_WHEEL];
+
+    if (a) {
+        for (guint k = 0; k < a->len; k++) {
+            todo_set(s, g_array_index(a, uint32_t, k));
+        }
+        g_array_set_size(a, 0);
+    }
+}
+
+/*
  * Passes a page must stay unwritten before it is merged: stable_scans,
  * the region's churn allowance, and its own (see "Churn")
  */
@@ -646,6 +690,15 @@ static unsigned base_wait(const MsScanner *s)
 static unsigned wait_of(const MsScanner *s, const PageState *p)
 {
     return base_wait(s) + churn_wait(p);
+}
+
+/* The next lookup of a group miss: 1, 2, 4, ... passes after the first */
+static void retry_group(MsScanner *s, size_t i)
+{
+    const PageState *p = &s->pg[i];
+    int delay = (int)(wait_of(s, p) + (1u << p->gmiss)) - (int)age(s, p);
+
+    retry_in(s, i, MAX(delay, 1));
 }
 
 static void set_volatile(MsScanner *s, PageState *p, bool on)
@@ -1088,8 +1141,9 @@ static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
     }
     if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < 15) {
         s->pg[l->page].gmiss++;
-        if (s->pg[l->page].gmiss <= GROUP_RETRIES) {
-            todo_set(s, l->page);   /* see group_due() */
+        if (has_log(s) && !s->sweep &&
+            s->pg[l->page].gmiss <= GROUP_RETRIES) {
+            retry_group(s, l->page);
         }
     }
     return add_unstable(s, l->page, l->hash, errp);
@@ -1677,7 +1731,7 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
             return true;
         }
         if (has_log(s) && !s->sweep && s->pg[i].gmiss <= GROUP_RETRIES) {
-            todo_set(s, i);     /* for its next retry, see group_due() */
+            retry_group(s, i);
         }
     }
     return add_unstable(s, i, h, errp);
@@ -1903,6 +1957,7 @@ static void end_full_scan(MsScanner *s)
     adapt_to_churn(s);
     s->sweeps += s->sweep;
     s->live.full_scans++;
+    retries_due(s);
     s->sweep = !has_log(s) || s->sweep_asked ||
                s->live.full_scans % MS_SCAN_SWEEP_EVERY == 0;
     s->sweep_asked = false;

@@ -47,6 +47,7 @@ typedef struct Region {
     uint8_t *ram;
     uint8_t *expect;
     size_t shared_at;       /* first of the NSHARED pages */
+    uint64_t *dirty;        /* the fake dirty log, or NULL: none */
 } Region;
 
 typedef struct Fixture {
@@ -55,6 +56,7 @@ typedef struct Fixture {
     char *path;
     GPid pid;
     Region a, b, c;
+    bool log;               /* the regions follow a (fake) dirty log */
     bool skip;
 } Fixture;
 
@@ -98,6 +100,24 @@ static void broker_start(Fixture *f)
     }
 }
 
+/*
+ * The fake dirty log: what QEMU's DIRTY_MEMORY_MEMSHARE client does.  A
+ * region starts with every page written, as QEMU's log does.
+ */
+static void dirty_take(void *opaque, size_t first, size_t n, uint64_t *bits)
+{
+    Region *r = opaque;
+
+    for (size_t k = 0; k < n; k++) {
+        size_t i = first + k;
+
+        if (r->dirty[i / 64] & (1ULL << (i % 64))) {
+            r->dirty[i / 64] &= ~(1ULL << (i % 64));
+            bits[k / 64] |= 1ULL << (k % 64);
+        }
+    }
+}
+
 /* A region whose NSHARED pages start at @at; the rest unique by @seed */
 static bool region_setup(Fixture *f, Region *r, const char *group,
                          const char *name, size_t at, uint64_t seed)
@@ -124,6 +144,12 @@ static bool region_setup(Fixture *f, Region *r, const char *group,
     cfg.npages = NPAGES;
     cfg.region_flags = MS_REGION_NOHUGEPAGE;
     cfg.group = r->c;
+    if (f->log) {
+        r->dirty = g_new(uint64_t, NPAGES / 64);
+        memset(r->dirty, 0xff, NPAGES / 8);
+        cfg.dirty_take = dirty_take;
+        cfg.dirty_opaque = r;
+    }
     r->s = ms_scanner_new(&cfg, &err);
     if (!r->s) {
         g_test_skip(err->message);
@@ -140,14 +166,16 @@ static void region_teardown(Region *r)
         munmap(r->ram, NPAGES * page);
     }
     g_free(r->expect);
+    g_free(r->dirty);
 }
 
-static void setup(Fixture *f, gconstpointer data)
+static void setup_common(Fixture *f, int timeout_ms, bool log)
 {
     g_autoptr(GError) err = NULL;
 
     memset(f, 0, sizeof(*f));
-    f->timeout_ms = GPOINTER_TO_INT(data);
+    f->timeout_ms = timeout_ms;
+    f->log = log;
     f->dir = g_dir_make_tmp("test-group-XXXXXX", &err);
     g_assert_no_error(err);
     f->path = g_build_filename(f->dir, "broker.sock", NULL);
@@ -155,6 +183,17 @@ static void setup(Fixture *f, gconstpointer data)
     f->skip = !region_setup(f, &f->a, "g1", "vm-a", 100, 100000) ||
               !region_setup(f, &f->b, "g1", "vm-b", 600, 200000) ||
               !region_setup(f, &f->c, "g2", "vm-c", 300, 300000);
+}
+
+static void setup(Fixture *f, gconstpointer data)
+{
+    setup_common(f, GPOINTER_TO_INT(data), false);
+}
+
+static void setup_log(Fixture *f, gconstpointer data)
+{
+    (void)data;
+    setup_common(f, 0, true);
 }
 
 static void teardown(Fixture *f, gconstpointer data)
@@ -369,7 +408,8 @@ static void test_discard(Fixture *f, gconstpointer data)
     memset(f->b.expect + (first - 1) * page, 0, (n + 1) * page);
     check_bytes(&f->b);
     sb = stats(&f->b);
-    gs = group_stats(&f->a);
+    /* B's releases went without waiting: its next request follows them */
+    gs = group_stats(&f->b);
     g_assert_cmpuint(sb.group_pages, ==, sb0.group_pages - n);
     g_assert_cmpuint(gs.refs, ==, gs0.refs - n);
     check_bytes(&f->a);
@@ -571,6 +611,69 @@ static void test_stall(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/* Pages of @r visited by one pass */
+static uint64_t pass_visits(Region *r)
+{
+    uint64_t before = stats(r).pages_scanned;
+
+    pass(r);
+    return stats(r).pages_scanned - before;
+}
+
+/*
+ * With a dirty log, a page the group missed is looked up again 1, 3, 7,
+ * ... passes after its first lookup, and not visited in between: A alone
+ * misses everything, and its passes visit nothing but the retries due.
+ * Then B joins: its lookups meet A's misses in the broker's unstable
+ * table, B uploads, and A maps the slots at its next retry.
+ */
+static void test_retry_wheel(Fixture *f, gconstpointer data)
+{
+    uint64_t busy = 0, lookups;
+    int n;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    /* Written, proved stable, looked up (and missed) */
+    for (n = 0; n < 3; n++) {
+        pass(&f->a);
+    }
+    lookups = stats(&f->a).group_lookups;
+    g_assert_cmpuint(lookups, ==, NPAGES);
+    /*
+     * Retries when the page is 2, 4, 8, 16, 32 passes older than its
+     * wait (1, 3, 7, 15 and 31 passes after the first lookup): five busy
+     * passes of 40
+     */
+    for (n = 0; n < 40; n++) {
+        uint64_t v = pass_visits(&f->a);
+
+        g_assert_true(v == 0 || v == NPAGES);
+        busy += v != 0;
+    }
+    g_test_message("A alone: %" PRIu64 " of 40 passes visited its pages,"
+                   " %" PRIu64 " lookups", busy,
+                   stats(&f->a).group_lookups - lookups);
+    g_assert_cmpuint(busy, ==, 5);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 6 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
+
+    /* B meets A's misses; A finds the slots at its retry at age 65 */
+    for (n = 0; n < 100 && stats(&f->a).group_pages < NSHARED; n++) {
+        pass(&f->a);
+        pass(&f->b);
+    }
+    g_test_message("A mapped %" PRIu64 " group pages after %d more passes",
+                   stats(&f->a).group_pages, n);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
+    g_assert_cmpuint(stats(&f->a).group_lost, ==, 0);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -584,5 +687,7 @@ int main(int argc, char **argv)
                teardown);
     g_test_add("/group/stall", Fixture, GINT_TO_POINTER(300), setup,
                test_stall, teardown);
+    g_test_add("/group/retry-wheel", Fixture, NULL, setup_log,
+               test_retry_wheel, teardown);
     return g_test_run();
 }
