@@ -112,11 +112,13 @@ CSV_FIELDS = ["config", "t", "t_launch", "phase", "host_used_mib", "saved_mib",
               "ksm_pages_sharing", "ksm_run",
               "ksm_pages_to_scan", "ksm_sleep_millisecs", "other_qemus",
               "other_qemu_mib", "interference", "guests", "churn_skips",
-              "merges_wasted"]
+              "merges_wasted", "thp_mib", "thp_fault_alloc", "thp_collapse_alloc",
+              "thp_split_pmd"]
 
 SCALING_FIELDS = ["config", "guests", "saved_mib", "saved_pss_mib", "steady_cpu_pct",
                   "steady_cpu_s", "steady_s", "converge_s", "converged", "cpu_t98",
-                  "guest_mib", "fill_mib", "verified"]
+                  "guest_mib", "fill_mib", "verified", "thp_mib_end",
+                  "thp_collapse_alloc"]
 
 # mode=user counters of the engine's churn handling (query-mem-share's
 # `user`): printed and sampled when the QEMU reports them
@@ -440,6 +442,23 @@ def smaps_rollup_kb(pid):
     return out
 
 
+THP_EVENTS = ("thp_fault_alloc", "thp_collapse_alloc", "thp_split_pmd")
+
+
+def thp_events():
+    """/proc/vmstat's transparent huge page counters (host-wide)."""
+    out = {}
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k in THP_EVENTS:
+                    out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
 def proc_cpu_s(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -547,6 +566,7 @@ class Run:
         self.ref = ref              # the off run's final figures (dict) or None
         self.broker_pid = None      # user-group: the broker, a cost of ours
         self.base_kern = 0
+        self.thp0 = {}              # /proc/vmstat THP counters at launch
         self.samples = []
         self.flags = []             # interference notes (deduplicated)
         self.filled = []
@@ -581,7 +601,7 @@ class Run:
         now = time.monotonic()
         mem = meminfo_kb()
         used_kb = host_used_kb(mem) - base_kb
-        pss = rss = anon = shmem = 0
+        pss = rss = anon = shmem = thp = 0
         qcpu = 0.0
         merged = zero = ucpu = ubytes = 0
         churn = {}
@@ -593,6 +613,7 @@ class Run:
             st = mg.proc_status(pid)
             r = smaps_rollup_kb(pid)
             pss += r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0)
+            thp += r.get("AnonHugePages", 0)
             rss += st.get("VmRSS", 0)
             anon += st.get("RssAnon", 0)
             shmem += st.get("RssShmem", 0)
@@ -665,7 +686,11 @@ class Run:
                  other_qemus=len(oth), other_qemu_mib=oth_kb / 1024,
                  interference=";".join(bad + (["others"] if oth else [])),
                  churn_skips=churn.get("churn-skips"),
-                 merges_wasted=churn.get("merges-wasted"))
+                 merges_wasted=churn.get("merges-wasted"),
+                 thp_mib=thp / 1024)
+        ev = thp_events()
+        for key in THP_EVENTS:
+            s[key] = ev.get(key, 0) - self.thp0.get(key, 0)
         if self.ref:
             s["saved_mib"] = self.ref["host_used_mib"] - s["host_used_mib"]
             s["saved_pss_mib"] = self.ref["pss_mib"] - s["pss_mib"]
@@ -725,6 +750,7 @@ class Run:
             time.sleep(1.0)
             base = sorted(host_used_kb() for _ in range(3))[1]
             self.base_kern = kernel_kb()
+            self.thp0 = thp_events()
             others0 = sum(v for _, v in other_qemus(set()))
             ksm_cpu0 = mg.ksmd_cpu_ns() if cfg["mode"] == "kernel" else None
             scans0 = k0.get("full_scans", 0) if cfg["mode"] == "kernel" else 0
@@ -849,8 +875,13 @@ class Run:
         for key in ("host_used_mib", "pss_mib", "rss_mib", "rss_anon_mib",
                     "rss_shmem_mib", "saved_mib", "saved_pss_mib",
                     "user_bytes_saved_mib", "merged_pages", "zero_pages",
-                    "kernel_mib", "broker_pss_mib"):
+                    "kernel_mib", "broker_pss_mib", "thp_mib"):
             r[key] = mean(key)
+        # Huge pages: what the guests' RAM keeps at the end, and the
+        # host's faults, collapses (khugepaged) and splits during the run
+        r["thp_mib_end"] = self.samples[-1]["thp_mib"]
+        for key in THP_EVENTS:
+            r[key] = self.samples[-1][key]
         r["duration"] = post[-1]["t"]
         # when the run converged or reached its cap (the steady window's start)
         r["t_stop"] = win[0]["t"] if win else r["duration"]
@@ -1076,6 +1107,16 @@ def count_report(runs, args, add):
         extra = r["kernel_mib"] - off["kernel_mib"]
         add("  %-32s %+7.1f MiB  -> saved with it %7.1f MiB"
             % (r["label"], extra, r["saved_mib"] - extra))
+    add("")
+    add("transparent huge pages: AnonHugePages of the QEMU processes (mean of the "
+        "final samples, and at the end), and the host's THP events from launch to "
+        "the end (faults, khugepaged collapses, PMD splits):")
+    for r in [x.result for x in runs]:
+        if "thp_mib" not in r:
+            continue
+        add("  %-32s %7.0f MiB (end %7.0f)  faults %6d  collapses %5d  splits %6d"
+            % (r["label"], r["thp_mib"], r["thp_mib_end"], r["thp_fault_alloc"],
+               r["thp_collapse_alloc"], r["thp_split_pmd"]))
     acts = [(r["label"], activity_text(r, args)) for r in [x.result for x in runs]]
     if any(a for _, a in acts):
         add("")
