@@ -70,6 +70,7 @@ engine: | deps
 ifneq ($(wildcard meson.build),)
 	$(Q)if [ ! -f $(B)/engine/build.ninja ]; then \
 		echo "engine: meson setup $(B)/engine"; \
+		mkdir -p $(B); \
 		PATH=/usr/bin:$$PATH meson setup $(B)/engine >$(B)/engine-setup.log 2>&1 \
 		  || { tail -40 $(B)/engine-setup.log; rm -rf $(B)/engine; exit 1; }; \
 	fi
