@@ -35,6 +35,12 @@ PACKAGES=(
     libselinux1-dev
     # mem-share engine
     libxxhash-dev
+    # make install: the broker's manual page (rst2man); tests/guest/test-install
+    # checks the installed units (systemd-analyze verify and security, which
+    # need no running systemd) and renders the page (groff)
+    python3-docutils
+    systemd
+    groff-base
     # firmware found through --firmwarepath at run time: ipxe-qemu's ROMs;
     # seabios >> 1.16.3 comes from bookworm-backports (build/tools/seabios),
     # Debian 12's seabios is the fallback

@@ -38,7 +38,10 @@
  *
  * The broker is trusted more than a guest, but not blindly: its replies
  * go through the same decoder as anything else, and a descriptor arrives
- * only with WELCOME (any other is closed).
+ * only with WELCOME (any other is closed).  Before the first byte goes
+ * out, the listener's credentials say whether it is the broker at all
+ * (check_broker()): a HELLO alone tells the group and the VM's name, and
+ * the LOOKUPs and UPLOADs that follow give away guest pages.
  */
 
 #ifndef _GNU_SOURCE
@@ -48,6 +51,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pwd.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -559,8 +563,66 @@ static bool check_joined(const MsBrokerClient *c, const char *what,
     return true;
 }
 
+/* "uid N (name)", or "uid N" for a uid without a name */
+static char *describe_uid(uid_t uid)
+{
+    long max = sysconf(_SC_GETPW_R_SIZE_MAX);
+    size_t size = max > 0 ? max : 16384;
+    g_autofree char *buf = g_malloc(size);
+    struct passwd pw, *found = NULL;
+
+    if (getpwuid_r(uid, &pw, buf, size, &found) == 0 && found) {
+        return g_strdup_printf("uid %u (%s)", (unsigned)uid, pw.pw_name);
+    }
+    return g_strdup_printf("uid %u", (unsigned)uid);
+}
+
+/*
+ * Is the listener at the other end of c->fd the broker?  SO_PEERCRED
+ * gives the credentials of the process that called listen() on the
+ * socket: the broker's own, or systemd's (root) when systemd made the
+ * socket and handed it over.  Root may be the broker whatever
+ * @broker_uid says: it could read this process's memory anyway.
+ */
+static bool check_broker(MsBrokerClient *c, const char *path,
+                         uid_t broker_uid, GError **errp)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    g_autofree char *peer = NULL;
+    g_autofree char *want = NULL;
+
+    if (broker_uid == MS_BROKER_UID_ANY) {
+        return true;
+    }
+    if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        g_set_error(errp, MS_ENGINE_ERROR, errno, "cannot tell who listens"
+                    " on the broker socket %s (SO_PEERCRED): %s", path,
+                    g_strerror(errno));
+        return false;
+    }
+    if (cred.uid == broker_uid || cred.uid == 0) {
+        return true;
+    }
+    peer = describe_uid(cred.uid);
+    want = describe_uid(broker_uid);
+    g_set_error(errp, MS_ENGINE_ERROR, EPERM, "refusing the broker at %s:"
+                " the process listening there (pid %d) runs as %s, but the"
+                " broker must run as %s%s; nothing was sent to it", path,
+                (int)cred.pid, peer, want,
+                broker_uid ? " or root" : "");
+    return false;
+}
+
 MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
                                       GError **errp)
+{
+    return ms_broker_client_open_as(path, MS_BROKER_UID_ANY, timeout_ms,
+                                    errp);
+}
+
+MsBrokerClient *ms_broker_client_open_as(const char *path, uid_t broker_uid,
+                                         int timeout_ms, GError **errp)
 {
     g_autoptr(MsBrokerClient) c = g_new0(MsBrokerClient, 1);
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -597,6 +659,9 @@ MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
         g_set_error(errp, MS_ENGINE_ERROR, errno,
                     "cannot connect to the broker at %s: %s", path,
                     g_strerror(errno));
+        return NULL;
+    }
+    if (!check_broker(c, path, broker_uid, errp)) {
         return NULL;
     }
     return g_steal_pointer(&c);
@@ -672,6 +737,16 @@ MsBrokerClient *ms_broker_client_connect(const char *path, const char *group,
                                          const char *name, int timeout_ms,
                                          GError **errp)
 {
+    return ms_broker_client_connect_as(path, 0, group, name, timeout_ms,
+                                       errp);
+}
+
+MsBrokerClient *ms_broker_client_connect_as(const char *path,
+                                            uid_t broker_uid,
+                                            const char *group,
+                                            const char *name, int timeout_ms,
+                                            GError **errp)
+{
     g_autoptr(MsBrokerClient) c = NULL;
     g_autoptr(GError) err = NULL;
 
@@ -682,7 +757,7 @@ MsBrokerClient *ms_broker_client_connect(const char *path, const char *group,
                     err->message);
         return NULL;
     }
-    c = ms_broker_client_open(path, timeout_ms, errp);
+    c = ms_broker_client_open_as(path, broker_uid, timeout_ms, errp);
     /* A HELLO that timed out holds nothing yet: the client just goes */
     if (!c || !hello(c, group, name, errp)) {
         return NULL;

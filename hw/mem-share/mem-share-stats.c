@@ -205,10 +205,11 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
             if (u->group) {
                 MemShareGroupInfo *g = u->group;
 
-                monitor_printf(mon, "  group %s (broker %s, %s): %" PRIu64
+                monitor_printf(mon, "  group %s (broker %s, broker-uid %"
+                               PRIu32 ", %s): %" PRIu64
                                " pages on the group's store, lookups %"
                                PRIu64 ", hits %" PRIu64 ", uploads %" PRIu64
-                               "\n", g->group, g->broker,
+                               "\n", g->group, g->broker, g->broker_uid,
                                g->connected ? "connected" : "lost",
                                g->pages, g->lookups, g->hits, g->uploads);
             }

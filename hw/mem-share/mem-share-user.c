@@ -119,6 +119,7 @@ struct MemShareUser {
     MsBrokerClient *client; /* ms->broker_client, or NULL */
     MemShareDirty *dirty;   /* dirty-tracking=kvm: the dirty log */
     bool lost_reported;
+    bool refused_reported;  /* a listener that is not the broker, said */
     int64_t rejoin_at;      /* next attempt to join the group again */
     QemuThread thread;
     QemuMutex lock;         /* serialises the scanner and the fields below */
@@ -272,11 +273,28 @@ static MsBrokerClient *mem_share_join(MemShareBackend *ms, int timeout_ms,
     const char *id = object_get_canonical_path_component(OBJECT(ms));
     g_autofree char *client = g_strdup_printf("qemu-%d-%s", getpid(), id);
 
+    GError *err = NULL;
+    MsBrokerClient *c;
+
     /* The broker's names are [A-Za-z0-9._-]: the id may hold more */
     g_strcanon(client, G_CSET_A_2_Z G_CSET_a_2_z G_CSET_DIGITS "._-", '_');
-    return ms_broker_client_connect(ms->broker, ms->group, client,
-                                    timeout_ms, errp);
+    /* Pages go only to a listener of the expected uid: see broker-uid */
+    c = ms_broker_client_connect_as(ms->broker, ms->broker_uid, ms->group,
+                                    client, timeout_ms, &err);
+    if (!c) {
+        if (g_error_matches(err, MS_ENGINE_ERROR, EPERM)) {
+            trace_mem_share_user_broker_refused(id, ms->broker,
+                                                ms->broker_uid);
+        }
+        g_propagate_error(errp, err);
+    }
+    return c;
 }
+
+/* What to say after the client library's refusal of a listener */
+#define MEM_SHARE_BROKER_UID_HINT \
+    "if that process is mem-share-broker, set broker-uid to the user it" \
+    " runs as"
 
 /* Somebody waits for the scanner's lock: broker calls give up waiting */
 static bool mem_share_user_interrupt(void *opaque)
@@ -322,6 +340,15 @@ static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
     qemu_mutex_lock(&u->lock);
     if (!c) {
         trace_mem_share_user_rejoin(id, false);
+        /* Someone else took the broker's socket: worth a line, once */
+        if (g_error_matches(gerr, MS_ENGINE_ERROR, EPERM) &&
+            !u->refused_reported) {
+            warn_report("mem-share '%s': cannot join group '%s' again: %s"
+                        " (%s); still trying every %d s", id, ms->group,
+                        gerr->message, MEM_SHARE_BROKER_UID_HINT,
+                        (int)(MEM_SHARE_REJOIN_NS / NANOSECONDS_PER_SECOND));
+            u->refused_reported = true;
+        }
         return;
     }
     if (u->stop || !ms_scanner_set_group(u->scanner, c, &gerr)) {
@@ -336,6 +363,7 @@ static void mem_share_check_group(MemShareBackend *ms, MemShareUser *u,
     u->client = ms->broker_client = c;
     ms_broker_client_set_interrupt(c, mem_share_user_interrupt, u);
     u->lost_reported = false;
+    u->refused_reported = false;
     trace_mem_share_user_rejoin(id, true);
     info_report("mem-share '%s': joined group '%s' again at %s", id,
                 ms->group, ms->broker);
@@ -566,8 +594,13 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
     if (ms->group && !ms->broker_client) {
         ms->broker_client = mem_share_join(ms, 0, &gerr);
         if (!ms->broker_client) {
+            bool refused = g_error_matches(gerr, MS_ENGINE_ERROR, EPERM);
+
             error_setg(errp, "mode=user: cannot join group '%s' at broker %s:"
-                       " %s", ms->group, ms->broker, gerr->message);
+                       " %s%s%s%s", ms->group, ms->broker, gerr->message,
+                       refused ? " (" : "",
+                       refused ? MEM_SHARE_BROKER_UID_HINT : "",
+                       refused ? ")" : "");
             g_free(u);
             return false;
         }
@@ -757,6 +790,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
 
         gi->group = g_strdup(ms->group);
         gi->broker = g_strdup(ms->broker);
+        gi->broker_uid = ms->broker_uid;
         gi->connected = !st.group_lost;
         gi->pages = st.group_pages;
         gi->lookups = st.group_lookups;

@@ -21,6 +21,7 @@
  */
 
 #include "qemu/osdep.h"
+#include <pwd.h>
 #include <sys/un.h>
 #include "qemu/error-report.h"
 #include "qemu/madvise.h"
@@ -415,6 +416,52 @@ static void mem_share_set_broker(Object *obj, const char *value,
     ms->broker = g_strdup(value);
 }
 
+static char *mem_share_get_broker_uid(Object *obj, Error **errp)
+{
+    return g_strdup_printf("%u", (unsigned)MEM_SHARE(obj)->broker_uid);
+}
+
+/*
+ * The user mem-share-broker runs as: a uid, or a user name looked up
+ * now (a user renumbered later is not followed).  (uid_t)-1 is nobody's
+ * uid, and the client library's "any broker".
+ */
+static void mem_share_set_broker_uid(Object *obj, const char *value,
+                                     Error **errp)
+{
+    MemShareBackend *ms = MEM_SHARE(obj);
+    long max = sysconf(_SC_GETPW_R_SIZE_MAX);
+    size_t size = max > 0 ? max : 16384;
+    g_autofree char *buf = NULL;
+    struct passwd pw, *found = NULL;
+    guint64 uid;
+    int ret;
+
+    if (!mem_share_check_not_started(ms, "broker-uid", errp)) {
+        return;
+    }
+    if (g_ascii_string_to_unsigned(value, 10, 0, (uid_t)-1 - 1, &uid,
+                                   NULL)) {
+        ms->broker_uid = uid;
+        return;
+    }
+    buf = g_malloc(size);
+    ret = getpwnam_r(value, &pw, buf, size, &found);
+    if (ret) {
+        error_setg(errp, "broker-uid: cannot look user '%s' up: %s", value,
+                   strerror(ret));
+        return;
+    }
+    if (!found) {
+        error_setg(errp, "broker-uid '%s' is neither a uid (0 to %u) nor a"
+                   " user of this host: give the uid or the name of the"
+                   " user mem-share-broker runs as", value,
+                   (unsigned)((uid_t)-1 - 1));
+        return;
+    }
+    ms->broker_uid = pw.pw_uid;
+}
+
 /*
  * mem-share has no file backing; this property exists only so that a
  * configuration that asks for one gets told why it cannot work.
@@ -461,6 +508,7 @@ static void mem_share_instance_init(Object *obj)
     ms->max_cpu = MEM_SHARE_DEFAULT_MAX_CPU;
     ms->stable_scans = MEM_SHARE_DEFAULT_STABLE_SCANS;
     ms->map_budget = MEM_SHARE_DEFAULT_MAP_BUDGET;
+    ms->broker_uid = 0;
 }
 
 static void mem_share_instance_finalize(Object *obj)
@@ -542,6 +590,13 @@ static void mem_share_class_init(ObjectClass *oc, void *data)
     object_class_property_set_description(oc, "broker",
         "mode=user: path of mem-share-broker's UNIX socket (with group)."
         " Set at creation only");
+    object_class_property_add_str(oc, "broker-uid", mem_share_get_broker_uid,
+                                  mem_share_set_broker_uid);
+    object_class_property_set_description(oc, "broker-uid",
+        "mode=user: the user (uid or name) that must listen on the broker's"
+        " socket: nothing is sent to a listener of another uid (root is"
+        " always accepted). Default: 0, root (systemd, when it passes the"
+        " socket to the broker). Set at creation only");
     object_class_property_add_str(oc, "mem-path", mem_share_get_mem_path,
                                   mem_share_set_mem_path);
     object_class_property_set_description(oc, "mem-path",

@@ -36,6 +36,15 @@
  * dead for good: mappings of the store stay valid (they hold the memfd),
  * the caller frees the client and may connect again later.
  *
+ * Who the broker is.  Guest pages go to whatever listens on the socket
+ * path, so before sending anything the client checks the credentials of
+ * the listener (SO_PEERCRED: those of the process that called listen(),
+ * systemd's when it passed the socket to the broker) against the uid the
+ * caller expects the broker to run as.  A process of another uid that
+ * bound the path (a broker's socket directory writable by others, a
+ * stale path after the broker went) is refused before it gets a HELLO.
+ * Root is accepted too: it can read our memory anyway.
+ *
  * Not thread-safe: one thread uses a client at a time.
  */
 
@@ -45,6 +54,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <glib.h>
 
 #include "mem-share/error.h"
@@ -65,14 +75,37 @@ typedef struct MsBrokerParams {
 } MsBrokerParams;
 
 /*
+ * For @broker_uid: accept a broker of any uid.  Only for a client that
+ * gives the broker nothing: no page, no lookup (statistics).  (uid_t)-1
+ * is no user's uid.
+ */
+#define MS_BROKER_UID_ANY ((uid_t)-1)
+
+/*
  * Connect to the broker at @path without joining a group: such a client
  * can only ask for statistics (of every group, if its uid is root's or
  * the broker's).  @timeout_ms bounds every later call; 0 means 5 s.
+ * The listener must run as @broker_uid or root, else the call fails with
+ * EPERM, having sent nothing.
  */
+MsBrokerClient *ms_broker_client_open_as(const char *path, uid_t broker_uid,
+                                         int timeout_ms, GError **errp);
+
+/* The same for a broker of any uid: statistics only */
 MsBrokerClient *ms_broker_client_open(const char *path, int timeout_ms,
                                       GError **errp);
 
-/* Connect and join @group as @name (names: see ms_proto_name_valid()). */
+/*
+ * Connect and join @group as @name (names: see ms_proto_name_valid()),
+ * if the broker runs as @broker_uid or root (else EPERM, nothing sent).
+ */
+MsBrokerClient *ms_broker_client_connect_as(const char *path,
+                                            uid_t broker_uid,
+                                            const char *group,
+                                            const char *name, int timeout_ms,
+                                            GError **errp);
+
+/* The same with a broker that runs as root */
 MsBrokerClient *ms_broker_client_connect(const char *path, const char *group,
                                          const char *name, int timeout_ms,
                                          GError **errp);

@@ -7,6 +7,7 @@
  */
 
 #include "qemu/osdep.h"
+#include <grp.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -229,6 +230,13 @@ static void test_cmdline_errors(void)
         { "-object mem-share,id=m0,size=64M,mode=user,group=g1,"
           "broker=/nonexistent/broker.sock",
           "cannot join group 'g1' at broker /nonexistent/broker.sock" },
+        { "-object mem-share,id=m0,size=64M,mode=user,group=g1,broker=/b,"
+          "broker-uid=no-such-user-ms19",
+          "broker-uid 'no-such-user-ms19' is neither a uid (0 to 4294967294)"
+          " nor a user of this host" },
+        { "-object mem-share,id=m0,size=64M,mode=user,group=g1,broker=/b,"
+          "broker-uid=4294967295",
+          "broker-uid '4294967295' is neither a uid" },
     };
 
     for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
@@ -968,11 +976,13 @@ static GPid start_broker(const char *sock)
     return pid;
 }
 
+/* The broker runs as we do: that is the uid members must expect */
 static QTestState *start_member(const char *group, const char *sock)
 {
     return qtest_initf("-machine pc,memory-backend=m0 -m 128M -object "
                        "mem-share,id=m0,size=128M,mode=user,group=%s,"
-                       "broker=%s", group, sock);
+                       "broker=%s,broker-uid=%u", group, sock,
+                       (unsigned)geteuid());
 }
 
 static void write_group_pages(QTestState *qts, uint64_t base)
@@ -1031,6 +1041,81 @@ static void scan_now(QTestState *qts)
 {
     qtest_qmp_assert_success(qts, "{ 'execute': 'mem-share-scan-now', "
                              "'arguments': { 'id': 'm0' } }");
+}
+
+/* In the broker's child: become nobody */
+static void become_nobody(gpointer data)
+{
+    if (setgroups(0, NULL) < 0 || setresgid(65534, 65534, 65534) < 0 ||
+        setresuid(65534, 65534, 65534) < 0) {
+        _exit(126);
+    }
+}
+
+/*
+ * QEMU sends nothing to a broker whose uid is neither broker-uid nor
+ * root: the object is refused, with the listener's uid and what to set,
+ * and the broker never hears of the group.  With broker-uid set to its
+ * uid the VM joins.  As root the broker runs as nobody; otherwise as we
+ * do, which the default (root) refuses as well.
+ */
+static void test_user_group_broker_uid(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("mem-share-buid-XXXXXX", NULL);
+    g_autofree char *sock = g_build_filename(dir, "broker.sock", NULL);
+    uid_t uid = geteuid() == 0 ? 65534 : geteuid();
+    const char *argv[] = { broker_binary(), "--socket", sock, NULL };
+    const char *stats_argv[] = { broker_binary(), "--stats", "--socket",
+                                 sock, NULL };
+    g_autofree char *args = NULL, *out = NULL, *err = NULL;
+    g_autofree char *stats = NULL, *runs_as = NULL;
+    QTestState *qts;
+    QDict *g;
+    GPid broker;
+
+    if (!g_file_test(broker_binary(), G_FILE_TEST_IS_EXECUTABLE)) {
+        g_test_skip("mem-share-broker not built");
+        return;
+    }
+    if (uid != geteuid()) {
+        g_assert_cmpint(chown(dir, uid, uid), ==, 0);
+    }
+    g_assert(g_spawn_async(NULL, (char **)argv, NULL,
+                           G_SPAWN_STDERR_TO_DEV_NULL,
+                           uid != geteuid() ? become_nobody : NULL, NULL,
+                           &broker, NULL));
+    for (int tries = 0; !g_file_test(sock, G_FILE_TEST_EXISTS); tries++) {
+        g_assert_cmpint(tries, <, 1000);
+        g_usleep(10 * 1000);
+    }
+
+    args = g_strdup_printf("-object mem-share,id=m0,size=64M,mode=user,"
+                           "group=g1,broker=%s", sock);
+    g_assert_cmpint(run_qemu(args, &out, &err), ==, 1);
+    runs_as = g_strdup_printf("runs as uid %u", (unsigned)uid);
+    if (!strstr(err, "cannot join group 'g1' at broker") ||
+        !strstr(err, "refusing the broker at") || !strstr(err, runs_as) ||
+        !strstr(err, "must run as uid 0 (root)") ||
+        !strstr(err, "set broker-uid to the user it runs as")) {
+        g_error("unexpected refusal: %s", err);
+    }
+    g_assert(g_spawn_sync(NULL, (char **)stats_argv, NULL,
+                          G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &stats,
+                          NULL, NULL, NULL));
+    g_assert_cmpstr(stats, ==, "no groups\n");
+
+    qts = qtest_initf("-machine pc,memory-backend=m0 -m 128M -object "
+                      "mem-share,id=m0,size=128M,mode=user,group=g1,"
+                      "broker=%s,broker-uid=%u", sock, (unsigned)uid);
+    g = group_info(qts);
+    g_assert(qdict_get_bool(g, "connected"));
+    g_assert_cmpuint(qdict_get_int(g, "broker-uid"), ==, uid);
+    qobject_unref(g);
+    qtest_quit(qts);
+    kill(broker, SIGTERM);
+    waitpid(broker, NULL, 0);
+    g_spawn_close_pid(broker);
+    rmdir(dir);
 }
 
 /* A figure of one group from mem-share-broker --stats */
@@ -1860,8 +1945,9 @@ static void test_user_discard_after_group(void)
     a = qtest_initf("-machine pc,memory-backend=m0 -m 128M,maxmem=1G "
                     "-object mem-share,id=m0,size=128M,mode=off "
                     "-object mem-share,id=vm0,size=64M,mode=user,group=g1,"
-                    "broker=%s -device virtio-mem-pci,id=vmem0,memdev=vm0,"
-                    "block-size=2M,requested-size=2M", sock);
+                    "broker=%s,broker-uid=%u -device virtio-mem-pci,"
+                    "id=vmem0,memdev=vm0,block-size=2M,requested-size=2M",
+                    sock, (unsigned)geteuid());
     dev = memory_device(a);
     base = qdict_get_int(dev, "memaddr");
     /* As in test_user_virtio_mem(): the reset discards if some is plugged */
@@ -1976,6 +2062,8 @@ int main(int argc, char **argv)
     add_uffd_test("/mem-share/user/group", test_user_group);
     add_uffd_test("/mem-share/user/group-stall", test_user_group_stall);
     add_uffd_test("/mem-share/user/group-restart", test_user_group_restart);
+    add_uffd_test("/mem-share/user/group-broker-uid",
+                  test_user_group_broker_uid);
     add_uffd_test("/mem-share/user/background-snapshot",
                   test_user_background_snapshot);
     add_uffd_test("/mem-share/user/pinning", test_user_pinning);

@@ -25,6 +25,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
@@ -40,16 +41,21 @@
 #include "mem-share/broker-client.h"
 #include "mem-share/hash.h"
 #include "mem-share/proto.h"
+#include "fake-broker.h"
 
 #define NSLOTS 1024
+#define NOBODY 65534
 #define QUOTA 64
 #define MAX_CLIENTS 12
 #define DEADLINE_US (10 * G_USEC_PER_SEC)
 
 static size_t page;
+/* What members expect: the broker runs as the test does */
+static uid_t broker_uid;
 
 typedef struct Fixture {
     const char *const *extra;   /* more broker arguments */
+    bool as_nobody;             /* the broker runs as uid 65534 */
     char *dir;
     char *path;
     char *log;
@@ -90,6 +96,11 @@ static void broker_start(Fixture *f)
         logfd = open(f->log, O_WRONLY | O_CREAT | O_APPEND, 0600);
         dup2(logfd, 1);
         dup2(logfd, 2);
+        if (f->as_nobody &&
+            (setgroups(0, NULL) < 0 || setresgid(NOBODY, NOBODY, NOBODY) < 0 ||
+             setresuid(NOBODY, NOBODY, NOBODY) < 0)) {
+            _exit(126);
+        }
         execv(bin, (char **)argv->pdata);
         _exit(127);
     }
@@ -156,8 +167,8 @@ static void fixture_teardown(Fixture *f, gconstpointer data)
 static MsBrokerClient *join(Fixture *f, const char *group, const char *name)
 {
     g_autoptr(GError) err = NULL;
-    MsBrokerClient *c = ms_broker_client_connect(f->path, group, name, 0,
-                                                 &err);
+    MsBrokerClient *c = ms_broker_client_connect_as(f->path, broker_uid,
+                                                    group, name, 0, &err);
 
     g_assert_no_error(err);
     g_assert_nonnull(c);
@@ -439,7 +450,8 @@ static int join_as(Fixture *f, uid_t uid, const char *group)
         if (setgid(uid) < 0 || setuid(uid) < 0) {
             _exit(100);
         }
-        c = ms_broker_client_connect(f->path, group, "child", 0, &err);
+        c = ms_broker_client_connect_as(f->path, broker_uid, group,
+                                        "child", 0, &err);
         code = c ? 0 : err->code < 100 ? err->code : 99;
         ms_broker_client_free(c);
         g_clear_error(&err);
@@ -478,7 +490,8 @@ static void test_strict_groups(Fixture *f, gconstpointer data)
 
     (void)data;
     g_assert_true(ms_broker_client_alive(only));
-    c = ms_broker_client_connect(f->path, "other", "me", 0, &err);
+    c = ms_broker_client_connect_as(f->path, broker_uid, "other", "me", 0,
+                                    &err);
     g_assert_null(c);
     g_assert_error(err, MS_ENGINE_ERROR, ENOENT);
     g_assert_nonnull(strstr(err->message, "no group other"));
@@ -524,8 +537,9 @@ static void test_client_killed(Fixture *f, gconstpointer data)
     child = fork();
     g_assert_cmpint(child, >=, 0);
     if (child == 0) {
-        MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", "victim",
-                                                     0, NULL);
+        MsBrokerClient *c = ms_broker_client_connect_as(f->path, broker_uid,
+                                                        "g1", "victim", 0,
+                                                        NULL);
         uint8_t *p = g_malloc(page * 3);
         MsProtoResult r[3];
         uint64_t h;
@@ -662,8 +676,8 @@ static bool interrupt_now(void *opaque)
 static void test_timeout(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
-    g_autoptr(MsBrokerClient) c = ms_broker_client_connect(f->path, "g1",
-                                                           "vm", 200, &err);
+    g_autoptr(MsBrokerClient) c = ms_broker_client_connect_as(
+        f->path, broker_uid, "g1", "vm", 200, &err);
     g_autoptr(MsBrokerClient) c2 = join(f, "g1", "vm2");
     g_autoptr(MsBrokerClient) c3 = NULL;
     g_autoptr(MsBrokerClient) late = NULL;
@@ -681,7 +695,8 @@ static void test_timeout(Fixture *f, gconstpointer data)
 
     (void)data;
     g_assert_no_error(err);
-    c3 = ms_broker_client_connect(f->path, "g1", "vm3", 5000, &err);
+    c3 = ms_broker_client_connect_as(f->path, broker_uid, "g1", "vm3", 5000,
+                                     &err);
     g_assert_no_error(err);
     ms_broker_client_set_interrupt(c3, interrupt_now, &interrupt);
     fill(p, 11);
@@ -723,7 +738,8 @@ static void test_timeout(Fixture *f, gconstpointer data)
     {
         g_autoptr(MsBrokerClient) slow = NULL;
 
-        slow = ms_broker_client_connect(f->path, "g1", "slow", 200, &err);
+        slow = ms_broker_client_connect_as(f->path, broker_uid, "g1", "slow",
+                                           200, &err);
         g_assert_null(slow);
         g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
         g_clear_error(&err);
@@ -793,10 +809,12 @@ static void test_parked(Fixture *f, gconstpointer data)
     child = fork();
     g_assert_cmpint(child, >=, 0);
     if (child == 0) {
-        MsBrokerClient *c = ms_broker_client_connect(f->path, "g1", "quiet",
-                                                     0, NULL);
-        MsBrokerClient *bad = ms_broker_client_connect(f->path, "g1", "bad",
-                                                       0, NULL);
+        MsBrokerClient *c = ms_broker_client_connect_as(f->path, broker_uid,
+                                                        "g1", "quiet", 0,
+                                                        NULL);
+        MsBrokerClient *bad = ms_broker_client_connect_as(f->path, broker_uid,
+                                                          "g1", "bad", 0,
+                                                          NULL);
         uint8_t *p = g_malloc(page * 3);
         MsProtoResult r[3];
         uint32_t twice[2];
@@ -1467,6 +1485,122 @@ static void test_stats_all(Fixture *f, gconstpointer data)
     g_assert_true(seen[0] && seen[1]);
 }
 
+/*
+ * Someone else listens on the socket path (a fake broker, collecting
+ * what members give it): a member refuses it before it sends a byte, as
+ * the HELLO alone tells the group and the VM, and uploads give pages.
+ * As root the fake runs as nobody; as another user, as that user, who is
+ * not the root that members expect either.
+ */
+static void test_auth_refused(Fixture *f, gconstpointer data)
+{
+    g_autofree char *path = g_build_filename(f->dir, "fake.sock", NULL);
+    uid_t uid = geteuid() == 0 ? NOBODY : geteuid();
+    g_autofree char *pid_text = NULL;
+    g_autofree char *uid_text = NULL;
+    g_autoptr(GByteArray) frame = g_byte_array_new();
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsBrokerClient) any = NULL;
+    g_autoptr(GArray) groups = NULL;
+    MsBrokerClient *c;
+    FakeBroker fb;
+    FakeReport r;
+
+    (void)data;
+    fake_broker_start(&fb, path, uid);
+    pid_text = g_strdup_printf(" (pid %d) ", fb.pid);
+    uid_text = g_strdup_printf(" runs as uid %u", (unsigned)uid);
+
+    /* A member that expects root, the default */
+    c = ms_broker_client_connect(path, "g1", "vm", 0, &err);
+    g_assert_null(c);
+    g_assert_error(err, MS_ENGINE_ERROR, EPERM);
+    g_test_message("%s", err->message);
+    g_assert_true(g_str_has_prefix(err->message, "refusing the broker at "));
+    g_assert_nonnull(strstr(err->message, path));
+    g_assert_nonnull(strstr(err->message, pid_text));
+    g_assert_nonnull(strstr(err->message, uid_text));
+    g_assert_nonnull(strstr(err->message,
+                            "the broker must run as uid 0 (root);"));
+    g_assert_nonnull(strstr(err->message, "nothing was sent to it"));
+    g_clear_error(&err);
+
+    /* One that expects another uid */
+    c = ms_broker_client_connect_as(path, 4242, "g1", "vm", 0, &err);
+    g_assert_null(c);
+    g_assert_error(err, MS_ENGINE_ERROR, EPERM);
+    g_assert_nonnull(strstr(err->message, "must run as uid 4242"));
+    g_assert_nonnull(strstr(err->message, " or root;"));
+    g_clear_error(&err);
+
+    /* A statistics client that asks for the check */
+    c = ms_broker_client_open_as(path, 0, 0, &err);
+    g_assert_null(c);
+    g_assert_error(err, MS_ENGINE_ERROR, EPERM);
+    g_clear_error(&err);
+
+    /* One that accepts any broker gets through: the fake does count */
+    any = ms_broker_client_open(path, 100, &err);
+    g_assert_no_error(err);
+    g_assert_false(ms_broker_client_stats(any, &groups, &err));
+    g_assert_error(err, MS_ENGINE_ERROR, ETIMEDOUT);
+
+    r = fake_broker_stop(&fb, path);
+    g_assert_cmpuint(r.connections, ==, 4);
+    /* The STATS request is all it ever received */
+    ms_proto_encode_stats(frame, 1);
+    g_assert_cmpuint(r.bytes, ==, frame->len);
+}
+
+/*
+ * A broker that runs as an unprivileged user on a socket of its own:
+ * members that expect that uid join and upload; a member that expects
+ * root is refused, and its HELLO never reaches the broker.
+ */
+static void test_auth_broker_uid(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) c = NULL;
+    g_autoptr(MsBrokerClient) admin = NULL;
+    g_autoptr(GArray) groups = NULL;
+    g_autoptr(GError) err = NULL;
+    g_autofree uint8_t *p = g_malloc(page);
+    MsProtoGroupStats *gs;
+
+    (void)data;
+    if (geteuid() != 0) {
+        g_test_skip("needs root to run the broker as another uid");
+        return;
+    }
+    broker_kill(f);
+    g_assert_cmpint(chown(f->dir, NOBODY, NOBODY), ==, 0);
+    f->as_nobody = true;
+    broker_start(f);
+
+    c = ms_broker_client_connect(f->path, "wrong", "vm", 0, &err);
+    g_assert_null(c);
+    g_assert_error(err, MS_ENGINE_ERROR, EPERM);
+    g_assert_nonnull(strstr(err->message, "runs as uid 65534"));
+    g_clear_error(&err);
+
+    c = ms_broker_client_connect_as(f->path, NOBODY, "g1", "vm", 0, &err);
+    g_assert_no_error(err);
+    g_assert_nonnull(c);
+    fill(p, 77);
+    upload(c, p);
+
+    /* Root may see every group: only the accepted member's exists */
+    admin = ms_broker_client_open(f->path, 0, &err);
+    g_assert_no_error(err);
+    g_assert_true(ms_broker_client_stats(admin, &groups, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(groups->len, ==, 1);
+    gs = &g_array_index(groups, MsProtoGroupStats, 0);
+    g_assert_cmpstr(gs->name, ==, "g1");
+    g_assert_cmpuint(gs->clients, ==, 1);
+    g_assert_cmpuint(gs->uploads, ==, 1);
+    g_assert_cmpuint(gs->published, ==, 1);
+}
+
 static void add_args(const char *name, void (*fn)(Fixture *, gconstpointer),
                      const char *const *extra)
 {
@@ -1482,6 +1616,7 @@ int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
     page = ms_host_page_size();
+    broker_uid = geteuid();
     signal(SIGPIPE, SIG_IGN);
     add("/broker/share", test_share);
     add("/broker/release", test_release);
@@ -1503,5 +1638,7 @@ int main(int argc, char **argv)
     add("/broker/hostile/hash", test_hostile_hash);
     add("/broker/hostile/flood", test_hostile_flood);
     add("/broker/hostile/mutations", test_hostile_mutations);
+    add("/broker/auth/refused", test_auth_refused);
+    add("/broker/auth/broker-uid", test_auth_broker_uid);
     return g_test_run();
 }

@@ -49,6 +49,8 @@
 #define DEADLINE_US (10 * G_USEC_PER_SEC)
 
 static size_t page;
+/* What members expect: the broker runs as the test does */
+static uid_t broker_uid;
 static pid_t broker_pid;    /* for the member that looks for its fds */
 
 typedef struct Fixture {
@@ -142,7 +144,8 @@ static void fixture_setup(Fixture *f, gconstpointer data)
     broker_start(f);
     broker_pid = f->pid;
 
-    f->c = ms_broker_client_connect(f->path, "g", "victim", 0, &err);
+    f->c = ms_broker_client_connect_as(f->path, broker_uid, "g", "victim", 0,
+                                       &err);
     g_assert_no_error(err);
     g_assert(f->c);
     f->content = g_malloc(page);
@@ -443,6 +446,7 @@ static void add(const char *name, AttackFn *attack)
 int main(int argc, char **argv)
 {
     page = sysconf(_SC_PAGESIZE);
+    broker_uid = geteuid();
     g_test_init(&argc, &argv, NULL);
     /* Every attack gets its verdict, even after one succeeded */
     g_test_set_nonfatal_assertions();

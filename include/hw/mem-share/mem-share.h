@@ -37,6 +37,7 @@ struct MemShareBackend {
     MemShareDirtyTracking dirty_tracking;
     char *group;                /* broker group to share with, or NULL */
     char *broker;               /* the broker's socket */
+    uid_t broker_uid;           /* who must listen on it (or root) */
     MemShareUser *user;         /* the scanner, while mode=user runs */
     /* mode=user waits for machine init done (preallocation) */
     Notifier start_notifier;
