@@ -774,6 +774,8 @@ static void group_stats(Group *g, MsProtoGroupStats *gs)
     gs->uploads = g->uploads;
     gs->published = g->published;
     gs->refused = g->refused;
+    gs->owner = MS_PROTO_OWNER_NONE;
+    gs->parked = g->nparked;
 }
 
 /*
@@ -805,7 +807,7 @@ static bool do_stats(Client *c, const MsProtoMsg *msg)
                            " uid %u may ask (others join a group first)",
                            (unsigned)geteuid());
     }
-    ms_proto_encode_stats_reply(out, msg->id,
+    ms_proto_encode_stats_reply(out, msg->id, NULL,
                                 (MsProtoGroupStats *)all->data, all->len);
     reply(c, out, -1);
     return true;

@@ -75,10 +75,35 @@ static bool parse_size(const char *s, uint64_t *out, GError **errp)
     return true;
 }
 
+static void print_broker_stats(const MsProtoBrokerStats *bs)
+{
+    printf("broker\n");
+    printf("  clients               %" PRIu64 "\n", bs->clients);
+    printf("  parked                %" PRIu64 "\n", bs->parked);
+    printf("  groups                %" PRIu64 "\n", bs->groups);
+    printf("  refused-clients       %" PRIu64 "\n", bs->refused_clients);
+    printf("  refused-uid-clients   %" PRIu64 "\n", bs->refused_uid_clients);
+    printf("  refused-access        %" PRIu64 "\n", bs->refused_access);
+    printf("  refused-no-group      %" PRIu64 "\n", bs->refused_no_group);
+    printf("  refused-groups        %" PRIu64 "\n", bs->refused_groups);
+    printf("  refused-client-quota  %" PRIu64 "\n",
+           bs->refused_client_quota);
+    printf("  refused-uid-quota     %" PRIu64 "\n", bs->refused_uid_quota);
+    printf("  dropped-idle          %" PRIu64 "\n", bs->dropped_idle);
+    printf("  dropped-protocol      %" PRIu64 "\n", bs->dropped_protocol);
+    printf("  reserve-admitted      %" PRIu64 "\n", bs->reserve_admitted);
+}
+
 static void print_stats(const MsProtoGroupStats *gs)
 {
-    printf("group %s\n", gs->name);
+    if (gs->owner == MS_PROTO_OWNER_NONE) {
+        printf("group %s (declared)\n", gs->name);
+    } else {
+        printf("group %s (private to uid %" PRIu64 ")\n", gs->name,
+               gs->owner);
+    }
     printf("  clients       %" PRIu64 "\n", gs->clients);
+    printf("  parked        %" PRIu64 "\n", gs->parked);
     printf("  page-size     %" PRIu64 "\n", gs->page_size);
     printf("  slots         %" PRIu64 "\n", gs->slots);
     printf("  slots-used    %" PRIu64 "\n", gs->slots_used);
@@ -91,6 +116,7 @@ static void print_stats(const MsProtoGroupStats *gs)
     printf("  uploads       %" PRIu64 "\n", gs->uploads);
     printf("  published     %" PRIu64 "\n", gs->published);
     printf("  refused       %" PRIu64 "\n", gs->refused);
+    printf("  refused-quota %" PRIu64 "\n", gs->refused_quota);
 }
 
 static int stats_main(const char *path, const char *group)
@@ -98,12 +124,18 @@ static int stats_main(const char *path, const char *group)
     g_autoptr(GError) err = NULL;
     g_autoptr(MsBrokerClient) c = NULL;
     g_autoptr(GArray) groups = NULL;
+    MsProtoBrokerStats bs;
+    bool has_broker;
 
     c = group ? ms_broker_client_connect(path, group, "stats", 0, &err)
               : ms_broker_client_open(path, 0, &err);
-    if (!c || !ms_broker_client_stats(c, &groups, &err)) {
+    if (!c || !ms_broker_client_stats_full(c, &groups, &bs, &has_broker,
+                                           &err)) {
         g_printerr("mem-share-broker: %s\n", err->message);
         return 1;
+    }
+    if (has_broker) {
+        print_broker_stats(&bs);
     }
     if (groups->len == 0) {
         printf("no groups\n");
