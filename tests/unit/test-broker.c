@@ -80,7 +80,7 @@ static void broker_start(Fixture *f)
     g_ptr_array_add(argv, maxc);
     /*
      * Every client here is this test's uid, and the flood test wants the
-     * cap exact: test-broker-limits.c tests the per-uid share and the
+     * cap exact: test-broker-service.c tests the per-uid share and the
      * reserve
      */
     g_ptr_array_add(argv, (char *)"--max-clients-per-uid");

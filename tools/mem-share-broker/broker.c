@@ -97,7 +97,10 @@
  * members yet; neither can be had by a stranger without the operator's
  * say or a member of its own, which costs one of its own connections.
  * Idle strangers thus cannot lock members out: they fill max-clients
- * at most, and only for join-timeout.
+ * at most, and only for join-timeout.  The administrator (root, the
+ * broker's uid) may use the reserve too: --stats matters most when the
+ * broker is full.  None of this stands against many uids colluding,
+ * each with its share: who may connect at all is the socket's mode.
  *
  * Hostile clients.  Every byte is untrusted: frames are read to a cap
  * and decoded by proto.c, the order of messages is checked (HELLO first
@@ -327,16 +330,18 @@ static bool decl_multi_uid(const MsBrokerGroupDecl *d)
 }
 
 /*
- * Is @p likely a member rejoining, to be let into the reserve?  Its uid
- * has members or parked clients, or a declared group names it.
+ * May @p have a reserved connection?  Its uid has members or parked
+ * clients, or a declared group names it: likely a member rejoining.  Or
+ * it is the administrator, whose --stats must work when it is full.
  */
-static bool rejoin_likely(MsBroker *b, const Peer *p)
+static bool may_reserve(MsBroker *b, const Peer *p)
 {
     UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
     GHashTableIter it;
     gpointer value;
 
-    if (u && (u->members || u->parked)) {
+    if ((u && (u->members || u->parked)) || p->uid == 0 ||
+        p->uid == geteuid()) {
         return true;
     }
     g_hash_table_iter_init(&it, b->cfg.groups);
@@ -1482,7 +1487,7 @@ static bool admit(MsBroker *b, int fd, const Peer *p)
         return true;
     }
     if (all < b->cfg.max_clients + b->cfg.reserved_clients &&
-        rejoin_likely(b, p)) {
+        may_reserve(b, p)) {
         b->counters.reserve_admitted++;
         g_message("client (pid %d uid %u): taken into the reserve: %u"
                   " clients connected or parked, max-clients is %u",
@@ -1493,7 +1498,7 @@ static bool admit(MsBroker *b, int fd, const Peer *p)
                 "the broker is full: %u clients connected or parked,"
                 " max-clients allows %u; the %u reserved are for members"
                 " rejoining (uids with members, or listed by a declared"
-                " group)", all, b->cfg.max_clients,
+                " group) and the administrator", all, b->cfg.max_clients,
                 b->cfg.reserved_clients);
     return false;
 }

@@ -353,7 +353,8 @@ int main(int argc, char **argv)
     if (!d.broker) {
         g_printerr("mem-share-broker: %s\n", err->message);
         options_free(&opts);
-        return 1;
+        /* A value that does not fit is a usage error, as above */
+        return err->domain == G_OPTION_ERROR ? 2 : 1;
     }
     g_main_loop_run(loop);
     g_clear_pointer(&d.broker, ms_broker_free);
