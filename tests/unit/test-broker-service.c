@@ -1099,6 +1099,44 @@ static void test_rejoin_full(Fixture *f, gconstpointer data)
 }
 
 /*
+ * A uid at its share of connections: a VM of it whose old connection
+ * is parked (its QEMU lives) still gets back in, from the reserve; a
+ * stranger at its share does not get more
+ */
+static void test_rejoin_uid_limit(Fixture *f, gconstpointer data)
+{
+    Agent b, h;
+    uint32_t slot;
+    Reply r;
+    MsProtoBrokerStats bs;
+
+    (void)data;
+    if (!need_users()) {
+        return;
+    }
+    broker_start(f, "max-clients-per-uid=2\njoin-timeout=600\n");
+    agent_start(f, &b, U_B);
+    agent_start(f, &h, U_H1);
+    join_ok(&b, 0, "mine");
+    slot = upload_ok(&b, 0, 1);
+    join_ok(&b, 1, "mine");
+    agent_cmd(&b, OP_CLOSE, 0, NULL, 0, 0);
+    /* Two: one connected, one parked.  The VM comes back */
+    join_ok(&b, 0, "mine");
+    still_hits(&b, 0, 1, slot);
+    r = idle_conns(&h, 3, 1);
+    g_assert_cmpint(r.err, ==, EUSERS);
+    g_assert_cmpuint(r.ok, ==, 2);
+    bs = admin_stats(f, NULL);
+    g_assert_cmpuint(bs.refused_uid_clients, ==, 1);
+    g_assert_cmpuint(bs.reserve_admitted, ==, 1);
+    assert_log(f, "uid %u): taken into the reserve",
+               (unsigned)users[U_B].uid);
+    agent_stop(&b);
+    agent_stop(&h);
+}
+
+/*
  * Connections that never join are dropped after join-timeout, with
  * ETIMEDOUT; members that stay idle longer than that, and a parked
  * client, are not
@@ -1520,6 +1558,7 @@ int main(int argc, char **argv)
     add("/broker-service/quotas", test_quotas, NULL);
     add("/broker-service/connections", test_connections, NULL);
     add("/broker-service/rejoin-full", test_rejoin_full, NULL);
+    add("/broker-service/rejoin-uid-limit", test_rejoin_uid_limit, NULL);
     add("/broker-service/idle", test_idle, NULL);
     add("/broker-service/groups", test_groups, NULL);
     add("/broker-service/reload", test_reload, NULL);

@@ -90,8 +90,10 @@
  *    member can), so dropping it costs nobody a page; a member is never
  *    dropped for being slow or idle.
  *
- * Past max-clients, reserved-clients more connections are taken from
- * clients that are likely to be members rejoining: a uid that has
+ * Past max-clients, and past its uid's share, reserved-clients more
+ * connections are taken from clients that are likely to be members
+ * rejoining (a VM whose old client is parked counts against the limits
+ * until its process exits, and must not be locked out): a uid that has
  * members (connected or parked), or that a declared group lists by uid
  * or gid.  The second holds after a broker restart too, when nobody has
  * members yet; neither can be had by a stranger without the operator's
@@ -1466,32 +1468,36 @@ static void refuse_peer(int fd, const Peer *p, int code, uint64_t *counter,
 }
 
 /*
- * May @p connect?  Within its uid's share, and within max-clients, or
- * the reserve past it if it is likely a member rejoining (see "Limits").
- * Parked clients count: they hold references and memory.
+ * May @p connect?  Within its uid's share, and within max-clients; or,
+ * if it may use the reserve (see "Limits"), with up to reserved-clients
+ * more, past either.  Parked clients count: they hold references and
+ * memory.
  */
 static bool admit(MsBroker *b, int fd, const Peer *p)
 {
     UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
     uint32_t mine = u ? u->conns + u->parked : 0;
     uint32_t all = b->nclients + b->nparked;
+    bool reserve = may_reserve(b, p);
 
-    if (mine >= b->max_per_uid) {
+    if (mine >= b->max_per_uid + (reserve ? b->cfg.reserved_clients : 0)) {
         refuse_peer(fd, p, EUSERS, &b->counters.refused_uid_clients,
                     "uid %u has %u clients connected or parked,"
-                    " max-clients-per-uid allows %u", (unsigned)p->uid,
-                    mine, b->max_per_uid);
+                    " max-clients-per-uid allows %u%s", (unsigned)p->uid,
+                    mine, b->max_per_uid,
+                    reserve ? " and reserved-clients as many more" : "");
         return false;
     }
-    if (all < b->cfg.max_clients) {
+    if (all < b->cfg.max_clients && mine < b->max_per_uid) {
         return true;
     }
-    if (all < b->cfg.max_clients + b->cfg.reserved_clients &&
-        may_reserve(b, p)) {
+    if (all < b->cfg.max_clients + b->cfg.reserved_clients && reserve) {
         b->counters.reserve_admitted++;
         g_message("client (pid %d uid %u): taken into the reserve: %u"
-                  " clients connected or parked, max-clients is %u",
-                  (int)p->pid, (unsigned)p->uid, all, b->cfg.max_clients);
+                  " clients connected or parked (max-clients %u), %u of"
+                  " its uid (max-clients-per-uid %u)", (int)p->pid,
+                  (unsigned)p->uid, all, b->cfg.max_clients, mine,
+                  b->max_per_uid);
         return true;
     }
     refuse_peer(fd, p, EUSERS, &b->counters.refused_clients,
