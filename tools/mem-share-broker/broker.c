@@ -792,12 +792,12 @@ static void quota_refused(Client *c, bool uid_quota)
         return;
     }
     if (uid_quota) {
-        g_message("%s: %" PRIu64 " entries refused: uid %u stored %u pages"
-                  " in group %s, uid-quota allows %u", c->label,
+        g_message("%s: quota reached, %" PRIu64 " refused: uid %u stored"
+                  " %u pages in group %s, uid-quota allows %u", c->label,
                   c->quota_unlogged, (unsigned)c->peer.uid,
                   charge_of(g, c->peer.uid), g->name, b->uid_quota);
     } else {
-        g_message("%s: %" PRIu64 " entries refused: it holds %" PRIu64
+        g_message("%s: quota reached, %" PRIu64 " refused: it holds %" PRIu64
                   " references, its client-quota is %u", c->label,
                   c->quota_unlogged, c->refs, c->quota);
     }
