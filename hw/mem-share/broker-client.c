@@ -995,13 +995,29 @@ bool ms_broker_client_release_nowait(MsBrokerClient *c,
 bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,
                             GError **errp)
 {
+    return ms_broker_client_stats_full(c, groups, NULL, NULL, errp);
+}
+
+bool ms_broker_client_stats_full(MsBrokerClient *c, GArray **groups,
+                                 MsProtoBrokerStats *broker, bool *has_broker,
+                                 GError **errp)
+{
     g_autoptr(GByteArray) req = g_byte_array_new();
     uint32_t id = c->next_id++;
     MsProtoMsg msg;
+    MsProtoBrokerStats bs;
+    bool has;
 
     ms_proto_encode_stats(req, id);
     if (!call(c, req, id, MS_MSG_STATS_REPLY, &msg, NULL, errp)) {
         return false;
+    }
+    has = ms_proto_broker_stats(&msg, &bs);
+    if (broker) {
+        *broker = bs;
+    }
+    if (has_broker) {
+        *has_broker = has;
     }
     *groups = g_array_sized_new(FALSE, TRUE, sizeof(MsProtoGroupStats),
                                 msg.stats.count);

@@ -23,6 +23,7 @@
 #include "mem-share/proto.h"
 
 #define STATS_RECORD_SIZE (MS_PROTO_MAX_NAME + 8 * MS_PROTO_GROUP_STATS_FIELDS)
+#define BROKER_RECORD_SIZE (8 * MS_PROTO_BROKER_STATS_FIELDS)
 #define WELCOME_SIZE (7 * 4 + MS_PROTO_SECRET_SIZE)
 
 G_STATIC_ASSERT(MS_PROTO_HEADER_SIZE == 16);
@@ -384,21 +385,28 @@ static bool decode_release(const MsProtoHeader *hdr, const uint8_t *p,
 static bool decode_stats_reply(const MsProtoHeader *hdr, const uint8_t *p,
                                MsProtoMsg *msg, GError **errp)
 {
+    uint32_t broker;
+
     if (hdr->length < 8) {
         return check_size(hdr, 8, errp);
     }
     msg->stats.count = get32(p);
+    broker = get32(p + 4);
     /* Zero groups is a valid answer: a broker that serves none yet */
     if (msg->stats.count > MS_PROTO_MAX_GROUPS) {
         return fail(errp, "STATS_REPLY of %u groups: at most %d allowed",
                     msg->stats.count, MS_PROTO_MAX_GROUPS);
     }
-    if (!check_reserved(hdr, get32(p + 4), errp) ||
-        !check_size(hdr, 8 + (uint64_t)msg->stats.count * STATS_RECORD_SIZE,
-                    errp)) {
+    if (broker > 1) {
+        return fail(errp, "STATS_REPLY with %u broker records: 0 or 1"
+                    " allowed", broker);
+    }
+    if (!check_size(hdr, 8 + (uint64_t)broker * BROKER_RECORD_SIZE +
+                    (uint64_t)msg->stats.count * STATS_RECORD_SIZE, errp)) {
         return false;
     }
-    msg->stats.groups = p + 8;
+    msg->stats.broker = broker ? p + 8 : NULL;
+    msg->stats.groups = p + 8 + broker * BROKER_RECORD_SIZE;
     for (uint32_t i = 0; i < msg->stats.count; i++) {
         const uint8_t *rec = msg->stats.groups + (size_t)i * STATS_RECORD_SIZE;
         size_t len = strnlen((const char *)rec, MS_PROTO_MAX_NAME);
@@ -549,6 +557,7 @@ void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
         &gs->clients, &gs->page_size, &gs->slots, &gs->slots_used,
         &gs->shared_slots, &gs->refs, &gs->bytes_held, &gs->bytes_saved,
         &gs->lookups, &gs->hits, &gs->uploads, &gs->published, &gs->refused,
+        &gs->owner, &gs->parked, &gs->refused_quota,
     };
 
     g_assert(msg->type == MS_MSG_STATS_REPLY && i < msg->stats.count);
@@ -559,6 +568,27 @@ void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
     for (int j = 0; j < MS_PROTO_GROUP_STATS_FIELDS; j++) {
         *fields[j] = get64(f + 8 * j);
     }
+}
+
+bool ms_proto_broker_stats(const MsProtoMsg *msg, MsProtoBrokerStats *bs)
+{
+    uint64_t *fields[MS_PROTO_BROKER_STATS_FIELDS] = {
+        &bs->clients, &bs->parked, &bs->groups, &bs->refused_clients,
+        &bs->refused_uid_clients, &bs->refused_access, &bs->refused_no_group,
+        &bs->refused_groups, &bs->refused_client_quota,
+        &bs->refused_uid_quota, &bs->dropped_idle, &bs->dropped_protocol,
+        &bs->reserve_admitted,
+    };
+
+    g_assert(msg->type == MS_MSG_STATS_REPLY);
+    memset(bs, 0, sizeof(*bs));
+    if (!msg->stats.broker) {
+        return false;
+    }
+    for (int j = 0; j < MS_PROTO_BROKER_STATS_FIELDS; j++) {
+        *fields[j] = get64(msg->stats.broker + 8 * j);
+    }
+    return true;
 }
 
 /* Encoding: a header with a length to patch once the payload is there */
@@ -716,6 +746,7 @@ void ms_proto_encode_stats(GByteArray *out, uint32_t id)
 }
 
 void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
+                                 const MsProtoBrokerStats *broker,
                                  const MsProtoGroupStats *groups,
                                  uint32_t count)
 {
@@ -723,7 +754,21 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
 
     g_assert(count <= MS_PROTO_MAX_GROUPS);
     put32(out, count);
-    put32(out, 0);
+    put32(out, broker != NULL);
+    if (broker) {
+        const uint64_t fields[MS_PROTO_BROKER_STATS_FIELDS] = {
+            broker->clients, broker->parked, broker->groups,
+            broker->refused_clients, broker->refused_uid_clients,
+            broker->refused_access, broker->refused_no_group,
+            broker->refused_groups, broker->refused_client_quota,
+            broker->refused_uid_quota, broker->dropped_idle,
+            broker->dropped_protocol, broker->reserve_admitted,
+        };
+
+        for (int j = 0; j < MS_PROTO_BROKER_STATS_FIELDS; j++) {
+            put64(out, fields[j]);
+        }
+    }
     for (uint32_t i = 0; i < count; i++) {
         const MsProtoGroupStats *gs = &groups[i];
         uint8_t name[MS_PROTO_MAX_NAME] = { 0 };
@@ -731,6 +776,7 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
             gs->clients, gs->page_size, gs->slots, gs->slots_used,
             gs->shared_slots, gs->refs, gs->bytes_held, gs->bytes_saved,
             gs->lookups, gs->hits, gs->uploads, gs->published, gs->refused,
+            gs->owner, gs->parked, gs->refused_quota,
         };
 
         g_assert(ms_proto_name_valid(gs->name, NULL));

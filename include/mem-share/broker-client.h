@@ -199,4 +199,13 @@ bool ms_broker_client_release_nowait(MsBrokerClient *c,
 bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,
                             GError **errp);
 
+/*
+ * The same, with the broker's own counters (refusals, limits), which
+ * only its administrator gets: *@has_broker says whether they came.
+ * @broker and @has_broker may be NULL.
+ */
+bool ms_broker_client_stats_full(MsBrokerClient *c, GArray **groups,
+                                 MsProtoBrokerStats *broker, bool *has_broker,
+                                 GError **errp);
+
 #endif /* MEM_SHARE_BROKER_CLIENT_H */

@@ -107,9 +107,38 @@ typedef struct MsProtoGroupStats {
     uint64_t uploads;           /* entries uploaded */
     uint64_t published;         /* of which became new slots */
     uint64_t refused;           /* entries refused: bad hash, full, quota */
+    uint64_t owner;             /* uid of a private group, or OWNER_NONE */
+    uint64_t parked;            /* members gone whose process lives */
+    uint64_t refused_quota;     /* of @refused: a client's or a uid's quota */
 } MsProtoGroupStats;
 
-#define MS_PROTO_GROUP_STATS_FIELDS 13     /* the uint64_t fields above */
+#define MS_PROTO_GROUP_STATS_FIELDS 16     /* the uint64_t fields above */
+
+/* MsProtoGroupStats.owner of a group the operator declared */
+#define MS_PROTO_OWNER_NONE UINT64_MAX
+
+/*
+ * What the broker refused, for its administrator only (a member's STATS
+ * says nothing about other groups or their members).  Connections and
+ * joins are counted once each, quota refusals per entry.
+ */
+typedef struct MsProtoBrokerStats {
+    uint64_t clients;           /* connections open */
+    uint64_t parked;            /* clients gone whose process lives */
+    uint64_t groups;
+    uint64_t refused_clients;   /* connections: the broker is full */
+    uint64_t refused_uid_clients; /* connections: the uid's limit */
+    uint64_t refused_access;    /* joins and STATS not allowed to the uid */
+    uint64_t refused_no_group;  /* joins of a group not served */
+    uint64_t refused_groups;    /* joins: no more groups (total or uid) */
+    uint64_t refused_client_quota; /* entries: the client's quota */
+    uint64_t refused_uid_quota; /* entries: the uid's quota in a group */
+    uint64_t dropped_idle;      /* connections that did not join in time */
+    uint64_t dropped_protocol;  /* protocol violations */
+    uint64_t reserve_admitted;  /* connections taken into the reserve */
+} MsProtoBrokerStats;
+
+#define MS_PROTO_BROKER_STATS_FIELDS 13    /* the uint64_t fields above */
 
 /*
  * A decoded message.  Batch entries are read with the accessors below;
@@ -157,6 +186,7 @@ typedef struct MsProtoMsg {
         } release_reply;
         struct {
             uint32_t count;
+            const uint8_t *broker;      /* the broker's record, or NULL */
             const uint8_t *groups;      /* count x stats record */
         } stats;
         struct {
@@ -202,6 +232,8 @@ void ms_proto_release_entry(const MsProtoMsg *msg, uint32_t i,
                             uint32_t *slot, uint32_t *refs);
 void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
                           MsProtoGroupStats *gs);
+/* The broker's record of a STATS_REPLY: false if it has none */
+bool ms_proto_broker_stats(const MsProtoMsg *msg, MsProtoBrokerStats *bs);
 
 /*
  * Encoders: each appends one whole frame to @out.  They assert what the
@@ -232,7 +264,9 @@ void ms_proto_encode_release(GByteArray *out, uint32_t id,
 void ms_proto_encode_release_reply(GByteArray *out, uint32_t id,
                                    uint64_t released);
 void ms_proto_encode_stats(GByteArray *out, uint32_t id);
+/* @broker may be NULL: the reply then has no broker record */
 void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
+                                 const MsProtoBrokerStats *broker,
                                  const MsProtoGroupStats *groups,
                                  uint32_t count);
 void ms_proto_encode_error(GByteArray *out, uint32_t id, uint32_t code,

@@ -83,11 +83,14 @@ static void reencode(GByteArray *out, const MsProtoMsg *msg)
     case MS_MSG_STATS_REPLY: {
         g_autofree MsProtoGroupStats *gs = g_new0(MsProtoGroupStats,
                                                   msg->stats.count + 1);
+        MsProtoBrokerStats bs;
+        bool has_broker = ms_proto_broker_stats(msg, &bs);
 
         for (uint32_t i = 0; i < msg->stats.count; i++) {
             ms_proto_group_stats(msg, i, &gs[i]);
         }
-        ms_proto_encode_stats_reply(out, msg->id, gs, msg->stats.count);
+        ms_proto_encode_stats_reply(out, msg->id, has_broker ? &bs : NULL,
+                                    gs, msg->stats.count);
         break;
     }
     case MS_MSG_ERROR:

@@ -24,7 +24,11 @@ def hello(group=b"group-1", name=b"qemu-vm1"):
 
 
 def stats_record(name, values):
-    return name.ljust(64, b"\0") + struct.pack("<13Q", *values)
+    return name.ljust(64, b"\0") + struct.pack("<16Q", *values)
+
+
+def broker_record(values):
+    return struct.pack("<13Q", *values)
 
 
 def seeds():
@@ -40,12 +44,15 @@ def seeds():
     yield "release-reply", frame(RELEASE_REPLY, struct.pack("<Q", 6))
     yield "stats", frame(STATS, b"")
     yield "stats-reply", frame(STATS_REPLY, struct.pack("<II", 2, 0)
-                               + stats_record(b"g1", range(13)) + stats_record(b"g-2", range(13, 26)))
+                               + stats_record(b"g1", range(16)) + stats_record(b"g-2", range(16, 32)))
+    yield "stats-reply-broker", frame(STATS_REPLY, struct.pack("<II", 1, 1) + broker_record(range(13))
+                                      + stats_record(b"web", [1] * 13 + [0xFFFFFFFFFFFFFFFF, 2, 1]))
     yield "error", frame(ERROR, struct.pack("<IHH", 13, 14, 0) + b"access denied!")
     # near misses: the decoder must refuse them
     yield "bad-count", frame(LOOKUP, struct.pack("<IIQ", 2, 0, 1))
     yield "bad-length", struct.pack("<IHHII", MAGIC, VERSION, LOOKUP, 1 << 24, 1)
     yield "bad-name", frame(HELLO, hello(group=b"../etc"))
+    yield "bad-broker", frame(STATS_REPLY, struct.pack("<II", 0, 2) + broker_record(range(13)) * 2)
 
 
 def main():

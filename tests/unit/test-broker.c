@@ -84,6 +84,15 @@ static void broker_start(Fixture *f)
     g_ptr_array_add(argv, quota);
     g_ptr_array_add(argv, (char *)"--max-clients");
     g_ptr_array_add(argv, maxc);
+    /*
+     * Every client here is this test's uid, and the flood test wants the
+     * cap exact: test-broker-service.c tests the per-uid share and the
+     * reserve
+     */
+    g_ptr_array_add(argv, (char *)"--max-clients-per-uid");
+    g_ptr_array_add(argv, maxc);
+    g_ptr_array_add(argv, (char *)"--reserved-clients");
+    g_ptr_array_add(argv, (char *)"0");
     for (int i = 0; f->extra && f->extra[i]; i++) {
         g_ptr_array_add(argv, (char *)f->extra[i]);
     }
@@ -477,8 +486,9 @@ static void test_group_uids(Fixture *f, gconstpointer data)
     g_assert_cmpint(join_as(f, 4243, "open"), ==, 0);
 }
 
+/* A declaration says who may join: here, anyone */
 static const char *const strict_args[] = {
-    "--strict-groups", "--group", "only", NULL
+    "--strict-groups", "--group", "only:uid=*", NULL
 };
 
 /* With --strict-groups only the configured groups exist */

@@ -282,26 +282,63 @@ static void test_stats(void)
         { .name = "a", .clients = 1, .page_size = PAGE, .slots = 2,
           .slots_used = 3, .shared_slots = 4, .refs = 5, .bytes_held = 6,
           .bytes_saved = 7, .lookups = 8, .hits = 9, .uploads = 10,
-          .published = 11, .refused = 12 },
+          .published = 11, .refused = 12, .owner = 1000, .parked = 13,
+          .refused_quota = 3 },
     };
+    const MsProtoBrokerStats bs = {
+        .clients = 1, .parked = 2, .groups = 3, .refused_clients = 4,
+        .refused_uid_clients = 5, .refused_access = 6,
+        .refused_no_group = 7, .refused_groups = 8,
+        .refused_client_quota = 9, .refused_uid_quota = 10,
+        .dropped_idle = 11, .dropped_protocol = 12,
+        .reserve_admitted = UINT64_MAX,
+    };
+    g_autoptr(GByteArray) fb = g_byte_array_new();
+    MsProtoBrokerStats got_bs;
     MsProtoMsg msg;
 
     memset(gs[1].name, 'x', MS_PROTO_MAX_NAME);
     gs[1].name[MS_PROTO_MAX_NAME] = 0;
     gs[1].refused = UINT64_MAX;
+    gs[1].owner = MS_PROTO_OWNER_NONE;
 
     ms_proto_encode_stats(req, 5);
     decode_ok(req, &msg);
     g_assert_cmpint(msg.type, ==, MS_MSG_STATS);
     decode_only_whole(req);
 
-    ms_proto_encode_stats_reply(none, 5, NULL, 0);
+    ms_proto_encode_stats_reply(none, 5, NULL, NULL, 0);
     decode_ok(none, &msg);
     g_assert_cmpuint(msg.stats.count, ==, 0);
+    g_assert_false(ms_proto_broker_stats(&msg, &got_bs));
 
-    ms_proto_encode_stats_reply(f, 5, gs, 2);
+    /* The broker's record, for its administrator: with or without groups */
+    ms_proto_encode_stats_reply(fb, 6, &bs, NULL, 0);
+    decode_ok(fb, &msg);
+    g_assert_cmpuint(msg.stats.count, ==, 0);
+    g_assert_true(ms_proto_broker_stats(&msg, &got_bs));
+    g_assert_cmpmem(&got_bs, sizeof(got_bs), &bs, sizeof(bs));
+    decode_only_whole(fb);
+    g_byte_array_set_size(fb, 0);
+    ms_proto_encode_stats_reply(fb, 6, &bs, gs, 2);
+    decode_ok(fb, &msg);
+    g_assert_cmpuint(msg.stats.count, ==, 2);
+    g_assert_true(ms_proto_broker_stats(&msg, &got_bs));
+    g_assert_cmpuint(got_bs.reserve_admitted, ==, UINT64_MAX);
+    g_assert_cmpuint(got_bs.clients, ==, 1);
+    {
+        MsProtoGroupStats got;
+
+        ms_proto_group_stats(&msg, 1, &got);
+        g_assert_cmpstr(got.name, ==, gs[1].name);
+        g_assert_cmpuint(got.owner, ==, MS_PROTO_OWNER_NONE);
+    }
+    decode_only_whole(fb);
+
+    ms_proto_encode_stats_reply(f, 5, NULL, gs, 2);
     decode_ok(f, &msg);
     g_assert_cmpuint(msg.stats.count, ==, 2);
+    g_assert_false(ms_proto_broker_stats(&msg, &got_bs));
     for (int i = 0; i < 2; i++) {
         MsProtoGroupStats got;
 
@@ -320,6 +357,9 @@ static void test_stats(void)
         g_assert_cmpuint(got.uploads, ==, gs[i].uploads);
         g_assert_cmpuint(got.published, ==, gs[i].published);
         g_assert_cmpuint(got.refused, ==, gs[i].refused);
+        g_assert_cmpuint(got.owner, ==, gs[i].owner);
+        g_assert_cmpuint(got.parked, ==, gs[i].parked);
+        g_assert_cmpuint(got.refused_quota, ==, gs[i].refused_quota);
     }
     decode_only_whole(f);
 }
@@ -666,6 +706,26 @@ static void test_bad_stats_and_error(void)
     raw8(stats_body, 0);
     f6 = raw_frame(MS_MSG_STATS, stats_body);
     decode_bad(f6, "a STATS request with a payload");
+
+    /* Broker records: 0 or 1, and only as many bytes as they take */
+    {
+        g_autoptr(GByteArray) two = g_byte_array_new();
+        g_autoptr(GByteArray) short_rec = g_byte_array_new();
+        g_autoptr(GByteArray) f7 = NULL;
+        g_autoptr(GByteArray) f8 = NULL;
+
+        raw32(two, 0);
+        raw32(two, 2);
+        g_byte_array_set_size(two, 8 + 2 * 8 * MS_PROTO_BROKER_STATS_FIELDS);
+        f7 = raw_frame(MS_MSG_STATS_REPLY, two);
+        decode_bad(f7, "two broker records");
+        raw32(short_rec, 0);
+        raw32(short_rec, 1);
+        g_byte_array_set_size(short_rec,
+                              8 + 8 * MS_PROTO_BROKER_STATS_FIELDS - 8);
+        f8 = raw_frame(MS_MSG_STATS_REPLY, short_rec);
+        decode_bad(f8, "a broker record cut short");
+    }
 }
 
 /*

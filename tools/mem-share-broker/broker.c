@@ -13,6 +13,19 @@
  * pages it hashed (LOOKUP), gives the broker pages to store (UPLOAD) and
  * gives references back (RELEASE).
  *
+ * Who shares with whom.  A group is a trust domain: a member learns
+ * whether other members hold a page it can guess (LOOKUP answers, and
+ * the timing of copy-on-write).  So a group spans uids only when the
+ * operator says so.  A name a client gives that the operator did not
+ * declare is a private group of the client's uid: two uids that both
+ * say "web" get two groups, with two stores and two secrets, and the
+ * second cannot even tell that the first exists.  A declared group
+ * (config.c: [group NAME], --group) takes the uids and gids it lists,
+ * or every uid if it says uids=*; nobody else, root included.  A member
+ * sees the statistics of its own group only; the administrator (root,
+ * or the broker's uid, without joining) sees all of them and the
+ * broker's counters.
+ *
  * References.  Every slot a client is handed carries one store reference
  * for that client, recorded in the client's own slot -> count table.  A
  * client can only drop references its table holds.  A slot is freed by
@@ -56,6 +69,41 @@
  * poisoned with wrong hashes; identical contents are found through the
  * store's own index (ms_store_find() compares bytes).
  *
+ * Limits.  Whoever can connect to the socket is a local user, not a
+ * friend; what one of them can take from the others is bounded without
+ * any configuration, and every refusal is an ERROR to the client, a log
+ * line with its pid and uid, and a counter in STATS:
+ *
+ *  - references: a client holds at most client-quota (half the store's
+ *    slots by default), so one client never pins a whole store;
+ *  - store pages: in a group that several uids may join, the pages one
+ *    uid stored (charged to the uid of the client that published them,
+ *    until they are freed) are at most uid-quota, half the store by
+ *    default, so the other uids always find room.  Sharing is never
+ *    charged: a lookup that hits costs a reference, not a page;
+ *  - connections: max-clients, parked clients included since they keep
+ *    memory, and half of that per uid (max-clients-per-uid);
+ *  - groups: max-groups private groups at once (declared groups are the
+ *    operator's and never crowded out), max-groups-per-uid per uid;
+ *  - time: a connection that has not joined a group join-timeout seconds
+ *    after it connected is dropped.  It holds no reference (only a
+ *    member can), so dropping it costs nobody a page; a member is never
+ *    dropped for being slow or idle.
+ *
+ * Past max-clients, and past its uid's share, reserved-clients more
+ * connections are taken from clients that are likely to be members
+ * rejoining (a VM whose old client is parked counts against the limits
+ * until its process exits, and must not be locked out): a uid that has
+ * members (connected or parked), or that a declared group lists by uid
+ * or gid.  The second holds after a broker restart too, when nobody has
+ * members yet; neither can be had by a stranger without the operator's
+ * say or a member of its own, which costs one of its own connections.
+ * Idle strangers thus cannot lock members out: they fill max-clients
+ * at most, and only for join-timeout.  The administrator (root, the
+ * broker's uid) may use the reserve too: --stats matters most when the
+ * broker is full.  None of this stands against many uids colluding,
+ * each with its share: who may connect at all is the socket's mode.
+ *
  * Hostile clients.  Every byte is untrusted: frames are read to a cap
  * and decoded by proto.c, the order of messages is checked (HELLO first
  * and once), and any violation gets the client an ERROR and a hang-up
@@ -64,9 +112,14 @@
  * reply being written, and the broker reads its next request only once
  * the last reply is gone (so a client that floods requests without
  * reading replies only fills its own socket buffers).  One request is
- * served per wake-up, so a busy client cannot starve the others.  A
- * parked client costs its table until its process exits: the quota
- * bounds it, and it counts against --max-clients.
+ * served per wake-up, so a busy client cannot starve the others.
+ *
+ * Reloading.  ms_broker_reconfigure() swaps the configuration: new
+ * limits and declarations apply to what comes next.  Nobody is dropped:
+ * a member a group no longer lists stays until it leaves, a group no
+ * longer declared serves its members until the last one leaves (new
+ * joins of that name get private groups), and the client quota a member
+ * was told in WELCOME stays its quota.
  *
  * Single-threaded: everything runs in the GLib main context.
  */
@@ -75,9 +128,12 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <string.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -106,37 +162,77 @@ typedef struct Client Client;
 #define UNSTABLE_FREE 0
 #define UNSTABLE_GONE UINT32_MAX
 
+/* A client's quota refusals are logged at most this often (us) */
+#define QUOTA_LOG_INTERVAL (60 * G_USEC_PER_SEC)
+
+/* Room for a peer's supplementary groups, before it says it needs more */
+#define MAX_PEER_GROUPS 64
+
 /* An entry of the unstable table: who missed a hash first */
 typedef struct Unstable {
     uint32_t tag;               /* upper half of the bucket's hash */
     uint32_t client;            /* unstable_id() of the client */
 } Unstable;
 
+/* What a uid has at the broker, for its limits */
+typedef struct UidState {
+    uint32_t conns;             /* connections open */
+    uint32_t members;           /* of which joined a group */
+    uint32_t parked;            /* clients parked */
+    uint32_t groups;            /* private groups it owns */
+} UidState;
+
+/* The credentials of a peer, from its socket */
+typedef struct Peer {
+    pid_t pid;
+    uid_t uid;
+    gid_t gid;
+    GArray *gids;               /* supplementary groups (gid_t) */
+} Peer;
+
 struct MsBroker {
     MsBrokerConfig cfg;
+    bool activated;             /* systemd's socket: not ours to remove */
     char *socket_path;
     int listen_fd;
     guint listen_watch;
     size_t page_size;
     uint32_t nslots;            /* per group store */
-    GHashTable *group_uids;     /* name -> GArray of uid_t */
-    GHashTable *groups;         /* name -> Group */
+    uint32_t client_quota;      /* the limits, defaults resolved */
+    uint32_t uid_quota;
+    uint32_t max_per_uid;
+    GHashTable *groups;         /* group_key() -> Group */
+    GHashTable *uids;           /* uid -> UidState */
     GList *clients;             /* connected and parked */
     uint32_t nclients;          /* connected */
     uint32_t nparked;           /* gone, their process alive */
+    uint32_t nprivate;          /* private groups */
     uint64_t next_client_id;
+    MsProtoBrokerStats counters;    /* the refusals */
 };
+
+typedef enum GroupKind {
+    GROUP_PRIVATE,              /* a name one uid gave: only that uid */
+    GROUP_DECLARED,             /* the operator's, with its list */
+    GROUP_RETIRED,              /* declared no more: serves its members */
+} GroupKind;
 
 struct Group {
     MsBroker *broker;
-    char *name;
+    char *key;                  /* in broker->groups */
+    char *name;                 /* as the members named it */
+    GroupKind kind;
+    uid_t owner;                /* GROUP_PRIVATE: the only uid */
+    bool uids_quota;            /* several uids may join: uid-quota holds */
     MsStore *store;
-    MsHashKey key;              /* the members' lookup secret */
+    MsHashKey key_secret;       /* the members' lookup secret */
     GHashTable *index;          /* &ghash[head] -> head + 1 */
     uint64_t *ghash;            /* per indexed slot: its group hash */
     uint32_t *gnext;            /* next indexed slot with the same hash */
     uint8_t *indexed;
     uint32_t *holders;          /* per slot: clients holding a reference */
+    uid_t *charged;             /* per slot: the uid that published it */
+    GHashTable *charges;        /* uid -> slots charged to it */
     uint64_t shared_slots;      /* slots with two holders or more */
     uint32_t nclients;          /* connected members */
     uint32_t nparked;           /* members gone whose process lives */
@@ -144,7 +240,7 @@ struct Group {
     uint32_t unstable_mask;     /* its entries - 1 (a power of two) */
     uint32_t unstable_used;     /* entries and tombstones */
     MsHashKey unstable_key;     /* the broker's: picks the bucket */
-    uint64_t lookups, hits, uploads, published, refused;
+    uint64_t lookups, hits, uploads, published, refused, refused_quota;
 };
 
 struct Client {
@@ -153,13 +249,16 @@ struct Client {
     int fd;                     /* -1 once parked (see "References") */
     guint watch;
     GIOCondition cond;
-    pid_t pid;
-    uid_t uid;
+    guint join_deadline;        /* until HELLO: see "Limits" */
+    Peer peer;
     int pidfd;                  /* the peer process, or -1 */
     bool parked;                /* connection over, references kept */
     guint pid_watch;            /* while parked: its exit */
     char *label;                /* for log lines: who this is */
     Group *group;               /* NULL until HELLO */
+    uint32_t quota;             /* references it may hold (WELCOME) */
+    gint64 quota_logged;        /* when a quota refusal was last logged */
+    uint64_t quota_unlogged;    /* refusals since */
     GByteArray *in;             /* the frame being read */
     size_t in_want;             /* its full size, once the header is in */
     GByteArray *out;            /* the reply being written */
@@ -168,6 +267,93 @@ struct Client {
     GHashTable *held;           /* slot -> references held */
     uint64_t refs;              /* sum of @held */
 };
+
+/* Uids */
+
+static UidState *uid_state(MsBroker *b, uid_t uid)
+{
+    UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(uid));
+
+    if (!u) {
+        u = g_new0(UidState, 1);
+        g_hash_table_insert(b->uids, GUINT_TO_POINTER(uid), u);
+    }
+    return u;
+}
+
+/* Forget @uid once it has nothing left here */
+static void uid_state_put(MsBroker *b, uid_t uid)
+{
+    UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(uid));
+
+    if (u && !u->conns && !u->parked && !u->groups) {
+        g_hash_table_remove(b->uids, GUINT_TO_POINTER(uid));
+    }
+}
+
+static bool gid_listed(const GArray *gids, gid_t gid)
+{
+    for (guint i = 0; i < gids->len; i++) {
+        if (g_array_index(gids, gid_t, i) == gid) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Does @d list @p, by uid, gid or a supplementary group?  (Not by "*") */
+static bool decl_lists(const MsBrokerGroupDecl *d, const Peer *p)
+{
+    for (guint i = 0; i < d->uids->len; i++) {
+        if (g_array_index(d->uids, uid_t, i) == p->uid) {
+            return true;
+        }
+    }
+    if (gid_listed(d->gids, p->gid)) {
+        return true;
+    }
+    for (guint i = 0; p->gids && i < p->gids->len; i++) {
+        if (gid_listed(d->gids, g_array_index(p->gids, gid_t, i))) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool decl_allows(const MsBrokerGroupDecl *d, const Peer *p)
+{
+    return d->any_uid || decl_lists(d, p);
+}
+
+/* Can more than one uid join a group declared as @d? */
+static bool decl_multi_uid(const MsBrokerGroupDecl *d)
+{
+    return d->any_uid || d->uids->len > 1 || d->gids->len > 0;
+}
+
+/*
+ * May @p have a reserved connection?  Its uid has members or parked
+ * clients, or a declared group names it: likely a member rejoining.  Or
+ * it is the administrator, whose --stats must work when it is full.
+ */
+static bool may_reserve(MsBroker *b, const Peer *p)
+{
+    UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
+    GHashTableIter it;
+    gpointer value;
+
+    if ((u && (u->members || u->parked)) || p->uid == 0 ||
+        p->uid == geteuid()) {
+        return true;
+    }
+    g_hash_table_iter_init(&it, b->cfg.groups);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        if (decl_lists(value, p)) {
+            return true;
+        }
+    }
+    return false;
+}
 
 /* Groups and their index */
 
@@ -225,28 +411,48 @@ static void group_free(Group *g)
     if (g->index) {
         g_hash_table_destroy(g->index);
     }
+    if (g->charges) {
+        g_hash_table_destroy(g->charges);
+    }
     g_free(g->unstable);
     g_free(g->ghash);
     g_free(g->gnext);
     g_free(g->indexed);
     g_free(g->holders);
+    g_free(g->charged);
     g_free(g->name);
+    g_free(g->key);
     g_free(g);
 }
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Group, group_free)
 
-static Group *group_new(MsBroker *b, const char *name, GError **errp)
+/*
+ * A declared group is found by its name, a private one by its owner and
+ * name: names have no ':', so the two never meet
+ */
+static char *group_key(const char *name, bool private, uid_t uid)
+{
+    return private ? g_strdup_printf("%u:%s", (unsigned)uid, name)
+                   : g_strdup(name);
+}
+
+static Group *group_new(MsBroker *b, const char *name, GroupKind kind,
+                        uid_t owner, GError **errp)
 {
     g_autoptr(Group) g = g_new0(Group, 1);
 
     g->broker = b;
     g->name = g_strdup(name);
+    g->kind = kind;
+    g->owner = owner;
+    g->key = group_key(name, kind == GROUP_PRIVATE, owner);
     g->store = ms_store_new(b->page_size, b->nslots, errp);
-    if (!g->store || !ms_hash_key_init(&g->key, errp) ||
+    if (!g->store || !ms_hash_key_init(&g->key_secret, errp) ||
         !ms_hash_key_init(&g->unstable_key, errp)) {
         return NULL;
     }
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
+    g->charges = g_hash_table_new(g_direct_hash, g_direct_equal);
     g->unstable_mask = (1u << g_bit_storage(CLAMP(b->nslots, 64, UNSTABLE_MAX)
                                             - 1)) - 1;
     g->unstable = g_new0(Unstable, g->unstable_mask + 1ull);
@@ -254,7 +460,37 @@ static Group *group_new(MsBroker *b, const char *name, GError **errp)
     g->gnext = g_new0(uint32_t, b->nslots);
     g->indexed = g_new0(uint8_t, b->nslots);
     g->holders = g_new0(uint32_t, b->nslots);
+    g->charged = g_new0(uid_t, b->nslots);
     return g_steal_pointer(&g);
+}
+
+static uint32_t charge_of(Group *g, uid_t uid)
+{
+    return GPOINTER_TO_UINT(g_hash_table_lookup(g->charges,
+                                                GUINT_TO_POINTER(uid)));
+}
+
+/* @slot was published by a client of @uid: its page counts for the uid */
+static void charge(Group *g, uint32_t slot, uid_t uid)
+{
+    g->charged[slot] = uid;
+    g_hash_table_insert(g->charges, GUINT_TO_POINTER(uid),
+                        GUINT_TO_POINTER(charge_of(g, uid) + 1));
+}
+
+/* @slot was freed */
+static void uncharge(Group *g, uint32_t slot)
+{
+    uid_t uid = g->charged[slot];
+    uint32_t n = charge_of(g, uid);
+
+    g_assert(n > 0);
+    if (n == 1) {
+        g_hash_table_remove(g->charges, GUINT_TO_POINTER(uid));
+    } else {
+        g_hash_table_insert(g->charges, GUINT_TO_POINTER(uid),
+                            GUINT_TO_POINTER(n - 1));
+    }
 }
 
 /* Client @c now holds one more reference to @slot (already taken) */
@@ -290,8 +526,11 @@ static void unhold(Client *c, uint32_t slot, uint32_t refs)
     for (uint32_t i = 0; i < refs; i++) {
         bool indexed = g->indexed[slot];
 
-        if (ms_store_put(g->store, slot) && indexed) {
-            index_remove(g, slot);
+        if (ms_store_put(g->store, slot)) {
+            uncharge(g, slot);
+            if (indexed) {
+                index_remove(g, slot);
+            }
         }
     }
 }
@@ -299,35 +538,54 @@ static void unhold(Client *c, uint32_t slot, uint32_t refs)
 /* May @c take one more reference to @slot? */
 static bool may_hold(Client *c, uint32_t slot)
 {
-    return c->refs < c->broker->cfg.client_quota &&
+    return c->refs < c->quota &&
            (slot == MS_SLOT_NONE ||
             ms_store_refs(c->group->store, slot) < UINT32_MAX - 1);
 }
 
 /* Clients */
 
-/* The group goes with its last member, connected or parked */
+/* A group that is not declared goes with its last member */
 static void group_leave(MsBroker *b, Group *g)
 {
-    if (g->nclients == 0 && g->nparked == 0 &&
-        !(b->group_uids && g_hash_table_contains(b->group_uids, g->name))) {
-        g_hash_table_remove(b->groups, g->name);
+    if (g->nclients || g->nparked || g->kind == GROUP_DECLARED) {
+        return;
     }
+    if (g->kind == GROUP_PRIVATE) {
+        uid_state(b, g->owner)->groups--;
+        b->nprivate--;
+        uid_state_put(b, g->owner);
+        g_message("group %s (private to uid %u): freed with its last"
+                  " member", g->name, (unsigned)g->owner);
+    } else {
+        g_message("group %s: freed with its last member", g->name);
+    }
+    g_hash_table_remove(b->groups, g->key);
 }
 
 /* Close the connection of @c, if it has one */
 static void client_close(Client *c)
 {
+    MsBroker *b = c->broker;
+
     if (c->watch) {
         g_source_remove(c->watch);
         c->watch = 0;
     }
+    if (c->join_deadline) {
+        g_source_remove(c->join_deadline);
+        c->join_deadline = 0;
+    }
     if (c->fd >= 0) {
+        UidState *u = uid_state(b, c->peer.uid);
+
         close(c->fd);
         c->fd = -1;
-        c->broker->nclients--;
+        b->nclients--;
+        u->conns--;
         if (c->group) {
             c->group->nclients--;
+            u->members--;
         }
     }
 }
@@ -337,6 +595,7 @@ static void client_free(Client *c)
 {
     MsBroker *b = c->broker;
     Group *g = c->group;
+    uid_t uid = c->peer.uid;
 
     if (g) {
         GList *slots = g_hash_table_get_keys(c->held);
@@ -355,6 +614,7 @@ static void client_free(Client *c)
     if (c->parked) {
         g->nparked--;
         b->nparked--;
+        uid_state(b, uid)->parked--;
     }
     client_close(c);
     if (c->pidfd >= 0) {
@@ -364,11 +624,15 @@ static void client_free(Client *c)
     g_byte_array_unref(c->in);
     g_byte_array_unref(c->out);
     g_hash_table_destroy(c->held);
+    if (c->peer.gids) {
+        g_array_unref(c->peer.gids);
+    }
     g_free(c->label);
     g_free(c);
     if (g) {
         group_leave(b, g);
     }
+    uid_state_put(b, uid);
 }
 
 static gboolean client_exited(gint fd G_GNUC_UNUSED,
@@ -406,39 +670,54 @@ static void client_gone(Client *c)
     c->parked = true;
     c->group->nparked++;
     c->broker->nparked++;
+    uid_state(c->broker, c->peer.uid)->parked++;
     if (c->pidfd < 0) {
         g_warning("%s: cannot watch its process: its %" PRIu64 " references"
                   " stay until the broker exits", c->label, c->refs);
         return;
     }
     g_message("%s: keeping its %" PRIu64 " references until process %d"
-              " exits", c->label, c->refs, (int)c->pid);
+              " exits", c->label, c->refs, (int)c->peer.pid);
     c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, client_exited, c);
 }
 
-static bool client_fail(Client *c, int code, const char *fmt, ...)
-    G_GNUC_PRINTF(3, 4);
+/* Try once to tell the peer at @fd why it is dropped (it may not read) */
+static void send_error(int fd, int code, const char *why)
+{
+    g_autoptr(GByteArray) err = g_byte_array_new();
+
+    ms_proto_encode_error(err, 0, code, why);
+    if (send(fd, err->data, err->len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        /* Nothing more to do: the client is going anyway */
+    }
+}
+
+static bool client_refuse(Client *c, int code, uint64_t *counter,
+                          const char *fmt, ...) G_GNUC_PRINTF(4, 5);
 
 /*
- * A protocol violation: log it, try once to tell the client why (it may
- * not be reading), and have the caller drop it.
+ * Refuse what @c asked, or drop it for a protocol violation: log it,
+ * count it in @counter, tell the client why, and have the caller drop
+ * it (returns false).
  */
-static bool client_fail(Client *c, int code, const char *fmt, ...)
+static bool client_refuse(Client *c, int code, uint64_t *counter,
+                          const char *fmt, ...)
 {
     g_autofree char *why = NULL;
-    g_autoptr(GByteArray) err = g_byte_array_new();
     va_list ap;
 
     va_start(ap, fmt);
     why = g_strdup_vprintf(fmt, ap);
     va_end(ap);
+    (*counter)++;
     g_warning("%s: %s: disconnecting", c->label, why);
-    ms_proto_encode_error(err, 0, code, why);
-    if (send(c->fd, err->data, err->len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
-        /* Nothing more to do: the client is going anyway */
-    }
+    send_error(c->fd, code, why);
     return false;
 }
+
+#define client_fail(c, code, ...) \
+    client_refuse(c, code, &(c)->broker->counters.dropped_protocol, \
+                  __VA_ARGS__)
 
 /* Queue a reply; the caller's watch sends it */
 static void reply(Client *c, GByteArray *frame, int fd)
@@ -494,28 +773,134 @@ static bool client_flush(Client *c)
 
 /* Requests */
 
-static bool group_allows(MsBroker *b, const char *name, uid_t uid)
+/* Count a QUOTA answer; log the first one, then at most once a minute */
+static void quota_refused(Client *c, bool uid_quota)
 {
-    GArray *uids = b->group_uids ? g_hash_table_lookup(b->group_uids, name)
-                                 : NULL;
+    MsBroker *b = c->broker;
+    Group *g = c->group;
+    gint64 now = g_get_monotonic_time();
 
-    if (!uids || uids->len == 0 || uid == 0 || uid == geteuid()) {
-        return true;
+    g->refused++;
+    g->refused_quota++;
+    if (uid_quota) {
+        b->counters.refused_uid_quota++;
+    } else {
+        b->counters.refused_client_quota++;
     }
-    for (guint i = 0; i < uids->len; i++) {
-        if (g_array_index(uids, uid_t, i) == uid) {
-            return true;
-        }
+    c->quota_unlogged++;
+    if (c->quota_logged && now - c->quota_logged < QUOTA_LOG_INTERVAL) {
+        return;
     }
-    return false;
+    if (uid_quota) {
+        g_message("%s: quota reached, %" PRIu64 " refused: uid %u stored"
+                  " %u pages in group %s, uid-quota allows %u", c->label,
+                  c->quota_unlogged, (unsigned)c->peer.uid,
+                  charge_of(g, c->peer.uid), g->name, b->uid_quota);
+    } else {
+        g_message("%s: quota reached, %" PRIu64 " refused: it holds %" PRIu64
+                  " references, its client-quota is %u", c->label,
+                  c->quota_unlogged, c->refs, c->quota);
+    }
+    c->quota_logged = now;
+    c->quota_unlogged = 0;
+}
+
+/*
+ * A private group for @c: within the broker's and the uid's group
+ * limits.  Declared groups are not counted: a crowd of private groups
+ * must never keep the operator's from being served.
+ */
+static Group *private_group_new(Client *c, const char *name)
+{
+    MsBroker *b = c->broker;
+    UidState *u = uid_state(b, c->peer.uid);
+    g_autoptr(GError) err = NULL;
+    Group *g;
+
+    if (b->nprivate >= b->cfg.max_groups) {
+        client_refuse(c, ENOSPC, &b->counters.refused_groups,
+                      "cannot create group %s: the broker has as many"
+                      " private groups as max-groups allows (%u); groups"
+                      " the operator declares are not limited", name,
+                      b->cfg.max_groups);
+        return NULL;
+    }
+    if (u->groups >= b->cfg.max_groups_per_uid) {
+        client_refuse(c, ENOSPC, &b->counters.refused_groups,
+                      "cannot create group %s: uid %u has %u private"
+                      " groups, max-groups-per-uid allows %u", name,
+                      (unsigned)c->peer.uid, u->groups,
+                      b->cfg.max_groups_per_uid);
+        return NULL;
+    }
+    g = group_new(b, name, GROUP_PRIVATE, c->peer.uid, &err);
+    if (!g) {
+        client_refuse(c, ENOMEM, &b->counters.refused_groups,
+                      "cannot create group %s: %s", name, err->message);
+        return NULL;
+    }
+    u->groups++;
+    b->nprivate++;
+    g_message("group %s: created, private to uid %u, %u slots of %zu"
+              " bytes", name, (unsigned)c->peer.uid, b->nslots,
+              b->page_size);
+    return g;
+}
+
+static Group *declared_group_new(Client *c, const char *name,
+                                 const MsBrokerGroupDecl *d)
+{
+    MsBroker *b = c->broker;
+    g_autoptr(GError) err = NULL;
+    Group *g = group_new(b, name, GROUP_DECLARED, 0, &err);
+
+    if (!g) {
+        client_refuse(c, ENOMEM, &b->counters.refused_groups,
+                      "cannot create group %s: %s", name, err->message);
+        return NULL;
+    }
+    g->uids_quota = decl_multi_uid(d);
+    g_message("group %s: created, declared, %u slots of %zu bytes", name,
+              b->nslots, b->page_size);
+    return g;
+}
+
+/* The group @c may join under @name, created if need be, or NULL */
+static Group *hello_group(Client *c, const char *name)
+{
+    MsBroker *b = c->broker;
+    const MsBrokerGroupDecl *d = ms_broker_config_group(&b->cfg, name);
+    g_autofree char *key = group_key(name, !d, c->peer.uid);
+    Group *g;
+
+    if (d && !decl_allows(d, &c->peer)) {
+        client_refuse(c, EACCES, &b->counters.refused_access,
+                      "group %s is declared for other users: uid %u (gid"
+                      " %u) is not on its list", name, (unsigned)c->peer.uid,
+                      (unsigned)c->peer.gid);
+        return NULL;
+    }
+    if (!d && b->cfg.strict_groups) {
+        client_refuse(c, ENOENT, &b->counters.refused_no_group,
+                      "no group %s: this broker serves only the groups its"
+                      " operator declared", name);
+        return NULL;
+    }
+    g = g_hash_table_lookup(b->groups, key);
+    if (g) {
+        return g;
+    }
+    g = d ? declared_group_new(c, name, d) : private_group_new(c, name);
+    if (g) {
+        g_hash_table_insert(b->groups, g->key, g);
+    }
+    return g;
 }
 
 static bool do_hello(Client *c, const MsProtoMsg *msg)
 {
     MsBroker *b = c->broker;
     g_autoptr(GByteArray) out = g_byte_array_new();
-    g_autoptr(GError) err = NULL;
-    const char *name = msg->hello.group;
     MsProtoMsg w = { .type = MS_MSG_WELCOME };
     Group *g;
 
@@ -523,47 +908,33 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
         return client_fail(c, EPROTO, "second HELLO (already in group %s)",
                            c->group->name);
     }
-    if (b->cfg.strict_groups &&
-        !(b->group_uids && g_hash_table_contains(b->group_uids, name))) {
-        return client_fail(c, ENOENT, "no group %s: this broker serves only"
-                           " the groups it was started with", name);
-    }
-    if (!group_allows(b, name, c->uid)) {
-        return client_fail(c, EACCES, "uid %u may not join group %s",
-                           (unsigned)c->uid, name);
-    }
-    g = g_hash_table_lookup(b->groups, name);
+    g = hello_group(c, msg->hello.group);
     if (!g) {
-        if (g_hash_table_size(b->groups) >= b->cfg.max_groups) {
-            return client_fail(c, ENOSPC, "cannot create group %s: %u groups"
-                               " exist, --max-groups allows %u", name,
-                               g_hash_table_size(b->groups),
-                               b->cfg.max_groups);
-        }
-        g = group_new(b, name, &err);
-        if (!g) {
-            return client_fail(c, ENOMEM, "cannot create group %s: %s", name,
-                               err->message);
-        }
-        g_hash_table_insert(b->groups, g->name, g);
-        g_message("group %s: created, %u slots of %zu bytes", name,
-                  b->nslots, b->page_size);
+        return false;
     }
     c->group = g;
     g->nclients++;
+    uid_state(b, c->peer.uid)->members++;
+    if (c->join_deadline) {
+        g_source_remove(c->join_deadline);
+        c->join_deadline = 0;
+    }
+    /* The quota it is told now stays its quota, whatever a reload says */
+    c->quota = b->client_quota;
     g_free(c->label);
     c->label = g_strdup_printf("client %" PRIu64 " %s (pid %d uid %u)", c->id,
-                               msg->hello.name, (int)c->pid, (unsigned)c->uid);
-    g_message("%s: joined group %s", c->label, name);
+                               msg->hello.name, (int)c->peer.pid,
+                               (unsigned)c->peer.uid);
+    g_message("%s: joined group %s", c->label, g->name);
 
     w.welcome.page_size = b->page_size;
     w.welcome.nslots = b->nslots;
-    w.welcome.max_refs = b->cfg.client_quota;
+    w.welcome.max_refs = c->quota;
     w.welcome.max_lookup = MS_PROTO_MAX_LOOKUP;
     w.welcome.max_upload = ms_proto_max_upload(b->page_size);
     w.welcome.max_release = MS_PROTO_MAX_RELEASE;
     w.welcome.hash_algo = MS_PROTO_HASH_XXH3_SECRET;
-    memcpy(w.welcome.secret, g->key.secret, MS_PROTO_SECRET_SIZE);
+    memcpy(w.welcome.secret, g->key_secret.secret, MS_PROTO_SECRET_SIZE);
     ms_proto_encode_welcome(out, msg->id, &w);
     reply(c, out, ms_store_ro_fd(g->store));
     return true;
@@ -638,7 +1009,7 @@ static MsProtoResult lookup_one(Client *c, uint64_t hash)
     }
     g->hits++;
     if (!may_hold(c, slot)) {
-        g->refused++;
+        quota_refused(c, false);
         return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_QUOTA };
     }
     ms_store_get(g->store, slot);
@@ -660,6 +1031,15 @@ static bool do_lookup(Client *c, const MsProtoMsg *msg)
     return true;
 }
 
+/* May @c store one more page in its group?  (See "Limits") */
+static bool may_publish(Client *c)
+{
+    Group *g = c->group;
+
+    return !g->uids_quota ||
+           charge_of(g, c->peer.uid) < c->broker->uid_quota;
+}
+
 /*
  * Store one page: the slot of an identical page if there is one, else a
  * new slot, preferably @hint (after the previous new one: neighbouring
@@ -673,19 +1053,23 @@ static MsProtoResult upload_one(Client *c, uint64_t claimed,
     uint32_t slot;
 
     g->uploads++;
-    if (ms_hash_page(&g->key, page, c->broker->page_size) != claimed) {
+    if (ms_hash_page(&g->key_secret, page, c->broker->page_size) != claimed) {
         g->refused++;
         return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_BAD_HASH };
     }
     slot = ms_store_find(g->store, ms_store_hash(g->store, page), page);
     if (!may_hold(c, slot)) {
-        g->refused++;
+        quota_refused(c, false);
         return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_QUOTA };
     }
     if (slot != MS_SLOT_NONE) {
         ms_store_get(g->store, slot);
         hold(c, slot);
         return (MsProtoResult) { slot, MS_STATUS_OK };
+    }
+    if (!may_publish(c)) {
+        quota_refused(c, true);
+        return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_QUOTA };
     }
     if (!ms_store_alloc_run(g->store, *hint, 1, &slot, &err)) {
         g->refused++;
@@ -698,6 +1082,7 @@ static MsProtoResult upload_one(Client *c, uint64_t claimed,
         return (MsProtoResult) { MS_SLOT_NONE, MS_STATUS_FULL };
     }
     index_add(g, slot, claimed);
+    charge(g, slot, c->peer.uid);
     hold(c, slot);      /* the reference alloc_run took */
     g->published++;
     *hint = slot + 1 < c->broker->nslots ? slot + 1 : MS_SLOT_NONE;
@@ -774,11 +1159,16 @@ static void group_stats(Group *g, MsProtoGroupStats *gs)
     gs->uploads = g->uploads;
     gs->published = g->published;
     gs->refused = g->refused;
+    gs->owner = g->kind == GROUP_PRIVATE ? g->owner : MS_PROTO_OWNER_NONE;
+    gs->parked = g->nparked;
+    gs->refused_quota = g->refused_quota;
 }
 
 /*
- * A member sees its own group; a client that joined none sees them all,
- * if it is root or runs as the broker does (the administrator).
+ * A member sees its own group and nothing else: not the broker's
+ * counters, not even how many groups there are.  A client that joined
+ * none sees every group and the broker's counters, if it is root or
+ * runs as the broker does (the administrator).
  */
 static bool do_stats(Client *c, const MsProtoMsg *msg)
 {
@@ -786,13 +1176,14 @@ static bool do_stats(Client *c, const MsProtoMsg *msg)
     g_autoptr(GByteArray) out = g_byte_array_new();
     g_autoptr(GArray) all = g_array_new(FALSE, TRUE,
                                         sizeof(MsProtoGroupStats));
+    MsProtoBrokerStats *bs = NULL;
     GHashTableIter it;
     gpointer value;
 
     if (c->group) {
         g_array_set_size(all, 1);
         group_stats(c->group, &g_array_index(all, MsProtoGroupStats, 0));
-    } else if (c->uid == 0 || c->uid == geteuid()) {
+    } else if (c->peer.uid == 0 || c->peer.uid == geteuid()) {
         g_hash_table_iter_init(&it, b->groups);
         while (g_hash_table_iter_next(&it, NULL, &value) &&
                all->len < MS_PROTO_MAX_GROUPS) {
@@ -800,12 +1191,17 @@ static bool do_stats(Client *c, const MsProtoMsg *msg)
             group_stats(value, &g_array_index(all, MsProtoGroupStats,
                                               all->len - 1));
         }
+        bs = &b->counters;
+        bs->clients = b->nclients;
+        bs->parked = b->nparked;
+        bs->groups = g_hash_table_size(b->groups);
     } else {
-        return client_fail(c, EACCES, "STATS of every group: only root or"
-                           " uid %u may ask (others join a group first)",
-                           (unsigned)geteuid());
+        return client_refuse(c, EACCES, &b->counters.refused_access,
+                             "STATS of every group: only root or uid %u may"
+                             " ask (others join a group first)",
+                             (unsigned)geteuid());
     }
-    ms_proto_encode_stats_reply(out, msg->id,
+    ms_proto_encode_stats_reply(out, msg->id, bs,
                                 (MsProtoGroupStats *)all->data, all->len);
     reply(c, out, -1);
     return true;
@@ -961,33 +1357,156 @@ static int peer_pidfd(int fd, pid_t pid)
     return pidfd;
 }
 
-static void client_new(MsBroker *b, int fd)
+/*
+ * Its time to join is over.  It holds no reference (only members do):
+ * dropping it costs nobody a page, and frees its connection for others.
+ */
+static gboolean client_join_late(gpointer opaque)
 {
-    Client *c = g_new0(Client, 1);
+    Client *c = opaque;
+    MsBroker *b = c->broker;
+
+    c->join_deadline = 0;
+    g_assert(!c->group && !c->refs);
+    client_refuse(c, ETIMEDOUT, &b->counters.dropped_idle,
+                  "no HELLO within %u s of connecting (join-timeout)",
+                  b->cfg.join_timeout);
+    client_gone(c);
+    return G_SOURCE_REMOVE;
+}
+
+static void peer_clear(Peer *p)
+{
+    if (p->gids) {
+        g_array_unref(p->gids);
+        p->gids = NULL;
+    }
+}
+
+/*
+ * Who is at the other end of @fd: SO_PEERCRED, and SO_PEERGROUPS for
+ * the gids= of declared groups (a peer with more than NGROUPS_MAX
+ * cannot exist; one whose groups we cannot read is matched by its
+ * primary gid only)
+ */
+static void peer_get(int fd, Peer *p)
+{
     struct ucred cred;
     socklen_t len = sizeof(cred);
+    g_autofree gid_t *gids = g_new(gid_t, MAX_PEER_GROUPS);
+    int r;
+
+    *p = (Peer) { .pid = -1, .uid = (uid_t)-1, .gid = (gid_t)-1 };
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+        p->pid = cred.pid;
+        p->uid = cred.uid;
+        p->gid = cred.gid;
+    }
+    len = MAX_PEER_GROUPS * sizeof(gid_t);
+    r = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, gids, &len);
+    if (r < 0 && errno == ERANGE && len <= NGROUPS_MAX * sizeof(gid_t)) {
+        /* The kernel said how much room they need */
+        gids = g_realloc(gids, len);
+        r = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, gids, &len);
+    }
+    if (r < 0) {
+        len = 0;
+    }
+    p->gids = g_array_new(FALSE, FALSE, sizeof(gid_t));
+    g_array_append_vals(p->gids, gids, len / sizeof(gid_t));
+}
+
+static void client_new(MsBroker *b, int fd, Peer *peer)
+{
+    Client *c = g_new0(Client, 1);
 
     c->broker = b;
     c->id = ++b->next_client_id;
     c->fd = fd;
     c->out_fd = -1;
-    c->pid = -1;
-    c->uid = (uid_t)-1;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
-        c->pid = cred.pid;
-        c->uid = cred.uid;
-    }
-    c->pidfd = peer_pidfd(fd, c->pid);
+    c->peer = *peer;
+    *peer = (Peer) { 0 };
+    c->pidfd = peer_pidfd(fd, c->peer.pid);
     c->label = g_strdup_printf("client %" PRIu64 " (pid %d uid %u)", c->id,
-                               (int)c->pid, (unsigned)c->uid);
+                               (int)c->peer.pid, (unsigned)c->peer.uid);
     c->in = g_byte_array_new();
     c->out = g_byte_array_new();
     c->held = g_hash_table_new(g_direct_hash, g_direct_equal);
     c->cond = G_IO_IN;
     c->watch = g_unix_fd_add(fd, G_IO_IN, client_ready, c);
+    /*
+     * Below the priority of I/O: a HELLO that came in time, but that a
+     * busy or stopped broker has not read yet, is read first
+     */
+    c->join_deadline = g_timeout_add_full(G_PRIORITY_LOW,
+                                          b->cfg.join_timeout * 1000,
+                                          client_join_late, c, NULL);
     b->clients = g_list_prepend(b->clients, c);
     b->nclients++;
+    uid_state(b, c->peer.uid)->conns++;
     g_message("%s: connected", c->label);
+}
+
+static void refuse_peer(int fd, const Peer *p, int code, uint64_t *counter,
+                        const char *fmt, ...) G_GNUC_PRINTF(5, 6);
+
+/* Refuse a connection before it is a client: log, count, tell, close */
+static void refuse_peer(int fd, const Peer *p, int code, uint64_t *counter,
+                        const char *fmt, ...)
+{
+    g_autofree char *why = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    why = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    (*counter)++;
+    g_warning("refusing a client (pid %d uid %u): %s", (int)p->pid,
+              (unsigned)p->uid, why);
+    send_error(fd, code, why);
+    close(fd);
+}
+
+/*
+ * May @p connect?  Within its uid's share, and within max-clients; or,
+ * if it may use the reserve (see "Limits"), with up to reserved-clients
+ * more, past either.  Parked clients count: they hold references and
+ * memory.
+ */
+static bool admit(MsBroker *b, int fd, const Peer *p)
+{
+    UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
+    uint32_t mine = u ? u->conns + u->parked : 0;
+    uint32_t all = b->nclients + b->nparked;
+    bool reserve = may_reserve(b, p);
+
+    if (mine >= b->max_per_uid + (reserve ? b->cfg.reserved_clients : 0)) {
+        refuse_peer(fd, p, EUSERS, &b->counters.refused_uid_clients,
+                    "uid %u has %u clients connected or parked,"
+                    " max-clients-per-uid allows %u%s", (unsigned)p->uid,
+                    mine, b->max_per_uid,
+                    reserve ? " and reserved-clients as many more" : "");
+        return false;
+    }
+    if (all < b->cfg.max_clients && mine < b->max_per_uid) {
+        return true;
+    }
+    if (all < b->cfg.max_clients + b->cfg.reserved_clients && reserve) {
+        b->counters.reserve_admitted++;
+        g_message("client (pid %d uid %u): taken into the reserve: %u"
+                  " clients connected or parked (max-clients %u), %u of"
+                  " its uid (max-clients-per-uid %u)", (int)p->pid,
+                  (unsigned)p->uid, all, b->cfg.max_clients, mine,
+                  b->max_per_uid);
+        return true;
+    }
+    refuse_peer(fd, p, EUSERS, &b->counters.refused_clients,
+                "the broker is full: %u clients connected or parked,"
+                " max-clients allows %u; the %u reserved are for members"
+                " rejoining (uids with members, or listed by a declared"
+                " group) and the administrator", all, b->cfg.max_clients,
+                b->cfg.reserved_clients);
+    return false;
 }
 
 static gboolean listen_ready(gint lfd, GIOCondition cond G_GNUC_UNUSED,
@@ -995,6 +1514,7 @@ static gboolean listen_ready(gint lfd, GIOCondition cond G_GNUC_UNUSED,
 {
     MsBroker *b = opaque;
     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    Peer peer;
 
     if (fd < 0) {
         if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
@@ -1002,20 +1522,11 @@ static gboolean listen_ready(gint lfd, GIOCondition cond G_GNUC_UNUSED,
         }
         return G_SOURCE_CONTINUE;
     }
-    /* Parked clients count: they hold references and memory */
-    if (b->nclients + b->nparked >= b->cfg.max_clients) {
-        struct ucred cred = { .pid = -1, .uid = -1 };
-        socklen_t len = sizeof(cred);
-
-        getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
-        g_warning("refusing a client (pid %d uid %u): %u clients connected"
-                  " and %u parked, --max-clients allows %u", (int)cred.pid,
-                  (unsigned)cred.uid, b->nclients, b->nparked,
-                  b->cfg.max_clients);
-        close(fd);
-        return G_SOURCE_CONTINUE;
+    peer_get(fd, &peer);
+    if (admit(b, fd, &peer)) {
+        client_new(b, fd, &peer);
     }
-    client_new(b, fd);
+    peer_clear(&peer);
     return G_SOURCE_CONTINUE;
 }
 
@@ -1060,7 +1571,7 @@ static bool clear_stale_socket(const char *path, GError **errp)
     return true;
 }
 
-static bool open_socket(MsBroker *b, GError **errp)
+static bool bind_socket(MsBroker *b, GError **errp)
 {
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
     const char *path = b->socket_path;
@@ -1090,8 +1601,130 @@ static bool open_socket(MsBroker *b, GError **errp)
         unlink(path);
         return false;
     }
-    b->listen_watch = g_unix_fd_add(b->listen_fd, G_IO_IN, listen_ready, b);
     return true;
+}
+
+static int sockopt_int(int fd, int opt)
+{
+    int v = -1;
+    socklen_t len = sizeof(v);
+
+    return getsockopt(fd, SOL_SOCKET, opt, &v, &len) < 0 ? -1 : v;
+}
+
+bool ms_broker_socket_from_systemd(int *fd, GError **errp)
+{
+    g_autofree char *pid_env = g_strdup(g_getenv("LISTEN_PID"));
+    g_autofree char *fds_env = g_strdup(g_getenv("LISTEN_FDS"));
+    guint64 pid, n;
+    struct stat st;
+
+    *fd = -1;
+    /* Ours or not, they must not reach anything we start */
+    g_unsetenv("LISTEN_PID");
+    g_unsetenv("LISTEN_FDS");
+    g_unsetenv("LISTEN_FDNAMES");
+    if (!pid_env || !fds_env ||
+        !g_ascii_string_to_unsigned(pid_env, 10, 1, G_MAXINT, &pid, NULL) ||
+        pid != (guint64)getpid()) {
+        return true;
+    }
+    if (!g_ascii_string_to_unsigned(fds_env, 10, 0, G_MAXINT, &n, NULL) ||
+        n != 1) {
+        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "systemd passed LISTEN_FDS=%s: the broker takes exactly"
+                    " one socket (one ListenStream= in its .socket unit)",
+                    fds_env);
+        return false;
+    }
+    /* SD_LISTEN_FDS_START */
+    if (fstat(3, &st) < 0 || !S_ISSOCK(st.st_mode) ||
+        sockopt_int(3, SO_DOMAIN) != AF_UNIX ||
+        sockopt_int(3, SO_TYPE) != SOCK_STREAM ||
+        sockopt_int(3, SO_ACCEPTCONN) != 1) {
+        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "systemd passed fd 3, which is not a listening AF_UNIX"
+                    " stream socket: the .socket unit needs ListenStream="
+                    " with a path");
+        return false;
+    }
+    if (fcntl(3, F_SETFD, FD_CLOEXEC) < 0 ||
+        fcntl(3, F_SETFL, fcntl(3, F_GETFL) | O_NONBLOCK) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "cannot set up systemd's socket (fd 3): %s",
+                    g_strerror(errno));
+        return false;
+    }
+    *fd = 3;
+    return true;
+}
+
+/* Same file?  The names may differ (relative, symlinks) */
+static bool same_socket(const char *a, const char *b)
+{
+    struct stat sa, sb;
+
+    return !strcmp(a, b) ||
+           (stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
+            sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino);
+}
+
+/*
+ * Serve the socket systemd passed: it made, bound and chmod-ed it
+ * (SocketMode=, SocketGroup=) and removes it; we only accept on it
+ */
+static bool take_socket(MsBroker *b, int fd, GError **errp)
+{
+    struct sockaddr_un sa = { 0 };
+    socklen_t len = sizeof(sa);
+    g_autofree char *path = NULL;
+
+    if (getsockname(fd, (struct sockaddr *)&sa, &len) < 0 ||
+        sa.sun_family != AF_UNIX) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "systemd's socket (fd %d) has no AF_UNIX address", fd);
+        return false;
+    }
+    if (len <= offsetof(struct sockaddr_un, sun_path) || !sa.sun_path[0]) {
+        path = g_strdup("(unnamed or abstract)");
+    } else {
+        path = g_strndup(sa.sun_path, sizeof(sa.sun_path));
+    }
+    if (b->socket_path && !same_socket(b->socket_path, path)) {
+        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "systemd passed the socket %s but the broker was told"
+                    " to listen on %s: give the same path, or no socket"
+                    " (it is systemd's to choose)", path, b->socket_path);
+        return false;
+    }
+    g_free(b->socket_path);
+    b->socket_path = g_steal_pointer(&path);
+    b->listen_fd = fd;
+    b->activated = true;
+    return true;
+}
+
+/* Defaults that follow from the store's size and max-clients */
+static void resolve_limits(MsBroker *b)
+{
+    b->client_quota = b->cfg.client_quota ? b->cfg.client_quota
+                                          : MAX(b->nslots / 2, 1);
+    b->uid_quota = b->cfg.uid_quota ? b->cfg.uid_quota
+                                    : MAX(b->nslots / 2, 1);
+    b->max_per_uid = b->cfg.max_clients_per_uid ?
+                     b->cfg.max_clients_per_uid :
+                     MAX(b->cfg.max_clients / 2, 1);
+}
+
+static void log_limits(MsBroker *b)
+{
+    g_message("limits: %u references per client, %u pages per uid in a"
+              " group several uids share; %u clients (%u per uid) and %u"
+              " reserved for members rejoining; %u private groups (%u per"
+              " uid); %u s to join", b->client_quota, b->uid_quota,
+              b->cfg.max_clients, b->max_per_uid, b->cfg.reserved_clients,
+              b->cfg.max_groups, b->cfg.max_groups_per_uid,
+              b->cfg.join_timeout);
 }
 
 MsBroker *ms_broker_new(const MsBrokerConfig *cfg, GError **errp)
@@ -1100,14 +1733,13 @@ MsBroker *ms_broker_new(const MsBrokerConfig *cfg, GError **errp)
     long ps = ms_host_page_size();
     uint64_t nslots = cfg->max_store / ps;
 
-    b->cfg = *cfg;
+    ms_broker_config_copy(&b->cfg, cfg);
     b->listen_fd = -1;
     b->socket_path = g_strdup(cfg->socket_path);
-    b->cfg.socket_path = b->socket_path;
-    b->group_uids = cfg->group_uids ? g_hash_table_ref(cfg->group_uids)
-                                    : NULL;
     b->groups = g_hash_table_new_full(g_str_hash, g_str_equal, NULL,
                                       (GDestroyNotify)group_free);
+    b->uids = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL,
+                                    g_free);
     b->page_size = ps;
     if (nslots < 1 || nslots >= MS_SLOT_NONE) {
         g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
@@ -1117,16 +1749,32 @@ MsBroker *ms_broker_new(const MsBrokerConfig *cfg, GError **errp)
         return NULL;
     }
     b->nslots = nslots;
-    if (!b->cfg.client_quota) {
-        b->cfg.client_quota = b->nslots;
-    }
-    if (!open_socket(b, errp)) {
+    resolve_limits(b);
+    if (!ms_broker_config_check(&b->cfg, errp)) {
         return NULL;
     }
-    g_message("listening on %s (mode %04o): groups of %u slots of %zu bytes,"
-              " %u references per client", b->socket_path,
-              b->cfg.socket_mode, b->nslots, b->page_size,
-              b->cfg.client_quota);
+    if (cfg->listen_fd >= 0) {
+        if (!take_socket(b, cfg->listen_fd, errp)) {
+            return NULL;
+        }
+    } else if (!b->socket_path) {
+        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "no socket to listen on: give one (--socket or socket="
+                    " in the config file), or let systemd pass one");
+        return NULL;
+    } else if (!bind_socket(b, errp)) {
+        return NULL;
+    }
+    b->listen_watch = g_unix_fd_add(b->listen_fd, G_IO_IN, listen_ready, b);
+    if (b->activated) {
+        g_message("listening on %s (from systemd): groups of %u slots of"
+                  " %zu bytes", b->socket_path, b->nslots, b->page_size);
+    } else {
+        g_message("listening on %s (mode %04o): groups of %u slots of %zu"
+                  " bytes", b->socket_path, b->cfg.socket_mode, b->nslots,
+                  b->page_size);
+    }
+    log_limits(b);
     return g_steal_pointer(&b);
 }
 
@@ -1143,60 +1791,185 @@ void ms_broker_free(MsBroker *b)
     }
     if (b->listen_fd >= 0) {
         close(b->listen_fd);
-        unlink(b->socket_path);
+        if (!b->activated) {
+            unlink(b->socket_path);
+        }
     }
     g_hash_table_destroy(b->groups);
-    if (b->group_uids) {
-        g_hash_table_unref(b->group_uids);
-    }
+    g_hash_table_destroy(b->uids);
+    ms_broker_config_clear(&b->cfg);
     g_free(b->socket_path);
     g_free(b);
 }
 
-/* Configuration */
+/* Reloading */
 
-GHashTable *ms_broker_group_table_new(void)
+/* Say what changed in the limits */
+static void log_limit_changes(const MsBrokerConfig *o,
+                              const MsBrokerConfig *n)
 {
-    return g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
-                                 (GDestroyNotify)g_array_unref);
+    static const struct {
+        const char *name;
+        size_t offset;
+    } counts[] = {
+        { "client-quota", offsetof(MsBrokerConfig, client_quota) },
+        { "uid-quota", offsetof(MsBrokerConfig, uid_quota) },
+        { "max-clients", offsetof(MsBrokerConfig, max_clients) },
+        { "max-clients-per-uid",
+          offsetof(MsBrokerConfig, max_clients_per_uid) },
+        { "reserved-clients", offsetof(MsBrokerConfig, reserved_clients) },
+        { "max-groups", offsetof(MsBrokerConfig, max_groups) },
+        { "max-groups-per-uid",
+          offsetof(MsBrokerConfig, max_groups_per_uid) },
+        { "join-timeout", offsetof(MsBrokerConfig, join_timeout) },
+    };
+
+    for (size_t i = 0; i < G_N_ELEMENTS(counts); i++) {
+        uint32_t a = *(const uint32_t *)((const char *)o + counts[i].offset);
+        uint32_t z = *(const uint32_t *)((const char *)n + counts[i].offset);
+
+        if (a != z) {
+            g_message("reload: %s: %u -> %u%s", counts[i].name, a, z,
+                      a && z ? "" : " (0: the default)");
+        }
+    }
+    if (o->strict_groups != n->strict_groups) {
+        g_message("reload: strict-groups: %s -> %s%s",
+                  o->strict_groups ? "true" : "false",
+                  n->strict_groups ? "true" : "false",
+                  n->strict_groups ? " (private groups keep their members"
+                  " until they leave; no new ones)" : "");
+    }
+    if (o->max_store != n->max_store) {
+        g_message("reload: max-store changed: kept at %" PRIu64 " bytes"
+                  " until the broker restarts", o->max_store);
+    }
+    if (o->socket_mode != n->socket_mode) {
+        g_message("reload: socket-mode changed: kept at %04o until the"
+                  " broker restarts", o->socket_mode);
+    }
 }
 
-bool ms_broker_parse_group(GHashTable *group_uids, const char *spec,
+/* The members of @g that @d no longer lets in: they stay, say so */
+static void log_unlisted_members(MsBroker *b, Group *g,
+                                 const MsBrokerGroupDecl *d)
+{
+    for (GList *l = b->clients; l; l = l->next) {
+        Client *c = l->data;
+
+        if (c->group == g && !decl_allows(d, &c->peer)) {
+            g_message("reload: %s: uid %u is no longer on the list of"
+                      " group %s: it stays a member until it leaves",
+                      c->label, (unsigned)c->peer.uid, g->name);
+        }
+    }
+}
+
+/* How many private groups are named @name */
+static uint32_t private_named(MsBroker *b, const char *name)
+{
+    GHashTableIter it;
+    gpointer value;
+    uint32_t n = 0;
+
+    g_hash_table_iter_init(&it, b->groups);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        Group *g = value;
+
+        n += g->kind == GROUP_PRIVATE && !strcmp(g->name, name);
+    }
+    return n;
+}
+
+/* Groups declared now, or with another list */
+static void apply_new_decls(MsBroker *b, const MsBrokerConfig *n)
+{
+    GHashTableIter it;
+    gpointer key, value;
+
+    g_hash_table_iter_init(&it, n->groups);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        const MsBrokerGroupDecl *old = ms_broker_config_group(&b->cfg, key);
+        Group *g = g_hash_table_lookup(b->groups, key);
+        uint32_t private = private_named(b, key);
+
+        if (!old) {
+            g_message("reload: group %s: declared", (char *)key);
+        } else if (!ms_broker_group_decl_equal(old, value)) {
+            g_message("reload: group %s: who may join changed",
+                      (char *)key);
+        }
+        if (!old && private) {
+            g_message("reload: group %s: %u private groups of that name"
+                      " keep their members until they leave; new joins go"
+                      " to the declared group", (char *)key, private);
+        }
+        if (g) {
+            /* Declared again before its last member left */
+            g->kind = GROUP_DECLARED;
+            g->uids_quota = decl_multi_uid(value);
+            log_unlisted_members(b, g, value);
+        }
+    }
+}
+
+/* Groups no longer declared: their members stay until they leave */
+static void retire_old_decls(MsBroker *b, const MsBrokerConfig *n)
+{
+    GHashTableIter it;
+    gpointer key;
+
+    g_hash_table_iter_init(&it, b->cfg.groups);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        Group *g;
+
+        if (ms_broker_config_group(n, key)) {
+            continue;
+        }
+        g = g_hash_table_lookup(b->groups, key);
+        if (!g || (!g->nclients && !g->nparked)) {
+            g_message("reload: group %s: no longer declared%s", (char *)key,
+                      g ? ", and it has no members: freed" : "");
+            if (g) {
+                g->kind = GROUP_RETIRED;
+                group_leave(b, g);
+            }
+            continue;
+        }
+        g_message("reload: group %s: no longer declared: its %u members"
+                  " (%u parked) stay until they leave; new joins of that"
+                  " name get private groups", (char *)key, g->nclients,
+                  g->nparked);
+        g->kind = GROUP_RETIRED;
+        group_leave(b, g);
+    }
+}
+
+bool ms_broker_reconfigure(MsBroker *b, const MsBrokerConfig *cfg,
                            GError **errp)
 {
-    g_auto(GStrv) parts = g_strsplit(spec, ":", 2);
-    g_autoptr(GArray) uids = g_array_new(FALSE, FALSE, sizeof(uid_t));
-    g_autoptr(GError) err = NULL;
+    MsBrokerConfig old;
 
-    if (!ms_proto_name_valid(parts[0] ? parts[0] : "", &err)) {
-        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--group %s: bad group name: %s", spec, err->message);
+    if (!ms_broker_config_check(cfg, errp)) {
         return false;
     }
-    if (parts[0] && parts[1]) {
-        g_auto(GStrv) list = NULL;
-
-        if (!g_str_has_prefix(parts[1], "uid=")) {
-            g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                        "--group %s: NAME or NAME:uid=UID[,UID...] expected",
-                        spec);
-            return false;
-        }
-        list = g_strsplit(parts[1] + 4, ",", -1);
-        for (int i = 0; list[i]; i++) {
-            guint64 v;
-
-            if (!g_ascii_string_to_unsigned(list[i], 10, 0, UINT32_MAX - 1,
-                                            &v, NULL)) {
-                g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                            "--group %s: uid '%s' is not a number", spec,
-                            list[i]);
-                return false;
-            }
-            g_array_append_vals(uids, &(uid_t){ v }, 1);
-        }
+    if (cfg->socket_path && b->socket_path &&
+        !same_socket(cfg->socket_path, b->socket_path)) {
+        g_message("reload: socket changed: still listening on %s until"
+                  " the broker restarts", b->socket_path);
     }
-    g_hash_table_replace(group_uids, g_strdup(parts[0]),
-                         g_steal_pointer(&uids));
+    log_limit_changes(&b->cfg, cfg);
+    apply_new_decls(b, cfg);
+    retire_old_decls(b, cfg);
+
+    /* Keep what only a restart changes */
+    old = b->cfg;
+    ms_broker_config_copy(&b->cfg, cfg);
+    b->cfg.max_store = old.max_store;
+    b->cfg.socket_mode = old.socket_mode;
+    b->cfg.listen_fd = old.listen_fd;
+    ms_broker_config_clear(&old);
+    resolve_limits(b);
+    log_limits(b);
     return true;
 }
