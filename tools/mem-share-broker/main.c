@@ -198,7 +198,9 @@ static int stats_main(const char *path, const char *group)
     MsProtoBrokerStats bs;
     bool has_broker;
 
-    c = group ? ms_broker_client_connect(path, group, "stats", 0, &err)
+    /* It sends no page: any listener may answer, whatever its uid */
+    c = group ? ms_broker_client_connect_as(path, MS_BROKER_UID_ANY, group,
+                                            "stats", 0, &err)
               : ms_broker_client_open(path, 0, &err);
     if (!c || !ms_broker_client_stats_full(c, &groups, &bs, &has_broker,
                                            &err)) {
