@@ -256,10 +256,13 @@ static uint8_t *pool;           /* POOL pages */
 static bool verbose;
 static int cur_op = -1;
 
+static void cleanup(void);
+
 static void G_GNUC_PRINTF(1, 2) G_GNUC_NORETURN fail(const char *fmt, ...)
 {
     va_list ap;
 
+    cleanup();      /* abort() runs no atexit() */
     fprintf(stderr, "fuzz-broker: invariant broken (operation %d): ",
             cur_op);
     va_start(ap, fmt);
@@ -1866,6 +1869,7 @@ const char *__asan_default_options(void);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* The socket directory (the broker may still hold the socket file) */
 static void cleanup(void)
 {
     if (socket_path) {
