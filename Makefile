@@ -6,7 +6,8 @@
 #   make check      build, build the guest artifacts, run tests/run-tests
 #   make guest      build the guest artifacts (kernel, initramfs, tiny guests) in build/guest
 #   make demo       build everything and run scripts/demo.py
-#   make fuzz       fuzz the broker protocol decoder (FUZZ_TIME=300 seconds)
+#   make fuzz       fuzz the broker: its protocol decoder, then the whole broker
+#                   with several clients (FUZZ_TIME=300 seconds each)
 #   make libvirt    fetch Debian's libvirt 11.3 source, patch, build a minimal
 #                   libvirt (QEMU driver, virtqemud, virsh, the test programs
 #                   make check runs) in build/libvirt-build (scripts/build-libvirt.sh)
@@ -187,8 +188,9 @@ bench: all
 	$(Q)if [ -f scripts/bench.py ]; then $(PYTHON) scripts/bench.py; \
 	else echo "bench: lands with user mode (scripts/bench.py)"; fi
 
-# libFuzzer on the broker protocol decoder, FUZZ_TIME seconds (300): needs
-# clang and the engine sources only, not QEMU.
+# libFuzzer on the broker protocol decoder, then on the whole broker fed
+# by several clients, FUZZ_TIME seconds each (300; scripts/fuzz.sh says
+# more): needs clang and the engine and broker sources only, not QEMU.
 fuzz: | deps
 	$(Q)if [ -f scripts/fuzz.py ]; then $(PYTHON) scripts/fuzz.py; \
 	elif [ -x scripts/fuzz.sh ]; then scripts/fuzz.sh; \

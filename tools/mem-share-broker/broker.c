@@ -1973,3 +1973,263 @@ bool ms_broker_reconfigure(MsBroker *b, const MsBrokerConfig *cfg,
     log_limits(b);
     return true;
 }
+
+/*
+ * Consistency.  The counts above are kept incrementally, on paths a
+ * hostile client steers; a count that drifts frees a slot a guest still
+ * maps, or pins one forever.  ms_broker_check() counts everything again
+ * from the clients' tables, for the fuzzer (tests/fuzz/fuzz-broker.c),
+ * which calls it after every step.  The daemon never does: it walks
+ * every slot of every group.
+ */
+
+static bool check_fail(GError **errp, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+
+static bool check_fail(GError **errp, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    g_propagate_error(errp, g_error_new_valist(MS_ENGINE_ERROR, EFAULT, fmt,
+                                               ap));
+    va_end(ap);
+    return false;
+}
+
+/* The index holds exactly the published slots, under their group hash */
+static bool check_index(MsBroker *b, Group *g, GError **errp)
+{
+    GHashTableIter it;
+    gpointer key, value;
+
+    g_hash_table_iter_init(&it, g->index);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        uint32_t head = GPOINTER_TO_UINT(value) - 1;
+
+        if (head >= b->nslots || key != &g->ghash[head] ||
+            !g->indexed[head]) {
+            return check_fail(errp, "group %s: index entry of slot %u is"
+                              " stale", g->name, head);
+        }
+    }
+    for (uint32_t s = 0; s < b->nslots; s++) {
+        uint32_t steps = 0, i;
+
+        if (g->indexed[s] != ms_store_is_published(g->store, s)) {
+            return check_fail(errp, "group %s: slot %u is %sindexed but"
+                              " %spublished", g->name, s,
+                              g->indexed[s] ? "" : "not ",
+                              ms_store_is_published(g->store, s) ? ""
+                                                                  : "not ");
+        }
+        if (!g->indexed[s]) {
+            continue;
+        }
+        for (i = index_find(g, g->ghash[s]); i != s && i != MS_SLOT_NONE &&
+             steps < b->nslots; i = g->gnext[i], steps++) {
+            if (i >= b->nslots || !g->indexed[i] ||
+                g->ghash[i] != g->ghash[s]) {
+                return check_fail(errp, "group %s: the chain of slot %u"
+                                  " passes slot %u", g->name, s, i);
+            }
+        }
+        if (i != s) {
+            return check_fail(errp, "group %s: slot %u is not in its hash"
+                              " chain", g->name, s);
+        }
+    }
+    return true;
+}
+
+/* A group's slots: references, holders, charges, the unstable table */
+static bool check_group(MsBroker *b, Group *g, GError **errp)
+{
+    g_autofree uint64_t *refs = g_new0(uint64_t, b->nslots);
+    g_autofree uint32_t *holders = g_new0(uint32_t, b->nslots);
+    g_autoptr(GHashTable) charges = g_hash_table_new(g_direct_hash,
+                                                     g_direct_equal);
+    uint32_t nclients = 0, nparked = 0, used = 0;
+    uint64_t shared = 0;
+    GHashTableIter it;
+    gpointer key, value;
+
+    for (GList *l = b->clients; l; l = l->next) {
+        Client *c = l->data;
+
+        if (c->group != g) {
+            continue;
+        }
+        nclients += !c->parked;
+        nparked += c->parked;
+        g_hash_table_iter_init(&it, c->held);
+        while (g_hash_table_iter_next(&it, &key, &value)) {
+            refs[GPOINTER_TO_UINT(key)] += GPOINTER_TO_UINT(value);
+            holders[GPOINTER_TO_UINT(key)]++;
+        }
+    }
+    if (nclients != g->nclients || nparked != g->nparked) {
+        return check_fail(errp, "group %s: counts %u members and %u parked,"
+                          " has %u and %u", g->name, g->nclients, g->nparked,
+                          nclients, nparked);
+    }
+    if (g->kind != GROUP_DECLARED && !nclients && !nparked) {
+        return check_fail(errp, "group %s: no member left, yet not freed",
+                          g->name);
+    }
+    for (uint32_t s = 0; s < b->nslots; s++) {
+        if (ms_store_refs(g->store, s) != refs[s]) {
+            return check_fail(errp, "group %s: slot %u has %u references"
+                              " in the store, its holders hold %" PRIu64,
+                              g->name, s, ms_store_refs(g->store, s),
+                              refs[s]);
+        }
+        if (g->holders[s] != holders[s]) {
+            return check_fail(errp, "group %s: slot %u counts %u holders,"
+                              " has %u", g->name, s, g->holders[s],
+                              holders[s]);
+        }
+        shared += holders[s] >= 2;
+        if (g->indexed[s]) {
+            gpointer uid = GUINT_TO_POINTER(g->charged[s]);
+
+            g_hash_table_insert(charges, uid, GUINT_TO_POINTER(
+                GPOINTER_TO_UINT(g_hash_table_lookup(charges, uid)) + 1));
+        }
+    }
+    if (shared != g->shared_slots) {
+        return check_fail(errp, "group %s: counts %" PRIu64 " shared slots,"
+                          " has %" PRIu64, g->name, g->shared_slots, shared);
+    }
+    if (!check_index(b, g, errp)) {
+        return false;
+    }
+    /* Every published slot is charged to the uid that published it */
+    g_hash_table_iter_init(&it, g->charges);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        if (g_hash_table_lookup(charges, key) != value) {
+            return check_fail(errp, "group %s: uid %u is charged %u pages,"
+                              " published %u", g->name,
+                              GPOINTER_TO_UINT(key), GPOINTER_TO_UINT(value),
+                              GPOINTER_TO_UINT(g_hash_table_lookup(charges,
+                                                                   key)));
+        }
+    }
+    if (g_hash_table_size(charges) != g_hash_table_size(g->charges)) {
+        return check_fail(errp, "group %s: a uid published pages it is not"
+                          " charged for", g->name);
+    }
+    /* At most half full, or a probe might never end */
+    for (uint64_t i = 0; i <= g->unstable_mask; i++) {
+        used += g->unstable[i].client != UNSTABLE_FREE;
+    }
+    if (used != g->unstable_used || used > (g->unstable_mask + 1ull) / 2) {
+        return check_fail(errp, "group %s: unstable table of %u entries"
+                          " counts %u used, has %u", g->name,
+                          g->unstable_mask + 1, g->unstable_used, used);
+    }
+    return true;
+}
+
+static UidState *check_uid(GHashTable *uids, uid_t uid)
+{
+    UidState *u = g_hash_table_lookup(uids, GUINT_TO_POINTER(uid));
+
+    if (!u) {
+        u = g_new0(UidState, 1);
+        g_hash_table_insert(uids, GUINT_TO_POINTER(uid), u);
+    }
+    return u;
+}
+
+bool ms_broker_check(MsBroker *b, GError **errp)
+{
+    g_autoptr(GHashTable) uids = g_hash_table_new_full(g_direct_hash,
+                                                       g_direct_equal, NULL,
+                                                       g_free);
+    uint32_t nclients = 0, nparked = 0, nprivate = 0;
+    GHashTableIter it;
+    gpointer key, value;
+
+    for (GList *l = b->clients; l; l = l->next) {
+        Client *c = l->data;
+        UidState *u = check_uid(uids, c->peer.uid);
+        uint64_t refs = 0;
+
+        g_hash_table_iter_init(&it, c->held);
+        while (g_hash_table_iter_next(&it, &key, &value)) {
+            if (GPOINTER_TO_UINT(key) >= b->nslots || !value) {
+                return check_fail(errp, "%s: holds %u references to slot %u",
+                                  c->label, GPOINTER_TO_UINT(value),
+                                  GPOINTER_TO_UINT(key));
+            }
+            refs += GPOINTER_TO_UINT(value);
+        }
+        if (refs != c->refs || (refs && !c->group)) {
+            return check_fail(errp, "%s: counts %" PRIu64 " references, holds"
+                              " %" PRIu64 "%s", c->label, c->refs, refs,
+                              c->group ? "" : " outside any group");
+        }
+        if (c->parked != (c->fd < 0) || (c->parked && !c->refs)) {
+            return check_fail(errp, "%s: %s, fd %d, %" PRIu64 " references",
+                              c->label, c->parked ? "parked" : "connected",
+                              c->fd, c->refs);
+        }
+        if (c->group &&
+            g_hash_table_lookup(b->groups, c->group->key) != c->group) {
+            return check_fail(errp, "%s: its group %s was freed", c->label,
+                              c->group->name);
+        }
+        if (c->parked) {
+            nparked++;
+            u->parked++;
+        } else {
+            nclients++;
+            u->conns++;
+            u->members += c->group != NULL;
+        }
+    }
+    if (nclients != b->nclients || nparked != b->nparked) {
+        return check_fail(errp, "counts %u clients and %u parked, has %u and"
+                          " %u", b->nclients, b->nparked, nclients, nparked);
+    }
+    g_hash_table_iter_init(&it, b->groups);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        Group *g = value;
+
+        if (strcmp(key, g->key)) {
+            return check_fail(errp, "group %s: filed under %s", g->name,
+                              (char *)key);
+        }
+        if (!check_group(b, g, errp)) {
+            return false;
+        }
+        if (g->kind == GROUP_PRIVATE) {
+            nprivate++;
+            check_uid(uids, g->owner)->groups++;
+        }
+    }
+    if (nprivate != b->nprivate) {
+        return check_fail(errp, "counts %u private groups, has %u",
+                          b->nprivate, nprivate);
+    }
+    /* Each uid's counts; and a uid with nothing left is forgotten */
+    g_hash_table_iter_init(&it, b->uids);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        UidState *u = value, none = { 0 };
+        UidState *real = g_hash_table_lookup(uids, key);
+
+        real = real ? real : &none;
+        if (memcmp(u, real, sizeof(*u)) || !(u->conns || u->parked ||
+                                             u->groups)) {
+            return check_fail(errp, "uid %u counts %u connections, %u"
+                              " members, %u parked, %u groups; has %u, %u,"
+                              " %u, %u", GPOINTER_TO_UINT(key), u->conns,
+                              u->members, u->parked, u->groups, real->conns,
+                              real->members, real->parked, real->groups);
+        }
+    }
+    if (g_hash_table_size(uids) != g_hash_table_size(b->uids)) {
+        return check_fail(errp, "a uid with clients or groups has no counts");
+    }
+    return true;
+}

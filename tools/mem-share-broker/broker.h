@@ -110,6 +110,14 @@ MsBroker *ms_broker_new(const MsBrokerConfig *cfg, GError **errp);
 bool ms_broker_reconfigure(MsBroker *b, const MsBrokerConfig *cfg,
                            GError **errp);
 
+/*
+ * Count every client's references, every group's slots, holders,
+ * charges and index, and every uid's connections again, and compare
+ * with the counts kept as they change: false, saying what differs, if
+ * one drifted.  For tests and the fuzzer; O(slots of every group).
+ */
+bool ms_broker_check(MsBroker *b, GError **errp);
+
 /* Disconnect every client, free every group, remove the socket file. */
 void ms_broker_free(MsBroker *b);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(MsBroker, ms_broker_free)

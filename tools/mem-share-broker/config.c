@@ -151,15 +151,22 @@ const MsBrokerGroupDecl *ms_broker_config_group(const MsBrokerConfig *cfg,
     return g_hash_table_lookup(cfg->groups, name);
 }
 
+/*
+ * An empty GArray's data is NULL, and memcmp() of NULL is undefined even
+ * for 0 bytes (uids=* has no uids, most declarations no gids)
+ */
+static bool ids_equal(const GArray *a, const GArray *b, size_t size)
+{
+    return a->len == b->len &&
+           (!a->len || !memcmp(a->data, b->data, a->len * size));
+}
+
 bool ms_broker_group_decl_equal(const MsBrokerGroupDecl *a,
                                 const MsBrokerGroupDecl *b)
 {
-    return a->any_uid == b->any_uid && a->uids->len == b->uids->len &&
-           a->gids->len == b->gids->len &&
-           !memcmp(a->uids->data, b->uids->data,
-                   a->uids->len * sizeof(uid_t)) &&
-           !memcmp(a->gids->data, b->gids->data,
-                   a->gids->len * sizeof(gid_t));
+    return a->any_uid == b->any_uid &&
+           ids_equal(a->uids, b->uids, sizeof(uid_t)) &&
+           ids_equal(a->gids, b->gids, sizeof(gid_t));
 }
 
 /* SIZE with an optional K, M, G or T suffix (powers of 1024) */
