@@ -1868,13 +1868,69 @@ static bool chunk_work(MsScanner *s, size_t first, size_t n,
     return any;
 }
 
+/*
+ * A page the log saw written, that maps no slot and is no zero hole: a
+ * visit would only restart its age (it is read when it proved stable),
+ * so it needs no pagemap entry.  Reading those entries was most of what
+ * a busy guest's passes cost: the kernel walks every mapping in the
+ * span read, and each run of merged pages is a mapping of its own.
+ */
+static bool written_only(const MsScanner *s, size_t i)
+{
+    const PageState *p = &s->pg[i];
+
+    return p->slot == MS_SLOT_NONE && !(p->flags & PG_ZERO) &&
+           wait_of(s, p) > 0;
+}
+
+static void visit_written(MsScanner *s, size_t i)
+{
+    s->live.pages_scanned++;
+    s->live.pages_dirty++;
+    set_volatile(s, &s->pg[i], true);
+    written(s, i);              /* age 0, below its wait: visit it again */
+}
+
+/*
+ * Split the chunk's @work: visit the written_only() pages now, and keep
+ * in @work the pages that need their pagemap entry, whose span is
+ * [*lo, *hi).  False if none are left.
+ */
+static bool visit_written_pages(MsScanner *s, size_t first, size_t n,
+                                uint64_t *work, size_t *lo, size_t *hi)
+{
+    size_t words = (n + 63) / 64;
+    bool any = false;
+
+    for (size_t w = 0; w < words; w++) {
+        for (uint64_t bits = s->sweep ? 0 : work[w] & s->dirty[w]; bits;
+             bits &= bits - 1) {
+            size_t k = w * 64 + __builtin_ctzll(bits);
+
+            if (written_only(s, first + k)) {
+                visit_written(s, first + k);
+                work[w] &= ~(1ULL << (k % 64));
+            }
+        }
+        if (work[w]) {
+            *hi = w * 64 + 64 - __builtin_clzll(work[w]);
+            if (!any) {
+                *lo = w * 64 + __builtin_ctzll(work[w]);
+                any = true;
+            }
+        }
+    }
+    return any;
+}
+
 static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
 {
     uint64_t work[CHUNK / 64];
     size_t lo = 0, hi = 0;
 
     take_dirty(s, first, n);
-    if (!chunk_work(s, first, n, work, &lo, &hi)) {
+    if (!chunk_work(s, first, n, work, &lo, &hi) ||
+        !visit_written_pages(s, first, n, work, &lo, &hi)) {
         return true;
     }
     s->pm_first = first + lo;
