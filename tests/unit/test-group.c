@@ -451,6 +451,36 @@ static void test_broker_dies(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/*
+ * A broker that is stopped (SIGTERM: systemctl stop, or restart after an
+ * upgrade) frees nothing its members map: their merged pages keep their
+ * bytes, and a write still breaks only the writer's copy.
+ */
+static void test_broker_stops(Fixture *f, gconstpointer data)
+{
+    int status;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    converge(f);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
+    kill(f->pid, SIGTERM);
+    g_assert_cmpint(waitpid(f->pid, &status, 0), ==, f->pid);
+    f->pid = 0;
+    g_assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+    f->a.ram[(f->a.shared_at + 3) * page] ^= 1;
+    f->a.expect[(f->a.shared_at + 3) * page] ^= 1;
+    pass(&f->a);
+    pass(&f->b);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 /* A member joins the group of a new broker after losing the old one */
 static void rejoin(Fixture *f, Region *r, const char *name)
 {
@@ -741,6 +771,8 @@ int main(int argc, char **argv)
     g_test_add("/group/broker-dies", Fixture, NULL, setup, test_broker_dies,
                teardown);
     g_test_add("/group/rejoin", Fixture, NULL, setup, test_rejoin, teardown);
+    g_test_add("/group/broker-stops", Fixture, NULL, setup,
+               test_broker_stops, teardown);
     g_test_add("/group/rejoin-fake", Fixture, NULL, setup, test_rejoin_fake,
                teardown);
     g_test_add("/group/discard", Fixture, NULL, setup, test_discard,

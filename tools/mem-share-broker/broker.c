@@ -591,13 +591,20 @@ static void client_close(Client *c)
 }
 
 /* @c and its references go: it released them all, or its process exited */
-static void client_free(Client *c)
+/*
+ * Forget @c.  @release gives its references back, freeing the slots
+ * nobody else holds: only when its process exited or never held any.
+ * A broker that stops must not: punching a slot's hole takes the page
+ * out of the memfd under every mapping of it, and the members' merged
+ * pages would read zeros from then on.
+ */
+static void client_free(Client *c, bool release)
 {
     MsBroker *b = c->broker;
     Group *g = c->group;
     uid_t uid = c->peer.uid;
 
-    if (g) {
+    if (g && release) {
         GList *slots = g_hash_table_get_keys(c->held);
 
         for (GList *l = slots; l; l = l->next) {
@@ -606,6 +613,8 @@ static void client_free(Client *c)
             unhold(c, GPOINTER_TO_UINT(l->data), GPOINTER_TO_UINT(refs));
         }
         g_list_free(slots);
+    }
+    if (g) {
         g_message("%s: left group %s", c->label, g->name);
     }
     if (c->pid_watch) {
@@ -644,7 +653,7 @@ static gboolean client_exited(gint fd G_GNUC_UNUSED,
     g_message("%s: process exited: dropping its %" PRIu64 " references",
               c->label, c->refs);
     c->pid_watch = 0;
-    client_free(c);
+    client_free(c, true);
     return G_SOURCE_REMOVE;
 }
 
@@ -664,7 +673,7 @@ static void client_gone(Client *c)
 {
     client_close(c);
     if (!c->group || !c->refs || client_process_exited(c)) {
-        client_free(c);
+        client_free(c, true);
         return;
     }
     c->parked = true;
@@ -1783,8 +1792,9 @@ void ms_broker_free(MsBroker *b)
     if (!b) {
         return;
     }
+    /* The members keep their pages: the stores live on in their mappings */
     while (b->clients) {
-        client_free(b->clients->data);
+        client_free(b->clients->data, false);
     }
     if (b->listen_watch) {
         g_source_remove(b->listen_watch);

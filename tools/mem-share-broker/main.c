@@ -7,9 +7,10 @@
  *
  * The daemon runs in the foreground (systemd, or a shell, supervises
  * it) and logs to stderr through GLib's default handler.  SIGTERM and
- * SIGINT end the main loop; the broker then drops every client and
- * removes its socket (unless systemd made it).  Clients keep their
- * mappings of the stores: the memfds live as long as someone maps them.
+ * SIGINT end the main loop; the broker then closes every connection,
+ * without freeing a slot (broker.c, client_free()), and removes its
+ * socket (unless systemd made it).  Clients keep their mappings of the
+ * stores: the memfds live as long as someone maps them.
  *
  * The configuration is the defaults, then the --config key file, then
  * the options, each over the one before (config.c).  SIGHUP builds it
