@@ -1137,6 +1137,57 @@ static void test_rejoin_uid_limit(Fixture *f, gconstpointer data)
 }
 
 /*
+ * Two uids that each made themselves a member of a private group fill
+ * max-clients and take what they may of the reserve: half of it.  The
+ * uid a declared group lists, and the administrator, still get in.
+ */
+static void test_reserve_hogs(Fixture *f, gconstpointer data)
+{
+    Agent a, h1, h2, h3;
+    g_autofree char *conf = NULL;
+    uint32_t slot;
+    Reply r;
+    MsProtoBrokerStats bs;
+
+    (void)data;
+    if (!need_users()) {
+        return;
+    }
+    conf = g_strdup_printf("join-timeout=600\n[group team]\nuids=%s\n",
+                           users[U_A].name);
+    broker_start(f, conf);
+    agent_start(f, &a, U_A);
+    agent_start(f, &h1, U_H1);
+    agent_start(f, &h2, U_H2);
+    agent_start(f, &h3, U_H3);
+    join_ok(&h1, 0, "mine");
+    join_ok(&h2, 0, "mine");
+    /* Its share less its member, and half the reserve */
+    r = idle_conns(&h1, MAX_PER_UID + 8, 5);
+    g_assert_cmpuint(r.ok, ==, MAX_PER_UID - 1 + 4);
+    g_assert_cmpint(r.err, ==, EUSERS);
+    /* The rest of max-clients; the reserve's first half is gone */
+    r = idle_conns(&h2, MAX_PER_UID, 1);
+    g_assert_cmpuint(r.ok, ==, MAX_CLIENTS - (2 + MAX_PER_UID - 1 + 4) + 4);
+    g_assert_nonnull(strstr(r.msg, "the broker is full"));
+    r = idle_conns(&h3, 1, 1);
+    g_assert_cmpint(r.err, ==, EUSERS);
+
+    join_ok(&a, 0, "team");
+    slot = upload_ok(&a, 0, 1);
+    join_ok(&a, 1, "team");
+    still_hits(&a, 1, 1, slot);
+    bs = admin_stats(f, NULL);
+    g_assert_cmpuint(bs.clients, ==, MAX_CLIENTS + 4 + 2 + 1);
+    assert_log(f, "uid %u): taken into the reserve",
+               (unsigned)users[U_A].uid);
+    agent_stop(&h1);
+    agent_stop(&h2);
+    agent_stop(&h3);
+    agent_stop(&a);
+}
+
+/*
  * Connections that never join are dropped after join-timeout, with
  * ETIMEDOUT; members that stay idle longer than that, and a parked
  * client, are not
@@ -1559,6 +1610,7 @@ int main(int argc, char **argv)
     add("/broker-service/connections", test_connections, NULL);
     add("/broker-service/rejoin-full", test_rejoin_full, NULL);
     add("/broker-service/rejoin-uid-limit", test_rejoin_uid_limit, NULL);
+    add("/broker-service/reserve-hogs", test_reserve_hogs, NULL);
     add("/broker-service/idle", test_idle, NULL);
     add("/broker-service/groups", test_groups, NULL);
     add("/broker-service/reload", test_reload, NULL);

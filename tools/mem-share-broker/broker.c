@@ -93,16 +93,17 @@
  * Past max-clients, and past its uid's share, reserved-clients more
  * connections are taken from clients that are likely to be members
  * rejoining (a VM whose old client is parked counts against the limits
- * until its process exits, and must not be locked out): a uid that has
- * members (connected or parked), or that a declared group lists by uid
- * or gid.  The second holds after a broker restart too, when nobody has
- * members yet; neither can be had by a stranger without the operator's
- * say or a member of its own, which costs one of its own connections.
- * Idle strangers thus cannot lock members out: they fill max-clients
- * at most, and only for join-timeout.  The administrator (root, the
- * broker's uid) may use the reserve too: --stats matters most when the
- * broker is full.  None of this stands against many uids colluding,
- * each with its share: who may connect at all is the socket's mode.
+ * until its process exits, and must not be locked out): a uid that a
+ * declared group lists by uid or gid may have all of them, which holds
+ * after a broker restart too, when nobody has members yet; a uid that
+ * has members (connected or parked) only the first half (reserve_of()):
+ * any uid can be a member of a private group of its own, and two such
+ * uids together must not lock out the operator's VMs.  Idle strangers
+ * cannot lock members out: they fill max-clients at most, and only for
+ * join-timeout.  The administrator (root, the broker's uid) may use the
+ * whole reserve too: --stats matters most when the broker is full.
+ * None of this stands against many uids colluding, each with its share:
+ * who may connect at all is the socket's mode.
  *
  * Hostile clients.  Every byte is untrusted: frames are read to a cap
  * and decoded by proto.c, the order of messages is checked (HELLO first
@@ -332,27 +333,29 @@ static bool decl_multi_uid(const MsBrokerGroupDecl *d)
 }
 
 /*
- * May @p have a reserved connection?  Its uid has members or parked
- * clients, or a declared group names it: likely a member rejoining.  Or
- * it is the administrator, whose --stats must work when it is full.
+ * How much of the reserve may @p have?  All of it if a declared group
+ * names its uid (the operator's say) or it is the administrator, whose
+ * --stats must work when the broker is full.  Half if its uid has
+ * members or parked clients: likely a member rejoining, but any uid can
+ * make itself a member of a private group of its own, and two such uids
+ * must not take what the operator's VMs need.  None for strangers.
  */
-static bool may_reserve(MsBroker *b, const Peer *p)
+static uint32_t reserve_of(MsBroker *b, const Peer *p)
 {
     UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
     GHashTableIter it;
     gpointer value;
 
-    if ((u && (u->members || u->parked)) || p->uid == 0 ||
-        p->uid == geteuid()) {
-        return true;
+    if (p->uid == 0 || p->uid == geteuid()) {
+        return b->cfg.reserved_clients;
     }
     g_hash_table_iter_init(&it, b->cfg.groups);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         if (decl_lists(value, p)) {
-            return true;
+            return b->cfg.reserved_clients;
         }
     }
-    return false;
+    return u && (u->members || u->parked) ? b->cfg.reserved_clients / 2 : 0;
 }
 
 /* Groups and their index */
@@ -1487,20 +1490,20 @@ static bool admit(MsBroker *b, int fd, const Peer *p)
     UidState *u = g_hash_table_lookup(b->uids, GUINT_TO_POINTER(p->uid));
     uint32_t mine = u ? u->conns + u->parked : 0;
     uint32_t all = b->nclients + b->nparked;
-    bool reserve = may_reserve(b, p);
+    uint32_t reserve = reserve_of(b, p);
 
-    if (mine >= b->max_per_uid + (reserve ? b->cfg.reserved_clients : 0)) {
+    if (mine >= b->max_per_uid + reserve) {
         refuse_peer(fd, p, EUSERS, &b->counters.refused_uid_clients,
                     "uid %u has %u clients connected or parked,"
                     " max-clients-per-uid allows %u%s", (unsigned)p->uid,
                     mine, b->max_per_uid,
-                    reserve ? " and reserved-clients as many more" : "");
+                    reserve ? " and some of reserved-clients" : "");
         return false;
     }
     if (all < b->cfg.max_clients && mine < b->max_per_uid) {
         return true;
     }
-    if (all < b->cfg.max_clients + b->cfg.reserved_clients && reserve) {
+    if (all < b->cfg.max_clients + reserve) {
         b->counters.reserve_admitted++;
         g_message("client (pid %d uid %u): taken into the reserve: %u"
                   " clients connected or parked (max-clients %u), %u of"
@@ -1511,9 +1514,9 @@ static bool admit(MsBroker *b, int fd, const Peer *p)
     }
     refuse_peer(fd, p, EUSERS, &b->counters.refused_clients,
                 "the broker is full: %u clients connected or parked,"
-                " max-clients allows %u; the %u reserved are for members"
-                " rejoining (uids with members, or listed by a declared"
-                " group) and the administrator", all, b->cfg.max_clients,
+                " max-clients allows %u; the %u reserved are for uids a"
+                " declared group lists and the administrator (half of them"
+                " for uids with members)", all, b->cfg.max_clients,
                 b->cfg.reserved_clients);
     return false;
 }
