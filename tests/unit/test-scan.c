@@ -1116,8 +1116,11 @@ static void test_writers(Fixture *f, gconstpointer data)
     zeroed = written_zero_pair(f, w);
     stats(f, &st);
     zero_merges = st.zero_merges;
-    /* It must prove stable first: after the hammering, for up to 9 passes */
-    for (int n = 0; zeroed && n < 64 && st.zero_merges < zero_merges + 2;
+    /*
+     * It must prove stable first: the region's wait after the hammering
+     * (up to 9 passes) and the pages' own churn wait (up to 128 more)
+     */
+    for (int n = 0; zeroed && n < 512 && st.zero_merges < zero_merges + 2;
          n++) {
         pass(f);
         stats(f, &st);
