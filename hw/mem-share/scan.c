@@ -1837,17 +1837,14 @@ static uint64_t todo_bits(const MsScanner *s, size_t first)
 }
 
 /*
- * The pages of the chunk [first, first + n) to visit, in @work, and the
- * span [*lo, *hi) they cover; false if none.  Without a log, and in a
- * sweep, every page.  With a log, the pages it saw written and those
- * waiting to prove stable: the rest were looked at before and nobody
- * wrote them since, so they are not even read.
+ * The pages of the chunk [first, first + n) to visit, in @work.  Without
+ * a log, and in a sweep, every page.  With a log, the pages it saw
+ * written and those waiting to prove stable: the rest were looked at
+ * before and nobody wrote them since, so they are not even read.
  */
-static bool chunk_work(MsScanner *s, size_t first, size_t n,
-                       uint64_t *work, size_t *lo, size_t *hi)
+static void chunk_work(MsScanner *s, size_t first, size_t n, uint64_t *work)
 {
     size_t words = (n + 63) / 64, visits = 0;
-    bool any = false;
 
     for (size_t w = 0; w < words; w++) {
         uint64_t valid = n - w * 64 >= 64 ? ~0ULL :
@@ -1856,16 +1853,8 @@ static bool chunk_work(MsScanner *s, size_t first, size_t n,
         work[w] = s->sweep ? valid :
                   (s->dirty[w] | todo_bits(s, first + w * 64)) & valid;
         visits += __builtin_popcountll(work[w]);
-        if (work[w]) {
-            *hi = w * 64 + 64 - __builtin_clzll(work[w]);
-            if (!any) {
-                *lo = w * 64 + __builtin_ctzll(work[w]);
-                any = true;
-            }
-        }
     }
     s->live.hash_skips += n - visits;
-    return any;
 }
 
 /*
@@ -1891,20 +1880,15 @@ static void visit_written(MsScanner *s, size_t i)
     written(s, i);              /* age 0, below its wait: visit it again */
 }
 
-/*
- * Split the chunk's @work: visit the written_only() pages now, and keep
- * in @work the pages that need their pagemap entry, whose span is
- * [*lo, *hi).  False if none are left.
- */
-static bool visit_written_pages(MsScanner *s, size_t first, size_t n,
-                                uint64_t *work, size_t *lo, size_t *hi)
+/* Visit the written_only() pages of @work now, and take them out of it */
+static void visit_written_pages(MsScanner *s, size_t first, size_t n,
+                                uint64_t *work)
 {
-    size_t words = (n + 63) / 64;
-    bool any = false;
-
-    for (size_t w = 0; w < words; w++) {
-        for (uint64_t bits = s->sweep ? 0 : work[w] & s->dirty[w]; bits;
-             bits &= bits - 1) {
+    if (s->sweep) {
+        return;
+    }
+    for (size_t w = 0; w < (n + 63) / 64; w++) {
+        for (uint64_t bits = work[w] & s->dirty[w]; bits; bits &= bits - 1) {
             size_t k = w * 64 + __builtin_ctzll(bits);
 
             if (written_only(s, first + k)) {
@@ -1912,6 +1896,15 @@ static bool visit_written_pages(MsScanner *s, size_t first, size_t n,
                 work[w] &= ~(1ULL << (k % 64));
             }
         }
+    }
+}
+
+/* The span [*lo, *hi) of the pages in @work; false if there are none */
+static bool work_span(const uint64_t *work, size_t n, size_t *lo, size_t *hi)
+{
+    bool any = false;
+
+    for (size_t w = 0; w < (n + 63) / 64; w++) {
         if (work[w]) {
             *hi = w * 64 + 64 - __builtin_clzll(work[w]);
             if (!any) {
@@ -1929,8 +1922,9 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
     size_t lo = 0, hi = 0;
 
     take_dirty(s, first, n);
-    if (!chunk_work(s, first, n, work, &lo, &hi) ||
-        !visit_written_pages(s, first, n, work, &lo, &hi)) {
+    chunk_work(s, first, n, work);
+    visit_written_pages(s, first, n, work);
+    if (!work_span(work, n, &lo, &hi)) {
         return true;
     }
     s->pm_first = first + lo;
