@@ -531,7 +531,8 @@ static size_t flush(FzClient *c)
 static void send_frame(FzClient *c, GByteArray *frame, uint8_t split,
                        Expect *e)
 {
-    if (c->fd < 0 || c->shut) {
+    if (c->fd < 0 || c->shut || c->eof) {
+        /* Nobody will answer: the broker hung up, or we shut down */
         if (e) {
             expect_free(e);
         }
@@ -1236,7 +1237,11 @@ static size_t client_read(Fuzz *f, FzClient *c)
     static uint8_t buf[65536];
     size_t got = 0;
 
-    for (int round = 0; c->fd >= 0 && !c->eof && round < READ_ROUNDS;
+    if (c->eof) {
+        /* Judged once, when it came: nothing is read after it */
+        return 0;
+    }
+    for (int round = 0; c->fd >= 0 && round < READ_ROUNDS;
          round++) {
         union {
             char buf[CMSG_SPACE(4 * sizeof(int))];

@@ -271,6 +271,13 @@ def broker_seeds():
     yield "backpressure", config(slots=4) + op("CONNECT", 0) + hello(0) + read(0) \
         + b"".join(lookup(0, pool(1, 2), count=4096) for i in range(10)) + op("PUMP") \
         + op("CONNECT", 1) + hello(1) + upload(1, pool(1)) + op("READ_ALL")
+    # The broker drops its ERROR to a client whose socket buffer is full
+    # (it never blocks on a client): the hang-up that follows a malformed
+    # request was judged at every read after it, with nothing expected
+    yield "regress-hangup-read-twice", config() + op("CONNECT", 0) + hello(0) + read(0) \
+        + b"".join(lookup(0, pool(1, 2), count=4096) for i in range(7)) \
+        + lookup(0, pool(1, 2), count=4096, flags=F_BAD) + op("PUMP") + read(0) \
+        + lookup(0, pool(1)) + read(0) + op("READ_ALL")
     yield "admin-stats", config(decl=("dr", "dg", "dx", "dm")) + op("CONNECT", 0) \
         + hello(0, "dg") + op("CONNECT", 1) + hello(1, "p3") + op("READ_ALL") \
         + op("CONNECT", 2) + stats(2) + read(2)
