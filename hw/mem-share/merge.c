@@ -161,7 +161,7 @@
  *
  * Which merged pages were written since: bit 61 ("file page") of
  * /proc/self/pagemap, or the PAGEMAP_SCAN ioctl (6.7) for a whole run in
- * one call where its PAGE_IS_FILE works (it does not on 6.18: probed).
+ * one call where its PAGE_IS_FILE works (probed).
  * Bit 56 (exclusive) cannot tell.
  */
 
@@ -194,9 +194,9 @@
 
 #ifndef PAGEMAP_SCAN
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PAGE_IS_FILE (1 << 2)
 #define PAGE_IS_PRESENT (1 << 3)
-#define PAGE_IS_FILE (1 << 4)
-#define PAGE_IS_SWAPPED (1 << 5)
+#define PAGE_IS_SWAPPED (1 << 4)
 
 struct page_region {
     uint64_t start;
@@ -539,9 +539,9 @@ static bool read_pagemap(MsMerger *m, const void *host, size_t n,
 }
 
 /*
- * PAGEMAP_SCAN exists since 6.7, but its PAGE_IS_FILE is not reported for
- * a private mapping of a memfd page on every kernel (6.18 says PRESENT
- * only): try it on such a page, and use the ioctl only if it works.
+ * PAGEMAP_SCAN exists since 6.7: try it on a private mapping of a memfd
+ * page, which must say PAGE_IS_FILE as pagemap's bit 61 does, and use the
+ * ioctl only if it does.
  */
 static bool probe_pagemap_scan(MsMerger *m)
 {
