@@ -79,7 +79,8 @@
  * mmap(MAP_FIXED) over a registered range does not wait for a reader.
  *
  * Zero pages become holes the same way, with MADV_DONTNEED on anonymous
- * pages; a page that maps the store gets fresh anonymous memory instead,
+ * pages (never a whole huge-page range in one call: see discard_anon());
+ * a page that maps the store gets fresh anonymous memory instead,
  * since MADV_DONTNEED there would bring the store content back.  The
  * invariant: zero merges and discards never MADV_DONTNEED a page that is
  * not private anonymous memory, and what the merger believes about a
@@ -281,6 +282,7 @@ struct MsMerger {
     int pagemap_fd;
     int maps_fd;            /* /proc/self/maps, for PROCMAP_QUERY */
     size_t page_size;
+    size_t huge_size;       /* of a PMD-mapped huge page; 0: no THP */
     uint64_t features;
     bool has_pagemap_scan;
     bool use_pagemap_scan;
@@ -759,12 +761,28 @@ static bool run_maps_store(const Run *run)
 
 /* ---- life cycle ---- */
 
+/* The size of a PMD-mapped transparent huge page, or 0 if there is none */
+static size_t thp_pmd_size(void)
+{
+    g_autofree char *text = NULL;
+    guint64 size;
+
+    if (!g_file_get_contents("/sys/kernel/mm/transparent_hugepage/"
+                             "hpage_pmd_size", &text, NULL, NULL) ||
+        !g_ascii_string_to_unsigned(g_strstrip(text), 10, 1, G_MAXSIZE,
+                                    &size, NULL)) {
+        return 0;
+    }
+    return size;
+}
+
 MsMerger *ms_merger_new(GError **errp)
 {
     g_autoptr(MsMerger) m = g_new0(MsMerger, 1);
 
     m->uffd = m->pagemap_fd = m->maps_fd = -1;
     m->page_size = ms_host_page_size();
+    m->huge_size = thp_pmd_size();
     m->regions = g_ptr_array_new_with_free_func(region_free);
     m->budget = ms_merger_default_budget(0.5);
     if (!uffd_init(m, errp)) {
@@ -1575,6 +1593,39 @@ static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
 }
 
 /*
+ * MADV_DONTNEED the anonymous pages of @run, to make holes: never a whole
+ * huge-page range in one call.  A call that covers a whole range empties
+ * its PMD (a huge page is zapped whole; a page table emptied by one call
+ * is freed, CONFIG_PT_RECLAIM), and the next write anywhere in the range
+ * faults a whole huge page back, 2 MiB of memory for one guest write in
+ * a MADV_HUGEPAGE region, userfaultfd or not: 511 zero pages that later
+ * passes must discard again, for as long as the guest writes there.  A
+ * call that stops one page into the range splits the huge page first
+ * and leaves a page table, so later writes fault one page each.
+ */
+static int discard_anon(const MsMerger *m, const Run *run)
+{
+    uintptr_t a = (uintptr_t)run->host, end = a + run->len;
+    size_t huge = run->r->flags & MS_REGION_HUGEPAGE ? m->huge_size : 0;
+
+    while (a < end) {
+        uintptr_t b = end;
+
+        if (huge && (a & (huge - 1)) == 0 && end - a >= huge) {
+            b = a + m->page_size;
+        } else if (huge && ((a | (huge - 1)) + 1) < end) {
+            /* Up to the next boundary: the piece after it starts there */
+            b = (a | (huge - 1)) + 1;
+        }
+        if (madvise((void *)a, b - a, MADV_DONTNEED) < 0) {
+            return -errno;
+        }
+        a = b;
+    }
+    return 0;
+}
+
+/*
  * Freeze, check, replace by @first_slot (a store run, or ANON for
  * zeros), wake.  The one protocol of ms_merge_run() and ms_merge_zero().
  */
@@ -1617,7 +1668,7 @@ static bool merge_common(MsMerger *m, void *host, size_t n,
         return true;
     }
     if (anon_holes) {
-        ret = madvise(run.host, run.len, MADV_DONTNEED) < 0 ? -errno : 0;
+        ret = discard_anon(m, &run);
         thaw(m, &run);
     } else {
         /* On failure: as it was, or restored (see "Failed remaps") */
@@ -1777,7 +1828,7 @@ static int batch_replace(MsMerger *m, BatchRun *b, GError **errp)
     int ret;
 
     if (b->anon_holes) {
-        ret = madvise(b->run.host, b->run.len, MADV_DONTNEED) < 0 ? -errno : 0;
+        ret = discard_anon(m, &b->run);
         unfreeze(m, &b->run);
         b->frozen = false;
     } else {

@@ -719,6 +719,93 @@ static void test_thp_collapse(void)
     }
 }
 
+/*
+ * A whole huge page of zeros made holes, then one guest write into it:
+ * the write must fault one page, not a whole huge page of 2 MiB again
+ * (which an MADV_DONTNEED of the whole range in one call gives, as the
+ * control shows).  @batch: through ms_merge_runs(), else ms_merge_zero().
+ */
+static void test_thp_refill(gconstpointer data)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsStore) store = NULL;
+    g_autoptr(MsMerger) m = NULL;
+    const size_t npages = 2 * HUGE_SIZE / page, hp = HUGE_SIZE / page;
+    uint64_t huge_kb, anon_kb, huge0, anon0;
+    uint8_t *raw, *ram;
+    MsMergeReq req;
+    MsMergeStore ms;
+
+    if (page != 4096) {
+        g_test_skip("huge pages of 2 MiB over 4 KiB pages only");
+        return;
+    }
+    /* The control: zapped whole, refilled whole by one write */
+    ram = huge_ram(HUGE_SIZE, &raw);
+    huge_figures(ram, HUGE_SIZE, &huge_kb, &anon_kb);
+    if (huge_kb < HUGE_SIZE / 1024) {
+        munmap(raw, 2 * HUGE_SIZE);
+        g_test_skip("no transparent huge page for the test (THP disabled,"
+                    " or none free)");
+        return;
+    }
+    madvise(ram, HUGE_SIZE, MADV_DONTNEED);
+    ram[5 * page] = 1;
+    huge_figures(ram, HUGE_SIZE, &huge_kb, &anon_kb);
+    g_assert_cmpuint(anon_kb, ==, HUGE_SIZE / 1024);
+    munmap(raw, 2 * HUGE_SIZE);
+
+    m = ms_merger_new(&err);
+    if (!m) {
+        g_test_skip(err->message);
+        return;
+    }
+    store = ms_store_new(page, NSLOTS, &err);
+    g_assert_no_error(err);
+    ram = huge_ram(2 * HUGE_SIZE, &raw);
+    ms = (MsMergeStore) {
+        .fd = ms_store_ro_fd(store),
+        .view = ms_store_view(store, 0),
+        .nslots = NSLOTS,
+    };
+    g_assert_true(ms_merger_add_region(m, ram, npages, MS_REGION_HUGEPAGE,
+                                       &ms, &err));
+    /* The first huge page and the first half of the second: zeros */
+    memset(ram, 0, HUGE_SIZE + HUGE_SIZE / 2);
+    huge_figures(ram, 2 * HUGE_SIZE, &huge0, &anon0);
+    req = (MsMergeReq) { .host = ram, .n = hp + hp / 2,
+                         .first_slot = MS_MERGE_ZERO };
+    if (GPOINTER_TO_INT(data)) {
+        g_assert_true(ms_merge_runs(m, &req, 1, &err));
+    } else {
+        g_assert_true(ms_merge_zero(m, ram, hp + hp / 2, NULL, &req.res,
+                                    &err));
+    }
+    g_assert_cmpint(req.res.outcome, ==, MS_MERGE_DONE);
+    g_assert_true(are_holes(ram, 0, hp + hp / 2));
+    huge_figures(ram, 2 * HUGE_SIZE, &huge_kb, &anon_kb);
+    g_assert_cmpuint(anon_kb, ==, anon0 - (hp + hp / 2) * page / 1024);
+
+    /* One write into each range: one page each */
+    ram[5 * page] = 1;
+    ram[(hp + 5) * page] = 2;
+    huge_figures(ram, 2 * HUGE_SIZE, &huge_kb, &anon_kb);
+    g_assert_cmpuint(huge_kb, ==, 0);
+    g_assert_cmpuint(anon_kb, ==, anon0 - (hp + hp / 2 - 2) * page / 1024);
+    g_assert_true(are_holes(ram, 6, hp - 6));
+    for (size_t i = 0; i < npages; i++) {
+        g_autofree uint8_t *want = g_malloc0(page);
+
+        if (i >= hp + hp / 2) {
+            fill(want, 7000 + i);
+        }
+        want[0] = i == 5 ? 1 : i == hp + 5 ? 2 : want[0];
+        g_assert_cmpmem(ram + i * page, page, want, page);
+    }
+    ms_merger_remove_region(m, ram);
+    munmap(raw, 3 * HUGE_SIZE);
+}
+
 static void test_zero_unpopulated(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
@@ -2295,6 +2382,10 @@ int main(int argc, char **argv)
     ADD("/merge/zero", test_zero);
     ADD("/merge/zero-unpopulated", test_zero_unpopulated);
     g_test_add_func("/merge/thp-collapse", test_thp_collapse);
+    g_test_add_data_func("/merge/thp-refill/zero", GINT_TO_POINTER(false),
+                         test_thp_refill);
+    g_test_add_data_func("/merge/thp-refill/runs", GINT_TO_POINTER(true),
+                         test_thp_refill);
     ADD("/merge/unmerge", test_unmerge);
     ADD("/merge/unmerge-anon", test_unmerge_anon);
     ADD("/merge/discard", test_discard);
