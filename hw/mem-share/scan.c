@@ -186,7 +186,7 @@
  *
  * Zero pages.  Most kernels map the shared zero page when a hole is
  * read, so a hole is the best zero merge: no memory, no VMA.  Some do
- * not (the 6.18 test host allocates a page on every read fault): there a
+ * not (a 6.18 host of ours allocated a page on every read fault): there a
  * zero hole the guest reads holds memory again and the next pass makes
  * it a hole again, forever, which costs CPU and leaves memory unsaved
  * between passes.  Kernel KSM merges zero pages onto a KSM page of
