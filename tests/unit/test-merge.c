@@ -179,16 +179,18 @@ static void check_vmas(Fixture *f)
 }
 
 typedef struct Smaps {
-    uint64_t anon_kb;       /* Anonymous: in the test's RAM */
-    uint64_t rss_kb;        /* Rss: in the test's RAM */
+    uint64_t anon_kb;       /* Anonymous: in the range */
+    uint64_t rss_kb;        /* Rss: in the range */
+    uint64_t huge_kb;       /* AnonHugePages: in the range */
     int uffd_wp;            /* file VMAs anywhere with VmFlags uw */
 } Smaps;
 
-static void read_smaps(Fixture *f, Smaps *s)
+/* /proc/self/smaps figures of the VMAs within [@at, +@len) */
+static void read_smaps_at(const void *at, size_t len, Smaps *s)
 {
     g_autofree char *text = NULL;
     g_auto(GStrv) lines = NULL;
-    uintptr_t lo = (uintptr_t)f->ram, hi = lo + NPAGES * page;
+    uintptr_t lo = (uintptr_t)at, hi = lo + len;
     bool in_ram = false, file = false;
 
     memset(s, 0, sizeof(*s));
@@ -206,11 +208,19 @@ static void read_smaps(Fixture *f, Smaps *s)
             s->anon_kb += kb;
         } else if (in_ram && sscanf(*l, "Rss: %" SCNu64, &kb) == 1) {
             s->rss_kb += kb;
+        } else if (in_ram &&
+                   sscanf(*l, "AnonHugePages: %" SCNu64, &kb) == 1) {
+            s->huge_kb += kb;
         } else if (file && g_str_has_prefix(*l, "VmFlags:") &&
                    strstr(*l, " uw")) {
             s->uffd_wp++;
         }
     }
+}
+
+static void read_smaps(Fixture *f, Smaps *s)
+{
+    read_smaps_at(f->ram, NPAGES * page, s);
 }
 
 /*
@@ -557,26 +567,11 @@ static void test_zero(Fixture *f, gconstpointer data)
 static void huge_figures(const uint8_t *lo, size_t len, uint64_t *huge_kb,
                          uint64_t *anon_kb)
 {
-    g_autofree char *text = NULL;
-    g_auto(GStrv) lines = NULL;
-    uintptr_t a = (uintptr_t)lo, b = a + len;
-    bool in = false;
+    Smaps sm;
 
-    *huge_kb = *anon_kb = 0;
-    g_assert_true(g_file_get_contents("/proc/self/smaps", &text, NULL, NULL));
-    lines = g_strsplit(text, "\n", -1);
-    for (char **l = lines; *l; l++) {
-        uint64_t start, end, kb;
-
-        if (sscanf(*l, "%" SCNx64 "-%" SCNx64 " ", &start, &end) == 2 &&
-            strchr(*l, '-') < strchr(*l, ' ')) {
-            in = start < b && end > a;
-        } else if (in && sscanf(*l, "AnonHugePages: %" SCNu64, &kb) == 1) {
-            *huge_kb += kb;
-        } else if (in && sscanf(*l, "Anonymous: %" SCNu64, &kb) == 1) {
-            *anon_kb += kb;
-        }
-    }
+    read_smaps_at(lo, len, &sm);
+    *huge_kb = sm.huge_kb;
+    *anon_kb = sm.anon_kb;
 }
 
 /* @len bytes aligned to a huge page, advised MADV_HUGEPAGE and filled */
@@ -593,6 +588,33 @@ static uint8_t *huge_ram(size_t len, uint8_t **raw)
         fill(p + i * page, 7000 + i);
     }
     return p;
+}
+
+/*
+ * A merger and a store for two huge pages of filled RAM (huge_ram()), one
+ * region advised MADV_HUGEPAGE; NULL (the test skipped) without a merger
+ */
+static MsMerger *huge_region(MsStore **store, uint8_t **raw, uint8_t **ram)
+{
+    g_autoptr(GError) err = NULL;
+    MsMerger *m = ms_merger_new(&err);
+    MsMergeStore ms;
+
+    if (!m) {
+        g_test_skip(err->message);
+        return NULL;
+    }
+    *store = ms_store_new(page, NSLOTS, &err);
+    g_assert_no_error(err);
+    *ram = huge_ram(2 * HUGE_SIZE, raw);
+    ms = (MsMergeStore) {
+        .fd = ms_store_ro_fd(*store),
+        .view = ms_store_view(*store, 0),
+        .nslots = NSLOTS,
+    };
+    g_assert_true(ms_merger_add_region(m, *ram, 2 * HUGE_SIZE / page,
+                                       MS_REGION_HUGEPAGE, &ms, &err));
+    return m;
 }
 
 /* Pages [@first, +@n) of @p are holes: nothing present or swapped */
@@ -632,7 +654,6 @@ static void test_thp_collapse(void)
     const size_t npages = 2 * HUGE_SIZE / page, hp = HUGE_SIZE / page;
     uint64_t huge_kb, anon_kb;
     MsMergeResult res;
-    MsMergeStore ms;
     uint32_t first;
 
     if (page != 4096) {
@@ -663,21 +684,10 @@ static void test_thp_collapse(void)
     g_assert_false(are_holes(ctl, 64, 64));
     munmap(raw_ctl, 2 * HUGE_SIZE);
 
-    m = ms_merger_new(&err);
+    m = huge_region(&store, &raw, &ram);
     if (!m) {
-        g_test_skip(err->message);
         return;
     }
-    store = ms_store_new(page, NSLOTS, &err);
-    g_assert_no_error(err);
-    ram = huge_ram(2 * HUGE_SIZE, &raw);
-    ms = (MsMergeStore) {
-        .fd = ms_store_ro_fd(store),
-        .view = ms_store_view(store, 0),
-        .nslots = NSLOTS,
-    };
-    g_assert_true(ms_merger_add_region(m, ram, npages, MS_REGION_HUGEPAGE,
-                                       &ms, &err));
     /* First huge page: 64 zero pages become holes */
     memset(ram + 64 * page, 0, 64 * page);
     g_assert_true(ms_merge_zero(m, ram + 64 * page, 64, NULL, &res, &err));
@@ -734,7 +744,6 @@ static void test_thp_refill(gconstpointer data)
     uint64_t huge_kb, anon_kb, huge0, anon0;
     uint8_t *raw, *ram;
     MsMergeReq req;
-    MsMergeStore ms;
 
     if (page != 4096) {
         g_test_skip("huge pages of 2 MiB over 4 KiB pages only");
@@ -755,21 +764,10 @@ static void test_thp_refill(gconstpointer data)
     g_assert_cmpuint(anon_kb, ==, HUGE_SIZE / 1024);
     munmap(raw, 2 * HUGE_SIZE);
 
-    m = ms_merger_new(&err);
+    m = huge_region(&store, &raw, &ram);
     if (!m) {
-        g_test_skip(err->message);
         return;
     }
-    store = ms_store_new(page, NSLOTS, &err);
-    g_assert_no_error(err);
-    ram = huge_ram(2 * HUGE_SIZE, &raw);
-    ms = (MsMergeStore) {
-        .fd = ms_store_ro_fd(store),
-        .view = ms_store_view(store, 0),
-        .nslots = NSLOTS,
-    };
-    g_assert_true(ms_merger_add_region(m, ram, npages, MS_REGION_HUGEPAGE,
-                                       &ms, &err));
     /* The first huge page and the first half of the second: zeros */
     memset(ram, 0, HUGE_SIZE + HUGE_SIZE / 2);
     huge_figures(ram, 2 * HUGE_SIZE, &huge0, &anon0);
