@@ -1606,16 +1606,21 @@ static bool check_frozen(MsMerger *m, const Run *run, uint32_t first_slot,
 static int discard_anon(const MsMerger *m, const Run *run)
 {
     uintptr_t a = (uintptr_t)run->host, end = a + run->len;
-    size_t huge = run->r->flags & MS_REGION_HUGEPAGE ? m->huge_size : 0;
+    /* Not only MADV_HUGEPAGE: with THP "always" any region may be huge */
+    size_t huge = run->r->flags & MS_REGION_NOHUGEPAGE ? 0 : m->huge_size;
 
     while (a < end) {
         uintptr_t b = end;
 
-        if (huge && (a & (huge - 1)) == 0 && end - a >= huge) {
-            b = a + m->page_size;
-        } else if (huge && ((a | (huge - 1)) + 1) < end) {
-            /* Up to the next boundary: the piece after it starts there */
-            b = (a | (huge - 1)) + 1;
+        if (huge) {
+            uintptr_t next = (a | (huge - 1)) + 1;   /* boundary after a */
+
+            if (a % huge == 0 && end - a >= huge) {
+                b = a + m->page_size;
+            } else if (next < end) {
+                /* The piece after this one starts on the boundary */
+                b = next;
+            }
         }
         if (madvise((void *)a, b - a, MADV_DONTNEED) < 0) {
             return -errno;

@@ -591,10 +591,12 @@ static uint8_t *huge_ram(size_t len, uint8_t **raw)
 }
 
 /*
- * A merger and a store for two huge pages of filled RAM (huge_ram()), one
- * region advised MADV_HUGEPAGE; NULL (the test skipped) without a merger
+ * A merger and a store for two huge pages of filled RAM (huge_ram(), so
+ * advised MADV_HUGEPAGE), one region with MS_REGION_* @flags; NULL (the
+ * test skipped) without a merger
  */
-static MsMerger *huge_region(MsStore **store, uint8_t **raw, uint8_t **ram)
+static MsMerger *huge_region(unsigned flags, MsStore **store, uint8_t **raw,
+                             uint8_t **ram)
 {
     g_autoptr(GError) err = NULL;
     MsMerger *m = ms_merger_new(&err);
@@ -612,8 +614,8 @@ static MsMerger *huge_region(MsStore **store, uint8_t **raw, uint8_t **ram)
         .view = ms_store_view(*store, 0),
         .nslots = NSLOTS,
     };
-    g_assert_true(ms_merger_add_region(m, *ram, 2 * HUGE_SIZE / page,
-                                       MS_REGION_HUGEPAGE, &ms, &err));
+    g_assert_true(ms_merger_add_region(m, *ram, 2 * HUGE_SIZE / page, flags,
+                                       &ms, &err));
     return m;
 }
 
@@ -684,7 +686,7 @@ static void test_thp_collapse(void)
     g_assert_false(are_holes(ctl, 64, 64));
     munmap(raw_ctl, 2 * HUGE_SIZE);
 
-    m = huge_region(&store, &raw, &ram);
+    m = huge_region(MS_REGION_HUGEPAGE, &store, &raw, &ram);
     if (!m) {
         return;
     }
@@ -733,8 +735,14 @@ static void test_thp_collapse(void)
  * A whole huge page of zeros made holes, then one guest write into it:
  * the write must fault one page, not a whole huge page of 2 MiB again
  * (which an MADV_DONTNEED of the whole range in one call gives, as the
- * control shows).  @batch: through ms_merge_runs(), else ms_merge_zero().
+ * control shows).  @batch: through ms_merge_runs(), else ms_merge_zero();
+ * @advised: the region has MS_REGION_HUGEPAGE, else no advice flag.
  */
+typedef struct ThpRefill {
+    bool batch;
+    bool advised;
+} ThpRefill;
+
 static void test_thp_refill(gconstpointer data)
 {
     g_autoptr(GError) err = NULL;
@@ -743,6 +751,7 @@ static void test_thp_refill(gconstpointer data)
     const size_t npages = 2 * HUGE_SIZE / page, hp = HUGE_SIZE / page;
     uint64_t huge_kb, anon_kb, huge0, anon0;
     uint8_t *raw, *ram;
+    const ThpRefill *t = data;
     MsMergeReq req;
 
     if (page != 4096) {
@@ -764,7 +773,8 @@ static void test_thp_refill(gconstpointer data)
     g_assert_cmpuint(anon_kb, ==, HUGE_SIZE / 1024);
     munmap(raw, 2 * HUGE_SIZE);
 
-    m = huge_region(&store, &raw, &ram);
+    /* THP "always": a region QEMU did not advise may be huge too */
+    m = huge_region(t->advised ? MS_REGION_HUGEPAGE : 0, &store, &raw, &ram);
     if (!m) {
         return;
     }
@@ -773,7 +783,7 @@ static void test_thp_refill(gconstpointer data)
     huge_figures(ram, 2 * HUGE_SIZE, &huge0, &anon0);
     req = (MsMergeReq) { .host = ram, .n = hp + hp / 2,
                          .first_slot = MS_MERGE_ZERO };
-    if (GPOINTER_TO_INT(data)) {
+    if (t->batch) {
         g_assert_true(ms_merge_runs(m, &req, 1, &err));
     } else {
         g_assert_true(ms_merge_zero(m, ram, hp + hp / 2, NULL, &req.res,
@@ -2365,6 +2375,12 @@ static void add_remap_fail_tests(void)
                setup, test_remap_fail_fatal, teardown);
 }
 
+static const ThpRefill thp_refill[] = {
+    { .batch = false, .advised = true },
+    { .batch = true, .advised = true },
+    { .batch = false, .advised = false },
+};
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -2380,9 +2396,11 @@ int main(int argc, char **argv)
     ADD("/merge/zero", test_zero);
     ADD("/merge/zero-unpopulated", test_zero_unpopulated);
     g_test_add_func("/merge/thp-collapse", test_thp_collapse);
-    g_test_add_data_func("/merge/thp-refill/zero", GINT_TO_POINTER(false),
+    g_test_add_data_func("/merge/thp-refill/zero", &thp_refill[0],
                          test_thp_refill);
-    g_test_add_data_func("/merge/thp-refill/runs", GINT_TO_POINTER(true),
+    g_test_add_data_func("/merge/thp-refill/runs", &thp_refill[1],
+                         test_thp_refill);
+    g_test_add_data_func("/merge/thp-refill/unadvised", &thp_refill[2],
                          test_thp_refill);
     ADD("/merge/unmerge", test_unmerge);
     ADD("/merge/unmerge-anon", test_unmerge_anon);
