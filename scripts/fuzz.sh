@@ -14,7 +14,9 @@
 #                                      fuzz-broker 60 s
 #
 # FUZZ_TIME=N sets every target's seconds, FUZZ_PROTO_TIME=N and
-# FUZZ_BROKER_TIME=N one target's (they win over FUZZ_TIME).
+# FUZZ_BROKER_TIME=N one target's (they win over FUZZ_TIME).  0 replays
+# the seeds and the corpus once, without a search (libFuzzer's own
+# -max_total_time=0 would search without end).
 #
 # Built with clang -fsanitize=fuzzer,address,undefined (Debian: clang,
 # libclang-rt-14-dev); without them the TAP run is skipped, with the reason.
