@@ -28,6 +28,15 @@
  *
  * Turning the client on sets KVM_MEM_LOG_DIRTY_PAGES on the region's
  * memory slots (a flags-only update): no slot is deleted or created.
+ *
+ * A sync can drop the BQL: under TCG, memory_region_snapshot_and_clear_dirty()
+ * waits for every vCPU to end its translation block (run_on_cpu()), in
+ * qemu_cond_wait() on the BQL.  Another thread may take it meanwhile and
+ * stop the scanner (a background snapshot's migration thread releasing
+ * the RAM), so mem_share_dirty_stop() never frees a log whose sync is in
+ * progress: it marks it stopped, and the sync frees it when it is back.
+ * mem_share_dirty_start() does not sync, so that starting never drops
+ * the BQL half way.
  */
 
 #include "qemu/osdep.h"
@@ -53,7 +62,16 @@ struct MemShareDirty {
     QemuMutex lock;             /* protects pending */
     unsigned long *pending;     /* written since the scanner last looked */
     uint64_t cpu_ns;            /* spent syncing; accessed with qatomic_* */
+    bool syncing;               /* BQL: in mem_share_dirty_sync() */
+    bool stopped;               /* BQL: stopped meanwhile, the sync frees */
 };
+
+static void mem_share_dirty_free(MemShareDirty *d)
+{
+    qemu_mutex_destroy(&d->lock);
+    g_free(d->pending);
+    g_free(d);
+}
 
 static int64_t thread_cpu_ns(void)
 {
@@ -71,9 +89,17 @@ static void mem_share_dirty_sync(void *opaque)
     uint64_t found = 0;
     int64_t t0 = get_clock(), cpu0 = thread_cpu_ns();
 
+    /* May drop the BQL (see the top of this file) */
+    d->syncing = true;
     snap = memory_region_snapshot_and_clear_dirty(d->mr, 0,
                                                   d->npages * d->page_size,
                                                   DIRTY_MEMORY_MEMSHARE);
+    d->syncing = false;
+    if (d->stopped) {
+        trace_mem_share_dirty_sync_stopped(d);
+        mem_share_dirty_free(d);
+        return;
+    }
     qemu_mutex_lock(&d->lock);
     for (size_t p = 0; p < d->npages; p += MEM_SHARE_DIRTY_RUN) {
         size_t n = MIN(MEM_SHARE_DIRTY_RUN, d->npages - p);
@@ -152,12 +178,13 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)
     /* The first time, this allocates the client's bitmap (patch 0012) */
     memory_region_set_log(d->mr, true, DIRTY_MEMORY_MEMSHARE);
     /*
-     * Our bits start clean: the next sync brings what was written since.
-     * This also resets TCG's TLB for the RAM, so that TCG's next store to
-     * each page marks our client.
+     * Our bits start clean (a previous run may have left some): the next
+     * sync brings what was written since.  Not with a snapshot, which can
+     * drop the BQL.  TCG's next store to each page marks our client:
+     * turning the log on committed a memory transaction, which flushed
+     * every vCPU's TLB.
      */
-    g_free(memory_region_snapshot_and_clear_dirty(d->mr, 0, backend->size,
-                                                  DIRTY_MEMORY_MEMSHARE));
+    memory_region_reset_dirty(d->mr, 0, backend->size, DIRTY_MEMORY_MEMSHARE);
     d->timer = timer_new_ms(QEMU_CLOCK_REALTIME, mem_share_dirty_sync, d);
     timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
               MEM_SHARE_DIRTY_SYNC_MS);
@@ -172,8 +199,12 @@ void mem_share_dirty_stop(MemShareDirty *d)
     }
     assert(bql_locked());
     timer_free(d->timer);
+    d->timer = NULL;
     memory_region_set_log(d->mr, false, DIRTY_MEMORY_MEMSHARE);
-    qemu_mutex_destroy(&d->lock);
-    g_free(d->pending);
-    g_free(d);
+    if (d->syncing) {
+        /* Its sync waits for the BQL we hold: it frees on its way out */
+        d->stopped = true;
+        return;
+    }
+    mem_share_dirty_free(d);
 }

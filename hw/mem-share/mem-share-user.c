@@ -628,11 +628,12 @@ bool mem_share_user_start(MemShareBackend *ms, Error **errp)
         ms_broker_client_set_interrupt(u->client, mem_share_user_interrupt, u);
     }
     ms_scanner_set_yield(u->scanner, mem_share_user_interrupt, u);
-    ms->user = u;
     if (ms->dirty_tracking == MEM_SHARE_DIRTY_TRACKING_KVM) {
         u->dirty = mem_share_dirty_start(ms);
         ms_scanner_set_dirty_log(u->scanner, mem_share_dirty_take, u->dirty);
     }
+    /* Whole before anyone can see it */
+    ms->user = u;
     qemu_ram_set_discard_handler(backend->mr.ram_block,
                                  mem_share_user_discard, ms);
 

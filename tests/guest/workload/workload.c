@@ -13,7 +13,8 @@
  *   ms.shared=P    percent of shared pages (default 50); the rest is unique
  *   ms.rounds=N    verify rounds, 0 = forever (default 3)
  *   ms.rewrite=P   percent of pages rewritten each round (default 0)
- *   ms.interval=S  seconds to sleep before each round (default 2)
+ *   ms.interval=S  seconds to sleep before each round (default 2; 0: none,
+ *                  the console is still read between rounds)
  *   ms.idle=1      never power off: verify every interval forever
  *   ms.corrupt=K   self-test of the verifier: flip one byte of page K-1
  *                  after the fill (0 = off, default); the first verify fails
@@ -333,11 +334,18 @@ static void watch_stdin(long ms)
     }
 }
 
-/* Sleep for `sec` seconds, watching stdin for a stop request ("q"). */
+/*
+ * Sleep for `sec` seconds, watching stdin for a stop request ("q").
+ * With 0 (rounds back to back), still look once.
+ */
 static void sleep_watch(unsigned long sec)
 {
     int64_t end = now_ns() + (int64_t)sec * 1000000000;
 
+    if (!sec) {
+        watch_stdin(0);
+        return;
+    }
     for (;;) {
         long ms = (end - now_ns()) / 1000000;
         if (ms <= 0) {
