@@ -397,8 +397,20 @@ static void test_converge(Fixture *f, gconstpointer data)
         g_assert_cmpuint(before - after, >=, want);
     }
     check_content(f);
-    /* Reading merged pages and holes changes nothing */
-    pass(f);
+    if (!st.zero_slots && !ms_read_fault_maps_zero_page()) {
+        /*
+         * This kernel gives a read of a hole a page of its own (see
+         * ms_read_fault_maps_zero_page(), and why zero=auto picks zero
+         * slots then): check_content() filled every hole, and the
+         * scanner merges them again
+         */
+        converge(f);
+        stats(f, &st);
+        g_assert_cmpuint(st.zero_merges, ==, 2 * f->zeros);
+    } else {
+        /* Reading merged pages and holes changes nothing */
+        pass(f);
+    }
     check_converged(f);
     check_content(f);
 }
@@ -1165,7 +1177,12 @@ static void test_zero_read(Fixture *f, gconstpointer data)
         }
     }
     g_assert_cmpuint(sum, ==, 0);
-    pass(f);
+    if (slots || ms_read_fault_maps_zero_page()) {
+        pass(f);
+    } else {
+        /* The reads filled the holes: merged again, as a write's would be */
+        converge(f);
+    }
     stats(f, &after);
     g_test_message("%zu zero pages read: anonymous %" PRIu64 " -> %" PRIu64
                    " KiB, zero merges %" PRIu64 " -> %" PRIu64 ", %" PRIu64
