@@ -61,11 +61,13 @@
  *      the store's keyed hash: a changed hash is a write too.  A page is
  *      a candidate once its age reaches its wait (stable_scans, plus its
  *      churn wait); with a log it is hashed then, once.
- *   4. A candidate that reads as zeros becomes a hole (ms_merge_zero):
- *      no slot and no VMA; or, where a read of a hole would fill it
- *      with a page again, it maps a zero slot (see below).  Else the
- *      stable tree: a published slot with
- *      the same bytes.  Else the unstable tree: an earlier page of this
+ *   4. A candidate whose hash is that of zeros, and that reads as
+ *      zeros, becomes a hole (ms_merge_zero): no slot and no VMA; or,
+ *      where a read of a hole would fill it with a page again, it maps
+ *      a zero slot (see below).  Only the hash decides whether to read:
+ *      a group retry revisits a page the log says is unchanged, and a
+ *      zero test of every such page cost half of a busy group's scan.
+ *      Else the stable tree: a published slot with the same bytes.  Else the unstable tree: an earlier page of this
  *      pass with the same hash and, compared now, the same bytes: a
  *      fresh slot gets the content and both pages are merged onto it.
  *      Else the page enters the unstable tree.
@@ -298,6 +300,7 @@ struct MsScanner {
     int gfd;                /* our own descriptor of the group's store */
     uint8_t *gview;         /* read-only view of it */
     bool gkey_same;         /* our store hashes with the group's key */
+    uint64_t zero_hash;     /* the hash of a page of zeros, in our key */
     GArray *glook;          /* GroupLook: this chunk's pages to look up */
     GArray *grel;           /* uint32_t: group slots to give back */
     bool in_group_flush;
@@ -428,6 +431,14 @@ static bool setup_group(MsScanner *s, GError **errp)
     return true;
 }
 
+/* After setup_group(): the group's key may have replaced ours */
+static uint64_t zero_hash(const MsScanner *s)
+{
+    g_autofree uint8_t *zeros = g_malloc0(s->page_size);
+
+    return ms_store_hash(s->store, zeros);
+}
+
 static void publish_stats(MsScanner *s);
 
 MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
@@ -470,6 +481,7 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
         !setup_merger(s, errp)) {
         return NULL;
     }
+    s->zero_hash = zero_hash(s);
     s->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (s->pagemap_fd < 0) {
         g_set_error(errp, MS_ENGINE_ERROR, errno,
@@ -1711,7 +1723,8 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
     const uint8_t *host = page_at(s, i);
     uint32_t slot;
 
-    if (ms_page_is_zero(host, s->page_size)) {
+    /* Read it for zeros only when the hash says so: see step 4 above */
+    if (h == s->zero_hash && ms_page_is_zero(host, s->page_size)) {
         return add_zero(s, i, errp);
     }
     slot = ms_store_find(s->store, h, host);
