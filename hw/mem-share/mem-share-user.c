@@ -795,6 +795,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
         gi->connected = !st.group_lost;
         gi->pages = st.group_pages;
         gi->lookups = st.group_lookups;
+        gi->retries_skipped = st.group_retries_skipped;
         gi->hits = st.group_hits;
         gi->uploads = st.group_uploads;
         gi->rejoins = st.group_rejoins;

@@ -557,7 +557,8 @@ void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
         &gs->clients, &gs->page_size, &gs->slots, &gs->slots_used,
         &gs->shared_slots, &gs->refs, &gs->bytes_held, &gs->bytes_saved,
         &gs->lookups, &gs->hits, &gs->uploads, &gs->published, &gs->refused,
-        &gs->owner, &gs->parked, &gs->refused_quota,
+        &gs->owner, &gs->parked, &gs->refused_quota, &gs->wanted,
+        &gs->unstable_resets,
     };
 
     g_assert(msg->type == MS_MSG_STATS_REPLY && i < msg->stats.count);
@@ -776,7 +777,8 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
             gs->clients, gs->page_size, gs->slots, gs->slots_used,
             gs->shared_slots, gs->refs, gs->bytes_held, gs->bytes_saved,
             gs->lookups, gs->hits, gs->uploads, gs->published, gs->refused,
-            gs->owner, gs->parked, gs->refused_quota,
+            gs->owner, gs->parked, gs->refused_quota, gs->wanted,
+            gs->unstable_resets,
         };
 
         g_assert(ms_proto_name_valid(gs->name, NULL));

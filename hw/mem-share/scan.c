@@ -121,8 +121,18 @@
  * sweep), then only in sweeps, backed off the same way (counting
  * sweeps).  Between retries the page is not visited at all: a wheel of
  * per-pass lists (retry_in()) puts it back among the pages to visit in
- * the pass its retry is due.  What a group costs follows what is new in
- * it, not the members' RAM.  A meeting is not lost:
+ * the pass its retry is due.  A due retry is asked only if something
+ * that can make it pay happened since the miss: a new slot in the group
+ * (published), a meeting, which consumes the first member's miss
+ * (wanted), the broker forgetting its misses (unstable_resets), or our
+ * own publish or loss of an unstable entry (local_news).  Nothing else
+ * turns a miss into a hit or a meeting.  One STATS round trip a pass
+ * reads the group's three counters; if nothing moved since the earliest
+ * page of the pass's list was put there, every page of it counts as
+ * missed again without a visit or a lookup (retries_due()), on the same
+ * schedule.  In a quiet group the retries of a boot's misses, most of a
+ * member's steady cost, cost one round trip a pass.  What a group costs
+ * follows what is new in it, not the members' RAM.  A meeting is not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
@@ -317,6 +327,10 @@ struct MsScanner {
     uint64_t *todo;         /* pages to visit at the next pass, clean or not */
     /* uint32_t page indexes to visit at pass p, in [p % RETRY_WHEEL] */
     GArray *retry[RETRY_WHEEL];
+    /* news() when the list of [p % RETRY_WHEEL] got its first page */
+    uint64_t retry_news[RETRY_WHEEL];
+    uint64_t local_news;    /* our own events that can make a retry pay */
+    uint64_t group_news;    /* the group's, as last read (news_since()) */
     bool sweep;             /* this pass visits and hashes every page */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
     uint64_t sweeps;        /* sweeps completed */
@@ -659,30 +673,33 @@ static unsigned age(const MsScanner *s, const PageState *p)
  * a zero test and two table lookups each), tens of thousands of pages
  * a pass for minutes after a guest filled its memory.
  */
+/*
+ * What can make a miss pay when asked again, as a sum of counters that
+ * only grow: the group's publishes, meetings and emptyings of its table
+ * of misses as last read, and ours (see "Groups").
+ */
+static uint64_t news(const MsScanner *s)
+{
+    return s->group_news + s->local_news;
+}
+
 static void retry_in(MsScanner *s, size_t i, unsigned delay)
 {
+    size_t w;
     GArray **a;
     uint32_t v = i;
 
     delay = MIN(MAX(delay, 1u), RETRY_WHEEL - 1);
-    a = &s->retry[(s->live.full_scans + delay) % RETRY_WHEEL];
+    w = (s->live.full_scans + delay) % RETRY_WHEEL;
+    a = &s->retry[w];
     if (!*a) {
         *a = g_array_new(false, false, sizeof(uint32_t));
     }
-    g_array_append_val(*a, v);
-}
-
-/* A pass begins: the retries due in it join the pages to visit */
-static void retries_due(MsScanner *s)
-{
-    GArray *a = s->retry[s->live.full_scans % RETRY_WHEEL];
-
-    if (a) {
-        for (guint k = 0; k < a->len; k++) {
-            todo_set(s, g_array_index(a, uint32_t, k));
-        }
-        g_array_set_size(a, 0);
+    if (!(*a)->len) {
+        /* Read before the lookups of its pages: never newer than them */
+        s->retry_news[w] = news(s);
     }
+    g_array_append_val(*a, v);
 }
 
 /*
@@ -1126,6 +1143,81 @@ static void group_upload_wanted(MsScanner *s, GArray *look,
     }
 }
 
+/* The group did not have page @i: ask again later, less and less often */
+static void group_missed(MsScanner *s, size_t i)
+{
+    PageState *p = &s->pg[i];
+
+    if (p->gmiss < 15) {
+        p->gmiss++;
+        if (has_log(s) && !s->sweep && p->gmiss <= GROUP_RETRIES) {
+            retry_group(s, i);
+        }
+    }
+}
+
+/*
+ * Has nothing happened since news() was @then?  Reads the group's
+ * counters (a STATS round trip); false when they cannot be read.
+ */
+static bool quiet_since(MsScanner *s, uint64_t then)
+{
+    g_autoptr(GArray) groups = NULL;
+    g_autoptr(GError) err = NULL;
+    const MsProtoGroupStats *gs;
+
+    if (!group_usable(s) || ms_broker_client_stalled(s->group)) {
+        return false;
+    }
+    if (!ms_broker_client_stats(s->group, &groups, &err)) {
+        group_failed(s, err);
+        return false;
+    }
+    if (groups->len != 1) {
+        return false;
+    }
+    gs = &g_array_index(groups, MsProtoGroupStats, 0);
+    s->group_news = gs->published + gs->wanted + gs->unstable_resets;
+    return news(s) == then;
+}
+
+/* Page @i, in the retry wheel, still waits for the group to have it */
+static bool waits_for_group(const MsScanner *s, size_t i)
+{
+    const PageState *p = &s->pg[i];
+
+    return p->slot == MS_SLOT_NONE && p->gmiss &&
+           (p->flags & PG_KNOWN) && !(p->flags & (PG_ZERO | PG_PENDING));
+}
+
+/*
+ * A pass begins: the retries due in it join the pages to visit.  If
+ * nothing happened since they were put on the wheel, their lookups
+ * would miss again: count them missed, without a visit or a lookup.
+ */
+static void retries_due(MsScanner *s)
+{
+    size_t w = s->live.full_scans % RETRY_WHEEL;
+    GArray *a = s->retry[w];
+    bool quiet;
+
+    if (!a || !a->len) {
+        return;
+    }
+    quiet = !s->sweep && quiet_since(s, s->retry_news[w]);
+    for (guint k = 0; k < a->len; k++) {
+        uint32_t i = g_array_index(a, uint32_t, k);
+
+        if (quiet && waits_for_group(s, i)) {
+            s->live.group_retries_skipped++;
+            group_missed(s, i);
+        } else {
+            todo_set(s, i);
+        }
+    }
+    g_array_set_size(a, 0);
+}
+
 /* A lookup that was not answered: neither a miss nor a hit */
 #define GROUP_UNASKED 0xff
 
@@ -1151,12 +1243,8 @@ static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
         }
         g_array_append_val(s->grel, r.slot);
     }
-    if (r.status == MS_STATUS_NOT_FOUND && s->pg[l->page].gmiss < 15) {
-        s->pg[l->page].gmiss++;
-        if (has_log(s) && !s->sweep &&
-            s->pg[l->page].gmiss <= GROUP_RETRIES) {
-            retry_group(s, l->page);
-        }
+    if (r.status == MS_STATUS_NOT_FOUND) {
+        group_missed(s, l->page);
     }
     return add_unstable(s, l->page, l->hash, errp);
 }
@@ -1351,6 +1439,8 @@ static bool new_slots(MsScanner *s, const Batch *b, uint32_t *slot,
             return true;
         }
     }
+    /* A retry may find these slots (see news()) */
+    s->local_news++;
     for (size_t k = 0; k < *n; k++) {
         if (!ms_store_publish(s->store, *slot + k, page_at(s, b->first + k),
                               errp)) {
@@ -1623,7 +1713,9 @@ static void unstable_add(MsScanner *s, size_t i, uint64_t h)
     if (!*e) {
         if (s->unstable_used + 1 > (s->unstable_mask + 1) / 2) {
             if (!unstable_grow(s)) {
-                return;     /* a miss: this page waits for the next sweep */
+                /* A miss: this page waits for the next sweep, or a retry */
+                s->local_news++;
+                return;
             }
             e = unstable_find(s, h);
         }
@@ -1631,6 +1723,7 @@ static void unstable_add(MsScanner *s, size_t i, uint64_t h)
     } else {
         /* Same hash: a page that changed, or a collision.  It goes. */
         s->pg[*e - 1].flags &= ~PG_UNSTABLE;
+        s->local_news++;
     }
     *e = i + 1;
     s->pg[i].flags |= PG_UNSTABLE;
@@ -1677,6 +1770,7 @@ static void unstable_clear(MsScanner *s)
     }
     memset(s->unstable, 0, (s->unstable_mask + 1) * sizeof(*s->unstable));
     s->unstable_used = 0;
+    s->local_news++;
 }
 
 /* The unstable tree: pair with an earlier page, or wait for a later one */
@@ -2020,10 +2114,11 @@ static void end_full_scan(MsScanner *s)
     adapt_to_churn(s);
     s->sweeps += s->sweep;
     s->live.full_scans++;
-    retries_due(s);
     s->sweep = !has_log(s) || s->sweep_asked ||
                s->live.full_scans % MS_SCAN_SWEEP_EVERY == 0;
     s->sweep_asked = false;
+    /* After the choice: a sweep visits every page, and asks anyway */
+    retries_due(s);
     s->blocked_vmas = -1;
 }
 
@@ -2135,6 +2230,11 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     /* Its misses too: ask the new one about every page at once */
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].gmiss = 0;
+    }
+    /* Its counters start again: nothing read from the old one compares */
+    s->group_news = 0;
+    for (size_t w = 0; w < RETRY_WHEEL; w++) {
+        s->retry_news[w] = UINT64_MAX;
     }
     ms_scanner_sweep(s);
     s->live.group_lost = 0;

@@ -174,6 +174,7 @@ typedef struct MsScanStats {
     uint64_t refused_nomem;     /* merges refused: the kernel's mmap() */
     uint64_t group_pages;       /* now: pages that map the group's store */
     uint64_t group_lookups;     /* pages looked up in the group */
+    uint64_t group_retries_skipped; /* retries not asked: nothing new */
     uint64_t group_hits;        /* of which the group had, same bytes */
     uint64_t group_uploads;     /* pages given to the group (WANTED) */
     uint64_t group_lost;        /* 1 while the broker connection is lost */

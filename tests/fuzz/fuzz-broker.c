@@ -965,6 +965,7 @@ static void check_group_stats(FzClient *c, const MsProtoGroupStats *gs,
         gs->slots_used > gs->slots || gs->shared_slots > gs->slots_used ||
         gs->refs < gs->slots_used || gs->hits > gs->lookups ||
         gs->published > gs->uploads || gs->refused_quota > gs->refused ||
+        gs->wanted > gs->lookups - gs->hits ||
         gs->bytes_saved != (gs->refs - gs->slots_used) * ps) {
         fail("client %d: STATS of group %s do not add up", c->index,
              gs->name);

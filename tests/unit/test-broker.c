@@ -323,9 +323,12 @@ static void test_wanted(Fixture *f, gconstpointer data)
     g_assert_cmpuint(lookup(a, h).status, ==, MS_STATUS_NOT_FOUND);
     g_assert_cmpuint(lookup(x, ms_broker_client_hash(x, p)).status, ==,
                      MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(stats(a).wanted, ==, 0);
     r = lookup(b, h);
     g_assert_cmpuint(r.status, ==, MS_STATUS_WANTED);
     g_assert_cmpuint(r.slot, ==, UINT32_MAX);
+    /* What a member waits for before it asks a miss again (scan.c) */
+    g_assert_cmpuint(stats(a).wanted, ==, 1);
     slot = upload(b, p);
     r = lookup(a, h);
     g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
@@ -340,7 +343,8 @@ static void test_wanted(Fixture *f, gconstpointer data)
  * The unstable table has an entry for each slot of the store and is
  * emptied when half full (broker.c, "Meeting"): a pending meeting
  * survives fewer misses than that, and a wipe only costs a meeting one
- * more round.
+ * more round.  STATS counts the wipes: members ask their misses again
+ * after one (scan.c, "Groups").
  */
 static void test_unstable_full(Fixture *f, gconstpointer data)
 {
@@ -355,6 +359,7 @@ static void test_unstable_full(Fixture *f, gconstpointer data)
         g_assert_cmpuint(lookup(x, h + k).status, ==, MS_STATUS_NOT_FOUND);
     }
     g_assert_cmpuint(lookup(b, h).status, ==, MS_STATUS_WANTED);
+    g_assert_cmpuint(stats(a).unstable_resets, ==, 0);
 
     /* Past half full, the table starts again: the meeting waits a round */
     g_assert_cmpuint(lookup(a, h + NSLOTS).status, ==, MS_STATUS_NOT_FOUND);
@@ -362,6 +367,8 @@ static void test_unstable_full(Fixture *f, gconstpointer data)
         g_assert_cmpuint(lookup(x, h + NSLOTS + k).status, ==,
                          MS_STATUS_NOT_FOUND);
     }
+    g_assert_cmpuint(stats(a).unstable_resets, ==, 1);
+    g_assert_cmpuint(stats(a).wanted, ==, 1);
     g_assert_cmpuint(lookup(b, h + NSLOTS).status, ==, MS_STATUS_NOT_FOUND);
     g_assert_cmpuint(lookup(a, h + NSLOTS).status, ==, MS_STATUS_WANTED);
 }

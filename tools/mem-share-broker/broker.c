@@ -59,7 +59,10 @@
  * bucket run and a tag (one lookup in 2^32) make a member upload a page
  * nobody else has, and a client id that wrapped makes a member miss one
  * meeting.  The bytes are compared before anyone maps anything, as
- * always.
+ * always.  STATS counts the meetings (wanted) and the emptyings
+ * (unstable_resets): with published, they are all that can turn a
+ * member's miss into a hit or a meeting, and members read them to
+ * know whether asking again can pay.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
@@ -242,6 +245,7 @@ struct Group {
     uint32_t unstable_used;     /* entries and tombstones */
     MsHashKey unstable_key;     /* the broker's: picks the bucket */
     uint64_t lookups, hits, uploads, published, refused, refused_quota;
+    uint64_t wanted, unstable_resets;  /* see "Meeting" */
 };
 
 struct Client {
@@ -995,6 +999,7 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
             return MS_STATUS_NOT_FOUND;
         }
         u->client = UNSTABLE_GONE;
+        g->wanted++;
         return MS_STATUS_WANTED;
     }
     if (free->client == UNSTABLE_FREE) {
@@ -1002,6 +1007,7 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
             memset(g->unstable, 0,
                    (g->unstable_mask + 1ull) * sizeof(*g->unstable));
             g->unstable_used = 0;
+            g->unstable_resets++;
             unstable_find(g, k, &free);
         }
         g->unstable_used++;
@@ -1174,6 +1180,8 @@ static void group_stats(Group *g, MsProtoGroupStats *gs)
     gs->owner = g->kind == GROUP_PRIVATE ? g->owner : MS_PROTO_OWNER_NONE;
     gs->parked = g->nparked;
     gs->refused_quota = g->refused_quota;
+    gs->wanted = g->wanted;
+    gs->unstable_resets = g->unstable_resets;
 }
 
 /*

@@ -189,6 +189,8 @@ static void print_stats(const MsProtoGroupStats *gs)
     printf("  published     %" PRIu64 "\n", gs->published);
     printf("  refused       %" PRIu64 "\n", gs->refused);
     printf("  refused-quota %" PRIu64 "\n", gs->refused_quota);
+    printf("  wanted        %" PRIu64 "\n", gs->wanted);
+    printf("  resets        %" PRIu64 "\n", gs->unstable_resets);
 }
 
 static int stats_main(const char *path, const char *group)
