@@ -130,9 +130,11 @@
  * reads the group's three counters; if nothing moved since the earliest
  * page of the pass's list was put there, every page of it counts as
  * missed again without a visit or a lookup (retries_due()), on the same
- * schedule.  In a quiet group the retries of a boot's misses, most of a
- * member's steady cost, cost one round trip a pass.  What a group costs
- * follows what is new in it, not the members' RAM.  A meeting is not lost:
+ * schedule.  The counters are the group's, not this member's: in a
+ * group of eight fleet guests something happens somewhere nearly every
+ * pass, and few retries are skipped (docs/bench.md).  What a group
+ * costs follows what is new in it, not the members' RAM.  A meeting is
+ * not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
  * next lookup, at most 1 << GROUP_BACKOFF scans later.  Writes
