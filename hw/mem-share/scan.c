@@ -67,7 +67,8 @@
  *      a zero slot (see below).  Only the hash decides whether to read:
  *      a group retry revisits a page the log says is unchanged, and a
  *      zero test of every such page cost half of a busy group's scan.
- *      Else the stable tree: a published slot with the same bytes.  Else the unstable tree: an earlier page of this
+ *      Else the stable tree: a published slot with the same bytes.
+ *      Else the unstable tree: an earlier page of this
  *      pass with the same hash and, compared now, the same bytes: a
  *      fresh slot gets the content and both pages are merged onto it.
  *      Else the page enters the unstable tree.
@@ -128,11 +129,13 @@
  * own publish or loss of an unstable entry (local_news).  Nothing else
  * turns a miss into a hit or a meeting.  One STATS round trip a pass
  * reads the group's three counters; if nothing moved since the earliest
- * page of the pass's list was put there, every page of it counts as
- * missed again without a visit or a lookup (retries_due()), on the same
- * schedule.  The counters are the group's, not this member's: in a
- * group of eight fleet guests something happens somewhere nearly every
- * pass, and few retries are skipped (docs/bench.md).  What a group
+ * lookup of the pages due in the pass, every page that still waits counts
+ * as missed again without a visit or a lookup (retries_due()), on the
+ * same schedule.  A page put back on the wheel without a lookup counts
+ * as asked before any news.  The counters are the group's, not this
+ * member's: in a group of eight fleet guests something happens
+ * somewhere nearly every pass, and few retries are skipped
+ * (docs/bench.md).  What a group
  * costs follows what is new in it, not the members' RAM.  A meeting is
  * not lost:
  * the first member's miss waits in the broker's unstable table, the
@@ -329,10 +332,10 @@ struct MsScanner {
     uint64_t *todo;         /* pages to visit at the next pass, clean or not */
     /* uint32_t page indexes to visit at pass p, in [p % RETRY_WHEEL] */
     GArray *retry[RETRY_WHEEL];
-    /* news() when the list of [p % RETRY_WHEEL] got its first page */
+    /* news() before the earliest lookup of the pages in retry[w] */
     uint64_t retry_news[RETRY_WHEEL];
     uint64_t local_news;    /* our own events that can make a retry pay */
-    uint64_t group_news;    /* the group's, as last read (news_since()) */
+    uint64_t group_news;    /* the group's, as last read (quiet_since()) */
     bool sweep;             /* this pass visits and hashes every page */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
     uint64_t sweeps;        /* sweeps completed */
@@ -669,13 +672,6 @@ static unsigned age(const MsScanner *s, const PageState *p)
 }
 
 /*
- * Visit page @i again @delay passes from now, not before: the next
- * group lookup of a miss (group_due()).  Keeping the page in the todo
- * map instead would visit it at every pass in between (a pagemap read,
- * a zero test and two table lookups each), tens of thousands of pages
- * a pass for minutes after a guest filled its memory.
- */
-/*
  * What can make a miss pay when asked again, as a sum of counters that
  * only grow: the group's publishes, meetings and emptyings of its table
  * of misses as last read, and ours (see "Groups").
@@ -685,7 +681,16 @@ static uint64_t news(const MsScanner *s)
     return s->group_news + s->local_news;
 }
 
-static void retry_in(MsScanner *s, size_t i, unsigned delay)
+/*
+ * Visit page @i again @delay passes from now, not before: the next
+ * group lookup of a miss (group_due()).  Keeping the page in the todo
+ * map instead would visit it at every pass in between (a pagemap read,
+ * a zero test and two table lookups each), tens of thousands of pages
+ * a pass for minutes after a guest filled its memory.
+ * @asked is news() from before the page's last lookup, or 0 when that is
+ * not known (0 is as old as any news): a list keeps its earliest.
+ */
+static void retry_in(MsScanner *s, size_t i, unsigned delay, uint64_t asked)
 {
     size_t w;
     GArray **a;
@@ -697,10 +702,7 @@ static void retry_in(MsScanner *s, size_t i, unsigned delay)
     if (!*a) {
         *a = g_array_new(false, false, sizeof(uint32_t));
     }
-    if (!(*a)->len) {
-        /* Read before the lookups of its pages: never newer than them */
-        s->retry_news[w] = news(s);
-    }
+    s->retry_news[w] = (*a)->len ? MIN(s->retry_news[w], asked) : asked;
     g_array_append_val(*a, v);
 }
 
@@ -724,12 +726,12 @@ static unsigned wait_of(const MsScanner *s, const PageState *p)
 }
 
 /* The next lookup of a group miss: 1, 2, 4, ... passes after the first */
-static void retry_group(MsScanner *s, size_t i)
+static void retry_group(MsScanner *s, size_t i, uint64_t asked)
 {
     const PageState *p = &s->pg[i];
     int delay = (int)(wait_of(s, p) + (1u << p->gmiss)) - (int)age(s, p);
 
-    retry_in(s, i, MAX(delay, 1));
+    retry_in(s, i, MAX(delay, 1), asked);
 }
 
 static void set_volatile(MsScanner *s, PageState *p, bool on)
@@ -1145,15 +1147,18 @@ static void group_upload_wanted(MsScanner *s, GArray *look,
     }
 }
 
-/* The group did not have page @i: ask again later, less and less often */
-static void group_missed(MsScanner *s, size_t i)
+/*
+ * The group did not have page @i, asked when news() was @asked: ask
+ * again later, less and less often
+ */
+static void group_missed(MsScanner *s, size_t i, uint64_t asked)
 {
     PageState *p = &s->pg[i];
 
     if (p->gmiss < 15) {
         p->gmiss++;
         if (has_log(s) && !s->sweep && p->gmiss <= GROUP_RETRIES) {
-            retry_group(s, i);
+            retry_group(s, i, asked);
         }
     }
 }
@@ -1201,18 +1206,22 @@ static void retries_due(MsScanner *s)
 {
     size_t w = s->live.full_scans % RETRY_WHEEL;
     GArray *a = s->retry[w];
-    bool quiet;
+    int quiet = -1;         /* not read yet: only for a page that waits */
 
-    if (!a || !a->len) {
+    if (!a) {
         return;
     }
-    quiet = !s->sweep && quiet_since(s, s->retry_news[w]);
     for (guint k = 0; k < a->len; k++) {
         uint32_t i = g_array_index(a, uint32_t, k);
+        bool waits = !s->sweep && waits_for_group(s, i);
 
-        if (quiet && waits_for_group(s, i)) {
+        if (waits && quiet < 0) {
+            quiet = quiet_since(s, s->retry_news[w]);
+        }
+        if (waits && quiet) {
+            /* As if asked now, with nothing new: see quiet_since() */
             s->live.group_retries_skipped++;
-            group_missed(s, i);
+            group_missed(s, i, news(s));
         } else {
             todo_set(s, i);
         }
@@ -1224,7 +1233,7 @@ static void retries_due(MsScanner *s)
 #define GROUP_UNASKED 0xff
 
 static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
-                         bool uploaded, GError **errp)
+                         bool uploaded, uint64_t asked, GError **errp)
 {
     if (uploaded) {
         /* Our own bytes, or bytes the broker found equal to them */
@@ -1246,7 +1255,7 @@ static bool group_result(MsScanner *s, const GroupLook *l, MsProtoResult r,
         g_array_append_val(s->grel, r.slot);
     }
     if (r.status == MS_STATUS_NOT_FOUND) {
-        group_missed(s, l->page);
+        group_missed(s, l->page, asked);
     }
     return add_unstable(s, l->page, l->hash, errp);
 }
@@ -1259,6 +1268,8 @@ static bool group_flush(MsScanner *s, GError **errp)
     g_autofree MsProtoResult *res = NULL;
     g_autofree bool *uploaded = NULL;
     g_autoptr(GError) err = NULL;
+    /* Before the LOOKUP: a miss's stamp is never newer than its lookup */
+    uint64_t asked = news(s);
     bool ok = true;
 
     if (!s->glook || !s->glook->len) {
@@ -1295,7 +1306,7 @@ static bool group_flush(MsScanner *s, GError **errp)
     s->in_group_flush = true;
     for (guint k = 0; ok && k < look->len; k++) {
         ok = group_result(s, &g_array_index(look, GroupLook, k), res[k],
-                          uploaded[k], errp);
+                          uploaded[k], asked, errp);
         /* After an error the rest are not merged: their slots go back */
         if (!ok) {
             group_give_back(s, res + k + 1, look->len - k - 1);
@@ -1840,7 +1851,8 @@ static bool candidate(MsScanner *s, size_t i, uint64_t h, GError **errp)
             return true;
         }
         if (has_log(s) && !s->sweep && s->pg[i].gmiss <= GROUP_RETRIES) {
-            retry_group(s, i);
+            /* Not asked now, and when it was is not kept: 0 */
+            retry_group(s, i, 0);
         }
     }
     return add_unstable(s, i, h, errp);
@@ -2235,9 +2247,7 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     }
     /* Its counters start again: nothing read from the old one compares */
     s->group_news = 0;
-    for (size_t w = 0; w < RETRY_WHEEL; w++) {
-        s->retry_news[w] = UINT64_MAX;
-    }
+    memset(s->retry_news, 0, sizeof(s->retry_news));
     ms_scanner_sweep(s);
     s->live.group_lost = 0;
     s->live.group_rejoins++;
