@@ -123,6 +123,11 @@ SCALING_FIELDS = ["config", "guests", "saved_mib", "saved_pss_mib", "steady_cpu_
 # mode=user counters of the engine's churn handling (query-mem-share's
 # `user`): printed and sampled when the QEMU reports them
 CHURN_KEYS = ("churn-skips", "merges-wasted")
+# ... and what the scanner did, summed over the guests: the steady window's
+# deltas say what its CPU went on
+WORK_KEYS = ("full-scans", "pages-dirty", "candidates", "merges",
+             "cow-breaks", "group.lookups", "group.hits", "group.uploads",
+             "group.retries-skipped")
 
 
 def say(msg=""):
@@ -605,6 +610,7 @@ class Run:
         qcpu = 0.0
         merged = zero = ucpu = ubytes = 0
         churn = {}
+        work = {}
         uscans = []
         ours = set()
         for g in guests:
@@ -630,6 +636,10 @@ class Run:
                 for key in CHURN_KEYS:
                     if key in us:
                         churn[key] = churn.get(key, 0) + us[key]
+                for key, v in flat(dict(us, **{"full-scans": e.get("full-scans", 0),
+                                               "cow-breaks": e.get("cow-breaks", 0)})):
+                    if key in WORK_KEYS:
+                        work[key] = work.get(key, 0) + v
         # The group's broker is part of mem-share's cost: its memory (the
         # store's pages that no guest maps, its index) and its CPU (hashing
         # uploads, lookups) count as the QEMUs' do.
@@ -687,6 +697,7 @@ class Run:
                  interference=";".join(bad + (["others"] if oth else [])),
                  churn_skips=churn.get("churn-skips"),
                  merges_wasted=churn.get("merges-wasted"),
+                 work=work,
                  thp_mib=thp / 1024)
         ev = thp_events()
         for key in THP_EVENTS:
@@ -927,6 +938,8 @@ class Run:
             v0, v1 = span[0].get(key), span[-1].get(key)
             r[key] = v1
             r[key + "_steady"] = v1 - v0 if None not in (v0, v1) else None
+        w0, w1 = span[0].get("work") or {}, span[-1].get("work") or {}
+        r["work_steady"] = [(k, w1[k] - w0[k]) for k in WORK_KEYS if k in w0 and k in w1]
         r["full_scans_since_fill"] = post[-1].get("full_scans_since_fill", 0)
         r["query"] = self.last_entry
         r["activity"] = self.activity
@@ -1175,6 +1188,9 @@ def count_report(runs, args, add):
                 % (fmt(u["churn_skips"], "%d"), fmt(u["merges_wasted"], "%d"),
                    fmt(u["churn_skips_steady"], "%d"),
                    fmt(u["merges_wasted_steady"], "%d")))
+        if u.get("work_steady"):
+            add("  all guests, in the steady window (%.0f s): %s"
+                % (u["steady_s"], ", ".join("%s +%d" % kv for kv in u["work_steady"])))
     return targets
 
 
