@@ -31,12 +31,14 @@
  * time, passes over everything else: no pagemap read, no hash, no table
  * lookup.  A written page is not read either: it is marked (age 0) and
  * read once, when its age reaches its wait; then it is a candidate.
- * Every MS_SCAN_SWEEP_EVERY passes, after ms_scanner_sweep() and
- * without a log, a sweep visits and hashes every page, as every pass
- * did before the log: a write the log missed (a kernel vhost backend
- * writes behind it) shows as a changed hash, merged pages it broke as
- * private ones.  Correctness never depends on the log: every merge
- * compares the frozen page.
+ * A sweep visits and hashes pages whatever the log says, as every
+ * pass did before the log: a write the log missed (a kernel vhost
+ * backend writes behind it) shows as a changed hash, merged pages it
+ * broke as private ones.  Each pass sweeps one chunk in
+ * MS_SCAN_SWEEP_EVERY (chunk_swept()), so every page is read once a
+ * round at an even cost; the pass after ms_scanner_sweep(), and every
+ * pass without a log, sweeps them all.  Correctness never depends on
+ * the log: every merge compares the frozen page.
  *
  * Per guest page the scanner keeps 16 bytes (KSM's rmap_item is 64):
  * the hash seen at the last read, the pass it was last written or
@@ -230,7 +232,7 @@
 #include "mem-share/ksm.h"
 
 /* Pages per chunk: one pagemap read, one sharing test, batches inside */
-#define CHUNK 512
+#define CHUNK MS_SCAN_CHUNK
 
 /* Churn: at most this many scans more than stable_scans */
 #define MAX_EXTRA_SCANS 8
@@ -336,9 +338,10 @@ struct MsScanner {
     uint64_t retry_news[RETRY_WHEEL];
     uint64_t local_news;    /* our own events that can make a retry pay */
     uint64_t group_news;    /* the group's, as last read (quiet_since()) */
-    bool sweep;             /* this pass visits and hashes every page */
+    bool sweep;             /* this chunk: visit and hash every page */
+    bool sweep_pass;        /* this pass sweeps every chunk */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
-    uint64_t sweeps;        /* sweeps completed */
+    uint64_t sweeps;        /* whole-pass sweeps completed */
     MsScanYieldFn *yield;   /* ms_scanner_set_yield() */
     void *yield_opaque;
     MsScanStats live;       /* the scanner thread's */
@@ -481,7 +484,7 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     s->pg = g_new0(PageState, s->npages);
     /* A spare word: todo_bits() reads one past the last page's */
     s->todo = g_new0(uint64_t, s->npages / 64 + 2);
-    s->sweep = !cfg->dirty_take;
+    s->sweep_pass = !cfg->dirty_take;
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].slot = MS_SLOT_NONE;
     }
@@ -1213,7 +1216,7 @@ static void retries_due(MsScanner *s)
     }
     for (guint k = 0; k < a->len; k++) {
         uint32_t i = g_array_index(a, uint32_t, k);
-        bool waits = !s->sweep && waits_for_group(s, i);
+        bool waits = !s->sweep_pass && waits_for_group(s, i);
 
         if (waits && quiet < 0) {
             quiet = quiet_since(s, s->retry_news[w]);
@@ -1819,7 +1822,8 @@ static bool group_due(MsScanner *s, size_t i)
             return miss <= GROUP_RETRIES &&
                    age(s, &s->pg[i]) >= wait_of(s, &s->pg[i]) + (1u << miss);
         }
-        scans = s->sweeps;
+        /* A chunk is swept once a round (chunk_swept()), and when asked */
+        scans = s->sweeps + s->live.full_scans / MS_SCAN_SWEEP_EVERY;
     }
     /* Offset by the page: not all the misses of one scan come back at once */
     return ((scans + i) & ((1u << shift) - 1)) == 0;
@@ -1919,7 +1923,7 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, bool dirty,
 void ms_scanner_sweep(MsScanner *s)
 {
     if (s->cursor == 0) {
-        s->sweep = true;        /* the next pass starts with the next step */
+        s->sweep_pass = true;   /* the next pass starts with the next step */
     } else {
         s->sweep_asked = true;
     }
@@ -1936,7 +1940,7 @@ void ms_scanner_set_dirty_log(MsScanner *s, MsDirtyTakeFn *take,
 {
     s->cfg.dirty_take = take;
     s->cfg.dirty_opaque = opaque;
-    s->sweep = !take;
+    s->sweep_pass = !take;
 }
 
 /* This chunk's dirty bits, taken before its pages are read */
@@ -2037,11 +2041,28 @@ static bool work_span(const uint64_t *work, size_t n, size_t *lo, size_t *hi)
     return any;
 }
 
+/*
+ * Is the chunk of page @first swept in this pass?  Besides the whole
+ * passes asked (or without a log), each pass sweeps the chunks whose
+ * number is its own modulo MS_SCAN_SWEEP_EVERY: every page is read once
+ * a round of that many passes, and each pass pays the same small share
+ * of it.  Whole sweeps every so many passes cost a full read of the RAM
+ * (and a group lookup of every page that missed) at once, a burst that
+ * came to most of the CPU a quiet group of eight spent.
+ */
+static bool chunk_swept(const MsScanner *s, size_t first)
+{
+    /* Chunk c in the passes E - 1 - c (mod E): none early in a small one */
+    return s->sweep_pass ||
+           (first / CHUNK + s->live.full_scans + 1) % MS_SCAN_SWEEP_EVERY == 0;
+}
+
 static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
 {
     uint64_t work[CHUNK / 64];
     size_t lo = 0, hi = 0;
 
+    s->sweep = chunk_swept(s, first);
     take_dirty(s, first, n);
     chunk_work(s, first, n, work);
     visit_written_pages(s, first, n, work);
@@ -2126,10 +2147,9 @@ static void end_full_scan(MsScanner *s)
 {
     follow_map_limit(s);
     adapt_to_churn(s);
-    s->sweeps += s->sweep;
+    s->sweeps += s->sweep_pass;
     s->live.full_scans++;
-    s->sweep = !has_log(s) || s->sweep_asked ||
-               s->live.full_scans % MS_SCAN_SWEEP_EVERY == 0;
+    s->sweep_pass = !has_log(s) || s->sweep_asked;
     s->sweep_asked = false;
     /* After the choice: a sweep visits every page, and asks anyway */
     retries_due(s);
@@ -2143,7 +2163,9 @@ bool ms_scanner_step(MsScanner *s, size_t max_pages, size_t *scanned,
     bool ok = true;
 
     while (ok && done < max_pages) {
-        size_t n = MIN(MIN(CHUNK, s->npages - s->cursor), max_pages - done);
+        /* A step stays inside one CHUNK-aligned chunk: see chunk_swept() */
+        size_t n = MIN(MIN(CHUNK - s->cursor % CHUNK, s->npages - s->cursor),
+                       max_pages - done);
 
         ok = scan_chunk(s, s->cursor, n, errp);
         if (ok) {
