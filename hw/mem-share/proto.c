@@ -558,7 +558,7 @@ void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
         &gs->shared_slots, &gs->refs, &gs->bytes_held, &gs->bytes_saved,
         &gs->lookups, &gs->hits, &gs->uploads, &gs->published, &gs->refused,
         &gs->owner, &gs->parked, &gs->refused_quota, &gs->wanted,
-        &gs->unstable_resets,
+        &gs->unstable_resets, &gs->met,
     };
 
     g_assert(msg->type == MS_MSG_STATS_REPLY && i < msg->stats.count);
@@ -778,7 +778,7 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
             gs->shared_slots, gs->refs, gs->bytes_held, gs->bytes_saved,
             gs->lookups, gs->hits, gs->uploads, gs->published, gs->refused,
             gs->owner, gs->parked, gs->refused_quota, gs->wanted,
-            gs->unstable_resets,
+            gs->unstable_resets, gs->met,
         };
 
         g_assert(ms_proto_name_valid(gs->name, NULL));

@@ -125,20 +125,20 @@
  * sweeps).  Between retries the page is not visited at all: a wheel of
  * per-pass lists (retry_in()) puts it back among the pages to visit in
  * the pass its retry is due.  A due retry is asked only if something
- * that can make it pay happened since the miss: a new slot in the group
- * (published), a meeting, which consumes the first member's miss
- * (wanted), the broker forgetting its misses (unstable_resets), or our
- * own publish or loss of an unstable entry (local_news).  Nothing else
- * turns a miss into a hit or a meeting.  One STATS round trip a pass
- * reads the group's three counters; if nothing moved since the earliest
- * lookup of the pages due in the pass, every page that still waits counts
- * as missed again without a visit or a lookup (retries_due()), on the
- * same schedule.  A page put back on the wheel without a lookup counts
- * as asked before any news.  The counters are the group's, not this
- * member's: in a group of eight fleet guests something happens
- * somewhere nearly every pass, and few retries are skipped
- * (docs/bench.md).  What a group
- * costs follows what is new in it, not the members' RAM.  A meeting is
+ * that can make it pay happened since the miss.  Our miss waits in the
+ * broker's table of misses until a meeting or a new slot with its hash
+ * answers it, or the broker empties the table; it then counts the
+ * answer for us (met) or the emptying (unstable_resets).  With our own
+ * publish or loss of an unstable entry (local_news), nothing else turns
+ * a miss into a hit or a meeting: not the other members' meetings,
+ * which in a group of eight happen nearly every pass (counting those
+ * skipped almost no retry there, docs/bench.md).  One STATS round trip
+ * a pass reads the two counters; if nothing moved since the earliest
+ * lookup of the pages due in the pass, every page that still waits
+ * counts as missed again without a visit or a lookup (retries_due()), on
+ * the same schedule.  A page put back on the wheel without a lookup
+ * counts as asked before any news.  What a group costs follows what is
+ * new for its members, not their RAM.  A meeting is
  * not lost:
  * the first member's miss waits in the broker's unstable table, the
  * second member uploads at once, and the first finds the slot at its
@@ -337,7 +337,7 @@ struct MsScanner {
     /* news() before the earliest lookup of the pages in retry[w] */
     uint64_t retry_news[RETRY_WHEEL];
     uint64_t local_news;    /* our own events that can make a retry pay */
-    uint64_t group_news;    /* the group's, as last read (quiet_since()) */
+    uint64_t group_news;    /* the broker's, as last read (quiet_since()) */
     bool sweep;             /* this chunk: visit and hash every page */
     bool sweep_pass;        /* this pass sweeps every chunk */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
@@ -676,8 +676,8 @@ static unsigned age(const MsScanner *s, const PageState *p)
 
 /*
  * What can make a miss pay when asked again, as a sum of counters that
- * only grow: the group's publishes, meetings and emptyings of its table
- * of misses as last read, and ours (see "Groups").
+ * only grow: our misses the broker answered and its emptyings of its
+ * table of misses as last read, and ours (see "Groups").
  */
 static uint64_t news(const MsScanner *s)
 {
@@ -1167,7 +1167,7 @@ static void group_missed(MsScanner *s, size_t i, uint64_t asked)
 }
 
 /*
- * Has nothing happened since news() was @then?  Reads the group's
+ * Has nothing happened since news() was @then?  Reads the broker's
  * counters (a STATS round trip); false when they cannot be read.
  */
 static bool quiet_since(MsScanner *s, uint64_t then)
@@ -1187,7 +1187,7 @@ static bool quiet_since(MsScanner *s, uint64_t then)
         return false;
     }
     gs = &g_array_index(groups, MsProtoGroupStats, 0);
-    s->group_news = gs->published + gs->wanted + gs->unstable_resets;
+    s->group_news = gs->met + gs->unstable_resets;
     return news(s) == then;
 }
 

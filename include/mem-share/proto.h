@@ -112,9 +112,10 @@ typedef struct MsProtoGroupStats {
     uint64_t refused_quota;     /* of @refused: a client's or a uid's quota */
     uint64_t wanted;            /* entries answered WANTED: meetings */
     uint64_t unstable_resets;   /* times the unstable table was emptied */
+    uint64_t met;               /* a member's: its misses answered, else 0 */
 } MsProtoGroupStats;
 
-#define MS_PROTO_GROUP_STATS_FIELDS 18     /* the uint64_t fields above */
+#define MS_PROTO_GROUP_STATS_FIELDS 19     /* the uint64_t fields above */
 
 /* MsProtoGroupStats.owner of a group the operator declared */
 #define MS_PROTO_OWNER_NONE UINT64_MAX

@@ -710,15 +710,44 @@ static uint64_t pass_visits(Region *r)
 /*
  * With a dirty log, a page the group missed is due again 1, 3, 7, ...
  * passes after its first lookup, and not visited in between.  A due
- * retry is asked only if the group has news since the miss (a new
- * slot, a meeting, its misses forgotten): A alone misses everything,
- * nothing happens in the group, and its retries come and go without a
- * visit or a lookup.  Then B joins: its lookups meet A's misses in the
- * broker's unstable table, B uploads, and A maps the slots at its next
- * retry, which the news lets through.
+ * retry is asked only if one of its misses was answered since (a
+ * meeting, or a new slot with its hash) or the broker forgot them: A
+ * misses everything, and while two other members meet and publish
+ * nothing A wants, its retries come and go without a visit or a
+ * lookup.  Then B joins: its lookups meet A's misses in the broker's
+ * unstable table, B uploads, and A maps the slots at its next retry,
+ * which the news lets through.
  */
+/* Two members of g1 that are not regions meet over a page A lacks */
+static void others_meet(Fixture *f, uint64_t seed)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsBrokerClient) d = NULL;
+    g_autoptr(MsBrokerClient) e = NULL;
+    g_autofree uint8_t *p = g_malloc(page);
+    uint64_t h;
+    MsProtoResult r;
+
+    d = ms_broker_client_connect_as(f->path, broker_uid, "g1", "vm-d", 0,
+                                    &err);
+    g_assert_no_error(err);
+    e = ms_broker_client_connect_as(f->path, broker_uid, "g1", "vm-e", 0,
+                                    &err);
+    g_assert_no_error(err);
+    fill(p, seed);
+    h = ms_broker_client_hash(d, p);
+    g_assert_true(ms_broker_client_lookup(d, &h, 1, &r, &err));
+    g_assert_cmpuint(r.status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_true(ms_broker_client_lookup(e, &h, 1, &r, &err));
+    g_assert_cmpuint(r.status, ==, MS_STATUS_WANTED);
+    g_assert_true(ms_broker_client_upload(e, p, NULL, 1, &r, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
+}
+
 static void test_retry_wheel(Fixture *f, gconstpointer data)
 {
+    MsProtoGroupStats g0;
     uint64_t busy = 0;
     int n;
 
@@ -736,12 +765,20 @@ static void test_retry_wheel(Fixture *f, gconstpointer data)
      * its wait (1, 3, 7, 15 and 31 passes after the first lookup): five
      * of 40 passes, each skipped
      */
+    g0 = group_stats(&f->a);
     for (n = 0; n < 40; n++) {
+        if (n % 4 == 0) {
+            others_meet(f, 900000 + n);
+        }
         busy += pass_visits(&f->a) != 0;
     }
     g_test_message("A alone: %" PRIu64 " of 40 passes visited its pages,"
                    " %" PRIu64 " retries skipped", busy,
                    stats(&f->a).group_retries_skipped);
+    /* The group had news, none of it for A */
+    g_assert_cmpuint(group_stats(&f->a).wanted, ==, g0.wanted + 10);
+    g_assert_cmpuint(group_stats(&f->a).published, ==, g0.published + 10);
+    g_assert_cmpuint(group_stats(&f->a).met, ==, 0);
     g_assert_cmpuint(busy, ==, 0);
     g_assert_cmpuint(stats(&f->a).group_retries_skipped, ==, 5 * NPAGES);
     g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES);

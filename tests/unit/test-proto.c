@@ -283,7 +283,8 @@ static void test_stats(void)
           .slots_used = 3, .shared_slots = 4, .refs = 5, .bytes_held = 6,
           .bytes_saved = 7, .lookups = 8, .hits = 9, .uploads = 10,
           .published = 11, .refused = 12, .owner = 1000, .parked = 13,
-          .refused_quota = 3, .wanted = 14, .unstable_resets = 15 },
+          .refused_quota = 3, .wanted = 14, .unstable_resets = 15,
+          .met = 16 },
     };
     const MsProtoBrokerStats bs = {
         .clients = 1, .parked = 2, .groups = 3, .refused_clients = 4,
@@ -362,6 +363,7 @@ static void test_stats(void)
         g_assert_cmpuint(got.refused_quota, ==, gs[i].refused_quota);
         g_assert_cmpuint(got.wanted, ==, gs[i].wanted);
         g_assert_cmpuint(got.unstable_resets, ==, gs[i].unstable_resets);
+        g_assert_cmpuint(got.met, ==, gs[i].met);
     }
     decode_only_whole(f);
 }

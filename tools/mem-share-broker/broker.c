@@ -59,10 +59,14 @@
  * bucket run and a tag (one lookup in 2^32) make a member upload a page
  * nobody else has, and a client id that wrapped makes a member miss one
  * meeting.  The bytes are compared before anyone maps anything, as
- * always.  STATS counts the meetings (wanted) and the emptyings
- * (unstable_resets): with published, they are all that can turn a
- * member's miss into a hit or a meeting, and members read them to
- * know whether asking again can pay.
+ * always.  An entry is answered by a meeting, or by a new slot with its
+ * hash (an upload nobody was told WANTED for, or one that came after
+ * the first member asked again): either counts for its member (met), and
+ * so does emptying the table (unstable_resets).  Nothing else can turn a
+ * member's miss into a hit or a meeting, so a member reads the two in
+ * STATS to know whether asking its misses again can pay; the group's
+ * wanted and published move with every member's meetings, and in a
+ * group of eight something moves nearly all the time.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
@@ -246,6 +250,7 @@ struct Group {
     MsHashKey unstable_key;     /* the broker's: picks the bucket */
     uint64_t lookups, hits, uploads, published, refused, refused_quota;
     uint64_t wanted, unstable_resets;  /* see "Meeting" */
+    GHashTable *members;        /* unstable_id() -> connected member */
 };
 
 struct Client {
@@ -271,7 +276,14 @@ struct Client {
     int out_fd;                 /* to pass with the reply's first byte */
     GHashTable *held;           /* slot -> references held */
     uint64_t refs;              /* sum of @held */
+    uint64_t met;               /* its misses answered: see "Meeting" */
 };
+
+/* @c's id in the unstable table: 1 .. UINT32_MAX - 1 */
+static uint32_t unstable_id(const Client *c)
+{
+    return c->id % (UINT32_MAX - 1) + 1;
+}
 
 /* Uids */
 
@@ -421,6 +433,9 @@ static void group_free(Group *g)
     if (g->charges) {
         g_hash_table_destroy(g->charges);
     }
+    if (g->members) {
+        g_hash_table_destroy(g->members);
+    }
     g_free(g->unstable);
     g_free(g->ghash);
     g_free(g->gnext);
@@ -460,6 +475,7 @@ static Group *group_new(MsBroker *b, const char *name, GroupKind kind,
     }
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
     g->charges = g_hash_table_new(g_direct_hash, g_direct_equal);
+    g->members = g_hash_table_new(g_direct_hash, g_direct_equal);
     g->unstable_mask = (1u << g_bit_storage(CLAMP(b->nslots, 64, UNSTABLE_MAX)
                                             - 1)) - 1;
     g->unstable = g_new0(Unstable, g->unstable_mask + 1ull);
@@ -591,6 +607,12 @@ static void client_close(Client *c)
         b->nclients--;
         u->conns--;
         if (c->group) {
+            gpointer id = GUINT_TO_POINTER(unstable_id(c));
+
+            /* Gone: nobody reads its met any more */
+            if (g_hash_table_lookup(c->group->members, id) == c) {
+                g_hash_table_remove(c->group->members, id);
+            }
             c->group->nclients--;
             u->members--;
         }
@@ -930,6 +952,7 @@ static bool do_hello(Client *c, const MsProtoMsg *msg)
     }
     c->group = g;
     g->nclients++;
+    g_hash_table_insert(g->members, GUINT_TO_POINTER(unstable_id(c)), c);
     uid_state(b, c->peer.uid)->members++;
     if (c->join_deadline) {
         g_source_remove(c->join_deadline);
@@ -981,10 +1004,27 @@ static Unstable *unstable_find(Group *g, uint64_t k, Unstable **free)
     }
 }
 
-/* @c's id in the unstable table: 1 .. UINT32_MAX - 1 */
-static uint32_t unstable_id(const Client *c)
+/* Entry @u is answered: its member's next lookup can pay (see "Meeting") */
+static void unstable_answered(Group *g, Unstable *u)
 {
-    return c->id % (UINT32_MAX - 1) + 1;
+    Client *first = g_hash_table_lookup(g->members,
+                                        GUINT_TO_POINTER(u->client));
+
+    if (first) {
+        first->met++;
+    }
+    u->client = UNSTABLE_GONE;
+}
+
+/* A new slot of @hash answers the miss waiting for it, if any */
+static void unstable_published(Group *g, uint64_t hash)
+{
+    uint64_t k = ms_hash_page(&g->unstable_key, &hash, sizeof(hash));
+    Unstable *free, *u = unstable_find(g, k, &free);
+
+    if (u) {
+        unstable_answered(g, u);
+    }
 }
 
 /* A miss: is another member waiting for this hash?  See "Meeting" */
@@ -998,7 +1038,7 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
         if (u->client == unstable_id(c)) {
             return MS_STATUS_NOT_FOUND;
         }
-        u->client = UNSTABLE_GONE;
+        unstable_answered(g, u);
         g->wanted++;
         return MS_STATUS_WANTED;
     }
@@ -1103,6 +1143,7 @@ static MsProtoResult upload_one(Client *c, uint64_t claimed,
     charge(g, slot, c->peer.uid);
     hold(c, slot);      /* the reference alloc_run took */
     g->published++;
+    unstable_published(g, claimed);
     *hint = slot + 1 < c->broker->nslots ? slot + 1 : MS_SLOT_NONE;
     return (MsProtoResult) { slot, MS_STATUS_OK };
 }
@@ -1203,6 +1244,7 @@ static bool do_stats(Client *c, const MsProtoMsg *msg)
     if (c->group) {
         g_array_set_size(all, 1);
         group_stats(c->group, &g_array_index(all, MsProtoGroupStats, 0));
+        g_array_index(all, MsProtoGroupStats, 0).met = c->met;
     } else if (c->peer.uid == 0 || c->peer.uid == geteuid()) {
         g_hash_table_iter_init(&it, b->groups);
         while (g_hash_table_iter_next(&it, NULL, &value) &&
