@@ -48,7 +48,9 @@ saving of at least 5% of the ideal) or stops converging at the cap; then
 it samples --steady seconds more (the steady window).  The final saving is
 the mean over the steady window; the convergence time is when the curve
 first reached 98% of it; the steady cost is the dedup CPU spent in the
-window.
+window.  KSM configurations then hold --hold seconds with ksmd stopped
+(run=0 keeps its merged pages): the saving left is the part that lasts
+without merging again.
 
 Host KSM settings changed by the benchmark are restored afterwards, also on
 failure, Ctrl-C and SIGTERM (msguest.KsmSettings).  Output: a table on stdout,
@@ -350,6 +352,11 @@ def parse_args():
                     help="seconds sampled after convergence (or the cap): the steady "
                     "window, where the steady dedup CPU and the final saving are "
                     "measured; 0 = none (default %(default)s)")
+    ap.add_argument("--hold", type=float, default=30.0,
+                    help="KSM configurations: seconds sampled after the steady window "
+                    "with ksmd stopped (run=0 keeps what it merged): the part of its "
+                    "saving that lasts without merging again; 0 = none "
+                    "(default %(default)s)")
     ap.add_argument("--off-window", type=float, default=20.0,
                     help="seconds sampled after fill in the off run (default %(default)s)")
     ap.add_argument("--cap-default", type=float, default=240.0,
@@ -579,6 +586,8 @@ class Run:
         self.activity = []          # the workloads' own counters at the end
         self.t_filled = None
         self.t_window = None        # start of the steady window (t_abs)
+        self.t_hold = None          # KSM: ksmd stopped after the window
+        self.hold_samples = []
         self.stop_reason = ""
         self.ksm_expect = None
         self.ksm_settings = {}
@@ -779,6 +788,7 @@ class Run:
             last_print = 0
             while True:
                 s = self.sample(guests, t_launch, base, ksm_cpu0, scans0, others0)
+                s["hold"] = self.t_hold is not None
                 now = s["t_abs"]
                 for g in guests:
                     if not g.is_running():
@@ -815,9 +825,21 @@ class Run:
                            "  [steady]" if self.t_window else "",
                            "  [%s]" % s["interference"] if s["interference"] else ""))
                 if el is not None:
-                    if self.t_window is not None:
-                        if now - self.t_window >= a.steady:
+                    if self.t_hold is not None:
+                        if now - self.t_hold >= a.hold:
                             break
+                    elif self.t_window is not None:
+                        if now - self.t_window < a.steady:
+                            pass
+                        elif not (ksm_ctx and a.hold > 0):
+                            break
+                        else:
+                            # What lasts of KSM's saving without ksmd
+                            ksm_ctx.set(run=0)
+                            self.ksm_expect["run"] = 0
+                            self.t_hold = now
+                            say("  t=%5.0fs ksmd stopped (run=0 keeps its merged "
+                                "pages) for %.0f s" % (el, a.hold))
                     else:
                         if self.name != "off" and self._stable(ideal):
                             self.stop_reason = "stable"
@@ -866,6 +888,11 @@ class Run:
 
     def analyse(self):
         n = self.args.stable_n
+        # The hold is after the run proper: its figures are its own
+        self.hold_samples = [s for s in self.samples if s.get("hold")]
+        self.samples = [s for s in self.samples if not s.get("hold")]
+        for s in self.hold_samples:
+            s["t"] = s["t_abs"] - self.t_filled
         for s in self.samples:
             s["t"] = s["t_abs"] - self.t_filled
             s["window"] = self.t_window is not None and s["t_abs"] >= self.t_window
@@ -946,6 +973,12 @@ class Run:
         r["verify_rounds"] = [v[0] for v in self.verify]
         r["verify_fail"] = [v[1] for v in self.verify]
         r["verified"] = bool(self.verify) and all(v[0] > 0 and not v[1] for v in self.verify)
+        if self.hold_samples:
+            h = self.hold_samples[-1]
+            r["hold_s"] = h["t_abs"] - self.t_hold
+            r["hold_saved_mib"] = h["saved_mib"]
+            r["hold_saved_pss_mib"] = h["saved_pss_mib"]
+        self.samples += self.hold_samples
         self.result = r
         return r
 
@@ -1120,6 +1153,17 @@ def count_report(runs, args, add):
         extra = r["kernel_mib"] - off["kernel_mib"]
         add("  %-32s %+7.1f MiB  -> saved with it %7.1f MiB"
             % (r["label"], extra, r["saved_mib"] - extra))
+    held = [x.result for x in runs if x.result.get("hold_s")]
+    if held:
+        add("")
+        add("KSM's saving that lasts: ksmd stopped after the steady window (run=0 "
+            "keeps what it merged); what its writes took back is what KSM "
+            "merges again and again:")
+        for r in held:
+            add("  %-32s saved %6.0f MiB (Pss %6.0f) after %.0f s, from %.0f (Pss %.0f)"
+                " in the window"
+                % (r["label"], r["hold_saved_mib"], r["hold_saved_pss_mib"],
+                   r["hold_s"], r["saved_mib"], r["saved_pss_mib"]))
     add("")
     add("transparent huge pages: AnonHugePages of the QEMU processes (mean of the "
         "final samples, and at the end), and the host's THP events from launch to "
@@ -1270,8 +1314,8 @@ def count_dir(args, n):
 
 def csv_row(s):
     row = dict(s)
-    row["phase"] = ("steady" if s.get("window") else "post-fill" if s["t"] >= 0
-                    else "boot")
+    row["phase"] = ("hold" if s.get("hold") else "steady" if s.get("window")
+                    else "post-fill" if s["t"] >= 0 else "boot")
     for k, v in row.items():
         if isinstance(v, float):
             row[k] = "%.3f" % v
