@@ -1726,6 +1726,10 @@ static void unstable_add(MsScanner *s, size_t i, uint64_t h)
     uint32_t *e = unstable_find(s, h);
 
     g_assert(s->pg[i].hash == h && (s->pg[i].flags & PG_KNOWN));
+    if (*e == i + 1) {
+        /* Still waiting (a retry missed again): nothing happened */
+        return;
+    }
     if (!*e) {
         if (s->unstable_used + 1 > (s->unstable_mask + 1) / 2) {
             if (!unstable_grow(s)) {
