@@ -121,8 +121,11 @@
  * they settled, a miss is asked again when the page is 2, 4, 8, ...
  * passes older than its wait, GROUP_RETRIES times (members that wrote
  * the same page within a couple of minutes meet without waiting for a
- * sweep), then only in sweeps, backed off the same way (counting
- * sweeps).  Between retries the page is not visited at all: a wheel of
+ * sweep), then only at its chunk's turn in the rolling sweep, where a
+ * page with a miss is asked again only if there is news (below) since
+ * the chunk's last turn, and then whatever its backoff: a member that
+ * writes the page hours later is met within a round.  Between retries
+ * the page is not visited at all: a wheel of
  * per-pass lists (retry_in()) puts it back among the pages to visit in
  * the pass its retry is due.  A due retry is asked only if something
  * that can make it pay happened since the miss.  Our miss waits in the
@@ -341,6 +344,8 @@ struct MsScanner {
     bool sweep;             /* this chunk: visit and hash every page */
     bool sweep_pass;        /* this pass sweeps every chunk */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
+    bool sweep_quiet;       /* this chunk's sweep: no news since its last */
+    uint64_t *sweep_news;   /* per chunk: news() + 1 at its last turn */
     uint64_t sweeps;        /* whole-pass sweeps completed */
     MsScanYieldFn *yield;   /* ms_scanner_set_yield() */
     void *yield_opaque;
@@ -484,6 +489,7 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     s->pg = g_new0(PageState, s->npages);
     /* A spare word: todo_bits() reads one past the last page's */
     s->todo = g_new0(uint64_t, s->npages / 64 + 2);
+    s->sweep_news = g_new0(uint64_t, (s->npages + CHUNK - 1) / CHUNK);
     s->sweep_pass = !cfg->dirty_take;
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].slot = MS_SLOT_NONE;
@@ -546,6 +552,7 @@ void ms_scanner_free(MsScanner *s)
     }
     g_free(s->unstable);
     g_free(s->todo);
+    g_free(s->sweep_news);
     g_free(s->pg);
     g_mutex_clear(&s->lock);
     g_free(s);
@@ -1826,8 +1833,21 @@ static bool group_due(MsScanner *s, size_t i)
             return miss <= GROUP_RETRIES &&
                    age(s, &s->pg[i]) >= wait_of(s, &s->pg[i]) + (1u << miss);
         }
-        /* A chunk is swept once a round (chunk_swept()), and when asked */
-        scans = s->sweeps + s->live.full_scans / MS_SCAN_SWEEP_EVERY;
+        if (!s->sweep_pass) {
+            /*
+             * Its chunk's turn in the rolling sweep: a miss is asked
+             * again, whatever its backoff, if the broker answered one of
+             * ours or forgot them since the chunk's last turn (a member
+             * that writes this page hours later meets it within a
+             * round); else it would only miss again
+             */
+            if (miss && s->sweep_quiet) {
+                s->live.group_retries_skipped++;
+                return false;
+            }
+            return true;
+        }
+        scans = s->sweeps;
     }
     /* Offset by the page: not all the misses of one scan come back at once */
     return ((scans + i) & ((1u << shift) - 1)) == 0;
@@ -2067,6 +2087,13 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
     size_t lo = 0, hi = 0;
 
     s->sweep = chunk_swept(s, first);
+    if (s->sweep && !s->sweep_pass && group_usable(s)) {
+        uint64_t *then = &s->sweep_news[first / CHUNK];
+
+        /* 0: no turn yet on this connection, older than any news */
+        s->sweep_quiet = *then && quiet_since(s, *then - 1);
+        *then = news(s) + 1;
+    }
     take_dirty(s, first, n);
     chunk_work(s, first, n, work);
     visit_written_pages(s, first, n, work);
@@ -2274,6 +2301,8 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     /* Its counters start again: nothing read from the old one compares */
     s->group_news = 0;
     memset(s->retry_news, 0, sizeof(s->retry_news));
+    memset(s->sweep_news, 0,
+           (s->npages + CHUNK - 1) / CHUNK * sizeof(*s->sweep_news));
     ms_scanner_sweep(s);
     s->live.group_lost = 0;
     s->live.group_rejoins++;

@@ -841,6 +841,57 @@ static void test_retry_unread(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/* Passes of @r until its full scans reach @n */
+static void pass_until(Region *r, uint64_t n)
+{
+    while (stats(r).full_scans < n) {
+        pass(r);
+    }
+}
+
+/*
+ * A miss whose retries are spent is asked again only at its chunk's turn
+ * in the rolling sweep, and only if the broker answered one of the
+ * member's misses (or forgot them) since the chunk's last turn: a turn
+ * with nothing new asks nothing, and a member that meets the page much
+ * later is found at the next turn, whatever the miss's backoff.
+ */
+static void test_sweep_news(Fixture *f, gconstpointer data)
+{
+    uint64_t skipped;
+    int n;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    /* A alone: looked up, retries skipped, then its chunks' first turns */
+    pass_until(&f->a, MS_SCAN_SWEEP_EVERY);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+    skipped = stats(&f->a).group_retries_skipped;
+
+    /* The next round's turns: nothing new, nothing asked */
+    pass_until(&f->a, 2 * MS_SCAN_SWEEP_EVERY);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_retries_skipped, ==,
+                     skipped + NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
+
+    /* B meets A's misses and uploads; A maps the slots at its turn */
+    for (n = 0; n < 10 && stats(&f->b).group_pages < NSHARED; n++) {
+        pass(&f->b);
+    }
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
+    g_assert_cmpuint(group_stats(&f->a).met, ==, NSHARED);
+    pass_until(&f->a, 3 * MS_SCAN_SWEEP_EVERY - 2);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
+    pass_until(&f->a, 3 * MS_SCAN_SWEEP_EVERY);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 3 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -863,5 +914,7 @@ int main(int argc, char **argv)
                test_retry_wheel, teardown);
     g_test_add("/group/retry-unread", Fixture, NULL, setup_log,
                test_retry_unread, teardown);
+    g_test_add("/group/sweep-news", Fixture, NULL, setup_log,
+               test_sweep_news, teardown);
     return g_test_run();
 }

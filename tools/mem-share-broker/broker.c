@@ -58,7 +58,8 @@
  * client's id.  Both only decide who uploads: two hashes that share a
  * bucket run and a tag (one lookup in 2^32) make a member upload a page
  * nobody else has, and a client id that wrapped makes a member miss one
- * meeting.  The bytes are compared before anyone maps anything, as
+ * meeting, or the news of one (its retries then wait for its sweep).
+ * The bytes are compared before anyone maps anything, as
  * always.  An entry is answered by a meeting, or by a new slot with its
  * hash (an upload nobody was told WANTED for, or one that came after
  * the first member asked again): either counts for its member (met), and
