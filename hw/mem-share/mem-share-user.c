@@ -23,9 +23,8 @@
  * the guest's writes; what paces it is time: a pass starts at most every
  * MEM_SHARE_PASS_MS, and a pass is also the unit of stability (a page
  * must stay unwritten for whole passes, see scan.c), so it must span
- * several syncs of the log.  A productive pass (merges, zero merges and
- * pages found stable, together at least 1/64 of the pages it visited)
- * keeps that period; each unproductive one doubles it, up to
+ * several syncs of the log.  A productive pass (merges and zero merges
+ * together at least 1/64 of the pages it visited) keeps that period; each unproductive one doubles it, up to
  * 2^MEM_SHARE_MAX_PASS_BACKOFF times: a merged, quiet guest costs almost
  * nothing, a busy one is visited less often (each pass visits a page
  * once however often it was written), and the next productive pass
@@ -194,10 +193,15 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
     }
     if (u->dirty) {
         /*
-         * Pages found stable are merges to come; copy-on-write breaks
-         * and writes are not: what churns is visited, not merged
+         * Only merges: pages found stable that match nothing kept a
+         * fleet of guests that write unique pages all the time at the
+         * fastest pace (one merge for a hundred candidates), and each
+         * pass costs its log syncs and chunk walks, and the group's
+         * retries are counted in passes.  Copy-on-write breaks and
+         * writes are not work either: what churns is visited, not
+         * merged.
          */
-        work = st->merges + st->zero_merges + st->candidates;
+        work = st->merges + st->zero_merges;
         quiet = (work - u->pass_work) * MEM_SHARE_QUIET <= visits;
     } else {
         /* Changed hashes are work to come: candidates of the next pass */
