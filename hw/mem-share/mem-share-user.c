@@ -24,8 +24,9 @@
  * MEM_SHARE_PASS_MS, and a pass is also the unit of stability (a page
  * must stay unwritten for whole passes, see scan.c), so it must span
  * several syncs of the log.  A productive pass (merges and zero merges
- * together at least 1/64 of the pages it visited) keeps that period; each unproductive one doubles it, up to
- * 2^MEM_SHARE_MAX_PASS_BACKOFF times: a merged, quiet guest costs almost
+ * together at least 1/64 of the pages it visited) keeps that period;
+ * each unproductive one doubles it, up to 2^MEM_SHARE_MAX_PASS_BACKOFF
+ * times: a merged, quiet guest costs almost
  * nothing, a busy one is visited less often (each pass visits a page
  * once however often it was written), and the next productive pass
  * restores the pace.

@@ -468,6 +468,12 @@ static uint64_t zero_hash(const MsScanner *s)
 
 static void publish_stats(MsScanner *s);
 
+/* Chunks of the region, the last one maybe short */
+static size_t nchunks(const MsScanner *s)
+{
+    return (s->npages + CHUNK - 1) / CHUNK;
+}
+
 MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
 {
     g_autoptr(MsScanner) s = NULL;
@@ -489,7 +495,7 @@ MsScanner *ms_scanner_new(const MsScanConfig *cfg, GError **errp)
     s->pg = g_new0(PageState, s->npages);
     /* A spare word: todo_bits() reads one past the last page's */
     s->todo = g_new0(uint64_t, s->npages / 64 + 2);
-    s->sweep_news = g_new0(uint64_t, (s->npages + CHUNK - 1) / CHUNK);
+    s->sweep_news = g_new0(uint64_t, nchunks(s));
     s->sweep_pass = !cfg->dirty_take;
     for (size_t i = 0; i < s->npages; i++) {
         s->pg[i].slot = MS_SLOT_NONE;
@@ -2301,8 +2307,7 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     /* Its counters start again: nothing read from the old one compares */
     s->group_news = 0;
     memset(s->retry_news, 0, sizeof(s->retry_news));
-    memset(s->sweep_news, 0,
-           (s->npages + CHUNK - 1) / CHUNK * sizeof(*s->sweep_news));
+    memset(s->sweep_news, 0, nchunks(s) * sizeof(*s->sweep_news));
     ms_scanner_sweep(s);
     s->live.group_lost = 0;
     s->live.group_rejoins++;
