@@ -21,7 +21,9 @@
  *  - its reply is read whenever it comes, by a later call, as are the
  *    replies of requests sent without waiting (RELEASE);
  *  - a late LOOKUP or UPLOAD reply hands the client references its
- *    caller never saw: they are released (a RELEASE queued right away).
+ *    caller never saw: they are released (a RELEASE queued right away);
+ *    a late ANSWERED reply's answers are lost: the next ANSWERED call
+ *    says so.
  *
  * While a request that timed out is still unanswered the broker is
  * "stalled": calls that wait fail at once (EAGAIN) after a look at the
@@ -93,6 +95,9 @@ struct MsBrokerClient {
     MsBrokerInterruptFn *interrupt;
     void *interrupt_opaque;
     uint64_t late_refs;     /* references late replies handed us */
+    uint64_t features;      /* MS_FEATURE_*, from the last member STATS */
+    bool features_known;
+    bool answers_lost;      /* a late ANSWERED reply took some */
 };
 
 /* How a wait ended, short of success */
@@ -345,6 +350,10 @@ static bool take_reply(MsBrokerClient *c, MsProtoMsg *msg, GError **errp)
 static bool take_late_reply(MsBrokerClient *c, const MsProtoMsg *msg,
                             GError **errp)
 {
+    if (msg->type == MS_MSG_ANSWERED_REPLY) {
+        c->answers_lost = true;
+        return true;
+    }
     if (msg->type != MS_MSG_LOOKUP_REPLY && msg->type != MS_MSG_UPLOAD_REPLY) {
         return true;
     }
@@ -1026,5 +1035,60 @@ bool ms_broker_client_stats_full(MsBrokerClient *c, GArray **groups,
         ms_proto_group_stats(&msg, i,
                              &g_array_index(*groups, MsProtoGroupStats, i));
     }
+    if (c->joined && msg.stats.count == 1) {
+        c->features = g_array_index(*groups, MsProtoGroupStats, 0).features;
+        c->features_known = true;
+    }
+    return true;
+}
+
+bool ms_broker_client_features(MsBrokerClient *c, uint64_t *features,
+                               GError **errp)
+{
+    g_autoptr(GArray) groups = NULL;
+
+    if (!c->features_known &&
+        !ms_broker_client_stats(c, &groups, errp)) {
+        return false;
+    }
+    if (!c->features_known) {
+        g_set_error(errp, MS_ENGINE_ERROR, EPROTO,
+                    "the broker's STATS did not describe our group");
+        return false;
+    }
+    *features = c->features;
+    return true;
+}
+
+bool ms_broker_client_answered(MsBrokerClient *c, GArray **hashes,
+                               bool *lost, uint64_t *unstable_resets,
+                               GError **errp)
+{
+    g_autoptr(GByteArray) req = g_byte_array_new();
+    uint32_t id = c->next_id++;
+    MsProtoMsg msg;
+
+    if (!check_joined(c, "ask for answers", errp)) {
+        return false;
+    }
+    if (!(c->features & MS_FEATURE_ANSWERED)) {
+        g_set_error(errp, MS_ENGINE_ERROR, ENOTSUP,
+                    "this broker does not answer ANSWERED");
+        return false;
+    }
+    ms_proto_encode_answered(req, id);
+    if (!call(c, req, id, MS_MSG_ANSWERED_REPLY, &msg, NULL, errp)) {
+        return false;
+    }
+    *hashes = g_array_sized_new(FALSE, FALSE, sizeof(uint64_t),
+                                msg.answered.count);
+    for (uint32_t i = 0; i < msg.answered.count; i++) {
+        uint64_t h = ms_proto_answered_hash(&msg, i);
+
+        g_array_append_val(*hashes, h);
+    }
+    *lost = (msg.answered.flags & MS_ANSWERED_LOST) || c->answers_lost;
+    c->answers_lost = false;
+    *unstable_resets = msg.answered.unstable_resets;
     return true;
 }

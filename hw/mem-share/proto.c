@@ -22,7 +22,7 @@
 
 #include "mem-share/proto.h"
 
-#define STATS_RECORD_SIZE (MS_PROTO_MAX_NAME + 8 * MS_PROTO_GROUP_STATS_FIELDS)
+#define STATS_RECORD_SIZE(fields) (MS_PROTO_MAX_NAME + 8 * (fields))
 #define BROKER_RECORD_SIZE (8 * MS_PROTO_BROKER_STATS_FIELDS)
 #define WELCOME_SIZE (7 * 4 + MS_PROTO_SECRET_SIZE)
 
@@ -43,6 +43,8 @@ static const char *const type_names[MS_MSG__MAX] = {
     [MS_MSG_STATS] = "STATS",
     [MS_MSG_STATS_REPLY] = "STATS_REPLY",
     [MS_MSG_ERROR] = "ERROR",
+    [MS_MSG_ANSWERED] = "ANSWERED",
+    [MS_MSG_ANSWERED_REPLY] = "ANSWERED_REPLY",
 };
 
 static const char *const status_names[MS_STATUS__MAX] = {
@@ -382,6 +384,58 @@ static bool decode_release(const MsProtoHeader *hdr, const uint8_t *p,
     return true;
 }
 
+/*
+ * How many fields the group records of a STATS_REPLY have: what the
+ * rest of the payload divides into, MIN to MAX (older brokers send
+ * fewer fields, newer ones may send more).  No groups, no records.
+ */
+static bool stats_fields(const MsProtoHeader *hdr, uint32_t broker,
+                         MsProtoMsg *msg, GError **errp)
+{
+    uint64_t head = 8 + (uint64_t)broker * BROKER_RECORD_SIZE;
+    uint64_t rest = hdr->length - MIN(hdr->length, head), rec;
+    uint32_t count = msg->stats.count;
+
+    msg->stats.fields = MS_PROTO_GROUP_STATS_FIELDS;
+    if (!count || hdr->length < head) {
+        return check_size(hdr, head, errp);
+    }
+    rec = rest / count;
+    if (rest % count || (rec - STATS_RECORD_SIZE(0)) % 8 ||
+        rec < STATS_RECORD_SIZE(MS_PROTO_GROUP_STATS_FIELDS_MIN) ||
+        rec > STATS_RECORD_SIZE(MS_PROTO_GROUP_STATS_FIELDS_MAX)) {
+        return fail(errp, "STATS_REPLY of %u groups in %u bytes: a group "
+                    "record is a %d-byte name and %d to %d u64 fields",
+                    count, hdr->length, MS_PROTO_MAX_NAME,
+                    MS_PROTO_GROUP_STATS_FIELDS_MIN,
+                    MS_PROTO_GROUP_STATS_FIELDS_MAX);
+    }
+    msg->stats.fields = (rec - STATS_RECORD_SIZE(0)) / 8;
+    return true;
+}
+
+static bool decode_answered_reply(const MsProtoHeader *hdr, const uint8_t *p,
+                                  MsProtoMsg *msg, GError **errp)
+{
+    if (hdr->length < 16) {
+        return check_size(hdr, 16, errp);
+    }
+    msg->answered.count = get32(p);
+    msg->answered.flags = get32(p + 4);
+    msg->answered.unstable_resets = get64(p + 8);
+    msg->answered.hashes = p + 16;
+    /* Zero is a valid answer: nothing was answered */
+    if (msg->answered.count > MS_PROTO_MAX_ANSWERED) {
+        return fail(errp, "ANSWERED_REPLY of %u hashes: at most %d allowed",
+                    msg->answered.count, MS_PROTO_MAX_ANSWERED);
+    }
+    if (msg->answered.flags & ~MS_ANSWERED_LOST) {
+        return fail(errp, "ANSWERED_REPLY with unknown flags 0x%x",
+                    msg->answered.flags);
+    }
+    return check_size(hdr, 16 + (uint64_t)msg->answered.count * 8, errp);
+}
+
 static bool decode_stats_reply(const MsProtoHeader *hdr, const uint8_t *p,
                                MsProtoMsg *msg, GError **errp)
 {
@@ -401,14 +455,14 @@ static bool decode_stats_reply(const MsProtoHeader *hdr, const uint8_t *p,
         return fail(errp, "STATS_REPLY with %u broker records: 0 or 1"
                     " allowed", broker);
     }
-    if (!check_size(hdr, 8 + (uint64_t)broker * BROKER_RECORD_SIZE +
-                    (uint64_t)msg->stats.count * STATS_RECORD_SIZE, errp)) {
+    if (!stats_fields(hdr, broker, msg, errp)) {
         return false;
     }
     msg->stats.broker = broker ? p + 8 : NULL;
     msg->stats.groups = p + 8 + broker * BROKER_RECORD_SIZE;
     for (uint32_t i = 0; i < msg->stats.count; i++) {
-        const uint8_t *rec = msg->stats.groups + (size_t)i * STATS_RECORD_SIZE;
+        const uint8_t *rec = msg->stats.groups +
+                             (size_t)i * STATS_RECORD_SIZE(msg->stats.fields);
         size_t len = strnlen((const char *)rec, MS_PROTO_MAX_NAME);
 
         /* NUL-padded: nothing but zeros after the name */
@@ -505,6 +559,10 @@ bool ms_proto_decode(const void *buf, size_t len, MsProtoMsg *msg,
         return decode_stats_reply(&hdr, p, msg, errp);
     case MS_MSG_ERROR:
         return decode_error(&hdr, p, msg, errp);
+    case MS_MSG_ANSWERED:
+        return check_size(&hdr, 0, errp);
+    case MS_MSG_ANSWERED_REPLY:
+        return decode_answered_reply(&hdr, p, msg, errp);
     default:
         g_assert_not_reached();     /* ms_proto_decode_header() checked */
     }
@@ -538,6 +596,12 @@ MsProtoResult ms_proto_result(const MsProtoMsg *msg, uint32_t i)
     return (MsProtoResult) { .slot = get32(e), .status = get32(e + 4) };
 }
 
+uint64_t ms_proto_answered_hash(const MsProtoMsg *msg, uint32_t i)
+{
+    g_assert(msg->type == MS_MSG_ANSWERED_REPLY && i < msg->answered.count);
+    return get64(msg->answered.hashes + (size_t)i * 8);
+}
+
 void ms_proto_release_entry(const MsProtoMsg *msg, uint32_t i,
                             uint32_t *slot, uint32_t *refs)
 {
@@ -558,15 +622,18 @@ void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
         &gs->shared_slots, &gs->refs, &gs->bytes_held, &gs->bytes_saved,
         &gs->lookups, &gs->hits, &gs->uploads, &gs->published, &gs->refused,
         &gs->owner, &gs->parked, &gs->refused_quota, &gs->wanted,
-        &gs->unstable_resets, &gs->met,
+        &gs->unstable_resets, &gs->met, &gs->features,
     };
 
     g_assert(msg->type == MS_MSG_STATS_REPLY && i < msg->stats.count);
-    rec = msg->stats.groups + (size_t)i * STATS_RECORD_SIZE;
+    memset(gs, 0, sizeof(*gs));
+    rec = msg->stats.groups + (size_t)i * STATS_RECORD_SIZE(msg->stats.fields);
     memcpy(gs->name, rec, MS_PROTO_MAX_NAME);
     gs->name[MS_PROTO_MAX_NAME] = 0;
     f = rec + MS_PROTO_MAX_NAME;
-    for (int j = 0; j < MS_PROTO_GROUP_STATS_FIELDS; j++) {
+    /* Fields this side does not know are skipped, missing ones are 0 */
+    for (uint32_t j = 0; j < MIN(msg->stats.fields,
+                                 MS_PROTO_GROUP_STATS_FIELDS); j++) {
         *fields[j] = get64(f + 8 * j);
     }
 }
@@ -778,7 +845,7 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
             gs->shared_slots, gs->refs, gs->bytes_held, gs->bytes_saved,
             gs->lookups, gs->hits, gs->uploads, gs->published, gs->refused,
             gs->owner, gs->parked, gs->refused_quota, gs->wanted,
-            gs->unstable_resets, gs->met,
+            gs->unstable_resets, gs->met, gs->features,
         };
 
         g_assert(ms_proto_name_valid(gs->name, NULL));
@@ -787,6 +854,27 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
         for (int j = 0; j < MS_PROTO_GROUP_STATS_FIELDS; j++) {
             put64(out, fields[j]);
         }
+    }
+    end(out, start);
+}
+
+void ms_proto_encode_answered(GByteArray *out, uint32_t id)
+{
+    end(out, begin(out, id, MS_MSG_ANSWERED));
+}
+
+void ms_proto_encode_answered_reply(GByteArray *out, uint32_t id,
+                                    uint32_t flags, uint64_t unstable_resets,
+                                    const uint64_t *hashes, uint32_t count)
+{
+    guint start = begin(out, id, MS_MSG_ANSWERED_REPLY);
+
+    g_assert(count <= MS_PROTO_MAX_ANSWERED && !(flags & ~MS_ANSWERED_LOST));
+    put32(out, count);
+    put32(out, flags);
+    put64(out, unstable_resets);
+    for (uint32_t i = 0; i < count; i++) {
+        put64(out, hashes[i]);
     }
     end(out, start);
 }

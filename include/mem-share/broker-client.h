@@ -200,6 +200,26 @@ bool ms_broker_client_stats(MsBrokerClient *c, GArray **groups,
                             GError **errp);
 
 /*
+ * What the broker offers a member beyond the base protocol (MS_FEATURE_*
+ * of proto.h), as its first STATS of the group said (one round trip the
+ * first time).
+ */
+bool ms_broker_client_features(MsBrokerClient *c, uint64_t *features,
+                               GError **errp);
+
+/*
+ * ANSWERED (only if ms_broker_client_features() said so): the hashes of
+ * this member's misses the group answered since the last call, by a
+ * meeting or by a new slot (a lookup of each can pay now); *@lost when
+ * more were answered than this says (the first call of a connection,
+ * an overflow, a late reply): any miss may have been; and the group's
+ * unstable resets, which forget misses.
+ */
+bool ms_broker_client_answered(MsBrokerClient *c, GArray **hashes,
+                               bool *lost, uint64_t *unstable_resets,
+                               GError **errp);
+
+/*
  * The same, with the broker's own counters (refusals, limits), which
  * only its administrator gets: *@has_broker says whether they came.
  * @broker and @has_broker may be NULL.

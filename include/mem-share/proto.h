@@ -42,6 +42,7 @@
 #define MS_PROTO_MAX_UPLOAD     64
 #define MS_PROTO_MAX_RELEASE    4096
 #define MS_PROTO_MAX_GROUPS     256
+#define MS_PROTO_MAX_ANSWERED   4096
 #define MS_PROTO_MAX_NAME       64
 #define MS_PROTO_MAX_ERROR      256
 
@@ -65,6 +66,8 @@ typedef enum MsProtoType {
     MS_MSG_STATS,
     MS_MSG_STATS_REPLY,
     MS_MSG_ERROR,               /* broker -> client, then it hangs up */
+    MS_MSG_ANSWERED,            /* client -> broker (MS_FEATURE_ANSWERED) */
+    MS_MSG_ANSWERED_REPLY,
     MS_MSG__MAX,
 } MsProtoType;
 
@@ -113,9 +116,23 @@ typedef struct MsProtoGroupStats {
     uint64_t wanted;            /* entries answered WANTED: meetings */
     uint64_t unstable_resets;   /* times the unstable table was emptied */
     uint64_t met;               /* a member's: its misses answered, else 0 */
+    uint64_t features;          /* MS_FEATURE_*: what the broker offers */
 } MsProtoGroupStats;
 
-#define MS_PROTO_GROUP_STATS_FIELDS 19     /* the uint64_t fields above */
+#define MS_PROTO_GROUP_STATS_FIELDS 20     /* the uint64_t fields above */
+/*
+ * A group record of a STATS_REPLY has at least this many fields (older
+ * brokers send no features) and at most MAX: the reply's length says
+ * how many, and a reader ignores those it does not know.
+ */
+#define MS_PROTO_GROUP_STATS_FIELDS_MIN 19
+#define MS_PROTO_GROUP_STATS_FIELDS_MAX 64
+
+/* MsProtoGroupStats.features */
+#define MS_FEATURE_ANSWERED     (1ULL << 0)     /* ANSWERED requests */
+
+/* ANSWERED_REPLY flags */
+#define MS_ANSWERED_LOST        (1U << 0)       /* answers were not kept */
 
 /* MsProtoGroupStats.owner of a group the operator declared */
 #define MS_PROTO_OWNER_NONE UINT64_MAX
@@ -191,7 +208,14 @@ typedef struct MsProtoMsg {
             uint32_t count;
             const uint8_t *broker;      /* the broker's record, or NULL */
             const uint8_t *groups;      /* count x stats record */
+            uint32_t fields;            /* u64 fields of each record */
         } stats;
+        struct {
+            uint32_t count;
+            uint32_t flags;             /* MS_ANSWERED_* */
+            uint64_t unstable_resets;   /* the group's, now */
+            const uint8_t *hashes;      /* count x u64 */
+        } answered;
         struct {
             uint32_t code;              /* an errno value */
             char message[MS_PROTO_MAX_ERROR + 1];
@@ -231,6 +255,7 @@ uint64_t ms_proto_lookup_hash(const MsProtoMsg *msg, uint32_t i);
 uint64_t ms_proto_upload_hash(const MsProtoMsg *msg, uint32_t i);
 const void *ms_proto_upload_page(const MsProtoMsg *msg, uint32_t i);
 MsProtoResult ms_proto_result(const MsProtoMsg *msg, uint32_t i);
+uint64_t ms_proto_answered_hash(const MsProtoMsg *msg, uint32_t i);
 void ms_proto_release_entry(const MsProtoMsg *msg, uint32_t i,
                             uint32_t *slot, uint32_t *refs);
 void ms_proto_group_stats(const MsProtoMsg *msg, uint32_t i,
@@ -272,6 +297,10 @@ void ms_proto_encode_stats_reply(GByteArray *out, uint32_t id,
                                  const MsProtoBrokerStats *broker,
                                  const MsProtoGroupStats *groups,
                                  uint32_t count);
+void ms_proto_encode_answered(GByteArray *out, uint32_t id);
+void ms_proto_encode_answered_reply(GByteArray *out, uint32_t id,
+                                    uint32_t flags, uint64_t unstable_resets,
+                                    const uint64_t *hashes, uint32_t count);
 void ms_proto_encode_error(GByteArray *out, uint32_t id, uint32_t code,
                            const char *message);
 

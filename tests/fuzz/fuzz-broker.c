@@ -41,6 +41,7 @@
  *   UPLOAD k count flags [split] sel...
  *   RELEASE k count flags [split] entry...
  *   STATS k flags [split]
+ *   ANSWERED k flags [split]
  *   RAW k len bytes...         up to 64 bytes as they are
  *   MUTATE k type n (pos16 val)... trunc
  *                              a well-formed frame of any type, n bytes
@@ -131,13 +132,13 @@
 enum {
     OP_CONNECT, OP_HELLO, OP_LOOKUP, OP_UPLOAD, OP_RELEASE, OP_STATS,
     OP_RAW, OP_MUTATE, OP_FLUSH, OP_READ, OP_CLOSE, OP_SHUTDOWN, OP_PUMP,
-    OP_SPAWN, OP_EXIT, OP_RECONFIGURE, OP_READ_ALL, OP__MAX
+    OP_SPAWN, OP_EXIT, OP_RECONFIGURE, OP_READ_ALL, OP_ANSWERED, OP__MAX
 };
 
 static const char *const op_names[OP__MAX] = {
     "CONNECT", "HELLO", "LOOKUP", "UPLOAD", "RELEASE", "STATS", "RAW",
     "MUTATE", "FLUSH", "READ", "CLOSE", "SHUTDOWN", "PUMP", "SPAWN", "EXIT",
-    "RECONFIGURE", "READ_ALL",
+    "RECONFIGURE", "READ_ALL", "ANSWERED",
 };
 
 /*
@@ -216,6 +217,10 @@ typedef struct FzClient {
     /* The references it holds (strict clients: exactly the broker's) */
     GHashTable *held;           /* slot -> refs */
     uint64_t refs;
+    /* Hashes its lookups missed (NOT_FOUND): all ANSWERED may name */
+    GHashTable *missed;         /* uint64_t * -> itself */
+    bool asked_answers;         /* it sent an ANSWERED before */
+    uint64_t resets;            /* the unstable resets ANSWERED last said */
     /* The last administrator's STATS_REPLY */
     bool got_stats;
     MsProtoBrokerStats bs;
@@ -631,6 +636,15 @@ static void send_stats(FzClient *c, uint8_t split)
     send_frame(c, out, split, expect_new(MS_MSG_STATS, id, 0));
 }
 
+static void send_answered(FzClient *c, uint8_t split)
+{
+    g_autoptr(GByteArray) out = g_byte_array_new();
+    uint32_t id = ++c->next_id;
+
+    ms_proto_encode_answered(out, id);
+    send_frame(c, out, split, expect_new(MS_MSG_ANSWERED, id, 0));
+}
+
 static void send_lookup(FzClient *c, const uint64_t *hashes, uint32_t count,
                         uint8_t flags, uint8_t split)
 {
@@ -732,7 +746,8 @@ static bool is_reply(uint32_t type)
 {
     return type == MS_MSG_WELCOME || type == MS_MSG_LOOKUP_REPLY ||
            type == MS_MSG_UPLOAD_REPLY || type == MS_MSG_RELEASE_REPLY ||
-           type == MS_MSG_STATS_REPLY || type == MS_MSG_ERROR;
+           type == MS_MSG_STATS_REPLY || type == MS_MSG_ERROR ||
+           type == MS_MSG_ANSWERED_REPLY;
 }
 
 static MsProtoType reply_type(MsProtoType request)
@@ -746,6 +761,8 @@ static MsProtoType reply_type(MsProtoType request)
         return MS_MSG_UPLOAD_REPLY;
     case MS_MSG_RELEASE:
         return MS_MSG_RELEASE_REPLY;
+    case MS_MSG_ANSWERED:
+        return MS_MSG_ANSWERED_REPLY;
     default:
         return MS_MSG_STATS_REPLY;
     }
@@ -941,6 +958,9 @@ static void check_results(Fuzz *f, FzClient *c, const Expect *e,
                 fail("client %d: upload %u: %s", c->index, i,
                      ms_proto_status_name(r.status));
             }
+            if (r.status == MS_STATUS_NOT_FOUND) {
+                g_hash_table_add(c->missed, g_memdup2(&e->hashes[i], 8));
+            }
             break;
         case MS_STATUS_BAD_HASH:
             if (lookup || e->valid[i]) {
@@ -988,7 +1008,8 @@ static void check_stats(Fuzz *f, FzClient *c, const MsProtoMsg *msg)
         /* A member's misses are answered by meetings and new slots */
         if (strcmp(gs.name, group_names[c->joined_group]) ||
             gs.refs < c->refs || gs.clients < 1 ||
-            gs.met > gs.wanted + gs.published) {
+            gs.met > gs.wanted + gs.published ||
+            gs.features != MS_FEATURE_ANSWERED) {
             fail("client %d: STATS of %s (%" PRIu64 " references) for a"
                  " member of %s holding %" PRIu64, c->index, gs.name,
                  gs.refs, group_names[c->joined_group], c->refs);
@@ -1013,6 +1034,33 @@ static void check_stats(Fuzz *f, FzClient *c, const MsProtoMsg *msg)
         if (has_broker) {
             c->group_clients += gs.clients;
             c->group_parked += gs.parked;
+        }
+    }
+}
+
+/*
+ * A member is told only of its own misses, and its first ANSWERED says
+ * that the answers before it were not kept.
+ */
+static void check_answered(FzClient *c, const MsProtoMsg *msg)
+{
+    if (!c->asked_answers && !(msg->answered.flags & MS_ANSWERED_LOST)) {
+        fail("client %d: a first ANSWERED_REPLY that kept answers from "
+             "before it was asked", c->index);
+    }
+    if (msg->answered.unstable_resets < c->resets) {
+        fail("client %d: ANSWERED_REPLY: unstable resets went back from %"
+             PRIu64 " to %" PRIu64, c->index, c->resets,
+             msg->answered.unstable_resets);
+    }
+    c->asked_answers = true;
+    c->resets = msg->answered.unstable_resets;
+    for (uint32_t i = 0; i < msg->answered.count; i++) {
+        uint64_t h = ms_proto_answered_hash(msg, i);
+
+        if (!g_hash_table_contains(c->missed, &h)) {
+            fail("client %d: ANSWERED_REPLY names %016" PRIx64 ", which it"
+                 " never missed", c->index, h);
         }
     }
 }
@@ -1069,6 +1117,9 @@ static void check_expected(Fuzz *f, FzClient *c, const MsProtoMsg *msg)
         break;
     case MS_MSG_STATS_REPLY:
         check_stats(f, c, msg);
+        break;
+    case MS_MSG_ANSWERED_REPLY:
+        check_answered(c, msg);
         break;
     default:
         break;
@@ -1346,6 +1397,8 @@ static void client_init(Fuzz *f, FzClient *c, int fd)
         .in = g_byte_array_new(),
         .fds = g_array_new(FALSE, FALSE, sizeof(RecvFd)),
         .held = g_hash_table_new(g_direct_hash, g_direct_equal),
+        .missed = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free,
+                                        NULL),
     };
     g_queue_init(&c->expects);
 }
@@ -1366,6 +1419,7 @@ static void client_free(FzClient *c)
     g_byte_array_unref(c->pending);
     g_byte_array_unref(c->in);
     g_hash_table_destroy(c->held);
+    g_hash_table_destroy(c->missed);
 }
 
 static void client_open(Fuzz *f, FzClient *c, int fd)
@@ -1679,6 +1733,12 @@ static void build_frame(FzClient *c, GByteArray *out, unsigned type)
     case MS_MSG_ERROR:
         ms_proto_encode_error(out, id, EPROTO, "from a client");
         break;
+    case MS_MSG_ANSWERED:
+        ms_proto_encode_answered(out, id);
+        break;
+    case MS_MSG_ANSWERED_REPLY:
+        ms_proto_encode_answered_reply(out, id, MS_ANSWERED_LOST, 1, h, 2);
+        break;
     default:
         /* HELLO, and HELLO's bytes under a type nobody knows */
         ms_proto_encode_hello(out, id, "fz", "mutant");
@@ -1752,6 +1812,10 @@ static void run_op(Fuzz *f, uint8_t byte)
     case OP_STATS:
         flags = in_u8(&f->in);
         send_stats(c, split_arg(&f->in, flags));
+        break;
+    case OP_ANSWERED:
+        flags = in_u8(&f->in);
+        send_answered(c, split_arg(&f->in, flags));
         break;
     case OP_RAW:
         op_raw(f, c);

@@ -23,7 +23,8 @@ import sys
 
 MAGIC, VERSION = 0x4B42534D, 1
 (HELLO, WELCOME, LOOKUP, LOOKUP_REPLY, UPLOAD, UPLOAD_REPLY, RELEASE,
- RELEASE_REPLY, STATS, STATS_REPLY, ERROR) = range(1, 12)
+ RELEASE_REPLY, STATS, STATS_REPLY, ERROR, ANSWERED, ANSWERED_REPLY) = range(1, 14)
+GROUP_FIELDS = 20
 PAGE = 4096
 
 
@@ -36,7 +37,7 @@ def hello_payload(group=b"group-1", name=b"qemu-vm1"):
 
 
 def stats_record(name, values):
-    return name.ljust(64, b"\0") + struct.pack("<16Q", *values)
+    return name.ljust(64, b"\0") + struct.pack("<%dQ" % len(values), *values)
 
 
 def broker_record(values):
@@ -56,9 +57,18 @@ def seeds():
     yield "release-reply", frame(RELEASE_REPLY, struct.pack("<Q", 6))
     yield "stats", frame(STATS, b"")
     yield "stats-reply", frame(STATS_REPLY, struct.pack("<II", 2, 0)
-                               + stats_record(b"g1", range(16)) + stats_record(b"g-2", range(16, 32)))
+                               + stats_record(b"g1", range(GROUP_FIELDS))
+                               + stats_record(b"g-2", range(16, 16 + GROUP_FIELDS)))
     yield "stats-reply-broker", frame(STATS_REPLY, struct.pack("<II", 1, 1) + broker_record(range(13))
-                                      + stats_record(b"web", [1] * 13 + [0xFFFFFFFFFFFFFFFF, 2, 1]))
+                                      + stats_record(b"web", [1] * 13 + [0xFFFFFFFFFFFFFFFF]
+                                                     + [2] * (GROUP_FIELDS - 14)))
+    # records of an older broker (19 fields) and of a newer one (24)
+    yield "stats-reply-19", frame(STATS_REPLY, struct.pack("<II", 1, 0)
+                                  + stats_record(b"old", range(19)))
+    yield "stats-reply-24", frame(STATS_REPLY, struct.pack("<II", 2, 0)
+                                  + stats_record(b"new", range(24)) * 2)
+    yield "answered", frame(ANSWERED, b"")
+    yield "answered-reply", frame(ANSWERED_REPLY, struct.pack("<IIQ2Q", 2, 1, 3, 0x1234, 0xFFFFFFFFFFFFFFFF))
     yield "error", frame(ERROR, struct.pack("<IHH", 13, 14, 0) + b"access denied!")
     # near misses: the decoder must refuse them
     yield "bad-count", frame(LOOKUP, struct.pack("<IIQ", 2, 0, 1))
@@ -71,7 +81,7 @@ def seeds():
 
 OPS = {name: i for i, name in enumerate(
     "CONNECT HELLO LOOKUP UPLOAD RELEASE STATS RAW MUTATE FLUSH READ CLOSE"
-    " SHUTDOWN PUMP SPAWN EXIT RECONFIGURE READ_ALL".split())}
+    " SHUTDOWN PUMP SPAWN EXIT RECONFIGURE READ_ALL ANSWERED".split())}
 GROUPS = ["fz", "dr", "dg", "dx", "dm", "p0", "p1", "p2", "p3"]
 F_SPLIT, F_BAD, F_BAD2 = 1, 2, 4
 
@@ -161,6 +171,10 @@ def stats(k, split=0):
     return op("STATS", k) + with_split(0, split)
 
 
+def answered(k, split=0):
+    return op("ANSWERED", k) + with_split(0, split)
+
+
 def raw(k, data):
     return op("RAW", k, len(data) - 1) + data
 
@@ -193,6 +207,13 @@ def broker_seeds():
         + lookup(0, pool(3)) + read(0) + stats(1) + read(1) \
         + release(1, [("held", 0, 0)]) + read(1) + op("CLOSE", 0) + op("PUMP") \
         + stats(1) + read(1) + op("CLOSE", 1)
+    # ANSWERED: A's first says lost, then names the miss B met and the
+    # one B's upload answered; B is told of none of them
+    yield "answered", config() + op("CONNECT", 0) + op("CONNECT", 1) + hello(0, name=1) \
+        + hello(1, name=2) + op("READ_ALL") + answered(0) + lookup(0, pool(3, 4)) + read(0) \
+        + lookup(1, pool(3)) + read(1) + upload(1, pool(3, 4)) + read(1) \
+        + answered(0) + answered(1) + op("READ_ALL") + answered(0, split=5) + op("PUMP") \
+        + op("FLUSH", 0) + read(0) + answered(2) + read(2)
     yield "parked-exit", config() + op("SPAWN", 2) + hello(2, "p0") + read(2) \
         + upload(2, [("pool", 4), ("seed", 7)]) + read(2) + op("CLOSE", 2) + op("PUMP") \
         + op("CONNECT", 3) + stats(3) + read(3) + op("EXIT", 2) + op("PUMP") \

@@ -359,6 +359,109 @@ static void test_wanted(Fixture *f, gconstpointer data)
     g_assert_cmpuint(r.slot, ==, slot);
 }
 
+/* ANSWERED: the hashes, whether some were lost, the unstable resets */
+static GArray *answered(MsBrokerClient *c, bool *lost, uint64_t *resets)
+{
+    g_autoptr(GError) err = NULL;
+    uint64_t features = 0, r = 0;
+    GArray *hashes = NULL;
+
+    g_assert_true(ms_broker_client_features(c, &features, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(features & MS_FEATURE_ANSWERED, !=, 0);
+    g_assert_true(ms_broker_client_answered(c, &hashes, lost,
+                                            resets ? resets : &r, &err));
+    g_assert_no_error(err);
+    return hashes;
+}
+
+static void assert_answers(MsBrokerClient *c, bool lost,
+                           const uint64_t *want, guint n)
+{
+    g_autoptr(GArray) got = NULL;
+    bool got_lost;
+
+    got = answered(c, &got_lost, NULL);
+    g_assert_cmpint(got_lost, ==, lost);
+    g_assert_cmpmem(got->data, got->len * sizeof(uint64_t),
+                    want, n * sizeof(uint64_t));
+}
+
+/*
+ * ANSWERED (broker.c, "Meeting"): a member gets the hashes of its own
+ * misses that were answered since it last asked, by a meeting or by a
+ * new slot; nobody else's, and nothing twice.  Answers are kept from
+ * its first ANSWERED on, which says that earlier ones were lost, as
+ * does the one after more answers than a reply may carry.
+ */
+static void test_answered(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join(f, "g1", "vm-a");
+    g_autoptr(MsBrokerClient) b = join(f, "g1", "vm-b");
+    g_autoptr(MsBrokerClient) x = join(f, "g2", "vm-x");
+    g_autofree uint8_t *p = g_malloc(page);
+    uint64_t h1 = 0x1111, h2, resets = 1;
+    bool lost;
+
+    (void)data;
+    /* Before the first ANSWERED, nothing is kept: lost */
+    g_assert_cmpuint(lookup(a, h1).status, ==, MS_STATUS_NOT_FOUND);
+    g_assert_cmpuint(lookup(b, h1).status, ==, MS_STATUS_WANTED);
+    assert_answers(a, true, NULL, 0);
+    assert_answers(b, true, NULL, 0);
+    assert_answers(x, true, NULL, 0);
+    assert_answers(a, false, NULL, 0);
+
+    /* A meeting answers the first member's miss, not the second's */
+    h1++;
+    g_assert_cmpuint(lookup(a, h1).status, ==, MS_STATUS_NOT_FOUND);
+    assert_answers(a, false, NULL, 0);
+    g_assert_cmpuint(lookup(b, h1).status, ==, MS_STATUS_WANTED);
+    assert_answers(a, false, &h1, 1);
+    assert_answers(a, false, NULL, 0);
+    assert_answers(b, false, NULL, 0);
+
+    /* A new slot answers B's miss; A's own upload answers none of A's */
+    fill(p, 9);
+    h2 = ms_broker_client_hash(b, p);
+    g_assert_cmpuint(lookup(b, h2).status, ==, MS_STATUS_NOT_FOUND);
+    upload(a, p);
+    assert_answers(b, false, &h2, 1);
+    assert_answers(a, false, NULL, 0);
+    /* The other group heard of none of it */
+    assert_answers(x, false, NULL, 0);
+    /* met counts every answer, kept or not */
+    g_assert_cmpuint(stats(a).met, ==, 2);
+    g_assert_cmpuint(stats(b).met, ==, 1);
+    /* The reply carries the group's resets: none so far */
+    {
+        g_autoptr(GArray) none = answered(a, &lost, &resets);
+
+        g_assert_cmpuint(none->len, ==, 0);
+        g_assert_cmpuint(resets, ==, stats(a).unstable_resets);
+        g_assert_cmpuint(resets, ==, 0);
+    }
+
+    /* One more than a reply may carry: the list is cut, and says so */
+    for (uint64_t k = 0; k <= MS_PROTO_MAX_ANSWERED; k++) {
+        g_assert_cmpuint(lookup(a, 0x100000 + k).status, ==,
+                         MS_STATUS_NOT_FOUND);
+        g_assert_cmpuint(lookup(b, 0x100000 + k).status, ==,
+                         MS_STATUS_WANTED);
+    }
+    {
+        g_autoptr(GArray) got = answered(a, &lost, NULL);
+
+        g_assert_true(lost);
+        g_assert_cmpuint(got->len, ==, MS_PROTO_MAX_ANSWERED);
+        for (guint k = 0; k < got->len; k++) {
+            g_assert_cmpuint(g_array_index(got, uint64_t, k), ==,
+                             0x100000 + k);
+        }
+    }
+    assert_answers(a, false, NULL, 0);
+}
+
 /*
  * The unstable table has an entry for each slot of the store and is
  * emptied when half full (broker.c, "Meeting"): a pending meeting
@@ -388,6 +491,14 @@ static void test_unstable_full(Fixture *f, gconstpointer data)
                          MS_STATUS_NOT_FOUND);
     }
     g_assert_cmpuint(stats(a).unstable_resets, ==, 1);
+    {
+        /* ANSWERED says so too: A's misses may be forgotten */
+        uint64_t resets = 0;
+        bool lost;
+        g_autoptr(GArray) got = answered(a, &lost, &resets);
+
+        g_assert_cmpuint(resets, ==, 1);
+    }
     g_assert_cmpuint(stats(a).wanted, ==, 1);
     g_assert_cmpuint(lookup(b, h + NSLOTS).status, ==, MS_STATUS_NOT_FOUND);
     g_assert_cmpuint(lookup(a, h + NSLOTS).status, ==, MS_STATUS_WANTED);
@@ -1658,6 +1769,7 @@ int main(int argc, char **argv)
     add("/broker/share", test_share);
     add("/broker/release", test_release);
     add("/broker/wanted", test_wanted);
+    add("/broker/answered", test_answered);
     add("/broker/upload-pages", test_upload_pages);
     add("/broker/unstable-full", test_unstable_full);
     add("/broker/groups", test_groups);

@@ -284,7 +284,7 @@ static void test_stats(void)
           .bytes_saved = 7, .lookups = 8, .hits = 9, .uploads = 10,
           .published = 11, .refused = 12, .owner = 1000, .parked = 13,
           .refused_quota = 3, .wanted = 14, .unstable_resets = 15,
-          .met = 16 },
+          .met = 16, .features = MS_FEATURE_ANSWERED },
     };
     const MsProtoBrokerStats bs = {
         .clients = 1, .parked = 2, .groups = 3, .refused_clients = 4,
@@ -364,8 +364,150 @@ static void test_stats(void)
         g_assert_cmpuint(got.wanted, ==, gs[i].wanted);
         g_assert_cmpuint(got.unstable_resets, ==, gs[i].unstable_resets);
         g_assert_cmpuint(got.met, ==, gs[i].met);
+        g_assert_cmpuint(got.features, ==, gs[i].features);
     }
     decode_only_whole(f);
+}
+
+/*
+ * A STATS_REPLY whose @count group records have @fields u64 each, field
+ * j of record i being 100 * i + j + 1
+ */
+static GByteArray *stats_reply_of(uint32_t count, uint32_t fields)
+{
+    g_autoptr(GByteArray) p = g_byte_array_new();
+
+    raw32(p, count);
+    raw32(p, 0);
+    for (uint32_t i = 0; i < count; i++) {
+        char name[MS_PROTO_MAX_NAME] = "g";
+
+        g_byte_array_append(p, (const guint8 *)name, sizeof(name));
+        for (uint32_t j = 0; j < fields; j++) {
+            raw64(p, 100 * i + j + 1);
+        }
+    }
+    return raw_frame(MS_MSG_STATS_REPLY, p);
+}
+
+/*
+ * Group records are as long as the reply says: a broker from before
+ * features (19 fields) reads as one without any, a newer one's fields
+ * past ours are skipped, and the records still line up.
+ */
+static void test_stats_layouts(void)
+{
+    static const struct {
+        uint32_t fields;
+        uint64_t features;      /* of record 1 */
+    } cases[] = {
+        { MS_PROTO_GROUP_STATS_FIELDS_MIN, 0 },
+        { MS_PROTO_GROUP_STATS_FIELDS, 120 },
+        { MS_PROTO_GROUP_STATS_FIELDS + 7, 120 },
+        { MS_PROTO_GROUP_STATS_FIELDS_MAX, 120 },
+    };
+
+    for (size_t k = 0; k < G_N_ELEMENTS(cases); k++) {
+        g_autoptr(GByteArray) f = stats_reply_of(2, cases[k].fields);
+        MsProtoGroupStats got;
+        MsProtoMsg msg;
+
+        decode_ok(f, &msg);
+        g_assert_cmpuint(msg.stats.fields, ==, cases[k].fields);
+        ms_proto_group_stats(&msg, 1, &got);
+        g_assert_cmpstr(got.name, ==, "g");
+        g_assert_cmpuint(got.clients, ==, 101);
+        g_assert_cmpuint(got.met, ==, 119);
+        g_assert_cmpuint(got.features, ==, cases[k].features);
+        decode_only_whole(f);
+    }
+    for (uint32_t fields = 0; fields < MS_PROTO_GROUP_STATS_FIELDS_MIN;
+         fields++) {
+        g_autoptr(GByteArray) f = stats_reply_of(2, fields);
+
+        decode_bad(f, "group records shorter than the oldest layout");
+    }
+    {
+        g_autoptr(GByteArray) f =
+            stats_reply_of(1, MS_PROTO_GROUP_STATS_FIELDS_MAX + 1);
+        g_autoptr(GByteArray) odd = stats_reply_of(2, 20);
+
+        decode_bad(f, "group records longer than any layout may be");
+        /* Three more bytes: records of 2 groups no longer divide evenly */
+        g_byte_array_set_size(odd, odd->len + 3);
+        odd->data[8] += 3;
+        decode_bad(odd, "a payload that is not whole records");
+    }
+}
+
+static void test_answered(void)
+{
+    const uint64_t hashes[3] = { 1, UINT64_MAX, 0x1234567890abcdefULL };
+    g_autoptr(GByteArray) req = g_byte_array_new();
+    g_autoptr(GByteArray) f = g_byte_array_new();
+    g_autoptr(GByteArray) none = g_byte_array_new();
+    MsProtoMsg msg;
+
+    ms_proto_encode_answered(req, 9);
+    decode_ok(req, &msg);
+    g_assert_cmpint(msg.type, ==, MS_MSG_ANSWERED);
+    g_assert_cmpuint(msg.id, ==, 9);
+    decode_only_whole(req);
+
+    ms_proto_encode_answered_reply(f, 9, MS_ANSWERED_LOST, 77, hashes, 3);
+    decode_ok(f, &msg);
+    g_assert_cmpint(msg.type, ==, MS_MSG_ANSWERED_REPLY);
+    g_assert_cmpuint(msg.answered.count, ==, 3);
+    g_assert_cmpuint(msg.answered.flags, ==, MS_ANSWERED_LOST);
+    g_assert_cmpuint(msg.answered.unstable_resets, ==, 77);
+    for (uint32_t i = 0; i < 3; i++) {
+        g_assert_cmpuint(ms_proto_answered_hash(&msg, i), ==, hashes[i]);
+    }
+    decode_only_whole(f);
+
+    /* Nothing answered is an answer too */
+    ms_proto_encode_answered_reply(none, 10, 0, 0, NULL, 0);
+    decode_ok(none, &msg);
+    g_assert_cmpuint(msg.answered.count, ==, 0);
+    g_assert_cmpuint(msg.answered.flags, ==, 0);
+    decode_only_whole(none);
+}
+
+static void test_bad_answered(void)
+{
+    g_autoptr(GByteArray) body = g_byte_array_new();
+    g_autoptr(GByteArray) many = g_byte_array_new();
+    g_autoptr(GByteArray) flags = g_byte_array_new();
+    g_autoptr(GByteArray) f1 = NULL;
+    g_autoptr(GByteArray) f2 = NULL;
+    g_autoptr(GByteArray) f3 = NULL;
+    g_autoptr(GByteArray) f4 = NULL;
+
+    raw8(body, 0);
+    f1 = raw_frame(MS_MSG_ANSWERED, body);
+    decode_bad(f1, "an ANSWERED request with a payload");
+
+    raw32(many, MS_PROTO_MAX_ANSWERED + 1);
+    raw32(many, 0);
+    raw64(many, 0);
+    g_byte_array_set_size(many, 16 + 8 * (MS_PROTO_MAX_ANSWERED + 1));
+    f2 = raw_frame(MS_MSG_ANSWERED_REPLY, many);
+    decode_bad(f2, "more hashes than an ANSWERED_REPLY may have");
+
+    raw32(flags, 0);
+    raw32(flags, 2);
+    raw64(flags, 0);
+    f3 = raw_frame(MS_MSG_ANSWERED_REPLY, flags);
+    decode_bad(f3, "an unknown ANSWERED_REPLY flag");
+
+    /* Two hashes announced, one there */
+    g_byte_array_set_size(flags, 0);
+    raw32(flags, 2);
+    raw32(flags, 0);
+    raw64(flags, 0);
+    raw64(flags, 5);
+    f4 = raw_frame(MS_MSG_ANSWERED_REPLY, flags);
+    decode_bad(f4, "an ANSWERED_REPLY cut short");
 }
 
 static void test_error(void)
@@ -804,6 +946,8 @@ int main(int argc, char **argv)
     g_test_add_func("/proto/roundtrip/results", test_results);
     g_test_add_func("/proto/roundtrip/release", test_release);
     g_test_add_func("/proto/roundtrip/stats", test_stats);
+    g_test_add_func("/proto/roundtrip/stats-layouts", test_stats_layouts);
+    g_test_add_func("/proto/roundtrip/answered", test_answered);
     g_test_add_func("/proto/roundtrip/error", test_error);
     g_test_add_func("/proto/names", test_names);
     g_test_add_func("/proto/bad/header", test_bad_header);
@@ -814,6 +958,7 @@ int main(int argc, char **argv)
     g_test_add_func("/proto/bad/upload", test_bad_upload);
     g_test_add_func("/proto/bad/welcome", test_bad_welcome);
     g_test_add_func("/proto/bad/stats-and-error", test_bad_stats_and_error);
+    g_test_add_func("/proto/bad/answered", test_bad_answered);
     g_test_add_func("/proto/bad/mutations", test_mutations);
     return g_test_run();
 }

@@ -64,10 +64,14 @@
  * hash (an upload nobody was told WANTED for, or one that came after
  * the first member asked again): either counts for its member (met), and
  * so does emptying the table (unstable_resets).  Nothing else can turn a
- * member's miss into a hit or a meeting, so a member reads the two in
- * STATS to know whether asking its misses again can pay; the group's
- * wanted and published move with every member's meetings, and in a
- * group of eight something moves nearly all the time.
+ * member's miss into a hit or a meeting; the group's wanted and
+ * published move with every member's meetings, and in a group of eight
+ * something moves nearly all the time.  Even a member's own met moves
+ * at nearly every pass there, so a member that only knew that would ask
+ * all its misses again each time: a member that asked ANSWERED once is
+ * told which hashes, up to MS_PROTO_MAX_ANSWERED between two asks (the
+ * table keeps no hashes, only tags: the meeting or the upload has it),
+ * and asks only those pages again.
  *
  * The index.  MsStore indexes slots under its own secret, which it keeps
  * to itself; the members need one they can compute, so each group also
@@ -278,6 +282,8 @@ struct Client {
     GHashTable *held;           /* slot -> references held */
     uint64_t refs;              /* sum of @held */
     uint64_t met;               /* its misses answered: see "Meeting" */
+    GArray *answered;           /* their hashes, once it asked: ANSWERED */
+    bool answers_lost;          /* some were not kept since it last asked */
 };
 
 /* @c's id in the unstable table: 1 .. UINT32_MAX - 1 */
@@ -610,10 +616,11 @@ static void client_close(Client *c)
         if (c->group) {
             gpointer id = GUINT_TO_POINTER(unstable_id(c));
 
-            /* Gone: nobody reads its met any more */
+            /* Gone: nobody reads its met or its answers any more */
             if (g_hash_table_lookup(c->group->members, id) == c) {
                 g_hash_table_remove(c->group->members, id);
             }
+            g_clear_pointer(&c->answered, g_array_unref);
             c->group->nclients--;
             u->members--;
         }
@@ -1005,14 +1012,24 @@ static Unstable *unstable_find(Group *g, uint64_t k, Unstable **free)
     }
 }
 
-/* Entry @u is answered: its member's next lookup can pay (see "Meeting") */
-static void unstable_answered(Group *g, Unstable *u)
+/*
+ * Entry @u, of @hash, is answered: its member's next lookup can pay (see
+ * "Meeting").  A member that asks for its answers (ANSWERED) gets the
+ * hash; past MS_PROTO_MAX_ANSWERED waiting, it is told some were lost.
+ */
+static void unstable_answered(Group *g, Unstable *u, uint64_t hash)
 {
     Client *first = g_hash_table_lookup(g->members,
                                         GUINT_TO_POINTER(u->client));
 
     if (first) {
         first->met++;
+        if (first->answered &&
+            first->answered->len < MS_PROTO_MAX_ANSWERED) {
+            g_array_append_val(first->answered, hash);
+        } else if (first->answered) {
+            first->answers_lost = true;
+        }
     }
     u->client = UNSTABLE_GONE;
 }
@@ -1024,7 +1041,7 @@ static void unstable_published(Group *g, uint64_t hash)
     Unstable *free, *u = unstable_find(g, k, &free);
 
     if (u) {
-        unstable_answered(g, u);
+        unstable_answered(g, u, hash);
     }
 }
 
@@ -1039,7 +1056,7 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
         if (u->client == unstable_id(c)) {
             return MS_STATUS_NOT_FOUND;
         }
-        unstable_answered(g, u);
+        unstable_answered(g, u, hash);
         g->wanted++;
         return MS_STATUS_WANTED;
     }
@@ -1224,6 +1241,7 @@ static void group_stats(Group *g, MsProtoGroupStats *gs)
     gs->refused_quota = g->refused_quota;
     gs->wanted = g->wanted;
     gs->unstable_resets = g->unstable_resets;
+    gs->features = MS_FEATURE_ANSWERED;
 }
 
 /*
@@ -1270,6 +1288,35 @@ static bool do_stats(Client *c, const MsProtoMsg *msg)
     return true;
 }
 
+/*
+ * A member's misses answered since it last asked (see "Meeting"), and
+ * the group's unstable resets: what it needs to know which of its
+ * misses to ask again.  Answers are kept from its first ANSWERED on,
+ * so that members that never ask cost nothing; the first reply says
+ * the earlier ones were lost.
+ */
+static bool do_answered(Client *c, const MsProtoMsg *msg)
+{
+    g_autoptr(GByteArray) out = g_byte_array_new();
+    uint32_t flags = 0;
+
+    if (!c->answered) {
+        c->answered = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+        c->answers_lost = true;
+    }
+    if (c->answers_lost) {
+        flags |= MS_ANSWERED_LOST;
+    }
+    ms_proto_encode_answered_reply(out, msg->id, flags,
+                                   c->group->unstable_resets,
+                                   (const uint64_t *)c->answered->data,
+                                   c->answered->len);
+    g_array_set_size(c->answered, 0);
+    c->answers_lost = false;
+    reply(c, out, -1);
+    return true;
+}
+
 static bool dispatch(Client *c)
 {
     g_autoptr(GError) err = NULL;
@@ -1286,12 +1333,14 @@ static bool dispatch(Client *c)
     case MS_MSG_LOOKUP:
     case MS_MSG_UPLOAD:
     case MS_MSG_RELEASE:
+    case MS_MSG_ANSWERED:
         if (!c->group) {
             return client_fail(c, EPROTO, "%s before HELLO",
                                ms_proto_type_name(msg.type));
         }
         return msg.type == MS_MSG_LOOKUP ? do_lookup(c, &msg) :
                msg.type == MS_MSG_UPLOAD ? do_upload(c, &msg) :
+               msg.type == MS_MSG_ANSWERED ? do_answered(c, &msg) :
                do_release(c, &msg);
     default:
         return client_fail(c, EPROTO, "%s is not a request",
