@@ -801,6 +801,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
         gi->pages = st.group_pages;
         gi->lookups = st.group_lookups;
         gi->retries_skipped = st.group_retries_skipped;
+        gi->answers = st.group_answers;
         gi->hits = st.group_hits;
         gi->uploads = st.group_uploads;
         gi->rejoins = st.group_rejoins;

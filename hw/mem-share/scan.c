@@ -127,19 +127,25 @@
  * writes the page hours later is met within a round.  Between retries
  * the page is not visited at all: a wheel of
  * per-pass lists (retry_in()) puts it back among the pages to visit in
- * the pass its retry is due.  A due retry is asked only if something
- * that can make it pay happened since the miss.  Our miss waits in the
- * broker's table of misses until a meeting or a new slot with its hash
- * answers it, or the broker empties the table; it then counts the
- * answer for us (met) or the emptying (unstable_resets).  With our own
- * publish or loss of an unstable entry (local_news), nothing else turns
- * a miss into a hit or a meeting: not the other members' meetings,
- * which in a group of eight happen nearly every pass (counting those
- * skipped almost no retry there, docs/bench.md).  One STATS round trip
- * a pass reads the two counters; if nothing moved since the earliest
- * lookup of the pages due in the pass, every page that still waits
- * counts as missed again without a visit or a lookup (retries_due()), on
- * the same schedule.  A page put back on the wheel without a lookup
+ * the pass its retry is due.  Our miss waits in the broker's table of
+ * misses until a meeting or a new slot with its hash answers it, or the
+ * broker empties the table.  At the start of each pass one ANSWERED
+ * round trip (take_answers()) says which of our misses were answered
+ * since the last: the pages waiting under those hashes in our unstable
+ * table (keyed by the group's hash, see gkey_same) are asked at once,
+ * whatever their backoff.  Other retries can only pay after news that
+ * no answer carries: the broker emptied its table (unstable_resets) or
+ * lost answers to us, or our own publish or loss of an unstable entry
+ * (local_news); not the other members' meetings, which in a group of
+ * eight happen nearly every pass (counting those skipped almost no
+ * retry there, docs/bench.md), and not even our own answers, which
+ * there come nearly every pass too, each for a few pages (counting
+ * those skipped none).  If nothing moved since the earliest lookup of
+ * the pages due in the pass, every page that still waits counts as
+ * missed again without a visit or a lookup (retries_due()), on the same
+ * schedule.  From a broker without ANSWERED, or one whose hash key is
+ * not our store's, news is any answer of ours (met, read with STATS
+ * when retries are due).  A page put back on the wheel without a lookup
  * counts as asked before any news.  What a group costs follows what is
  * new for its members, not their RAM.  A meeting is
  * not lost:
@@ -258,6 +264,7 @@ enum {
     PG_WAS_MERGED = 1 << 3, /* merged before: the next merge is a re-merge */
     PG_PENDING = 1 << 4,    /* in a batch not merged yet */
     PG_UNSTABLE = 1 << 5,   /* in the unstable table, under hash */
+    PG_ANSWERED = 1 << 6,   /* the group answered its miss: ask it now */
 };
 
 typedef struct PageState {
@@ -341,6 +348,9 @@ struct MsScanner {
     uint64_t retry_news[RETRY_WHEEL];
     uint64_t local_news;    /* our own events that can make a retry pay */
     uint64_t group_news;    /* the broker's, as last read (quiet_since()) */
+    bool answers_probed;    /* whether the broker has ANSWERED is known */
+    bool answers;           /* it tells us our misses it answered */
+    uint64_t answer_resets; /* its unstable resets, as last read */
     bool sweep;             /* this chunk: visit and hash every page */
     bool sweep_pass;        /* this pass sweeps every chunk */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
@@ -762,6 +772,7 @@ static void set_volatile(MsScanner *s, PageState *p, bool on)
 }
 
 static void unstable_remove(MsScanner *s, size_t i);
+static uint32_t *unstable_find(MsScanner *s, uint64_t h);
 
 /*
  * Page @i was written (a new hash, the log, a copy-on-write break):
@@ -775,6 +786,7 @@ static void written(MsScanner *s, size_t i)
     unstable_remove(s, i);
     p->since = s->live.full_scans;
     p->gmiss = 0;
+    p->flags &= ~PG_ANSWERED;
     if (has_log(s)) {
         p->flags &= ~PG_KNOWN;
         todo_set(s, i);
@@ -1192,6 +1204,10 @@ static bool quiet_since(MsScanner *s, uint64_t then)
     if (!group_usable(s) || ms_broker_client_stalled(s->group)) {
         return false;
     }
+    if (s->answers) {
+        /* take_answers() read the broker's news at the pass's start */
+        return news(s) == then;
+    }
     if (!ms_broker_client_stats(s->group, &groups, &err)) {
         group_failed(s, err);
         return false;
@@ -1211,6 +1227,75 @@ static bool waits_for_group(const MsScanner *s, size_t i)
 
     return p->slot == MS_SLOT_NONE && p->gmiss &&
            (p->flags & PG_KNOWN) && !(p->flags & (PG_ZERO | PG_PENDING));
+}
+
+/* Does the broker tell us which of our misses it answered?  Asks once */
+static bool answers_offered(MsScanner *s)
+{
+    g_autoptr(GError) err = NULL;
+    uint64_t features;
+
+    if (!s->answers_probed) {
+        if (!ms_broker_client_features(s->group, &features, &err)) {
+            group_failed(s, err);
+            return false;
+        }
+        s->answers_probed = true;
+        s->answers = features & MS_FEATURE_ANSWERED;
+    }
+    return s->answers;
+}
+
+/*
+ * The group answered our miss of @h: the page waiting under it in the
+ * unstable table (its key is the group's hash too, see gkey_same) is
+ * asked at its next visit, this pass, whatever its backoff.
+ */
+static void answered(MsScanner *s, uint64_t h)
+{
+    uint32_t e = *unstable_find(s, h);
+
+    s->live.group_answers++;
+    if (e && waits_for_group(s, e - 1)) {
+        s->pg[e - 1].flags |= PG_ANSWERED;
+        todo_set(s, e - 1);
+    }
+}
+
+/*
+ * A pass begins: which of our misses did the group answer since the
+ * last one?  One round trip a pass.  Those pages are asked again at
+ * once, and the retries of the others only when news says that asking
+ * can pay: the broker forgot misses (its table was emptied), or lost
+ * some of its answers to us, or we did something ourselves.  Without
+ * our key (a broker that came back with another) the group's hashes
+ * are not our table's keys: news is then any answer of ours (met).
+ */
+static void take_answers(MsScanner *s)
+{
+    g_autoptr(GArray) hashes = NULL;
+    g_autoptr(GError) err = NULL;
+    uint64_t resets;
+    bool lost;
+
+    if (!group_usable(s) || ms_broker_client_stalled(s->group) ||
+        !s->gkey_same || s->cfg.group_no_answers || !answers_offered(s)) {
+        return;
+    }
+    if (!ms_broker_client_answered(s->group, &hashes, &lost, &resets,
+                                   &err)) {
+        /* A late reply's answers are lost: the next call says so */
+        group_failed(s, err);
+        return;
+    }
+    if (lost || resets != s->answer_resets) {
+        /* news() only grows: one step is enough to let every retry by */
+        s->group_news++;
+        s->answer_resets = resets;
+    }
+    for (guint k = 0; k < hashes->len; k++) {
+        answered(s, g_array_index(hashes, uint64_t, k));
+    }
 }
 
 /*
@@ -1833,6 +1918,11 @@ static bool group_due(MsScanner *s, size_t i)
     unsigned miss = s->pg[i].gmiss, shift = MIN(miss, GROUP_BACKOFF);
     uint64_t scans = s->live.full_scans;
 
+    if (s->pg[i].flags & PG_ANSWERED) {
+        /* take_answers(): the broker has what we missed, or wants it */
+        s->pg[i].flags &= ~PG_ANSWERED;
+        return true;
+    }
     if (has_log(s)) {
         /* Between sweeps: 1, 2, 4, ... passes after the first lookup */
         if (!s->sweep) {
@@ -2189,6 +2279,7 @@ static void end_full_scan(MsScanner *s)
     s->sweep_pass = !has_log(s) || s->sweep_asked;
     s->sweep_asked = false;
     /* After the choice: a sweep visits every page, and asks anyway */
+    take_answers(s);
     retries_due(s);
     s->blocked_vmas = -1;
 }
@@ -2306,6 +2397,8 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
     }
     /* Its counters start again: nothing read from the old one compares */
     s->group_news = 0;
+    s->answers_probed = s->answers = false;
+    s->answer_resets = 0;
     memset(s->retry_news, 0, sizeof(s->retry_news));
     memset(s->sweep_news, 0, nchunks(s) * sizeof(*s->sweep_news));
     ms_scanner_sweep(s);

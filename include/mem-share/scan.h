@@ -88,6 +88,12 @@ typedef struct MsScanConfig {
      */
     MsBrokerClient *group;
     /*
+     * Learn what can make a group miss pay from the broker's counters
+     * (STATS) even if it can say which misses it answered (ANSWERED):
+     * what a broker without ANSWERED gives.  For tests.
+     */
+    bool group_no_answers;
+    /*
      * Dirty tracking (optional, NULL: every pass reads and hashes every
      * private page).  Called by the scanner thread once per chunk: it
      * must not take the BQL.  With a log a pass visits only the pages it
@@ -184,6 +190,7 @@ typedef struct MsScanStats {
     uint64_t group_pages;       /* now: pages that map the group's store */
     uint64_t group_lookups;     /* pages looked up in the group */
     uint64_t group_retries_skipped; /* retries not asked: nothing new */
+    uint64_t group_answers;     /* our misses the broker said it answered */
     uint64_t group_hits;        /* of which the group had, same bytes */
     uint64_t group_uploads;     /* pages given to the group (WANTED) */
     uint64_t group_lost;        /* 1 while the broker connection is lost */

@@ -61,6 +61,7 @@ typedef struct Fixture {
     GPid pid;
     Region a, b, c;
     bool log;               /* the regions follow a (fake) dirty log */
+    bool no_answers;        /* news from STATS only, not ANSWERED */
     bool skip;
 } Fixture;
 
@@ -148,6 +149,7 @@ static bool region_setup(Fixture *f, Region *r, const char *group,
     cfg.npages = NPAGES;
     cfg.region_flags = MS_REGION_NOHUGEPAGE;
     cfg.group = r->c;
+    cfg.group_no_answers = f->no_answers;
     if (f->log) {
         r->dirty = g_new(uint64_t, NPAGES / 64);
         memset(r->dirty, 0xff, NPAGES / 8);
@@ -173,13 +175,15 @@ static void region_teardown(Region *r)
     g_free(r->dirty);
 }
 
-static void setup_common(Fixture *f, int timeout_ms, bool log)
+static void setup_common(Fixture *f, int timeout_ms, bool log,
+                         bool no_answers)
 {
     g_autoptr(GError) err = NULL;
 
     memset(f, 0, sizeof(*f));
     f->timeout_ms = timeout_ms;
     f->log = log;
+    f->no_answers = no_answers;
     f->dir = g_dir_make_tmp("test-group-XXXXXX", &err);
     g_assert_no_error(err);
     f->path = g_build_filename(f->dir, "broker.sock", NULL);
@@ -191,13 +195,13 @@ static void setup_common(Fixture *f, int timeout_ms, bool log)
 
 static void setup(Fixture *f, gconstpointer data)
 {
-    setup_common(f, GPOINTER_TO_INT(data), false);
+    setup_common(f, GPOINTER_TO_INT(data), false, false);
 }
 
+/* @data: non-NULL for news from STATS only, as from an older broker */
 static void setup_log(Fixture *f, gconstpointer data)
 {
-    (void)data;
-    setup_common(f, 0, true);
+    setup_common(f, 0, true, data != NULL);
 }
 
 static void teardown(Fixture *f, gconstpointer data)
@@ -710,13 +714,15 @@ static uint64_t pass_visits(Region *r)
 /*
  * With a dirty log, a page the group missed is due again 1, 3, 7, ...
  * passes after its first lookup, and not visited in between.  A due
- * retry is asked only if one of its misses was answered since (a
- * meeting, or a new slot with its hash) or the broker forgot them: A
- * misses everything, and while two other members meet and publish
+ * retry is asked only if something that can make it pay happened since:
+ * A misses everything, and while two other members meet and publish
  * nothing A wants, its retries come and go without a visit or a
  * lookup.  Then B joins: its lookups meet A's misses in the broker's
- * unstable table, B uploads, and A maps the slots at its next retry,
- * which the news lets through.
+ * unstable table, B uploads, and the broker tells A which of its misses
+ * it answered (ANSWERED): A asks those pages again the pass after, and
+ * nothing else.  From a broker that only counts the answers (STATS'
+ * met, @data non-NULL) A learns that some were answered, and asks every
+ * due retry.
  */
 /* Two members of g1 that are not regions meet over a page A lacks */
 static void others_meet(Fixture *f, uint64_t seed)
@@ -748,7 +754,7 @@ static void others_meet(Fixture *f, uint64_t seed)
 static void test_retry_wheel(Fixture *f, gconstpointer data)
 {
     MsProtoGroupStats g0;
-    uint64_t busy = 0;
+    uint64_t busy = 0, lookups;
     int n;
 
     (void)data;
@@ -784,24 +790,34 @@ static void test_retry_wheel(Fixture *f, gconstpointer data)
     g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES);
     g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
 
-    /* B meets A's misses; A finds the slots at its retry at age 65 */
+    /* B meets A's misses; A finds the slots */
     for (n = 0; n < 100 && stats(&f->a).group_pages < NSHARED; n++) {
         pass(&f->a);
         pass(&f->b);
     }
-    g_test_message("A mapped %" PRIu64 " group pages after %d more passes",
-                   stats(&f->a).group_pages, n);
+    g_test_message("A mapped %" PRIu64 " group pages after %d more passes,"
+                   " %" PRIu64 " lookups", stats(&f->a).group_pages, n,
+                   stats(&f->a).group_lookups);
     g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
     g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
-    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+    if (f->no_answers) {
+        /* At its retry at age 65, which the news lets through: all */
+        g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+        g_assert_cmpuint(stats(&f->a).group_answers, ==, 0);
+    } else {
+        /* One lookup for each page B has, none for the others */
+        g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES + NSHARED);
+        g_assert_cmpuint(stats(&f->a).group_answers, ==, NSHARED);
+    }
     g_assert_cmpuint(stats(&f->a).group_lost, ==, 0);
+    lookups = stats(&f->a).group_lookups;
 
     /* A retry that missed again is no news: the next ones are skipped */
     for (n = 0; n < 200; n++) {
         pass(&f->a);
         pass(&f->b);
     }
-    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, lookups);
     check_bytes(&f->a);
     check_bytes(&f->b);
 }
@@ -850,11 +866,12 @@ static void pass_until(Region *r, uint64_t n)
 }
 
 /*
- * A miss whose retries are spent is asked again only at its chunk's turn
- * in the rolling sweep, and only if the broker answered one of the
- * member's misses (or forgot them) since the chunk's last turn: a turn
- * with nothing new asks nothing, and a member that meets the page much
- * later is found at the next turn, whatever the miss's backoff.
+ * A miss whose retries are spent is asked again at its chunk's turn in
+ * the rolling sweep only if there is news since the chunk's last turn:
+ * a turn with nothing new asks nothing.  A member that meets the page
+ * much later is found the pass after, when the broker says which misses
+ * it answered; from a broker that only counts them (@data non-NULL),
+ * at the chunk's next turn, whatever the miss's backoff.
  */
 static void test_sweep_news(Fixture *f, gconstpointer data)
 {
@@ -883,6 +900,22 @@ static void test_sweep_news(Fixture *f, gconstpointer data)
     }
     g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
     g_assert_cmpuint(group_stats(&f->a).met, ==, NSHARED);
+    if (!f->no_answers) {
+        /* Told at the end of the next pass, mapped in the one after */
+        pass(&f->a);
+        pass(&f->a);
+        g_assert_cmpuint(stats(&f->a).group_answers, ==, NSHARED);
+        g_assert_cmpuint(stats(&f->a).group_lookups, ==,
+                         2 * NPAGES + NSHARED);
+        g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+        /* The turns after ask nothing more */
+        pass_until(&f->a, 4 * MS_SCAN_SWEEP_EVERY);
+        g_assert_cmpuint(stats(&f->a).group_lookups, ==,
+                         2 * NPAGES + NSHARED);
+        check_bytes(&f->a);
+        check_bytes(&f->b);
+        return;
+    }
     pass_until(&f->a, 3 * MS_SCAN_SWEEP_EVERY - 2);
     g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
     pass_until(&f->a, 3 * MS_SCAN_SWEEP_EVERY);
@@ -912,9 +945,14 @@ int main(int argc, char **argv)
                test_stall, teardown);
     g_test_add("/group/retry-wheel", Fixture, NULL, setup_log,
                test_retry_wheel, teardown);
-    g_test_add("/group/retry-unread", Fixture, NULL, setup_log,
+    g_test_add("/group/retry-wheel-counted", Fixture, "counted", setup_log,
+               test_retry_wheel, teardown);
+    /* Every due retry asked: the zeroed pages, which B lacks, too */
+    g_test_add("/group/retry-unread", Fixture, "counted", setup_log,
                test_retry_unread, teardown);
     g_test_add("/group/sweep-news", Fixture, NULL, setup_log,
+               test_sweep_news, teardown);
+    g_test_add("/group/sweep-news-counted", Fixture, "counted", setup_log,
                test_sweep_news, teardown);
     return g_test_run();
 }
