@@ -46,12 +46,17 @@
  * hash, it is told MS_STATUS_WANTED and uploads its page, and the first
  * member finds the slot at its next lookup.  A member's pages that
  * nobody else has are never stored.  The unstable table is an array of
- * 8-byte entries, open addressing with linear probing, one entry for
- * each slot of the store (at most UNSTABLE_MAX): most misses are pages
- * nobody else has, so a hash table of separately allocated entries grew
- * to several times the size and paid two allocations a miss.  It is
- * emptied when half full, as stale entries only cost misses; a member
- * told WANTED leaves a tombstone.  Buckets come from a hash of the hash
+ * 8-byte entries, open addressing with linear probing, UNSTABLE_PER_SLOT
+ * entries for each slot of the store (at most UNSTABLE_MAX): most
+ * misses are pages nobody else has, so a hash table of separately
+ * allocated entries grew to several times the size and paid two
+ * allocations a miss.  Those misses wait as long as their pages stay:
+ * at eight fleet members they came to more than the store has slots,
+ * and a table of one entry per slot, emptied every minute or so, made
+ * every member ask all its misses again each time.  It is
+ * emptied when half full, as stale entries only cost misses; an answered
+ * entry leaves a tombstone, freed when no probe passes it (the next
+ * entry is free: unstable_drop()).  Buckets come from a hash of the hash
  * under a secret of the broker's, so that a member cannot pile its
  * misses into one run of buckets; an entry keeps the upper half of that
  * hash of the hash (the bucket is from the lower) and 32 bits of the
@@ -169,6 +174,8 @@ typedef struct Client Client;
 #define SO_PEERPIDFD 77
 #endif
 
+/* The unstable table's entries per slot of the store (see "Meeting") */
+#define UNSTABLE_PER_SLOT 4
 /* The unstable table's most entries (128 MiB), whatever the store's size */
 #define UNSTABLE_MAX (1u << 24)
 /* Its entries' @client: never a client's unstable_id() */
@@ -483,8 +490,9 @@ static Group *group_new(MsBroker *b, const char *name, GroupKind kind,
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
     g->charges = g_hash_table_new(g_direct_hash, g_direct_equal);
     g->members = g_hash_table_new(g_direct_hash, g_direct_equal);
-    g->unstable_mask = (1u << g_bit_storage(CLAMP(b->nslots, 64, UNSTABLE_MAX)
-                                            - 1)) - 1;
+    g->unstable_mask =
+        (1u << g_bit_storage(CLAMP((uint64_t)b->nslots * UNSTABLE_PER_SLOT,
+                                   64, UNSTABLE_MAX) - 1)) - 1;
     g->unstable = g_new0(Unstable, g->unstable_mask + 1ull);
     g->ghash = g_new0(uint64_t, b->nslots);
     g->gnext = g_new0(uint32_t, b->nslots);
@@ -1013,6 +1021,29 @@ static Unstable *unstable_find(Group *g, uint64_t k, Unstable **free)
 }
 
 /*
+ * Entry @u goes.  Its tombstone keeps the probe sequences that pass it
+ * whole; none passes it if the next entry is free, nor the tombstones
+ * right before it then: those are freed, so that the tombstones of
+ * meetings do not fill the table (it is emptied when entries and
+ * tombstones fill half of it, and every member then asks its misses
+ * again).
+ */
+static void unstable_drop(Group *g, Unstable *u)
+{
+    uint32_t mask = g->unstable_mask, i = u - g->unstable;
+
+    u->client = UNSTABLE_GONE;
+    if (g->unstable[(i + 1) & mask].client != UNSTABLE_FREE) {
+        return;
+    }
+    /* Ends at an entry: the table is never more than half full */
+    for (; g->unstable[i].client == UNSTABLE_GONE; i = (i - 1) & mask) {
+        g->unstable[i] = (Unstable) { 0, UNSTABLE_FREE };
+        g->unstable_used--;
+    }
+}
+
+/*
  * Entry @u, of @hash, is answered: its member's next lookup can pay (see
  * "Meeting").  A member that asks for its answers (ANSWERED) gets the
  * hash; past MS_PROTO_MAX_ANSWERED waiting, it is told some were lost.
@@ -1031,7 +1062,7 @@ static void unstable_answered(Group *g, Unstable *u, uint64_t hash)
             first->answers_lost = true;
         }
     }
-    u->client = UNSTABLE_GONE;
+    unstable_drop(g, u);
 }
 
 /* A new slot of @hash answers the miss waiting for it, if any */
