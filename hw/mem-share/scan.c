@@ -134,9 +134,10 @@
  * since the last: the pages waiting under those hashes in our unstable
  * table (keyed by the group's hash, see gkey_same) are asked at once,
  * whatever their backoff.  Other retries can only pay after news that
- * no answer carries: the broker emptied its table (unstable_resets) or
- * lost answers to us, or our own publish or loss of an unstable entry
- * (local_news); not the other members' meetings, which in a group of
+ * no answer carries: the broker lost answers to us, or our own publish
+ * or loss of an unstable entry (local_news), and for the sweep's turns
+ * only, the broker's emptying of its table (unstable_resets: see
+ * news()); not the other members' meetings, which in a group of
  * eight happen nearly every pass (counting those skipped almost no
  * retry there, docs/bench.md), and not even our own answers, which
  * there come nearly every pass too, each for a few pages (counting
@@ -348,9 +349,9 @@ struct MsScanner {
     uint64_t retry_news[RETRY_WHEEL];
     uint64_t local_news;    /* our own events that can make a retry pay */
     uint64_t group_news;    /* the broker's, as last read (quiet_since()) */
+    uint64_t group_resets;  /* its unstable resets, as last read */
     bool answers_probed;    /* whether the broker has ANSWERED is known */
     bool answers;           /* it tells us our misses it answered */
-    uint64_t answer_resets; /* its unstable resets, as last read */
     bool sweep;             /* this chunk: visit and hash every page */
     bool sweep_pass;        /* this pass sweeps every chunk */
     bool sweep_asked;       /* ms_scanner_sweep(): the next pass sweeps */
@@ -699,12 +700,17 @@ static unsigned age(const MsScanner *s, const PageState *p)
 
 /*
  * What can make a miss pay when asked again, as a sum of counters that
- * only grow: our misses the broker answered and its emptyings of its
- * table of misses as last read, and ours (see "Groups").
+ * only grow: the broker's as last read (answers it lost, or any answer
+ * of ours where it does not say which) and ours (see "Groups").  For
+ * the sweep's turns (@sweep) also the emptyings of the broker's table
+ * of misses: every member re-asks all its misses after one, and if the
+ * retries of the wheel did so at once, the misses would fill the table
+ * again at once, and the members of a large group would keep emptying
+ * it for each other, each emptying making them ask everything again.
  */
-static uint64_t news(const MsScanner *s)
+static uint64_t news(const MsScanner *s, bool sweep)
 {
-    return s->group_news + s->local_news;
+    return s->group_news + s->local_news + (sweep ? s->group_resets : 0);
 }
 
 /*
@@ -1192,10 +1198,11 @@ static void group_missed(MsScanner *s, size_t i, uint64_t asked)
 }
 
 /*
- * Has nothing happened since news() was @then?  Reads the broker's
- * counters (a STATS round trip); false when they cannot be read.
+ * Has nothing happened since news(@sweep) was @then?  Reads the
+ * broker's counters (a STATS round trip) unless take_answers() did;
+ * false when they cannot be read.
  */
-static bool quiet_since(MsScanner *s, uint64_t then)
+static bool quiet_since(MsScanner *s, uint64_t then, bool sweep)
 {
     g_autoptr(GArray) groups = NULL;
     g_autoptr(GError) err = NULL;
@@ -1206,7 +1213,7 @@ static bool quiet_since(MsScanner *s, uint64_t then)
     }
     if (s->answers) {
         /* take_answers() read the broker's news at the pass's start */
-        return news(s) == then;
+        return news(s, sweep) == then;
     }
     if (!ms_broker_client_stats(s->group, &groups, &err)) {
         group_failed(s, err);
@@ -1216,8 +1223,9 @@ static bool quiet_since(MsScanner *s, uint64_t then)
         return false;
     }
     gs = &g_array_index(groups, MsProtoGroupStats, 0);
-    s->group_news = gs->met + gs->unstable_resets;
-    return news(s) == then;
+    s->group_news = gs->met;
+    s->group_resets = gs->unstable_resets;
+    return news(s, sweep) == then;
 }
 
 /* Page @i, in the retry wheel, still waits for the group to have it */
@@ -1288,11 +1296,11 @@ static void take_answers(MsScanner *s)
         group_failed(s, err);
         return;
     }
-    if (lost || resets != s->answer_resets) {
+    if (lost) {
         /* news() only grows: one step is enough to let every retry by */
         s->group_news++;
-        s->answer_resets = resets;
     }
+    s->group_resets = MAX(s->group_resets, resets);
     for (guint k = 0; k < hashes->len; k++) {
         answered(s, g_array_index(hashes, uint64_t, k));
     }
@@ -1317,12 +1325,12 @@ static void retries_due(MsScanner *s)
         bool waits = !s->sweep_pass && waits_for_group(s, i);
 
         if (waits && quiet < 0) {
-            quiet = quiet_since(s, s->retry_news[w]);
+            quiet = quiet_since(s, s->retry_news[w], false);
         }
         if (waits && quiet) {
             /* As if asked now, with nothing new: see quiet_since() */
             s->live.group_retries_skipped++;
-            group_missed(s, i, news(s));
+            group_missed(s, i, news(s, false));
         } else {
             todo_set(s, i);
         }
@@ -1370,7 +1378,7 @@ static bool group_flush(MsScanner *s, GError **errp)
     g_autofree bool *uploaded = NULL;
     g_autoptr(GError) err = NULL;
     /* Before the LOOKUP: a miss's stamp is never newer than its lookup */
-    uint64_t asked = news(s);
+    uint64_t asked = news(s, false);
     bool ok = true;
 
     if (!s->glook || !s->glook->len) {
@@ -2187,8 +2195,8 @@ static bool scan_chunk(MsScanner *s, size_t first, size_t n, GError **errp)
         uint64_t *then = &s->sweep_news[first / CHUNK];
 
         /* 0: no turn yet on this connection, older than any news */
-        s->sweep_quiet = *then && quiet_since(s, *then - 1);
-        *then = news(s) + 1;
+        s->sweep_quiet = *then && quiet_since(s, *then - 1, true);
+        *then = news(s, true) + 1;
     }
     take_dirty(s, first, n);
     chunk_work(s, first, n, work);
@@ -2396,9 +2404,8 @@ bool ms_scanner_set_group(MsScanner *s, MsBrokerClient *c, GError **errp)
         s->pg[i].gmiss = 0;
     }
     /* Its counters start again: nothing read from the old one compares */
-    s->group_news = 0;
+    s->group_news = s->group_resets = 0;
     s->answers_probed = s->answers = false;
-    s->answer_resets = 0;
     memset(s->retry_news, 0, sizeof(s->retry_news));
     memset(s->sweep_news, 0, nchunks(s) * sizeof(*s->sweep_news));
     ms_scanner_sweep(s);

@@ -39,6 +39,8 @@
 #define NOBODY 65534
 #define NSHARED 200
 #define NSLOTS 4096
+/* The broker's table of misses has this many entries per slot */
+#define UNSTABLE_PER_SLOT 4
 #define DEADLINE_US (10 * G_USEC_PER_SEC)
 
 static size_t page;
@@ -62,6 +64,7 @@ typedef struct Fixture {
     Region a, b, c;
     bool log;               /* the regions follow a (fake) dirty log */
     bool no_answers;        /* news from STATS only, not ANSWERED */
+    size_t slots;           /* the group's store; 0: NSLOTS */
     bool skip;
 } Fixture;
 
@@ -77,7 +80,8 @@ static void fill(uint8_t *p, uint64_t seed)
 static void broker_start(Fixture *f)
 {
     const char *bin = g_getenv("MS_BROKER");
-    g_autofree char *max_store = g_strdup_printf("%zu", NSLOTS * page);
+    g_autofree char *max_store =
+        g_strdup_printf("%zu", (f->slots ? f->slots : NSLOTS) * page);
     gint64 deadline = g_get_monotonic_time() + DEADLINE_US;
 
     g_assert_nonnull(bin);
@@ -176,7 +180,7 @@ static void region_teardown(Region *r)
 }
 
 static void setup_common(Fixture *f, int timeout_ms, bool log,
-                         bool no_answers)
+                         bool no_answers, size_t slots)
 {
     g_autoptr(GError) err = NULL;
 
@@ -184,6 +188,7 @@ static void setup_common(Fixture *f, int timeout_ms, bool log,
     f->timeout_ms = timeout_ms;
     f->log = log;
     f->no_answers = no_answers;
+    f->slots = slots;
     f->dir = g_dir_make_tmp("test-group-XXXXXX", &err);
     g_assert_no_error(err);
     f->path = g_build_filename(f->dir, "broker.sock", NULL);
@@ -195,13 +200,20 @@ static void setup_common(Fixture *f, int timeout_ms, bool log,
 
 static void setup(Fixture *f, gconstpointer data)
 {
-    setup_common(f, GPOINTER_TO_INT(data), false, false);
+    setup_common(f, GPOINTER_TO_INT(data), false, false, 0);
 }
 
 /* @data: non-NULL for news from STATS only, as from an older broker */
 static void setup_log(Fixture *f, gconstpointer data)
 {
-    setup_common(f, 0, true, data != NULL);
+    setup_common(f, 0, true, data != NULL, 0);
+}
+
+/* A log, and a table of misses that holds A's and B's with room left */
+static void setup_log_big(Fixture *f, gconstpointer data)
+{
+    (void)data;
+    setup_common(f, 0, true, false, 4 * NSLOTS);
 }
 
 static void teardown(Fixture *f, gconstpointer data)
@@ -751,10 +763,24 @@ static void others_meet(Fixture *f, uint64_t seed)
     g_assert_cmpuint(r.status, ==, MS_STATUS_OK);
 }
 
+/* Write @seed's content into pages @i and @j of @r, as the guest would */
+static void write_pair(Region *r, size_t i, size_t j, uint64_t seed)
+{
+    for (size_t k = 0; k < 2; k++) {
+        size_t p = k ? j : i;
+
+        fill(r->ram + p * page, seed);
+        memcpy(r->expect + p * page, r->ram + p * page, page);
+        r->dirty[p / 64] |= 1ULL << (p % 64);
+    }
+}
+
 static void test_retry_wheel(Fixture *f, gconstpointer data)
 {
+    /* Where the broker says which misses it answered: A's own pair */
+    uint64_t own = f->no_answers ? 0 : 2;
     MsProtoGroupStats g0;
-    uint64_t busy = 0, lookups;
+    uint64_t busy = 0, lookups, merges;
     int n;
 
     (void)data;
@@ -772,33 +798,48 @@ static void test_retry_wheel(Fixture *f, gconstpointer data)
      * of 40 passes, each skipped
      */
     g0 = group_stats(&f->a);
+    merges = stats(&f->a).merges;
     for (n = 0; n < 40; n++) {
         if (n % 4 == 0) {
             others_meet(f, 900000 + n);
+        }
+        if (n == 20 && own) {
+            /*
+             * A's own duplicates: their upload answers A's miss of the
+             * first of them, news for A's retries only if it is not told
+             * which miss that was
+             */
+            write_pair(&f->a, 900, 950, 777777);
         }
         busy += pass_visits(&f->a) != 0;
     }
     g_test_message("A alone: %" PRIu64 " of 40 passes visited its pages,"
                    " %" PRIu64 " retries skipped", busy,
                    stats(&f->a).group_retries_skipped);
-    /* The group had news, none of it for A */
+    /* The group had news, none of it for A but its own */
     g_assert_cmpuint(group_stats(&f->a).wanted, ==, g0.wanted + 10);
-    g_assert_cmpuint(group_stats(&f->a).published, ==, g0.published + 10);
-    g_assert_cmpuint(group_stats(&f->a).met, ==, 0);
-    g_assert_cmpuint(busy, ==, 0);
-    g_assert_cmpuint(stats(&f->a).group_retries_skipped, ==, 5 * NPAGES);
-    g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES);
-    g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
+    g_assert_cmpuint(group_stats(&f->a).published, ==,
+                     g0.published + 10 + own / 2);
+    g_assert_cmpuint(group_stats(&f->a).met, ==, own / 2);
+    g_assert_cmpuint(stats(&f->a).merges, ==, merges + own);
+    g_assert_cmpuint(stats(&f->a).group_answers, ==, own / 2);
+    /* The pair's own passes: written, stable, looked up and merged */
+    g_assert_cmpuint(busy, <=, own ? 5 : 0);
+    /* The pair's last retries (at age 32) came after their write */
+    g_assert_cmpuint(stats(&f->a).group_retries_skipped, ==,
+                     5 * NPAGES - own);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES + own);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, own);
 
     /* B meets A's misses; A finds the slots */
-    for (n = 0; n < 100 && stats(&f->a).group_pages < NSHARED; n++) {
+    for (n = 0; n < 100 && stats(&f->a).group_pages < NSHARED + own; n++) {
         pass(&f->a);
         pass(&f->b);
     }
     g_test_message("A mapped %" PRIu64 " group pages after %d more passes,"
                    " %" PRIu64 " lookups", stats(&f->a).group_pages, n,
                    stats(&f->a).group_lookups);
-    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED + own);
     g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
     if (f->no_answers) {
         /* At its retry at age 65, which the news lets through: all */
@@ -806,8 +847,9 @@ static void test_retry_wheel(Fixture *f, gconstpointer data)
         g_assert_cmpuint(stats(&f->a).group_answers, ==, 0);
     } else {
         /* One lookup for each page B has, none for the others */
-        g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES + NSHARED);
-        g_assert_cmpuint(stats(&f->a).group_answers, ==, NSHARED);
+        g_assert_cmpuint(stats(&f->a).group_lookups, ==,
+                         NPAGES + own + NSHARED);
+        g_assert_cmpuint(stats(&f->a).group_answers, ==, 1 + NSHARED);
     }
     g_assert_cmpuint(stats(&f->a).group_lost, ==, 0);
     lookups = stats(&f->a).group_lookups;
@@ -884,6 +926,11 @@ static void test_sweep_news(Fixture *f, gconstpointer data)
     }
     /* A alone: looked up, retries skipped, then its chunks' first turns */
     pass_until(&f->a, MS_SCAN_SWEEP_EVERY);
+    g_test_message("A: %" PRIu64 " lookups, %" PRIu64 " uploads, %" PRIu64
+                   " hits, %" PRIu64 " group pages; B: %" PRIu64 " lookups",
+                   stats(&f->a).group_lookups, stats(&f->a).group_uploads,
+                   stats(&f->a).group_hits, stats(&f->a).group_pages,
+                   stats(&f->b).group_lookups);
     g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
     skipped = stats(&f->a).group_retries_skipped;
 
@@ -925,6 +972,82 @@ static void test_sweep_news(Fixture *f, gconstpointer data)
     check_bytes(&f->b);
 }
 
+/* Another member of g1 misses until the broker empties its table */
+static void empty_table(Fixture *f)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(MsBrokerClient) x = NULL;
+    size_t n = UNSTABLE_PER_SLOT * f->slots / 2;
+    g_autofree uint64_t *h = g_new(uint64_t, n);
+    g_autofree MsProtoResult *r = g_new(MsProtoResult, n);
+
+    x = ms_broker_client_connect_as(f->path, broker_uid, "g1", "vm-x", 0,
+                                    &err);
+    g_assert_no_error(err);
+    for (size_t k = 0; k < n; k++) {
+        h[k] = 0x7000000 + k;
+    }
+    /*
+     * The table is emptied when half full: once here, with A's misses
+     * in it, leaving X's last NPAGES
+     */
+    g_assert_true(ms_broker_client_lookup(x, h, n, r, &err));
+    g_assert_no_error(err);
+}
+
+/*
+ * An emptying of the broker's table of misses forgets every member's
+ * misses, and each must ask them again to meet the members that miss
+ * the same pages later.  If the retries of the wheel did so at once,
+ * their misses would fill the table again at once: in a group of
+ * eight, members kept emptying it for each other, and each emptying
+ * made every member ask everything again.  So it is news for the
+ * sweep's turns only: A's retries stay skipped, B (which misses after
+ * the emptying) waits, and A meets B at its chunks' turns.
+ */
+static void test_reset_news(Fixture *f, gconstpointer data)
+{
+    uint64_t resets;
+
+    (void)data;
+    if (f->skip) {
+        return;
+    }
+    pass_until(&f->a, 3);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES);
+    resets = group_stats(&f->a).unstable_resets;
+    empty_table(f);
+    g_assert_cmpuint(group_stats(&f->a).unstable_resets, ==, resets + 1);
+
+    /* The wheel's 5 retries of each page: skipped */
+    pass_until(&f->a, 43);
+    g_assert_cmpuint(stats(&f->a).group_retries_skipped, ==, 5 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, NPAGES);
+
+    /* B misses first now, and finds nothing */
+    for (int n = 0; n < 10; n++) {
+        pass(&f->b);
+    }
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, 0);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, 0);
+
+    /* A's chunks' turns ask again, meet B's misses; then B finds them */
+    pass_until(&f->a, MS_SCAN_SWEEP_EVERY);
+    g_test_message("A: %" PRIu64 " lookups, %" PRIu64 " uploads, %" PRIu64
+                   " hits, %" PRIu64 " group pages; B: %" PRIu64 " lookups",
+                   stats(&f->a).group_lookups, stats(&f->a).group_uploads,
+                   stats(&f->a).group_hits, stats(&f->a).group_pages,
+                   stats(&f->b).group_lookups);
+    g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
+    g_assert_cmpuint(stats(&f->a).group_pages, ==, NSHARED);
+    for (int n = 0; n < 3; n++) {
+        pass(&f->b);
+    }
+    g_assert_cmpuint(stats(&f->b).group_pages, ==, NSHARED);
+    check_bytes(&f->a);
+    check_bytes(&f->b);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -954,5 +1077,7 @@ int main(int argc, char **argv)
                test_sweep_news, teardown);
     g_test_add("/group/sweep-news-counted", Fixture, "counted", setup_log,
                test_sweep_news, teardown);
+    g_test_add("/group/reset-news", Fixture, NULL, setup_log_big,
+               test_reset_news, teardown);
     return g_test_run();
 }
