@@ -1065,7 +1065,7 @@ bool ms_broker_client_answered(MsBrokerClient *c, GArray **hashes,
                                GError **errp)
 {
     g_autoptr(GByteArray) req = g_byte_array_new();
-    uint32_t id = c->next_id++;
+    uint32_t id;
     MsProtoMsg msg;
 
     if (!check_joined(c, "ask for answers", errp)) {
@@ -1076,6 +1076,7 @@ bool ms_broker_client_answered(MsBrokerClient *c, GArray **hashes,
                     "this broker does not answer ANSWERED");
         return false;
     }
+    id = c->next_id++;
     ms_proto_encode_answered(req, id);
     if (!call(c, req, id, MS_MSG_ANSWERED_REPLY, &msg, NULL, errp)) {
         return false;

@@ -926,11 +926,6 @@ static void test_sweep_news(Fixture *f, gconstpointer data)
     }
     /* A alone: looked up, retries skipped, then its chunks' first turns */
     pass_until(&f->a, MS_SCAN_SWEEP_EVERY);
-    g_test_message("A: %" PRIu64 " lookups, %" PRIu64 " uploads, %" PRIu64
-                   " hits, %" PRIu64 " group pages; B: %" PRIu64 " lookups",
-                   stats(&f->a).group_lookups, stats(&f->a).group_uploads,
-                   stats(&f->a).group_hits, stats(&f->a).group_pages,
-                   stats(&f->b).group_lookups);
     g_assert_cmpuint(stats(&f->a).group_lookups, ==, 2 * NPAGES);
     skipped = stats(&f->a).group_retries_skipped;
 
