@@ -24,7 +24,8 @@
  * MEM_SHARE_PASS_MS, and a pass is also the unit of stability (a page
  * must stay unwritten for whole passes, see scan.c), so it must span
  * several syncs of the log.  A productive pass (merges and zero merges
- * together at least 1/64 of the pages it visited) keeps that period;
+ * together at least 1/64 of the pages it visited, not counting merges
+ * again of pages whose last merge a write broke soon) keeps that period;
  * each unproductive one doubles it, up to 2^MEM_SHARE_MAX_PASS_BACKOFF
  * times: a merged, quiet guest costs almost
  * nothing, a busy one is visited less often (each pass visits a page
@@ -200,9 +201,11 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
          * pass costs its log syncs and chunk walks, and the group's
          * retries are counted in passes.  Copy-on-write breaks and
          * writes are not work either: what churns is visited, not
-         * merged.
+         * merged.  Nor are merges of pages whose last merge a write
+         * broke soon (upkeep, see scan.c): a group of guests that
+         * write alike kept its passes at full pace with those.
          */
-        work = st->merges + st->zero_merges;
+        work = st->merges + st->zero_merges - st->merges_upkeep;
         quiet = (work - u->pass_work) * MEM_SHARE_QUIET <= visits;
     } else {
         /* Changed hashes are work to come: candidates of the next pass */
@@ -781,6 +784,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->zero_slots = st.zero_slots;
     ui->zero_slots_held = st.zero_held;
     ui->remerges = st.remerges;
+    ui->merges_upkeep = st.merges_upkeep;
     ui->extra_scans = st.extra_scans;
     ui->mappings = MAX(st.vmas, 0);
     ui->mapping_budget = MAX(st.vma_budget, 0);

@@ -88,6 +88,12 @@
  * page's: a filling guest mostly writes zero pages.  A merged page a
  * write copied is written, even if the bytes stayed the same (a guest
  * rewriting zeros): a write, not only a new hash, makes a page volatile.
+ * Merging such a page again keeps a saving up, it finds no new one
+ * (merges_upkeep: a page whose last merge a write broke within
+ * UPKEEP_LIVED passes, or within twice its wait): the pace of passes
+ * (mem-share-user.c) does not count those merges as progress, or
+ * pages rewritten every few seconds that the guests of a group write
+ * alike would keep the passes that merge them at the fastest pace.
  * Without a log, breaks cannot be told from reads' refills page by
  * page soon enough, and the region as a whole adapts as well: when a
  * pass sees copy-on-write breaks of a quarter or more of the pages the
@@ -250,6 +256,8 @@
 #define MAX_CHURN 7
 /* A page's age (passes) saturates here, far from PageState.since's wrap */
 #define AGE_MAX 0x4000
+/* A merge a write broke within this many passes was upkeep, not progress */
+#define UPKEEP_LIVED 64
 /* Fewer breaks in a pass than this are noise, never churn */
 #define CHURN_MIN_BREAKS 64
 
@@ -266,6 +274,7 @@ enum {
     PG_PENDING = 1 << 4,    /* in a batch not merged yet */
     PG_UNSTABLE = 1 << 5,   /* in the unstable table, under hash */
     PG_ANSWERED = 1 << 6,   /* the group answered its miss: ask it now */
+    PG_BROKEN_SOON = 1 << 7,/* a write broke its last merge soon: upkeep */
 };
 
 typedef struct PageState {
@@ -818,6 +827,11 @@ static void broken(MsScanner *s, size_t i, bool store)
     } else if (lived > 2 * wait && p->churn) {
         p->churn--;
     }
+    if (lived <= MAX(UPKEEP_LIVED, 2 * wait)) {
+        p->flags |= PG_BROKEN_SOON;
+    } else {
+        p->flags &= ~PG_BROKEN_SOON;
+    }
     s->live.cow_breaks += store;
     s->pass_breaks++;
     written(s, i);
@@ -1006,6 +1020,7 @@ static void record_merge(MsScanner *s, size_t i, uint32_t slot)
     /* From now on its age is how long the merge lived: see broken() */
     p->since = s->live.full_scans;
     s->pass_merges++;
+    s->live.merges_upkeep += !!(p->flags & PG_BROKEN_SOON);
     if (slot == MS_SLOT_NONE || ms_store_is_zero_slot(s->store, slot)) {
         p->flags |= PG_ZERO;
         p->slot = slot;

@@ -180,6 +180,8 @@ typedef struct MsScanStats {
      */
     uint64_t zero_merges;
     uint64_t remerges;          /* merges of pages merged before */
+    /* merges, zero ones too, of pages whose last merge broke soon */
+    uint64_t merges_upkeep;
     uint64_t cow_breaks;        /* merged pages a write made private */
     uint64_t extra_scans;       /* now: scans asked on top, for churn */
     uint64_t refused_budget;    /* merges refused: VMA budget */

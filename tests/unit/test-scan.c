@@ -909,6 +909,8 @@ static void test_dirty_churn(Fixture *f, gconstpointer data)
     g_assert_cmpuint(st.merges - st0.merges, ==, m);
     g_assert_cmpuint(st.merges_wasted - st0.merges_wasted, ==, m);
     g_assert_cmpuint(st.churn_skips - st0.churn_skips, >=, 3 * m);
+    /* Merges of pages broken soon after their last one keep up a saving */
+    g_assert_cmpuint(st.merges_upkeep - st0.merges_upkeep, ==, m);
     /* Quiet since the last write (the loop's last pass is one): merged
      * once unwritten for 1 + 2 passes */
     pass(f);
@@ -930,6 +932,22 @@ static void test_dirty_churn(Fixture *f, gconstpointer data)
     stats(f, &st);
     g_assert_cmpuint(st.merges_wasted, ==, st0.merges_wasted);
     g_assert_cmpuint(st.merges - st0.merges, ==, m);
+    /* ... still within 64 passes: upkeep */
+    g_assert_cmpuint(st.merges_upkeep - st0.merges_upkeep, ==, m);
+    check_content(f);
+    check_refs(f);
+    /* Merged for 64 passes and more: merging it again is progress */
+    for (unsigned t = 0; t < 64; t++) {
+        pass(f);
+    }
+    rewrite_dirty(f, ID_DUP(2));
+    stats(f, &st0);
+    pass(f);
+    pass(f);
+    stats(f, &st);
+    g_assert_cmpuint(st.merges - st0.merges, ==, m);
+    g_assert_cmpuint(st.remerges - st0.remerges, ==, m);
+    g_assert_cmpuint(st.merges_upkeep, ==, st0.merges_upkeep);
     check_content(f);
     check_refs(f);
 }
