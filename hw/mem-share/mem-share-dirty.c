@@ -16,8 +16,14 @@
  *
  * Syncing the log needs the BQL (it walks the memory listeners and asks
  * KVM), which the scanner thread must never take (see mem-share-user.c),
- * so a main-loop timer syncs every MEM_SHARE_DIRTY_SYNC_MS and ORs what
- * it found into a bitmap of the backend's pages; the scanner takes (and
+ * so a main-loop timer syncs the log and ORs what it found into a
+ * bitmap of the backend's pages: every MEM_SHARE_DIRTY_SYNC_MS at
+ * first, then as often as the scanner's pace asks
+ * (mem_share_dirty_set_period(): a few syncs per pass; a sync costs a
+ * walk of the bitmap and, under TCG, a reset of every vCPU's TLB entries
+ * for the region, after which each page's next write takes the slow
+ * path again, so a guest the scanner visits every 4 s is not synced ten
+ * times a second).  The scanner takes (and
  * clears) a chunk's bits, a word at a time, before it reads the chunk's
  * pages.  The main loop's CPU time for the sync is counted as the
  * scanner's (scan-cpu-ns): it is what the log costs.  A write
@@ -48,7 +54,7 @@
 #include "hw/mem-share/mem-share.h"
 #include "trace.h"
 
-/* How often the log is synced while mode=user runs */
+/* How often the log is synced until the scanner sets its period */
 #define MEM_SHARE_DIRTY_SYNC_MS 100
 /* Pages looked up in the snapshot at once before looking page by page */
 #define MEM_SHARE_DIRTY_RUN 64
@@ -62,6 +68,7 @@ struct MemShareDirty {
     QemuMutex lock;             /* protects pending */
     unsigned long *pending;     /* written since the scanner last looked */
     uint64_t cpu_ns;            /* spent syncing; accessed with qatomic_* */
+    unsigned period_ms;         /* between syncs; accessed with qatomic_* */
     bool syncing;               /* BQL: in mem_share_dirty_sync() */
     bool stopped;               /* BQL: stopped meanwhile, the sync frees */
 };
@@ -125,7 +132,17 @@ static void mem_share_dirty_sync(void *opaque)
         object_get_canonical_path_component(OBJECT(d->ms)), found,
         get_clock() - t0);
     timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-              MEM_SHARE_DIRTY_SYNC_MS);
+              qatomic_read(&d->period_ms));
+}
+
+/*
+ * Scanner thread: sync every @period_ms from the next sync on.  Any
+ * period is safe: a write the log has not brought yet only makes a
+ * merge fail its byte compare (see above).
+ */
+void mem_share_dirty_set_period(MemShareDirty *d, unsigned period_ms)
+{
+    qatomic_set(&d->period_ms, MAX(period_ms, 1));
 }
 
 /* Scanner thread: the chunk's pages written since it last looked */
@@ -185,9 +202,10 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms)
      * every vCPU's TLB.
      */
     memory_region_reset_dirty(d->mr, 0, backend->size, DIRTY_MEMORY_MEMSHARE);
+    d->period_ms = MEM_SHARE_DIRTY_SYNC_MS;
     d->timer = timer_new_ms(QEMU_CLOCK_REALTIME, mem_share_dirty_sync, d);
     timer_mod(d->timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-              MEM_SHARE_DIRTY_SYNC_MS);
+              d->period_ms);
     return d;
 }
 

@@ -23,11 +23,12 @@
  * the guest's writes; what paces it is time: a pass starts at most every
  * MEM_SHARE_PASS_MS, and a pass is also the unit of stability (a page
  * must stay unwritten for whole passes, see scan.c), so it must span
- * several syncs of the log.  A productive pass (merges and zero merges
- * together at least 1/64 of the pages it visited, not counting merges
- * again of pages whose last merge a write broke soon) keeps that period;
- * each unproductive one doubles it, up to 2^MEM_SHARE_MAX_PASS_BACKOFF
- * times: a merged, quiet guest costs almost
+ * several syncs of the log: MEM_SHARE_PASS_SYNCS in the period of a
+ * pass, so that the syncs slow down with the passes.  A productive pass
+ * (merges and zero merges together at least 1/64 of the pages it
+ * visited, not counting merges again of pages whose last merge a write
+ * broke soon) keeps that period; each unproductive one doubles it, up to
+ * 2^MEM_SHARE_MAX_PASS_BACKOFF times: a merged, quiet guest costs almost
  * nothing, a busy one is visited less often (each pass visits a page
  * once however often it was written), and the next productive pass
  * restores the pace.
@@ -99,8 +100,10 @@
 #define MEM_SHARE_QUIET     64
 /* Quiet passes halve the pace, at most this many times */
 #define MEM_SHARE_MAX_BACKOFF 5
-/* With a dirty log: a pass at most this often (at least 4 log syncs) */
+/* With a dirty log: a pass at most this often ... */
 #define MEM_SHARE_PASS_MS   500
+/* ... and this many syncs of the log in the period of a pass */
+#define MEM_SHARE_PASS_SYNCS 4
 /* ... and unproductive passes double that, at most this many times */
 #define MEM_SHARE_MAX_PASS_BACKOFF 3
 /* After losing the broker: try to join again this often, this long */
@@ -219,6 +222,10 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
                                                   : MEM_SHARE_MAX_BACKOFF);
     } else {
         u->backoff = 0;
+    }
+    if (u->dirty) {
+        mem_share_dirty_set_period(u->dirty, (MEM_SHARE_PASS_MS << u->backoff) /
+                                             MEM_SHARE_PASS_SYNCS);
     }
     trace_mem_share_user_pass(object_get_canonical_path_component(OBJECT(ms)),
                               st->full_scans, work - u->pass_work, u->backoff);

@@ -871,17 +871,43 @@ static void test_user_dirty_log(void)
     qtest_quit(qts);
 }
 
+/* Lines of the log file @path that name trace event @event */
+static unsigned count_trace(const char *path, const char *event)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    unsigned n = 0;
+
+    g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+    lines = g_strsplit(text, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        n += strstr(*l, event) != NULL;
+    }
+    return n;
+}
+
 /*
  * With the dirty log (the default), a quiet guest costs passes paced in
  * time, not spinning ones: at most one every 0.5 s, and none of them
- * reads a page, since nothing was written.
+ * reads a page, since nothing was written.  The log is synced 4 times
+ * in the period of a pass, so as the passes slow down (at most one every
+ * 4 s) so do the syncs, which were 10 a second whatever the pace.
  */
 static void test_user_pacing(void)
 {
-    QTestState *qts = start_vm("user", NULL);
+    g_autofree char *log = NULL;
+    g_autofree char *args = NULL;
+    QTestState *qts;
     QDict *info, *user;
     uint64_t scans, visited, skips;
+    unsigned syncs;
+    int fd;
 
+    fd = g_file_open_tmp("mem-share-trace-XXXXXX", &log, NULL);
+    g_assert_cmpint(fd, >=, 0);
+    close(fd);
+    args = g_strdup_printf("-trace mem_share_dirty_sync -D %s", log);
+    qts = start_vm("user", args);
     info = wait_user(qts, "full-scans", 4);
     user = qdict_get_qdict(info, "user");
     g_assert_cmpstr(qdict_get_str(user, "dirty-tracking"), ==, "kvm");
@@ -889,18 +915,25 @@ static void test_user_pacing(void)
     visited = qdict_get_int(info, "pages-scanned");
     skips = qdict_get_int(user, "hash-skips");
     qobject_unref(info);
+    syncs = count_trace(log, "mem_share_dirty_sync ");
     g_usleep(5 * G_USEC_PER_SEC);
     info = query_one(qts);
     user = qdict_get_qdict(info, "user");
-    g_test_message("5 s: %" PRIu64 " passes, %" PRIu64 " pages visited",
+    syncs = count_trace(log, "mem_share_dirty_sync ") - syncs;
+    g_test_message("5 s: %" PRIu64 " passes, %" PRIu64 " pages visited, "
+                   "%u syncs of the log",
                    qdict_get_int(info, "full-scans") - scans,
-                   qdict_get_int(info, "pages-scanned") - visited);
+                   qdict_get_int(info, "pages-scanned") - visited, syncs);
     g_assert_cmpuint(qdict_get_int(info, "full-scans"), >, scans);
     g_assert_cmpuint(qdict_get_int(info, "full-scans"), <=, scans + 12);
     g_assert_cmpuint(qdict_get_int(info, "pages-scanned"), ==, visited);
     g_assert_cmpuint(qdict_get_int(user, "hash-skips"), >, skips);
+    /* Every 100 ms would be 50; every 125 ms, at the fastest pace, 40 */
+    g_assert_cmpuint(syncs, >, 0);
+    g_assert_cmpuint(syncs, <, 25);
     qobject_unref(info);
     qtest_quit(qts);
+    unlink(log);
 }
 
 /* A scanner slowed to a crawl still scans everything on request */

@@ -81,6 +81,7 @@ MemShareDirty *mem_share_dirty_start(MemShareBackend *ms);
 void mem_share_dirty_stop(MemShareDirty *d);
 /* CPU time the main loop spent syncing the log for @d (NULL: 0) */
 uint64_t mem_share_dirty_cpu_ns(MemShareDirty *d);
+void mem_share_dirty_set_period(MemShareDirty *d, unsigned period_ms);
 void mem_share_dirty_take(void *opaque, size_t first, size_t n,
                           uint64_t *bits);
 /* Direct mappings of the RAM for DMA (mem-share-dma.c) */
