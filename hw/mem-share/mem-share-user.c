@@ -184,6 +184,12 @@ static int64_t mem_share_delay_ns(MemShareBackend *ms, uint64_t pages,
     return want - wall_ns;
 }
 
+/* With a dirty log: the period of a pass at the present pace */
+static unsigned mem_share_pass_period_ms(const MemShareUser *u)
+{
+    return MEM_SHARE_PASS_MS << u->backoff;
+}
+
 /* At the end of each full pass, slow down if it found little to do */
 static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
                                      const MsScanStats *st)
@@ -224,7 +230,7 @@ static void mem_share_update_backoff(MemShareBackend *ms, MemShareUser *u,
         u->backoff = 0;
     }
     if (u->dirty) {
-        mem_share_dirty_set_period(u->dirty, (MEM_SHARE_PASS_MS << u->backoff) /
+        mem_share_dirty_set_period(u->dirty, mem_share_pass_period_ms(u) /
                                              MEM_SHARE_PASS_SYNCS);
     }
     trace_mem_share_user_pass(object_get_canonical_path_component(OBJECT(ms)),
@@ -445,7 +451,7 @@ static void mem_share_user_step(MemShareBackend *ms, MemShareUser *u)
     }
     delay = mem_share_delay_ns(ms, visits, wall, cpu);
     if (u->dirty && pass_done) {
-        int64_t period = (int64_t)MEM_SHARE_PASS_MS * SCALE_MS << u->backoff;
+        int64_t period = (int64_t)mem_share_pass_period_ms(u) * SCALE_MS;
 
         delay = MAX(delay, u->pass_start + period - get_clock());
     }
