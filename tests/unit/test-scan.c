@@ -880,6 +880,24 @@ static size_t rewrite_dirty(Fixture *f, uint64_t id)
 }
 
 /*
+ * Leave the merged pages alone for @quiet passes, rewrite the pages of
+ * content @id (same bytes) and scan 2 passes: the stats before and after
+ * those 2 passes in @before and @after
+ */
+static void rewrite_after(Fixture *f, unsigned quiet, uint64_t id,
+                          MsScanStats *before, MsScanStats *after)
+{
+    for (unsigned t = 0; t < quiet; t++) {
+        pass(f);
+    }
+    rewrite_dirty(f, id);
+    stats(f, before);
+    pass(f);
+    pass(f);
+    stats(f, after);
+}
+
+/*
  * Churn per page: pages rewritten every other pass are merged once,
  * broken before the merge outlived its wait (wasted), and then left
  * alone while the writes go on; once the writes stop they are merged
@@ -922,14 +940,7 @@ static void test_dirty_churn(Fixture *f, gconstpointer data)
     check_content(f);
     check_refs(f);
     /* Lived long: one write, not wasted, and the wait is 1 again */
-    for (unsigned t = 0; t < 8; t++) {
-        pass(f);
-    }
-    rewrite_dirty(f, ID_DUP(2));
-    stats(f, &st0);
-    pass(f);
-    pass(f);
-    stats(f, &st);
+    rewrite_after(f, 8, ID_DUP(2), &st0, &st);
     g_assert_cmpuint(st.merges_wasted, ==, st0.merges_wasted);
     g_assert_cmpuint(st.merges - st0.merges, ==, m);
     /* ... still within 64 passes: upkeep */
@@ -937,14 +948,7 @@ static void test_dirty_churn(Fixture *f, gconstpointer data)
     check_content(f);
     check_refs(f);
     /* Merged for 64 passes and more: merging it again is progress */
-    for (unsigned t = 0; t < 64; t++) {
-        pass(f);
-    }
-    rewrite_dirty(f, ID_DUP(2));
-    stats(f, &st0);
-    pass(f);
-    pass(f);
-    stats(f, &st);
+    rewrite_after(f, 64, ID_DUP(2), &st0, &st);
     g_assert_cmpuint(st.merges - st0.merges, ==, m);
     g_assert_cmpuint(st.remerges - st0.remerges, ==, m);
     g_assert_cmpuint(st.merges_upkeep, ==, st0.merges_upkeep);
