@@ -175,7 +175,8 @@ static void fixture_teardown(Fixture *f, gconstpointer data)
 
 /* Clients and the store */
 
-static MsBrokerClient *join(Fixture *f, const char *group, const char *name)
+static MsBrokerClient *join_store(Fixture *f, const char *group,
+                                  const char *name, uint32_t nslots)
 {
     g_autoptr(GError) err = NULL;
     MsBrokerClient *c = ms_broker_client_connect_as(f->path, broker_uid,
@@ -184,8 +185,13 @@ static MsBrokerClient *join(Fixture *f, const char *group, const char *name)
     g_assert_no_error(err);
     g_assert_nonnull(c);
     g_assert_cmpuint(ms_broker_client_params(c)->page_size, ==, page);
-    g_assert_cmpuint(ms_broker_client_params(c)->nslots, ==, NSLOTS);
+    g_assert_cmpuint(ms_broker_client_params(c)->nslots, ==, nslots);
     return c;
+}
+
+static MsBrokerClient *join(Fixture *f, const char *group, const char *name)
+{
+    return join_store(f, group, name, NSLOTS);
 }
 
 static void fill(uint8_t *p, uint64_t seed)
@@ -504,6 +510,86 @@ static void test_unstable_full(Fixture *f, gconstpointer data)
     g_assert_cmpuint(stats(a).wanted, ==, 1);
     g_assert_cmpuint(lookup(b, h + UNSTABLE).status, ==, MS_STATUS_NOT_FOUND);
     g_assert_cmpuint(lookup(a, h + UNSTABLE).status, ==, MS_STATUS_WANTED);
+}
+
+/* The broker's anonymous memory, in KiB */
+static uint64_t broker_anon_kib(Fixture *f)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/status", f->pid);
+    g_autofree char *text = NULL;
+    const char *line;
+
+    g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+    line = strstr(text, "\nRssAnon:");
+    g_assert_nonnull(line);
+    return g_ascii_strtoull(line + strlen("\nRssAnon:"), NULL, 10);
+}
+
+/* @c misses @n hashes from @first on, none of which anybody missed yet */
+static void miss_new(MsBrokerClient *c, uint64_t first, size_t n)
+{
+    g_autofree uint64_t *h = g_new(uint64_t, MS_PROTO_MAX_LOOKUP);
+    g_autofree MsProtoResult *r = g_new(MsProtoResult, MS_PROTO_MAX_LOOKUP);
+
+    while (n) {
+        size_t k = MIN(n, MS_PROTO_MAX_LOOKUP);
+        g_autoptr(GError) err = NULL;
+
+        for (size_t i = 0; i < k; i++) {
+            h[i] = first++;
+        }
+        g_assert_true(ms_broker_client_lookup(c, h, k, r, &err));
+        g_assert_no_error(err);
+        for (size_t i = 0; i < k; i++) {
+            g_assert_cmpuint(r[i].status, ==, MS_STATUS_NOT_FOUND);
+        }
+        n -= k;
+    }
+}
+
+/* A 1 GiB store: its unstable table may grow to 2^20 entries, 8 MiB */
+#define BIG_NSLOTS (1u << 18)
+#define BIG_UNSTABLE (4 * BIG_NSLOTS)
+/* broker.c's UNSTABLE_MIN: a new group's table */
+#define UNSTABLE_FIRST (1u << 16)
+
+static const char *const big_store_args[] = { "--max-store", "1G", NULL };
+
+/*
+ * A group's table of misses starts at UNSTABLE_FIRST entries and doubles
+ * when half full, up to its size for the store (broker.c, "Meeting"):
+ * a table of its full size from the start had all its pages touched
+ * after a few thousand misses, however few pages the members had.
+ * Growing empties it like a wipe, and members are told so; at its full
+ * size it is wiped when half full, and grows no more.
+ */
+static void test_unstable_grows(Fixture *f, gconstpointer data)
+{
+    g_autoptr(MsBrokerClient) a = join_store(f, "g1", "vm-a", BIG_NSLOTS);
+    uint64_t next = 0x1000000, resets = 0, anon;
+    size_t half;
+
+    (void)data;
+    anon = broker_anon_kib(f);
+    miss_new(a, next, UNSTABLE_FIRST / 2);
+    next += UNSTABLE_FIRST / 2;
+    /* A full-size table would have 8 MiB touched by now */
+    g_assert_cmpuint(broker_anon_kib(f), <, anon + 2048);
+    g_assert_cmpuint(stats(a).unstable_resets, ==, 0);
+
+    for (size_t size = UNSTABLE_FIRST; size <= BIG_UNSTABLE; size *= 2) {
+        /* Half full: the next miss empties it (from now: one entry) */
+        miss_new(a, next++, 1);
+        g_assert_cmpuint(stats(a).unstable_resets, ==, ++resets);
+        /* Twice the size: half full again after as many misses more */
+        half = MIN(size * 2, BIG_UNSTABLE) / 2;
+        miss_new(a, next, half - 1);
+        next += half - 1;
+        g_assert_cmpuint(stats(a).unstable_resets, ==, resets);
+    }
+    /* It stopped at its full size: half full now, not a quarter */
+    miss_new(a, next, 1);
+    g_assert_cmpuint(stats(a).unstable_resets, ==, ++resets);
 }
 
 /*
@@ -1797,6 +1883,7 @@ int main(int argc, char **argv)
     add("/broker/unstable-meetings", test_unstable_meetings);
     add("/broker/upload-pages", test_upload_pages);
     add("/broker/unstable-full", test_unstable_full);
+    add_args("/broker/unstable-grows", test_unstable_grows, big_store_args);
     add("/broker/groups", test_groups);
     add_args("/broker/group-uids", test_group_uids, locked_args);
     add_args("/broker/strict-groups", test_strict_groups, strict_args);

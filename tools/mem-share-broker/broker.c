@@ -46,14 +46,21 @@
  * hash, it is told MS_STATUS_WANTED and uploads its page, and the first
  * member finds the slot at its next lookup.  A member's pages that
  * nobody else has are never stored.  The unstable table is an array of
- * 8-byte entries, open addressing with linear probing, UNSTABLE_PER_SLOT
- * entries for each slot of the store (at most UNSTABLE_MAX): most
- * misses are pages nobody else has, so a hash table of separately
- * allocated entries grew to several times the size and paid two
- * allocations a miss.  Those misses wait as long as their pages stay:
- * at eight fleet members they came to more than the store has slots,
- * and a table of one entry per slot, emptied every minute or so, made
- * every member ask all its misses again each time.  It is
+ * 8-byte entries, open addressing with linear probing, up to
+ * UNSTABLE_PER_SLOT entries for each slot of the store (at most
+ * UNSTABLE_MAX): most misses are pages nobody else has, so a hash table
+ * of separately allocated entries grew to several times the size and
+ * paid two allocations a miss.  Those misses wait as long as their
+ * pages stay: at eight fleet members they came to more than the store
+ * has slots, and a table of one entry per slot, emptied every minute or
+ * so, made every member ask all its misses again each time.  A group
+ * starts with UNSTABLE_MIN entries and doubles its table when half
+ * full, up to that size: hashes land anywhere, so a table of the full
+ * size had all its pages touched after a few thousand misses (8 MiB
+ * for a 1 GiB store, for two small guests as for eight big ones).
+ * Growing empties the table like a wipe (an entry keeps too few bits
+ * of its hash to find its bucket in a larger table), a few times in a
+ * group's life.  At its full size it is
  * emptied when half full, as stale entries only cost misses; an answered
  * entry leaves a tombstone, freed when no probe passes it (the next
  * entry is free: unstable_drop()).  Buckets come from a hash of the hash
@@ -178,6 +185,8 @@ typedef struct Client Client;
 #define UNSTABLE_PER_SLOT 4
 /* The unstable table's most entries (128 MiB), whatever the store's size */
 #define UNSTABLE_MAX (1u << 24)
+/* Its entries when the group is new (512 KiB): it grows from there */
+#define UNSTABLE_MIN (1u << 16)
 /* Its entries' @client: never a client's unstable_id() */
 #define UNSTABLE_FREE 0
 #define UNSTABLE_GONE UINT32_MAX
@@ -258,6 +267,7 @@ struct Group {
     uint32_t nparked;           /* members gone whose process lives */
     Unstable *unstable;         /* see "Meeting" */
     uint32_t unstable_mask;     /* its entries - 1 (a power of two) */
+    uint32_t unstable_max;      /* the most entries it grows to */
     uint32_t unstable_used;     /* entries and tombstones */
     MsHashKey unstable_key;     /* the broker's: picks the bucket */
     uint64_t lookups, hits, uploads, published, refused, refused_quota;
@@ -490,9 +500,10 @@ static Group *group_new(MsBroker *b, const char *name, GroupKind kind,
     g->index = g_hash_table_new(g_int64_hash, g_int64_equal);
     g->charges = g_hash_table_new(g_direct_hash, g_direct_equal);
     g->members = g_hash_table_new(g_direct_hash, g_direct_equal);
-    g->unstable_mask =
-        (1u << g_bit_storage(CLAMP((uint64_t)b->nslots * UNSTABLE_PER_SLOT,
-                                   64, UNSTABLE_MAX) - 1)) - 1;
+    g->unstable_max =
+        1u << g_bit_storage(CLAMP((uint64_t)b->nslots * UNSTABLE_PER_SLOT,
+                                  64, UNSTABLE_MAX) - 1);
+    g->unstable_mask = MIN(g->unstable_max, UNSTABLE_MIN) - 1;
     g->unstable = g_new0(Unstable, g->unstable_mask + 1ull);
     g->ghash = g_new0(uint64_t, b->nslots);
     g->gnext = g_new0(uint32_t, b->nslots);
@@ -1076,6 +1087,30 @@ static void unstable_published(Group *g, uint64_t hash)
     }
 }
 
+/*
+ * The unstable table is half full: empty it, in a table twice the size
+ * until it has its most entries.  Members hear of it (unstable_resets)
+ * and ask their misses again.
+ */
+static void unstable_empty(Group *g)
+{
+    uint64_t n = g->unstable_mask + 1ull;
+
+    if (n < g->unstable_max) {
+        /* Not realloc: a fresh table is zeros nobody touched yet */
+        g_free(g->unstable);
+        n *= 2;
+        g->unstable = g_new0(Unstable, n);
+        g->unstable_mask = n - 1;
+    } else {
+        memset(g->unstable, 0, n * sizeof(*g->unstable));
+    }
+    g->unstable_used = 0;
+    g->unstable_resets++;
+    g_debug("group %s: table of misses emptied (%" PRIu64 " times),"
+            " %" PRIu64 " entries", g->name, g->unstable_resets, n);
+}
+
 /* A miss: is another member waiting for this hash?  See "Meeting" */
 static MsProtoStatus miss(Client *c, uint64_t hash)
 {
@@ -1093,10 +1128,7 @@ static MsProtoStatus miss(Client *c, uint64_t hash)
     }
     if (free->client == UNSTABLE_FREE) {
         if (g->unstable_used >= (g->unstable_mask + 1ull) / 2) {
-            memset(g->unstable, 0,
-                   (g->unstable_mask + 1ull) * sizeof(*g->unstable));
-            g->unstable_used = 0;
-            g->unstable_resets++;
+            unstable_empty(g);
             unstable_find(g, k, &free);
         }
         g->unstable_used++;
