@@ -183,8 +183,9 @@ void hmp_info_mem_share(Monitor *mon, const QDict *qdict)
                            u->pages_dirty, u->hash_skips, u->candidates);
             monitor_printf(mon, "  churn: merges wasted %" PRIu64
                            ", skips %" PRIu64 ", upkeep merges %" PRIu64
-                           "\n", u->merges_wasted, u->churn_skips,
-                           u->merges_upkeep);
+                           "; huge pages filled %" PRIu64 "\n",
+                           u->merges_wasted, u->churn_skips,
+                           u->merges_upkeep, u->huge_fills);
             monitor_printf(mon, "  merges %" PRIu64 ", zero merges %" PRIu64
                            ", remerges %" PRIu64 ", mappings %" PRIu64 "/%"
                            PRIu64 ", refused: budget %" PRIu64 ", changed %"

@@ -798,6 +798,7 @@ void mem_share_user_fill_info(MemShareBackend *ms, MemShareInfo *info)
     ui->zero_slots_held = st.zero_held;
     ui->remerges = st.remerges;
     ui->merges_upkeep = st.merges_upkeep;
+    ui->huge_fills = st.huge_fills;
     ui->extra_scans = st.extra_scans;
     ui->mappings = MAX(st.vmas, 0);
     ui->mapping_budget = MAX(st.vma_budget, 0);

@@ -1108,6 +1108,13 @@ int64_t ms_merger_default_budget(double share)
     return MAX((int64_t)(max * share) - used, 0);
 }
 
+size_t ms_merger_huge_size(const MsMerger *m, const void *host)
+{
+    const Region *r = find_region(m, host);
+
+    return r && !(r->flags & MS_REGION_NOHUGEPAGE) ? m->huge_size : 0;
+}
+
 uint32_t ms_merger_slot_at(const MsMerger *m, const void *host)
 {
     const Region *r = find_region(m, host);

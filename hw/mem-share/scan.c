@@ -232,6 +232,21 @@
  * most one page per zero slot, shared by every page that maps it.
  * ms_scanner_new() probes the kernel (ms_read_fault_maps_zero_page())
  * and picks one way for the scanner's life.
+ *
+ * Huge pages.  A write to a hole faults in a whole transparent huge page
+ * when its range had no page table yet (memory the guest never touched,
+ * or a range a balloon emptied; our own holes never come back whole:
+ * merge.c, discard_anon()).  The kernel fills the rest of the range with
+ * zeros, and the log sees one page written: those zero pages would wait
+ * for the rolling sweep, an hour at a quiet pace, where KSM merges them
+ * within a pass (19 MiB of 8 fleet guests' memory was such pages).  So
+ * the first write to a page that held no memory of its own when last
+ * seen (PageState.mem clear: a hole, or never visited) reads the
+ * pagemap entry of one other such page of its range (filled_around()).
+ * If the kernel filled that one, every such page of the range counts as
+ * written: each proves stable and is visited, and merged as a zero page
+ * if it still is one.  One pagemap entry a page, once: mem stays set
+ * until a visit finds the page a hole again.
  */
 
 #ifndef _GNU_SOURCE
@@ -253,7 +268,7 @@
 /* Churn: at most this many scans more than stable_scans */
 #define MAX_EXTRA_SCANS 8
 /* Churn: a page's wasted merges double its wait up to 1 << this passes */
-#define MAX_CHURN 7
+#define MAX_CHURN 7     /* PageState.churn has 3 bits */
 /* A page's age (passes) saturates here, far from PageState.since's wrap */
 #define AGE_MAX 0x4000
 /* A merge a write broke within this many passes was upkeep, not progress */
@@ -283,7 +298,8 @@ typedef struct PageState {
     uint16_t since;         /* pass it was last written, or merged */
     uint8_t flags;
     uint8_t gmiss:4;      /* group lookups of this hash that missed */
-    uint8_t churn:4;      /* its wasted merges, lately: see "Churn" */
+    uint8_t churn:3;      /* its wasted merges, lately: see "Churn" */
+    uint8_t mem:1;        /* held memory of its own: see "Huge pages" */
 } PageState;
 
 /* The unstable table starts with this many entries */
@@ -319,6 +335,7 @@ struct MsScanner {
     size_t npages;
     MsStore *store;
     MsMerger *m;
+    size_t huge_size;       /* of its THPs: see "Huge pages"; 0: none */
     int pagemap_fd;
     PageState *pg;
     size_t cursor;
@@ -428,6 +445,7 @@ static bool setup_merger(MsScanner *s, GError **errp)
         !ms_merger_set_dma_pins(s->m, s->base, s->cfg.dma_pins, errp)) {
         return false;
     }
+    s->huge_size = ms_merger_huge_size(s->m, s->base);
     if (s->cfg.vma_budget > 0) {
         ms_merger_set_budget(s->m, s->cfg.vma_budget);
     } else {
@@ -794,10 +812,11 @@ static uint32_t *unstable_find(MsScanner *s, uint64_t h);
  * it must prove stable again, from now.  With a log, its hash is stale
  * until the visit that finds it stable reads it again.
  */
-static void written(MsScanner *s, size_t i)
+static void mark_written(MsScanner *s, size_t i)
 {
     PageState *p = &s->pg[i];
 
+    p->mem = 1;
     unstable_remove(s, i);
     p->since = s->live.full_scans;
     p->gmiss = 0;
@@ -805,6 +824,54 @@ static void written(MsScanner *s, size_t i)
     if (has_log(s)) {
         p->flags &= ~PG_KNOWN;
         todo_set(s, i);
+    }
+}
+
+/* Could the kernel fill page @i without a write to it?  "Huge pages" */
+static bool maybe_hole(const MsScanner *s, size_t i)
+{
+    const PageState *p = &s->pg[i];
+
+    return !p->mem && p->slot == MS_SLOT_NONE && !(p->flags & PG_ZERO);
+}
+
+/*
+ * Page @i, a hole when last seen, was written: if that faulted in a
+ * huge page, the other holes of its range hold zeros now, and count as
+ * written too.  See "Huge pages".
+ */
+static void filled_around(MsScanner *s, size_t i)
+{
+    size_t off = ((uintptr_t)page_at(s, i) % s->huge_size) / s->page_size;
+    size_t first = i - MIN(i, off);
+    size_t end = MIN(first + s->huge_size / s->page_size, s->npages);
+    size_t probe = end;
+    uint64_t pm;
+
+    for (size_t j = first; j < end && probe == end; j++) {
+        probe = j != i && maybe_hole(s, j) ? j : end;
+    }
+    if (probe == end ||
+        !ms_pagemap_read(s->pagemap_fd, page_at(s, probe), 1, s->page_size,
+                         &pm, NULL) ||
+        !holds_private_memory(pm)) {
+        return;
+    }
+    s->live.huge_fills++;
+    for (size_t j = probe; j < end; j++) {
+        if (j != i && maybe_hole(s, j)) {
+            mark_written(s, j);
+        }
+    }
+}
+
+static void written(MsScanner *s, size_t i)
+{
+    bool hole = maybe_hole(s, i);
+
+    mark_written(s, i);
+    if (hole && has_log(s) && s->huge_size) {
+        filled_around(s, i);
     }
 }
 
@@ -2022,9 +2089,11 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, bool dirty,
          * Still maps the store; or a hole (maybe ours), the zero page,
          * swap: nothing to gain until written
          */
+        p->mem &= p->slot != MS_SLOT_NONE;
         todo_clear(s, i);
         return true;
     }
+    p->mem = 1;
     if (p->flags & PG_ZERO) {
         /*
          * A write filled our hole (reads do not, or zero pages would map

@@ -155,6 +155,13 @@ int64_t ms_merger_default_budget(double share);
 uint32_t ms_merger_slot_at(const MsMerger *m, const void *host);
 
 /*
+ * The size of the transparent huge pages that anonymous memory of region
+ * @host may get (a PMD's), or 0: THP off, or the region advised
+ * MS_REGION_NOHUGEPAGE.
+ */
+size_t ms_merger_huge_size(const MsMerger *m, const void *host);
+
+/*
  * Merge the @n pages at @host with the published store slots
  * [@first_slot, @first_slot + @n): freeze (write-protect), compare every
  * page byte for byte, and only if all are equal map the slots over them

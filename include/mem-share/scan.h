@@ -182,6 +182,8 @@ typedef struct MsScanStats {
     uint64_t remerges;          /* merges of pages merged before */
     /* merges, zero ones too, of pages whose last merge broke soon */
     uint64_t merges_upkeep;
+    /* first writes to a hole that found its huge page filled */
+    uint64_t huge_fills;
     uint64_t cow_breaks;        /* merged pages a write made private */
     uint64_t extra_scans;       /* now: scans asked on top, for churn */
     uint64_t refused_budget;    /* merges refused: VMA budget */
