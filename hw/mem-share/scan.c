@@ -43,8 +43,9 @@
  * Per guest page the scanner keeps 16 bytes (KSM's rmap_item is 64):
  * the hash seen at the last read, the pass it was last written or
  * merged (16 bits, ages saturate at AGE_MAX), the store slot the page
- * maps (the scanner holds one store reference per such page), flags, and
- * two 4-bit counters: group misses and churn.  A visit of a page:
+ * maps (the scanner holds one store reference per such page), flags,
+ * two small counters (group misses, churn) and whether the page held
+ * memory of its own when last seen ("Huge pages").  A visit of a page:
  *
  *   1. Pages the scanner merged are asked ms_merge_test_shared() (once
  *      per chunk, from the pagemap entries of step 2: one read serves
