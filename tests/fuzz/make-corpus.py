@@ -19,7 +19,6 @@ are rewritten from scratch: a seed removed here stays until deleted.
 import argparse
 import os
 import struct
-import sys
 
 MAGIC, VERSION = 0x4B42534D, 1
 (HELLO, WELCOME, LOOKUP, LOOKUP_REPLY, UPLOAD, UPLOAD_REPLY, RELEASE,
