@@ -844,8 +844,9 @@ static bool maybe_hole(const MsScanner *s, size_t i)
 static void filled_around(MsScanner *s, size_t i)
 {
     size_t off = ((uintptr_t)page_at(s, i) % s->huge_size) / s->page_size;
+    /* The range, within the region (which need not start or end on one) */
     size_t first = i - MIN(i, off);
-    size_t end = MIN(first + s->huge_size / s->page_size, s->npages);
+    size_t end = MIN(i + s->huge_size / s->page_size - off, s->npages);
     size_t probe = end;
     uint64_t pm;
 
