@@ -761,8 +761,7 @@ static bool run_maps_store(const Run *run)
 
 /* ---- life cycle ---- */
 
-/* The size of a PMD-mapped transparent huge page, or 0 if there is none */
-static size_t thp_pmd_size(void)
+size_t ms_thp_pmd_size(void)
 {
     g_autofree char *text = NULL;
     guint64 size;
@@ -782,7 +781,7 @@ MsMerger *ms_merger_new(GError **errp)
 
     m->uffd = m->pagemap_fd = m->maps_fd = -1;
     m->page_size = ms_host_page_size();
-    m->huge_size = thp_pmd_size();
+    m->huge_size = ms_thp_pmd_size();
     m->regions = g_ptr_array_new_with_free_func(region_free);
     m->budget = ms_merger_default_budget(0.5);
     if (!uffd_init(m, errp)) {

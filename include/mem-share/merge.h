@@ -140,6 +140,9 @@ int64_t ms_merger_vmas(const MsMerger *m);
 int64_t ms_merger_process_vmas(void);
 /* vm.max_map_count now (65530, the kernel's default, if unreadable) */
 int64_t ms_max_map_count(void);
+
+/* The size of a PMD-mapped transparent huge page, or 0 if there is none */
+size_t ms_thp_pmd_size(void);
 /*
  * vm.max_map_count times @share, minus what the process already uses
  * besides the mergers' own VMAs.

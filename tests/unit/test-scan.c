@@ -1348,18 +1348,6 @@ static void test_throughput(Fixture *f, gconstpointer data)
     check_converged(f);
 }
 
-/* The kernel's transparent huge page size, or 0 */
-static size_t thp_size(void)
-{
-    g_autofree char *text = NULL;
-
-    if (!g_file_get_contents("/sys/kernel/mm/transparent_hugepage/"
-                             "hpage_pmd_size", &text, NULL, NULL)) {
-        return 0;
-    }
-    return g_ascii_strtoull(text, NULL, 10);
-}
-
 /*
  * A first write to memory the guest never touched faults in a whole
  * transparent huge page: the kernel fills the other 511 pages with zeros
@@ -1370,7 +1358,7 @@ static size_t thp_size(void)
  */
 static void test_huge_fill(Fixture *f, gconstpointer data)
 {
-    size_t huge = thp_size(), per = huge / page, a, w;
+    size_t huge = ms_thp_pmd_size(), per = huge / page, a, w;
     g_autoptr(GError) err = NULL;
     MsScanStats st0, st;
     uint64_t e;
