@@ -836,10 +836,19 @@ static bool maybe_hole(const MsScanner *s, size_t i)
     return !p->mem && p->slot == MS_SLOT_NONE && !(p->flags & PG_ZERO);
 }
 
+/* The first maybe_hole() page of [@j, @end), or @end */
+static size_t next_hole(const MsScanner *s, size_t j, size_t end)
+{
+    while (j < end && !maybe_hole(s, j)) {
+        j++;
+    }
+    return j;
+}
+
 /*
- * Page @i, a hole when last seen, was written: if that faulted in a
- * huge page, the other holes of its range hold zeros now, and count as
- * written too.  See "Huge pages".
+ * Page @i, a hole when last seen, was written (and marked so): if that
+ * faulted in a huge page, the other holes of its range hold zeros now,
+ * and count as written too.  See "Huge pages".
  */
 static void filled_around(MsScanner *s, size_t i)
 {
@@ -847,23 +856,29 @@ static void filled_around(MsScanner *s, size_t i)
     /* The range, within the region (which need not start or end on one) */
     size_t first = i - MIN(i, off);
     size_t end = MIN(i + s->huge_size / s->page_size - off, s->npages);
-    size_t probe = end;
+    size_t probe;
     uint64_t pm;
 
-    for (size_t j = first; j < end && probe == end; j++) {
-        probe = j != i && maybe_hole(s, j) ? j : end;
+    /*
+     * After @i first: a pass takes written pages in order, so those
+     * before it in a range nobody filled were marked written already
+     */
+    probe = next_hole(s, i + 1, end);
+    if (probe == end) {
+        probe = next_hole(s, first, i);
+        if (probe == i) {
+            return;             /* the range has no other hole */
+        }
     }
-    if (probe == end ||
-        !ms_pagemap_read(s->pagemap_fd, page_at(s, probe), 1, s->page_size,
+    if (!ms_pagemap_read(s->pagemap_fd, page_at(s, probe), 1, s->page_size,
                          &pm, NULL) ||
         !holds_private_memory(pm)) {
         return;
     }
     s->live.huge_fills++;
-    for (size_t j = probe; j < end; j++) {
-        if (j != i && maybe_hole(s, j)) {
-            mark_written(s, j);
-        }
+    for (size_t j = next_hole(s, first, end); j < end;
+         j = next_hole(s, j + 1, end)) {
+        mark_written(s, j);
     }
 }
 
@@ -2091,7 +2106,9 @@ static bool visit(MsScanner *s, size_t i, uint64_t pm, bool dirty,
          * Still maps the store; or a hole (maybe ours), the zero page,
          * swap: nothing to gain until written
          */
-        p->mem &= p->slot != MS_SLOT_NONE;
+        if (p->slot == MS_SLOT_NONE) {
+            p->mem = 0;
+        }
         todo_clear(s, i);
         return true;
     }
