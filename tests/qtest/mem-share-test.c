@@ -940,6 +940,78 @@ static void test_user_pacing(void)
     unlink(log);
 }
 
+/* Whether the page at host address @host of QEMU's is present */
+static bool host_page_present(const char *pidfile, unsigned long host)
+{
+    g_autofree char *pid = NULL;
+    g_autofree char *path = NULL;
+    uint64_t e = 0;
+    int fd;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    path = g_strdup_printf("/proc/%d/pagemap", atoi(pid));
+    fd = open(path, O_RDONLY);
+    g_assert_cmpint(fd, >=, 0);
+    g_assert_cmpint(pread(fd, &e, sizeof(e), host / PAGE * sizeof(e)), ==,
+                    sizeof(e));
+    close(fd);
+    return e >> 63;
+}
+
+/*
+ * One write to a 2 MiB range of guest RAM nobody touched faults in a
+ * whole transparent huge page on the host: 511 zero pages the dirty log
+ * never reports.  query-mem-share counts the fill (huge-fills), and the
+ * zeros are merged without waiting for the rolling sweep.
+ */
+static void test_user_huge_fill(void)
+{
+    g_autofree char *pidfile = g_strdup_printf("%s/mem-share-huge-%d.pid",
+                                               g_get_tmp_dir(), getpid());
+    g_autofree char *args = g_strdup_printf("-pidfile %s", pidfile);
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    g_autofree uint8_t *back = g_malloc(PAGE);
+    QTestState *qts = start_vm("off", args);
+    unsigned long start = 0, huge = 2 * MiB, host;
+    uint64_t fills, zeros, gpa;
+    QDict *info;
+
+    /* The RAM's mapping, found before the store's view of its size */
+    ram_anon_kb(pidfile, &start);
+    qom_set_mode(qts, "user");
+    /* Past the first passes, which count the ranges QEMU wrote at start */
+    info = wait_user(qts, "full-scans", 2);
+    fills = qdict_get_int(qdict_get_qdict(info, "user"), "huge-fills");
+    zeros = qdict_get_int(info, "pages-zero");
+    qobject_unref(info);
+
+    /* A huge-page range of the RAM's upper half, which nothing touched */
+    host = ROUND_UP(start + 96 * MiB, huge);
+    gpa = host - start;
+    g_assert(!host_page_present(pidfile, host));
+    fill_content(page, 1);
+    qtest_memwrite(qts, gpa + 5 * PAGE, page, PAGE);
+    if (!host_page_present(pidfile, host)) {
+        g_test_skip("the write faulted in no huge page (THP off?)");
+        qtest_quit(qts);
+        unlink(pidfile);
+        return;
+    }
+    qobject_unref(wait_user(qts, "huge-fills", fills + 1));
+    qobject_unref(wait_user(qts, "pages-zero", zeros + huge / PAGE - 1));
+    qtest_memread(qts, gpa + 5 * PAGE, back, PAGE);
+    g_assert(memcmp(back, page, PAGE) == 0);
+    memset(page, 0, PAGE);
+    for (uint64_t i = 0; i < huge / PAGE; i++) {
+        if (i != 5) {
+            qtest_memread(qts, gpa + i * PAGE, back, PAGE);
+            g_assert(memcmp(back, page, PAGE) == 0);
+        }
+    }
+    qtest_quit(qts);
+    unlink(pidfile);
+}
+
 /* A scanner slowed to a crawl still scans everything on request */
 static void test_user_scan_now(void)
 {
@@ -2099,6 +2171,7 @@ int main(int argc, char **argv)
     add_uffd_test("/mem-share/user/scan-now", test_user_scan_now);
     add_uffd_test("/mem-share/user/dirty-log", test_user_dirty_log);
     add_uffd_test("/mem-share/user/pacing", test_user_pacing);
+    add_uffd_test("/mem-share/user/huge-fill", test_user_huge_fill);
     add_uffd_test("/mem-share/user/group", test_user_group);
     add_uffd_test("/mem-share/user/group-stall", test_user_group_stall);
     add_uffd_test("/mem-share/user/group-restart", test_user_group_restart);
