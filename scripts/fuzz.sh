@@ -116,6 +116,7 @@ for t in "${TARGETS[@]}"; do
         srcs=("$ROOT/tests/fuzz/fuzz-broker.c"
               "$ROOT/tools/mem-share-broker/broker.c"
               "$ROOT/tools/mem-share-broker/config.c"
+              "$ROOT/tools/mem-share-broker/held.c"
               "$ROOT/hw/mem-share/proto.c" "$ROOT/hw/mem-share/store.c"
               "$ROOT/hw/mem-share/hash.c" "$ROOT/hw/mem-share/ksm.c")
         seeds=$ROOT/tests/fuzz/corpus-broker corpus=$OUT/corpus-broker

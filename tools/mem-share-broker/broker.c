@@ -27,8 +27,8 @@
  * broker's counters.
  *
  * References.  Every slot a client is handed carries one store reference
- * for that client, recorded in the client's own slot -> count table.  A
- * client can only drop references its table holds.  A slot is freed by
+ * for that client, recorded in the client's own counts (held.c).  A
+ * client can only drop references it holds.  A slot is freed by
  * ms_store_put() when its last reference goes, never earlier: a guest
  * that maps it must keep reading the same bytes.  So a reference goes
  * only when its client releases it, or when the client's process has
@@ -170,6 +170,7 @@
 #include "mem-share/proto.h"
 #include "mem-share/store.h"
 #include "broker.h"
+#include "held.h"
 
 G_STATIC_ASSERT(MS_PROTO_SECRET_SIZE == MS_HASH_SECRET_SIZE);
 
@@ -296,7 +297,7 @@ struct Client {
     GByteArray *out;            /* the reply being written */
     size_t out_pos;
     int out_fd;                 /* to pass with the reply's first byte */
-    GHashTable *held;           /* slot -> references held */
+    MsHeld *held;               /* references held, per slot */
     uint64_t refs;              /* sum of @held */
     uint64_t met;               /* its misses answered: see "Meeting" */
     GArray *answered;           /* their hashes, once it asked: ANSWERED */
@@ -545,13 +546,10 @@ static void uncharge(Group *g, uint32_t slot)
 /* Client @c now holds one more reference to @slot (already taken) */
 static void hold(Client *c, uint32_t slot)
 {
-    gpointer key = GUINT_TO_POINTER(slot);
-    uint32_t n = GPOINTER_TO_UINT(g_hash_table_lookup(c->held, key));
-
-    if (n == 0 && ++c->group->holders[slot] == 2) {
+    if (ms_held_add(c->held, slot) == 0 &&
+        ++c->group->holders[slot] == 2) {
         c->group->shared_slots++;
     }
-    g_hash_table_insert(c->held, key, GUINT_TO_POINTER(n + 1));
     c->refs++;
 }
 
@@ -559,17 +557,9 @@ static void hold(Client *c, uint32_t slot)
 static void unhold(Client *c, uint32_t slot, uint32_t refs)
 {
     Group *g = c->group;
-    gpointer key = GUINT_TO_POINTER(slot);
-    uint32_t n = GPOINTER_TO_UINT(g_hash_table_lookup(c->held, key));
 
-    g_assert(refs <= n);
-    if (refs == n) {
-        g_hash_table_remove(c->held, key);
-        if (g->holders[slot]-- == 2) {
-            g->shared_slots--;
-        }
-    } else {
-        g_hash_table_insert(c->held, key, GUINT_TO_POINTER(n - refs));
+    if (ms_held_sub(c->held, slot, refs) == 0 && g->holders[slot]-- == 2) {
+        g->shared_slots--;
     }
     c->refs -= refs;
     for (uint32_t i = 0; i < refs; i++) {
@@ -661,14 +651,10 @@ static void client_free(Client *c, bool release)
     uid_t uid = c->peer.uid;
 
     if (g && release) {
-        GList *slots = g_hash_table_get_keys(c->held);
-
-        for (GList *l = slots; l; l = l->next) {
-            gpointer refs = g_hash_table_lookup(c->held, l->data);
-
-            unhold(c, GPOINTER_TO_UINT(l->data), GPOINTER_TO_UINT(refs));
+        for (uint32_t s = ms_held_next(c->held, 0); s != UINT32_MAX;
+             s = ms_held_next(c->held, s + 1)) {
+            unhold(c, s, ms_held_get(c->held, s));
         }
-        g_list_free(slots);
     }
     if (g) {
         g_message("%s: left group %s", c->label, g->name);
@@ -688,7 +674,7 @@ static void client_free(Client *c, bool release)
     b->clients = g_list_remove(b->clients, c);
     g_byte_array_unref(c->in);
     g_byte_array_unref(c->out);
-    g_hash_table_destroy(c->held);
+    ms_held_free(c->held);
     if (c->peer.gids) {
         g_array_unref(c->peer.gids);
     }
@@ -1265,8 +1251,7 @@ static bool do_release(Client *c, const MsProtoMsg *msg)
         uint32_t slot, refs, held;
 
         ms_proto_release_entry(msg, i, &slot, &refs);
-        held = GPOINTER_TO_UINT(g_hash_table_lookup(c->held,
-                                                    GUINT_TO_POINTER(slot)));
+        held = ms_held_get(c->held, slot);
         if (refs > held) {
             /* Dropping its own references on the way out is harmless */
             return client_fail(c, EINVAL, "RELEASE of %u references to slot"
@@ -1606,7 +1591,7 @@ static void client_new(MsBroker *b, int fd, Peer *peer)
                                (int)c->peer.pid, (unsigned)c->peer.uid);
     c->in = g_byte_array_new();
     c->out = g_byte_array_new();
-    c->held = g_hash_table_new(g_direct_hash, g_direct_equal);
+    c->held = ms_held_new(b->nslots);
     c->cond = G_IO_IN;
     c->watch = g_unix_fd_add(fd, G_IO_IN, client_ready, c);
     /*
@@ -2237,10 +2222,10 @@ static bool check_group(MsBroker *b, Group *g, GError **errp)
         }
         nclients += !c->parked;
         nparked += c->parked;
-        g_hash_table_iter_init(&it, c->held);
-        while (g_hash_table_iter_next(&it, &key, &value)) {
-            refs[GPOINTER_TO_UINT(key)] += GPOINTER_TO_UINT(value);
-            holders[GPOINTER_TO_UINT(key)]++;
+        for (uint32_t s = ms_held_next(c->held, 0); s != UINT32_MAX;
+             s = ms_held_next(c->held, s + 1)) {
+            refs[s] += ms_held_get(c->held, s);
+            holders[s]++;
         }
     }
     if (nclients != g->nclients || nparked != g->nparked) {
@@ -2331,14 +2316,9 @@ bool ms_broker_check(MsBroker *b, GError **errp)
         UidState *u = check_uid(uids, c->peer.uid);
         uint64_t refs = 0;
 
-        g_hash_table_iter_init(&it, c->held);
-        while (g_hash_table_iter_next(&it, &key, &value)) {
-            if (GPOINTER_TO_UINT(key) >= b->nslots || !value) {
-                return check_fail(errp, "%s: holds %u references to slot %u",
-                                  c->label, GPOINTER_TO_UINT(value),
-                                  GPOINTER_TO_UINT(key));
-            }
-            refs += GPOINTER_TO_UINT(value);
+        for (uint32_t s = ms_held_next(c->held, 0); s != UINT32_MAX;
+             s = ms_held_next(c->held, s + 1)) {
+            refs += ms_held_get(c->held, s);
         }
         if (refs != c->refs || (refs && !c->group)) {
             return check_fail(errp, "%s: counts %" PRIu64 " references, holds"
