@@ -20,8 +20,6 @@
  * where its slots leave whole pages empty.
  */
 
-#include <assert.h>
-#include <string.h>
 #include <glib.h>
 
 #include "held.h"
@@ -121,7 +119,7 @@ uint32_t ms_held_add(MsHeld *h, uint32_t slot)
 {
     uint32_t n = ms_held_get(h, slot);
 
-    assert(slot < h->nslots && n < UINT32_MAX);
+    g_assert(slot < h->nslots && n < UINT32_MAX);
     held_set(h, slot, n, n + 1);
     return n;
 }
@@ -130,7 +128,7 @@ uint32_t ms_held_sub(MsHeld *h, uint32_t slot, uint32_t refs)
 {
     uint32_t n = ms_held_get(h, slot);
 
-    assert(refs <= n);
+    g_assert(refs <= n);
     if (refs) {
         held_set(h, slot, n, n - refs);
     }
