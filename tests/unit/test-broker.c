@@ -554,6 +554,10 @@ static void miss_new(MsBrokerClient *c, uint64_t first, size_t n)
 #define UNSTABLE_FIRST (1u << 16)
 
 static const char *const big_store_args[] = { "--max-store", "1G", NULL };
+/* A client that holds one slot hundreds of times */
+static const char *const many_refs_args[] = {
+    "--client-quota", "1024", NULL
+};
 
 /*
  * A group's table of misses starts at UNSTABLE_FIRST entries and doubles
@@ -636,6 +640,25 @@ static void test_release(Fixture *f, gconstpointer data)
                                            &released, &err));
     g_assert_no_error(err);
     g_assert_cmpuint(released, ==, 2);
+    gs = stats(a);
+    g_assert_cmpuint(gs.refs, ==, 1);
+    g_assert_cmpuint(gs.shared_slots, ==, 0);
+    g_assert_true(slot_has_data(a, slot));
+
+    /* Counts past a byte, which the broker keeps aside (held.c) */
+    for (int i = 0; i < 300; i++) {
+        g_assert_cmpuint(lookup(b, ms_broker_client_hash(b, p)).slot, ==,
+                         slot);
+    }
+    g_assert_cmpuint(stats(a).refs, ==, 301);
+    g_assert_true(ms_broker_client_release(b, &slot, &(uint32_t){ 100 }, 1,
+                                           &released, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(released, ==, 100);
+    g_assert_true(ms_broker_client_release(b, &slot, &(uint32_t){ 200 }, 1,
+                                           &released, &err));
+    g_assert_no_error(err);
+    g_assert_cmpuint(released, ==, 200);
     gs = stats(a);
     g_assert_cmpuint(gs.refs, ==, 1);
     g_assert_cmpuint(gs.shared_slots, ==, 0);
@@ -1484,6 +1507,36 @@ static void test_hostile_release(Fixture *f, gconstpointer data)
         expect_hangup(fd, EINVAL);
         victim_check(&v);
     }
+    /*
+     * Obtained 300 times, one more released: all 300 go (past the counts
+     * of a byte, held.c), then the one more is refused
+     */
+    {
+        g_autoptr(GByteArray) lk = g_byte_array_new();
+        g_autoptr(GByteArray) req = g_byte_array_new();
+        g_autofree uint64_t *h = g_new(uint64_t, 300);
+        /* The reply: its count, then a slot and a status an entry */
+        const size_t rep_len = MS_PROTO_HEADER_SIZE + 8 + 8 * 300;
+        g_autofree uint8_t *rep = g_malloc(rep_len);
+        uint32_t slots[2] = { v.slot, v.slot }, refs[2] = { 300, 1 };
+        MsHashKey key;
+        MsProtoMsg msg;
+        int fd = raw_join(f, "g1", &key);
+
+        for (int i = 0; i < 300; i++) {
+            h[i] = ms_hash_page(&key, v.page, page);
+        }
+        ms_proto_encode_lookup(lk, 2, h, 300);
+        raw_send(fd, lk->data, lk->len);
+        g_assert_cmpint(recv(fd, rep, rep_len, MSG_WAITALL), ==, rep_len);
+        g_assert_true(ms_proto_decode(rep, rep_len, &msg, NULL));
+        g_assert_cmpuint(ms_proto_result(&msg, 299).slot, ==, v.slot);
+
+        ms_proto_encode_release(req, 3, slots, refs, 2);
+        raw_send(fd, req->data, req->len);
+        expect_hangup(fd, EINVAL);
+        victim_check(&v);
+    }
     /* Slots out of the store */
     {
         g_autoptr(GByteArray) req = g_byte_array_new();
@@ -1877,7 +1930,7 @@ int main(int argc, char **argv)
     broker_uid = geteuid();
     signal(SIGPIPE, SIG_IGN);
     add("/broker/share", test_share);
-    add("/broker/release", test_release);
+    add_args("/broker/release", test_release, many_refs_args);
     add("/broker/wanted", test_wanted);
     add("/broker/answered", test_answered);
     add("/broker/unstable-meetings", test_unstable_meetings);
@@ -1895,7 +1948,7 @@ int main(int argc, char **argv)
     add("/broker/parked", test_parked);
     add("/broker/hostile/bytes", test_hostile_bytes);
     add("/broker/hostile/order", test_hostile_order);
-    add("/broker/hostile/release", test_hostile_release);
+    add_args("/broker/hostile/release", test_hostile_release, many_refs_args);
     add("/broker/hostile/hash", test_hostile_hash);
     add("/broker/hostile/flood", test_hostile_flood);
     add("/broker/hostile/mutations", test_hostile_mutations);
