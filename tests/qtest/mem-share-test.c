@@ -128,15 +128,21 @@ static QDict *query_one(QTestState *qts)
     return info;
 }
 
+/* /proc/PID/@file, PID (QEMU's) read from @pidfile */
+static char *proc_path(const char *pidfile, const char *file)
+{
+    g_autofree char *pid = NULL;
+
+    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
+    return g_strdup_printf("/proc/%d/%s", atoi(pid), file);
+}
+
 /* The content of /proc/PID/@file, PID (QEMU's) read from @pidfile */
 static char *proc_file(const char *pidfile, const char *file)
 {
-    g_autofree char *pid = NULL;
-    g_autofree char *path = NULL;
+    g_autofree char *path = proc_path(pidfile, file);
     char *text = NULL;
 
-    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/%s", atoi(pid), file);
     g_assert(g_file_get_contents(path, &text, NULL, NULL));
     return text;
 }
@@ -943,13 +949,10 @@ static void test_user_pacing(void)
 /* Whether the page at host address @host of QEMU's is present */
 static bool host_page_present(const char *pidfile, unsigned long host)
 {
-    g_autofree char *pid = NULL;
-    g_autofree char *path = NULL;
+    g_autofree char *path = proc_path(pidfile, "pagemap");
     uint64_t e = 0;
     int fd;
 
-    g_assert(g_file_get_contents(pidfile, &pid, NULL, NULL));
-    path = g_strdup_printf("/proc/%d/pagemap", atoi(pid));
     fd = open(path, O_RDONLY);
     g_assert_cmpint(fd, >=, 0);
     g_assert_cmpint(pread(fd, &e, sizeof(e), host / PAGE * sizeof(e)), ==,
